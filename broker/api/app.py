@@ -1,0 +1,76 @@
+"""Build the aiohttp application and run it over mTLS."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from broker.api.keys import HSM, KMS, METRICS, SETTINGS, VAULT
+from broker.api.metrics import Metrics
+from broker.api.middleware import identity, problem_details, request_context
+from broker.api.routes import add_routes
+from broker.backends.hsm import HsmClient
+from broker.backends.kms import KmsClient
+from broker.backends.vault import VaultClient
+from broker.config.model import Config
+from broker.config.tls import server_ssl_context
+from broker.log import get_logger
+
+log = get_logger(__name__)
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(
+        middlewares=[request_context, problem_details, identity],
+        client_max_size=config.server.max_body_bytes,
+    )
+    app[SETTINGS] = config
+    app[METRICS] = Metrics()
+    app[VAULT] = VaultClient(config.vault)
+    app[KMS] = KmsClient(config.kms)
+    app[HSM] = HsmClient(config.hsm)
+    app.cleanup_ctx.append(_backends)
+    add_routes(app)
+    return app
+
+
+async def _backends(app: web.Application) -> AsyncIterator[None]:
+    started = []
+    try:
+        for client in (app[VAULT], app[KMS], app[HSM]):
+            await client.start()
+            started.append(client)
+        yield
+    finally:
+        for client in reversed(started):
+            await client.close()
+
+
+async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain and close every backend client."""
+    ssl_ctx = server_ssl_context(config.server)
+    runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(
+        runner, config.server.host, config.server.port, ssl_context=ssl_ctx, shutdown_timeout=5
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await site.start()
+        log.info(
+            "listening",
+            url=f"https://{config.server.host}:{config.server.port}",
+            config=config.source,
+        )
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,26 @@
+"""Typed keys for application and request state."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from broker.api.metrics import Metrics
+    from broker.backends.hsm import HsmClient
+    from broker.backends.kms import KmsClient
+    from broker.backends.vault import VaultClient
+    from broker.config.model import Config
+
+SETTINGS: web.AppKey[Config] = web.AppKey("settings")
+VAULT: web.AppKey[VaultClient] = web.AppKey("vault")
+KMS: web.AppKey[KmsClient] = web.AppKey("kms")
+HSM: web.AppKey[HsmClient] = web.AppKey("hsm")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+
+# Request-scoped keys (aiohttp's request mapping takes plain strings).
+REQUEST_ID = "keybroker.request_id"
+PRINCIPAL = "keybroker.principal"
+
+__all__ = ["HSM", "KMS", "METRICS", "PRINCIPAL", "REQUEST_ID", "SETTINGS", "VAULT"]

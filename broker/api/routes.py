@@ -1,0 +1,72 @@
+"""Route table of API v1 and the system endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from broker.api.keys import HSM, KMS, METRICS, SETTINGS, VAULT
+from broker.audit.sink import probe_writable
+from broker.backends._blocking import run_blocking
+from broker.errors import BrokerError
+
+# A health check must answer quickly even when a backend hangs.
+HEALTH_DEADLINE = 4.0
+
+
+async def _check(name: str, probe: Callable[[], Awaitable[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
+    try:
+        async with asyncio.timeout(HEALTH_DEADLINE):
+            return name, await probe()
+    except BrokerError as exc:
+        return name, {"ok": False, "error": exc.detail}
+    except TimeoutError:
+        return name, {"ok": False, "error": f"no answer within {HEALTH_DEADLINE:g}s"}
+
+
+async def health(request: web.Request) -> web.Response:
+    """GET /v1/sys/health: 200 only when Vault, KMS, the HSM and the audit sink can all serve."""
+    app = request.app
+    settings = app[SETTINGS]
+
+    async def audit() -> dict[str, Any]:
+        directory = settings.audit.directory
+        try:
+            await run_blocking(
+                None,
+                lambda: probe_writable(directory),
+                deadline=HEALTH_DEADLINE,
+                backend="audit",
+                what="probe",
+            )
+        except OSError as exc:
+            return {"ok": False, "directory": str(directory), "error": exc.strerror or str(exc)}
+        return {"ok": True, "directory": str(directory)}
+
+    results = dict(
+        await asyncio.gather(
+            _check("vault", app[VAULT].health),
+            _check("kms", app[KMS].health),
+            _check("hsm", app[HSM].health),
+            _check("audit", audit),
+        )
+    )
+    healthy = all(part["ok"] for part in results.values())
+    for name, part in results.items():
+        app[METRICS].component_up.labels(name).set(1 if part["ok"] else 0)
+    body = {"status": "ok" if healthy else "unavailable", **results}
+    return web.json_response(body, status=200 if healthy else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /v1/metrics (and /metrics): Prometheus text exposition."""
+    return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/sys/health", health)
+    app.router.add_get("/v1/metrics", metrics)
+    app.router.add_get("/metrics", metrics)

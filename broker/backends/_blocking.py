@@ -1,0 +1,36 @@
+"""Run blocking SDK calls off the event loop, with the caller's contextvars and a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import TypeVar
+
+from broker.errors import BackendTimeout
+
+T = TypeVar("T")
+
+
+async def run_blocking(
+    executor: Executor | None,
+    fn: Callable[[], T],
+    *,
+    deadline: float,
+    backend: str,
+    what: str,
+) -> T:
+    """Call ``fn`` in ``executor`` with the current context copied in; give up after ``deadline`` seconds.
+
+    The thread keeps running after a timeout (threads cannot be cancelled); the
+    SDK-level timeouts bound how long it can linger.
+    """
+    ctx = contextvars.copy_context()
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(deadline):
+            return await loop.run_in_executor(executor, functools.partial(ctx.run, fn))
+    except TimeoutError:
+        raise BackendTimeout(f"{backend}: {what} took longer than {deadline:g}s", backend=backend) from None

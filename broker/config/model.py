@@ -1,0 +1,78 @@
+"""The broker's configuration as frozen dataclasses, loaded once and passed explicitly.
+
+Secrets are never values here: the Vault AppRole credentials and the HSM PIN are
+named by the file (or environment variable) that holds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path
+    host: str = "127.0.0.1"
+    port: int = 8443
+    # SPIFFE trust domain whose URI SANs name principals; other URI SANs are ignored.
+    trust_domain: str = "keybroker.dev"
+    max_body_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class VaultConfig:
+    address: str
+    role_id_file: Path
+    secret_id_file: Path
+    ca_file: Path | None = None
+    approle_mount: str = "approle"
+    transit_mount: str = "kb-transit"
+    kv_mount: str = "kb-kv"
+    timeout_seconds: float = 5.0
+    # Renew the token once this fraction of its TTL has passed.
+    renew_fraction: float = 0.5
+
+
+@dataclass(frozen=True)
+class KmsConfig:
+    region: str = "us-east-1"
+    # Empty means the real AWS endpoint for the region; set only for a KMS stand-in.
+    endpoint: str = ""
+    timeout_seconds: float = 5.0
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class HsmConfig:
+    library: Path
+    token_label: str
+    # Exactly one of these names where the user PIN is; the PIN itself is never config.
+    pin_file: Path | None = None
+    pin_env: str = ""
+    sessions: int = 2
+    timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    directory: Path
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    vault: VaultConfig
+    hsm: HsmConfig
+    audit: AuditConfig
+    kms: KmsConfig = field(default_factory=KmsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # Where this configuration came from, for messages.
+    source: str = "<defaults>"

@@ -1,0 +1,158 @@
+"""Every error the broker reports, and the HTTP status each one maps to.
+
+::
+
+    BrokerError                      status  code
+    ├── ClientError                  4xx     the caller can fix it
+    │   ├── BadRequest               400     bad_request
+    │   │   └── DecryptionFailed     400     decryption_failed (never carries detail)
+    │   ├── Unauthenticated          401     unauthenticated
+    │   ├── Forbidden                403     forbidden
+    │   ├── NotFound                 404     not_found
+    │   ├── MethodNotAllowed         405     method_not_allowed
+    │   ├── Conflict                 409     conflict (key state forbids it)
+    │   ├── PayloadTooLarge          413     payload_too_large
+    │   └── RateLimited              429     rate_limited
+    ├── BackendError                 5xx     a backend or a dependency cannot serve
+    │   ├── BadGateway               502     backend_error (backend answered nonsense)
+    │   ├── Unavailable              503     backend_unavailable (sealed, unreachable)
+    │   └── BackendTimeout           504     backend_timeout
+    └── ConfigError                  —       the broker cannot start; never reaches HTTP
+
+``UnsupportedOperation`` (a ``ClientError``, 400) is raised by a backend asked
+for something its key type or product cannot do.
+
+One aiohttp middleware (``broker.api.middleware``) renders each as
+``application/problem+json`` (RFC 9457). Anything else that escapes a handler is
+rendered as an opaque 500 and logged with its traceback, never shown.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+PROBLEM_TYPE_BASE = "https://keybroker.dev/problems/"
+
+
+class BrokerError(Exception):
+    """Base of every error keybroker raises on purpose."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+
+    @property
+    def type_uri(self) -> str:
+        return PROBLEM_TYPE_BASE + self.code
+
+
+class ClientError(BrokerError):
+    status = 400
+    code = "bad_request"
+    title = "Bad request"
+
+
+class BadRequest(ClientError):
+    pass
+
+
+class DecryptionFailed(BadRequest):
+    """Wrong context, tampered ciphertext, wrong key: one answer, no detail."""
+
+    code = "decryption_failed"
+    title = "Decryption failed"
+
+    def __init__(self, detail: str = "") -> None:
+        # The detail is dropped on purpose: telling which check failed is an oracle.
+        del detail
+        super().__init__("")
+
+
+class UnsupportedOperation(ClientError):
+    code = "unsupported_operation"
+    title = "Operation not supported by this key"
+
+
+class Unauthenticated(ClientError):
+    status = 401
+    code = "unauthenticated"
+    title = "No verified client identity"
+
+
+class Forbidden(ClientError):
+    status = 403
+    code = "forbidden"
+    title = "Denied by policy"
+
+
+class NotFound(ClientError):
+    status = 404
+    code = "not_found"
+    title = "Not found"
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+    code = "method_not_allowed"
+    title = "Method not allowed"
+
+
+class Conflict(ClientError):
+    status = 409
+    code = "conflict"
+    title = "Key state forbids this operation"
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+    code = "payload_too_large"
+    title = "Payload too large"
+
+
+class RateLimited(ClientError):
+    status = 429
+    code = "rate_limited"
+    title = "Rate limited"
+
+
+class BackendError(BrokerError):
+    status = 502
+    code = "backend_error"
+    title = "Backend error"
+
+    def __init__(self, detail: str = "", *, backend: str = "") -> None:
+        super().__init__(detail)
+        self.backend = backend
+
+
+class BadGateway(BackendError):
+    pass
+
+
+class Unavailable(BackendError):
+    status = 503
+    code = "backend_unavailable"
+    title = "Backend unavailable"
+
+
+class BackendTimeout(BackendError):
+    status = 504
+    code = "backend_timeout"
+    title = "Backend timed out"
+
+
+class ConfigError(BrokerError):
+    """Configuration is missing or invalid; raised at start-up, never over HTTP."""
+
+    code = "config_error"
+    title = "Invalid configuration"
+
+    def __init__(self, detail: str, *, source: str = "", key: str = "") -> None:
+        where = ": ".join(part for part in (source, key) if part)
+        super().__init__(f"{where}: {detail}" if where else detail)
+        self.source = source
+        self.key = key

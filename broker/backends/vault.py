@@ -192,6 +192,7 @@ class VaultClient:
             await self.login()
             return
         self._token = renewed
+        log.info("vault_token_renewed", ttl=renewed.ttl)
 
     async def _renew_loop(self) -> None:
         attempt = 0

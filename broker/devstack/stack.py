@@ -313,7 +313,12 @@ class DevStack:
         return f"http://127.0.0.1:{self.kms_port}"
 
     def start_kms(self) -> None:
-        self.layout.kms_port_file.unlink(missing_ok=True)
+        # The port is kept: Vault's seal stanza and the broker's config both name it.
+        port_file = self.layout.kms_port_file
+        port = int(port_file.read_text()) if port_file.is_file() else 0
+        if port and not port_free(port):
+            raise StackError(f"port {port}, which this state directory's KMS stand-in uses, is taken")
+        port_file.unlink(missing_ok=True)
         child = spawn(
             "kms",
             [
@@ -322,8 +327,10 @@ class DevStack:
                 "broker.devstack.kms_server",
                 "--state",
                 str(self.layout.kms_state),
+                "--port",
+                str(port),
                 "--port-file",
-                str(self.layout.kms_port_file),
+                str(port_file),
             ],
             log_path=self.layout.logs / "kms.log",
             env=self._env(),

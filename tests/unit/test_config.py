@@ -107,7 +107,7 @@ def test_pin_source_must_be_exactly_one(tmp_path: Path) -> None:
     """Naming neither or both PIN sources is refused."""
     both = VALID.replace('pin_env = "KB_PIN"', 'pin_env = "KB_PIN"\npin_file = "pin"')
 
-    with pytest.raises(ConfigError, match="exactly one of hsm.pin_file or hsm.pin_env"):
+    with pytest.raises(ConfigError, match=r"exactly one of hsm\.pin_file or hsm\.pin_env"):
         load_config(write(tmp_path, both), environ={})
 
 

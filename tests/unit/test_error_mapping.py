@@ -64,15 +64,18 @@ def test_botocore_timeouts_and_connection_errors() -> None:
 def test_every_pkcs11_error_is_mapped() -> None:
     """Each python-pkcs11 exception maps; device and session loss mean 503."""
     classes = [
-        cls
-        for _, cls in inspect.getmembers(p11err, inspect.isclass)
-        if issubclass(cls, p11err.PKCS11Error)
+        cls for _, cls in inspect.getmembers(p11err, inspect.isclass) if issubclass(cls, p11err.PKCS11Error)
     ]
     assert len(classes) > 50
     for cls in classes:
         with pytest.raises(BrokerError), map_pkcs11_errors("op"):
             raise cls()
-    for cls in (p11err.DeviceRemoved, p11err.TokenNotPresent, p11err.SessionHandleInvalid, p11err.PinIncorrect):
+    for cls in (
+        p11err.DeviceRemoved,
+        p11err.TokenNotPresent,
+        p11err.SessionHandleInvalid,
+        p11err.PinIncorrect,
+    ):
         with pytest.raises(Unavailable), map_pkcs11_errors("op"):
             raise cls()
     with pytest.raises(NotFound), map_pkcs11_errors("op"):
@@ -82,9 +85,7 @@ def test_every_pkcs11_error_is_mapped() -> None:
 def test_every_aiohttp_client_error_is_mapped() -> None:
     """Every aiohttp client error talking to Vault becomes a BrokerError."""
     classes = [
-        cls
-        for _, cls in inspect.getmembers(aiohttp, inspect.isclass)
-        if issubclass(cls, aiohttp.ClientError)
+        cls for _, cls in inspect.getmembers(aiohttp, inspect.isclass) if issubclass(cls, aiohttp.ClientError)
     ]
     assert len(classes) > 10
     for cls in classes:

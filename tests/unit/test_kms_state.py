@@ -14,7 +14,9 @@ from broker.devstack.kms_server import KmsState
 def test_state_round_trip_keeps_material_and_state(tmp_path: Path) -> None:
     """Saved keys come back with the same id, material, state and tags; the file is 0600."""
     backend = kms_backends[DEFAULT_ACCOUNT_ID]["eu-central-1"]
-    sym = backend.create_key(None, "ENCRYPT_DECRYPT", "SYMMETRIC_DEFAULT", "sym", [{"TagKey": "t", "TagValue": "v"}])
+    sym = backend.create_key(
+        None, "ENCRYPT_DECRYPT", "SYMMETRIC_DEFAULT", "sym", [{"TagKey": "t", "TagValue": "v"}]
+    )
     ecc = backend.create_key(None, "SIGN_VERIFY", "ECC_NIST_P256", "ecc", None)
     backend.disable_key(ecc.id)
     material = sym.key_material

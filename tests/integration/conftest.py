@@ -1,0 +1,77 @@
+"""The real local stack for integration tests: moto KMS server, OpenBao with the awskms
+seal, a SoftHSM2 token and the broker, on free loopback ports in a temporary directory.
+
+It is the same code ``keybroker dev`` runs (``broker.devstack.stack.DevStack``).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.message import Message
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.devstack.stack import DevStack, free_port
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: Message
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def https(
+    stack: DevStack,
+    path: str,
+    *,
+    who: str = "admin",
+    headers: dict[str, str] | None = None,
+    url: str | None = None,
+) -> Reply:
+    """One HTTPS request to a broker with the named dev client certificate."""
+    request = urllib.request.Request((url or stack.broker_url) + path, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, context=stack.client_ssl(who), timeout=15) as resp:
+            return Reply(resp.status, resp.headers, resp.read())
+    except urllib.error.HTTPError as exc:
+        return Reply(exc.code, exc.headers, exc.read())
+
+
+def raw_tls_exchange(port: int, ctx: ssl.SSLContext) -> bytes:
+    """Handshake, send one HTTP request and return what came back (b'' if the server hung up)."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+        ctx.wrap_socket(sock, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(b"GET /v1/sys/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        return tls.recv(200)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
+    state = tmp_path_factory.mktemp("stack")
+    dev = DevStack(state, broker_port=free_port())
+    dev.start()
+    try:
+        yield dev
+    finally:
+        dev.stop()
+
+
+@pytest.fixture(scope="session")
+def ca_file(stack: DevStack) -> Path:
+    return stack.layout.tls / "ca.pem"

@@ -12,6 +12,10 @@ log_level     = "info"
 storage "raft" {
   path    = "$raft_dir"
   node_id = "keybroker-dev-1"
+  # A single local node: raft's default timing (multiplier 5) waits ~10 s for the
+  # first election on a fresh node; 1 is the tight timing raft recommends for
+  # dedicated hardware, and a loopback node qualifies.
+  performance_multiplier = 1
 }
 
 # Loopback only. The dev stack has no CA until Vault's PKI exists, as with `vault server -dev`.

@@ -15,6 +15,21 @@ from broker.backends.vault import VaultHTTPError, map_vault_errors
 from broker.errors import BackendTimeout, BadGateway, BrokerError, NotFound, Unavailable
 
 
+def constructible_errors(module: object, base: type[Exception]) -> list[Exception]:
+    """One instance of every ``base`` subclass in ``module`` that can be built without arguments."""
+    found = []
+    for _, cls in inspect.getmembers(module, inspect.isclass):
+        if not issubclass(cls, base):
+            continue
+        try:
+            exc = cls.__new__(cls)
+            Exception.__init__(exc, "x")
+        except TypeError:
+            continue
+        found.append(exc)
+    return found
+
+
 def client_error(code: str) -> botocore.exceptions.ClientError:
     return botocore.exceptions.ClientError({"Error": {"Code": code, "Message": "m"}}, "Encrypt")
 
@@ -37,18 +52,10 @@ def test_botocore_client_errors(code: str, expected: type[BrokerError]) -> None:
 
 def test_every_botocore_error_class_is_mapped() -> None:
     """Every BotoCoreError subclass that can be built becomes a BrokerError."""
-    classes = [
-        cls
-        for _, cls in inspect.getmembers(botocore.exceptions, inspect.isclass)
-        if issubclass(cls, botocore.exceptions.BotoCoreError)
-    ]
-    assert len(classes) > 20
-    for cls in classes:
-        try:
-            exc = cls.__new__(cls)
-            Exception.__init__(exc, "x")
-        except TypeError:
-            continue
+    instances = constructible_errors(botocore.exceptions, botocore.exceptions.BotoCoreError)
+
+    assert len(instances) > 20
+    for exc in instances:
         with pytest.raises(BrokerError), map_botocore_errors("op"):
             raise exc
 
@@ -63,13 +70,12 @@ def test_botocore_timeouts_and_connection_errors() -> None:
 
 def test_every_pkcs11_error_is_mapped() -> None:
     """Each python-pkcs11 exception maps; device and session loss mean 503."""
-    classes = [
-        cls for _, cls in inspect.getmembers(p11err, inspect.isclass) if issubclass(cls, p11err.PKCS11Error)
-    ]
-    assert len(classes) > 50
-    for cls in classes:
+    instances = constructible_errors(p11err, p11err.PKCS11Error)
+
+    assert len(instances) > 50
+    for exc in instances:
         with pytest.raises(BrokerError), map_pkcs11_errors("op"):
-            raise cls()
+            raise exc
     for cls in (
         p11err.DeviceRemoved,
         p11err.TokenNotPresent,
@@ -84,16 +90,10 @@ def test_every_pkcs11_error_is_mapped() -> None:
 
 def test_every_aiohttp_client_error_is_mapped() -> None:
     """Every aiohttp client error talking to Vault becomes a BrokerError."""
-    classes = [
-        cls for _, cls in inspect.getmembers(aiohttp, inspect.isclass) if issubclass(cls, aiohttp.ClientError)
-    ]
-    assert len(classes) > 10
-    for cls in classes:
-        try:
-            exc = cls.__new__(cls)
-            Exception.__init__(exc, "x")
-        except TypeError:
-            continue
+    instances = constructible_errors(aiohttp, aiohttp.ClientError)
+
+    assert len(instances) > 10
+    for exc in instances:
         with pytest.raises(BrokerError), map_vault_errors("op"):
             raise exc
 

@@ -95,3 +95,20 @@ def test_secret_files_are_owner_only(stack: DevStack) -> None:
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in secret_files}
 
     assert modes == {p.name: 0o600 for p in secret_files}
+
+
+def test_sealed_vault_makes_health_503_until_kms_unseals_it(stack: DevStack) -> None:
+    """Fail closed on a sealed Vault; a restart brings it back through the KMS seal alone."""
+    stack.vault_client().sys.seal()
+    try:
+        reply = https(stack, "/v1/sys/health")
+
+        assert reply.status == 503
+        assert reply.json()["vault"]["sealed"] is True
+        assert reply.json()["vault"]["ok"] is False
+    finally:
+        stack.restart_vault()
+    deadline = time.monotonic() + 20
+    while https(stack, "/v1/sys/health").status != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert https(stack, "/v1/sys/health").json()["vault"]["sealed"] is False

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -49,6 +50,16 @@ def https(
             return Reply(resp.status, resp.headers, resp.read())
     except urllib.error.HTTPError as exc:
         return Reply(exc.code, exc.headers, exc.read())
+
+
+def wait_until_healthy(stack: DevStack, timeout: float = 20) -> Reply:
+    """Poll /v1/sys/health until it answers 200 (bounded); return the last reply."""
+    deadline = time.monotonic() + timeout
+    reply = https(stack, "/v1/sys/health")
+    while reply.status != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        reply = https(stack, "/v1/sys/health")
+    return reply
 
 
 def raw_tls_exchange(port: int, ctx: ssl.SSLContext) -> bytes:

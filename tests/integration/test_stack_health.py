@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import stat
-import time
 import urllib.request
 
 from broker.devstack.stack import DevStack
-from tests.integration.conftest import https
+from tests.integration.conftest import https, wait_until_healthy
 
 
 def test_health_reports_every_component(stack: DevStack) -> None:
@@ -41,10 +40,7 @@ def test_vault_restart_unseals_through_kms_alone(stack: DevStack) -> None:
     assert status["recovery_seal"] is True
     assert status["progress"] == 0  # no unseal share was ever entered
     # The broker keeps serving on the restarted Vault (its token lives in raft storage).
-    deadline = time.monotonic() + 20
-    while https(stack, "/v1/sys/health").status != 200 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert https(stack, "/v1/sys/health").json()["vault"]["sealed"] is False
+    assert wait_until_healthy(stack).json()["vault"]["sealed"] is False
     assert len(init["recovery_keys_b64"]) == 5
 
 
@@ -59,7 +55,7 @@ def test_kms_down_makes_health_503_and_recovers(stack: DevStack) -> None:
         assert reply.json()["vault"]["ok"] is True
     finally:
         stack.start_kms()
-    assert https(stack, "/v1/sys/health").status == 200
+    assert wait_until_healthy(stack).status == 200
     key_id = stack.layout.kms_unseal_key.read_text().strip()
     assert stack.kms_client().describe_key(KeyId=key_id)["KeyMetadata"]["KeyState"] == "Enabled"
 
@@ -108,7 +104,7 @@ def test_sealed_vault_makes_health_503_until_kms_unseals_it(stack: DevStack) -> 
         assert reply.json()["vault"]["ok"] is False
     finally:
         stack.restart_vault()
-    deadline = time.monotonic() + 20
-    while https(stack, "/v1/sys/health").status != 200 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert https(stack, "/v1/sys/health").json()["vault"]["sealed"] is False
+    reply = wait_until_healthy(stack)
+
+    assert reply.status == 200
+    assert reply.json()["vault"]["sealed"] is False

@@ -94,9 +94,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
         print("stopped.", flush=True)
         return 0
     except (StackError, ChildFailed) as exc:
-        stack.stop()
         return _fail(str(exc))
     finally:
+        # Idempotent; covers every way out, including errors not caught above.
         stack.stop()
 
 

@@ -10,7 +10,6 @@ and certificates again. ``keybroker dev`` and the integration tests both use it.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -23,7 +22,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -186,11 +185,9 @@ class Layout:
 
 @dataclass
 class StackInfo:
-    broker_url: str
-    vault_addr: str
-    kms_endpoint: str
-    layout: Layout
-    startup_seconds: float = 0.0
+    """How long start-up took, in all and per step."""
+
+    startup_seconds: float
     steps: list[tuple[str, float]] = field(default_factory=list)
 
 
@@ -232,14 +229,7 @@ class DevStack:
             self.stop()
             raise
         self.write_env_file()
-        return StackInfo(
-            broker_url=self.broker_url,
-            vault_addr=self.vault_addr,
-            kms_endpoint=self.kms_endpoint,
-            layout=self.layout,
-            startup_seconds=time.monotonic() - started,
-            steps=list(self._steps),
-        )
+        return StackInfo(startup_seconds=time.monotonic() - started, steps=list(self._steps))
 
     def stop(self) -> None:
         for name in ("broker", "vault", "kms"):
@@ -252,13 +242,6 @@ class DevStack:
         if self._lock_fh is not None:
             self._lock_fh.close()
             self._lock_fh = None
-
-    def __enter__(self) -> DevStack:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _step(self, name: str, fn: Callable[[], None]) -> None:
         t0 = time.monotonic()
@@ -640,14 +623,4 @@ directory = "{self.layout.audit_dir}"
         self.layout.env_file.write_text(text)
 
 
-@contextlib.contextmanager
-def running_stack(state_dir: Path, **kwargs: Any) -> Iterator[DevStack]:
-    stack = DevStack(state_dir, **kwargs)
-    try:
-        stack.start()
-        yield stack
-    finally:
-        stack.stop()
-
-
-__all__ = ["ChildFailed", "DevStack", "Layout", "StackError", "StackInfo", "running_stack"]
+__all__ = ["ChildFailed", "DevStack", "Layout", "StackError", "StackInfo"]

@@ -3,26 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from broker.api.keys import HSM, KMS, METRICS, SETTINGS, VAULT
+from broker.api.key_routes import add_key_routes
+from broker.api.keys import HSM, KEYS, KMS, METRICS, SETTINGS, VAULT
 from broker.api.metrics import Metrics
 from broker.api.middleware import identity, problem_details, request_context
 from broker.api.routes import add_routes
-from broker.backends.hsm import HsmClient
-from broker.backends.kms import KmsClient
-from broker.backends.vault import VaultClient
+from broker.backends.base import Backend
+from broker.backends.hsm import HsmClient, HsmKeys
+from broker.backends.kms import KmsClient, KmsKeys
+from broker.backends.vault import VaultClient, VaultTransit
 from broker.config.model import Config
 from broker.config.tls import server_ssl_context
+from broker.keys.lifecycle import Clock, KeyService, scheduler_loop
+from broker.keys.model import now_utc
+from broker.keys.registry import Registry
 from broker.log import get_logger
 
 log = get_logger(__name__)
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, *, clock: Clock = now_utc) -> web.Application:
     app = web.Application(
         middlewares=[request_context, problem_details, identity],
         client_max_size=config.server.max_body_bytes,
@@ -32,8 +38,19 @@ def create_app(config: Config) -> web.Application:
     app[VAULT] = VaultClient(config.vault)
     app[KMS] = KmsClient(config.kms)
     app[HSM] = HsmClient(config.hsm)
+    app[KEYS] = KeyService(
+        Registry(app[VAULT], config.vault.kv_mount),
+        {
+            Backend.VAULT: VaultTransit(app[VAULT], config.vault.transit_mount),
+            Backend.KMS: KmsKeys(app[KMS]),
+            Backend.HSM: HsmKeys(app[HSM]),
+        },
+        clock=clock,
+    )
     app.cleanup_ctx.append(_backends)
+    app.cleanup_ctx.append(_scheduler)
     add_routes(app)
+    add_key_routes(app)
     return app
 
 
@@ -47,6 +64,16 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
     finally:
         for client in reversed(started):
             await client.close()
+
+
+async def _scheduler(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(
+        scheduler_loop(app[KEYS], app[SETTINGS].keys.scheduler_interval_seconds), name="key-scheduler"
+    )
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:

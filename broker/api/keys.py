@@ -12,15 +12,17 @@ if TYPE_CHECKING:
     from broker.backends.kms import KmsClient
     from broker.backends.vault import VaultClient
     from broker.config.model import Config
+    from broker.keys.lifecycle import KeyService
 
 SETTINGS: web.AppKey[Config] = web.AppKey("settings")
 VAULT: web.AppKey[VaultClient] = web.AppKey("vault")
 KMS: web.AppKey[KmsClient] = web.AppKey("kms")
 HSM: web.AppKey[HsmClient] = web.AppKey("hsm")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+KEYS: web.AppKey[KeyService] = web.AppKey("keys")
 
 # Request-scoped keys (aiohttp's request mapping takes plain strings).
 REQUEST_ID = "keybroker.request_id"
 PRINCIPAL = "keybroker.principal"
 
-__all__ = ["HSM", "KMS", "METRICS", "PRINCIPAL", "REQUEST_ID", "SETTINGS", "VAULT"]
+__all__ = ["HSM", "KEYS", "KMS", "METRICS", "PRINCIPAL", "REQUEST_ID", "SETTINGS", "VAULT"]

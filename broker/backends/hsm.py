@@ -18,17 +18,23 @@ import asyncio
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import pkcs11
 import pkcs11.exceptions as p11err
+from pkcs11 import Attribute, Mechanism, ObjectClass
+from pkcs11 import KeyType as KeyType_
+from pkcs11.mechanisms import GCMParams
+from pkcs11.util.ec import decode_ecdsa_signature, encode_ecdsa_signature, encode_named_curve_parameters
 
 from broker.backends._blocking import run_blocking
+from broker.backends.base import Backend, Context, KeyRef, KeyType, canonical_context
 from broker.backends.vault import read_secret_file
 from broker.config.model import HsmConfig
-from broker.errors import BadGateway, ConfigError, NotFound, Unavailable
+from broker.context import note_backend_call
+from broker.errors import BadGateway, ConfigError, DecryptionFailed, NotFound, Unavailable
 
 BACKEND = "hsm"
 T = TypeVar("T")
@@ -90,6 +96,7 @@ class _Worker:
     """One thread and the one session it owns."""
 
     def __init__(self, index: int) -> None:
+        self.index = index
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hsm-{index}")
         self.session: Any = None
 
@@ -157,12 +164,14 @@ class HsmClient:
                     worker.session = self._open()
                 try:
                     with map_pkcs11_errors(what):
-                        return fn(worker.session)
+                        result = fn(worker.session)
                 except Unavailable as exc:
                     if isinstance(exc.__cause__, _SESSION_BROKEN):
                         worker.session = None
                         self._forget_login()
                     raise
+                note_backend_call(BACKEND, what, f"{self._config.token_label}/session-{worker.index}")
+                return result
 
             return await run_blocking(
                 worker.executor,
@@ -186,3 +195,181 @@ class HsmClient:
             "logged_in": True,
             "sessions": len(self._workers),
         }
+
+
+# P-256 (prime256v1) named-curve OID.
+_P256_OID = "1.2.840.10045.3.1.7"
+_NONCE_BYTES = 12
+_TAG_BITS = 128
+LABEL_PREFIX = "kb:"
+
+
+def object_label(key_name: str) -> str:
+    """The CKA_LABEL every object of one logical key carries; CKA_ID tells its versions apart."""
+    return LABEL_PREFIX + key_name
+
+
+class HsmKeys:
+    """Keys as PKCS#11 token objects: one object (or key pair) per version.
+
+    The material reference is the hex CKA_ID of the version's objects; all objects of
+    a key share the label ``kb:<name>``. Keys are generated inside the token as
+    sensitive, non-extractable objects. AES-GCM uses a fresh 96-bit nonce per
+    message and the canonical context as AAD; the payload is ``nonce || ciphertext || tag``.
+    """
+
+    name = Backend.HSM
+    key_types = frozenset({KeyType.AES256_GCM, KeyType.ECDSA_P256})
+
+    def __init__(self, client: HsmClient) -> None:
+        self._hsm = client
+
+    async def create_version(self, key: KeyRef) -> str:
+        object_id = os.urandom(16)
+        label = object_label(key.name)
+        private = {
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+        }
+
+        def generate(session: Any) -> None:
+            if key.type is KeyType.AES256_GCM:
+                session.generate_key(
+                    KeyType_.AES, 256, label=label, id=object_id, store=True, template=private
+                )
+                return
+            params = session.create_domain_parameters(
+                KeyType_.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(_P256_OID)}, local=True
+            )
+            params.generate_keypair(
+                store=True,
+                label=label,
+                id=object_id,
+                private_template={**private, Attribute.SIGN: True},
+                public_template={Attribute.TOKEN: True, Attribute.VERIFY: True},
+            )
+
+        await self._hsm.run(generate, what="generate key")
+        return object_id.hex()
+
+    @staticmethod
+    def _find(session: Any, key: KeyRef, ref: str, cls: ObjectClass) -> Any:
+        try:
+            object_id = bytes.fromhex(ref)
+        except ValueError:
+            raise NotFound(f"hsm: malformed object reference for key {key.name}") from None
+        return session.get_key(object_class=cls, label=object_label(key.name), id=object_id)
+
+    async def encrypt(self, key: KeyRef, ref: str, plaintext: bytes, context: Context) -> bytes:
+        aad = canonical_context(context)
+
+        def run(session: Any) -> bytes:
+            secret = self._find(session, key, ref, ObjectClass.SECRET_KEY)
+            nonce = os.urandom(_NONCE_BYTES)
+            sealed = secret.encrypt(
+                plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, _TAG_BITS)
+            )
+            return nonce + bytes(sealed)
+
+        return await self._hsm.run(run, what="aes-gcm encrypt")
+
+    def _open(self, session: Any, key: KeyRef, ref: str, payload: bytes, aad: bytes) -> bytes:
+        if len(payload) < _NONCE_BYTES + _TAG_BITS // 8:
+            raise DecryptionFailed()
+        secret = self._find(session, key, ref, ObjectClass.SECRET_KEY)
+        nonce, sealed = payload[:_NONCE_BYTES], payload[_NONCE_BYTES:]
+        try:
+            return bytes(
+                secret.decrypt(
+                    sealed, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, _TAG_BITS)
+                )
+            )
+        except (p11err.GeneralError, p11err.EncryptedDataInvalid, p11err.EncryptedDataLenRange) as exc:
+            # SoftHSM reports a failed GCM tag as a general error; real HSMs as invalid data.
+            raise DecryptionFailed() from exc
+
+    async def decrypt(self, key: KeyRef, ref: str, payload: bytes, context: Context) -> bytes:
+        aad = canonical_context(context)
+        return await self._hsm.run(lambda s: self._open(s, key, ref, payload, aad), what="aes-gcm decrypt")
+
+    async def reencrypt(
+        self, key: KeyRef, src_ref: str, dst_ref: str, payload: bytes, context: Context
+    ) -> bytes:
+        aad = canonical_context(context)
+
+        def run(session: Any) -> bytes:
+            plaintext = self._open(session, key, src_ref, payload, aad)
+            target = self._find(session, key, dst_ref, ObjectClass.SECRET_KEY)
+            nonce = os.urandom(_NONCE_BYTES)
+            sealed = target.encrypt(
+                plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, _TAG_BITS)
+            )
+            return nonce + bytes(sealed)
+
+        return await self._hsm.run(run, what="aes-gcm rewrap")
+
+    async def data_key(self, key: KeyRef, ref: str, nbytes: int, context: Context) -> tuple[bytes, bytes]:
+        aad = canonical_context(context)
+
+        def run(session: Any) -> tuple[bytes, bytes]:
+            # The token's own RNG draws the data key; it leaves the HSM only in this response.
+            plaintext = bytes(session.generate_random(nbytes * 8))
+            secret = self._find(session, key, ref, ObjectClass.SECRET_KEY)
+            nonce = os.urandom(_NONCE_BYTES)
+            sealed = secret.encrypt(
+                plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, _TAG_BITS)
+            )
+            return plaintext, nonce + bytes(sealed)
+
+        return await self._hsm.run(run, what="generate data key")
+
+    async def sign(self, key: KeyRef, ref: str, digest: bytes) -> bytes:
+        def run(session: Any) -> bytes:
+            private = self._find(session, key, ref, ObjectClass.PRIVATE_KEY)
+            return encode_ecdsa_signature(private.sign(digest, mechanism=Mechanism.ECDSA))
+
+        return await self._hsm.run(run, what="ecdsa sign")
+
+    async def verify(self, key: KeyRef, ref: str, digest: bytes, signature: bytes) -> bool:
+        def run(session: Any) -> bool:
+            public = self._find(session, key, ref, ObjectClass.PUBLIC_KEY)
+            try:
+                raw = decode_ecdsa_signature(signature)
+            except (ValueError, TypeError):
+                return False
+            try:
+                return bool(public.verify(digest, raw, mechanism=Mechanism.ECDSA))
+            except (p11err.SignatureInvalid, p11err.SignatureLenRange):
+                return False
+
+        return await self._hsm.run(run, what="ecdsa verify")
+
+    async def set_enabled(self, key: KeyRef, refs: Sequence[str], enabled: bool) -> None:
+        # PKCS#11 has no portable disable; the broker refuses operations on a suspended key.
+        return None
+
+    async def set_min_decryption(self, key: KeyRef, refs: Sequence[str]) -> None:
+        return None
+
+    async def schedule_destruction(self, key: KeyRef, refs: Sequence[str], pending_days: int) -> None:
+        return None
+
+    async def cancel_destruction(self, key: KeyRef, refs: Sequence[str]) -> None:
+        return None
+
+    async def destroy(self, key: KeyRef, refs: Sequence[str]) -> None:
+        wanted = {bytes.fromhex(r) for r in refs}
+
+        def run(session: Any) -> int:
+            doomed = [
+                obj
+                for obj in session.get_objects({Attribute.LABEL: object_label(key.name)})
+                if bytes(obj[Attribute.ID]) in wanted
+            ]
+            for obj in doomed:
+                obj.destroy()
+            return len(doomed)
+
+        await self._hsm.run(run, what="destroy objects")

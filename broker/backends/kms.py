@@ -7,22 +7,26 @@ credentials from the standard AWS chain; the endpoint is set only for a stand-in
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import boto3
 import botocore.config
 import botocore.exceptions
 
 from broker.backends._blocking import run_blocking
+from broker.backends.base import Backend, Context, KeyRef, KeyType
 from broker.config.model import KmsConfig
-from broker.errors import BackendTimeout, BadGateway, NotFound, Unavailable
+from broker.context import note_backend_call
+from broker.errors import BackendTimeout, BadGateway, DecryptionFailed, NotFound, Unavailable
 
 if TYPE_CHECKING:
     from mypy_boto3_kms import KMSClient
 
 BACKEND = "kms"
+T = TypeVar("T")
 
 # botocore error codes, grouped by what they mean to a broker caller.
 _UNAVAILABLE_CODES = {"KMSInternalException", "DependencyTimeoutException", "ThrottlingException"}
@@ -97,6 +101,22 @@ class KmsClient:
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    async def call(self, what: str, fn: Callable[[KMSClient], T]) -> T:
+        """Run one SDK call off the loop, translated at the seam, its request id noted for audit."""
+        client = self._client
+        if client is None:
+            raise Unavailable("kms client is not started", backend=BACKEND)
+
+        def run() -> T:
+            with map_botocore_errors(what):
+                out = fn(client)
+            meta = out.get("ResponseMetadata", {}) if isinstance(out, dict) else {}
+            note_backend_call(BACKEND, what, str(meta.get("RequestId", "")))
+            return out
+
+        deadline = self._config.timeout_seconds * (self._config.max_attempts + 1)
+        return await run_blocking(self._executor, run, deadline=deadline, backend=BACKEND, what=what)
+
     async def health(self) -> dict[str, Any]:
         client = self._client
         if client is None:
@@ -114,3 +134,166 @@ class KmsClient:
             "region": self._config.region,
             "endpoint": self._config.endpoint or "aws",
         }
+
+
+_KMS_SPECS = {
+    KeyType.AES256_GCM: ("SYMMETRIC_DEFAULT", "ENCRYPT_DECRYPT"),
+    KeyType.ECDSA_P256: ("ECC_NIST_P256", "SIGN_VERIFY"),
+}
+# A ciphertext that is not this key's, was altered, or carries another context.
+_DECRYPT_FAILURES = {"InvalidCiphertextException", "IncorrectKeyException"}
+
+
+def _error_code(exc: BaseException) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, botocore.exceptions.ClientError):
+        return str(cause.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+class KmsKeys:
+    """Keys in AWS KMS, one KMS key per broker version; the material reference is the KeyId.
+
+    Why not KMS's own rotation: a rotated KMS key keeps every backing key under one
+    KeyId with no way to retire one version (``min_decrypt_version``), to name the
+    version that encrypts, or to destroy one version's material. One KMS key per
+    version gives each of those a native handle: disable, schedule deletion.
+    """
+
+    name = Backend.KMS
+    key_types = frozenset(_KMS_SPECS)
+
+    def __init__(self, client: KmsClient) -> None:
+        self._kms = client
+
+    async def create_version(self, key: KeyRef) -> str:
+        spec, usage = _KMS_SPECS[key.type]
+        out = await self._kms.call(
+            "create key",
+            lambda c: c.create_key(
+                KeySpec=spec,  # type: ignore[arg-type]
+                KeyUsage=usage,  # type: ignore[arg-type]
+                Description=f"keybroker key {key.name}",
+                Tags=[{"TagKey": "keybroker:key", "TagValue": key.name}],
+            ),
+        )
+        return str(out["KeyMetadata"]["KeyId"])
+
+    async def encrypt(self, key: KeyRef, ref: str, plaintext: bytes, context: Context) -> bytes:
+        out = await self._kms.call(
+            "encrypt",
+            lambda c: c.encrypt(KeyId=ref, Plaintext=plaintext, EncryptionContext=dict(context)),
+        )
+        return bytes(out["CiphertextBlob"])
+
+    async def decrypt(self, key: KeyRef, ref: str, payload: bytes, context: Context) -> bytes:
+        try:
+            out = await self._kms.call(
+                "decrypt",
+                lambda c: c.decrypt(KeyId=ref, CiphertextBlob=payload, EncryptionContext=dict(context)),
+            )
+        except BadGateway as exc:
+            if _error_code(exc) in _DECRYPT_FAILURES:
+                raise DecryptionFailed() from exc
+            raise
+        return bytes(out["Plaintext"])
+
+    async def reencrypt(
+        self, key: KeyRef, src_ref: str, dst_ref: str, payload: bytes, context: Context
+    ) -> bytes:
+        try:
+            out = await self._kms.call(
+                "re-encrypt",
+                lambda c: c.re_encrypt(
+                    CiphertextBlob=payload,
+                    SourceKeyId=src_ref,
+                    SourceEncryptionContext=dict(context),
+                    DestinationKeyId=dst_ref,
+                    DestinationEncryptionContext=dict(context),
+                ),
+            )
+        except BadGateway as exc:
+            if _error_code(exc) in _DECRYPT_FAILURES:
+                raise DecryptionFailed() from exc
+            raise
+        return bytes(out["CiphertextBlob"])
+
+    async def data_key(self, key: KeyRef, ref: str, nbytes: int, context: Context) -> tuple[bytes, bytes]:
+        out = await self._kms.call(
+            "generate data key",
+            lambda c: c.generate_data_key(KeyId=ref, NumberOfBytes=nbytes, EncryptionContext=dict(context)),
+        )
+        return bytes(out["Plaintext"]), bytes(out["CiphertextBlob"])
+
+    async def sign(self, key: KeyRef, ref: str, digest: bytes) -> bytes:
+        out = await self._kms.call(
+            "sign",
+            lambda c: c.sign(
+                KeyId=ref, Message=digest, MessageType="DIGEST", SigningAlgorithm="ECDSA_SHA_256"
+            ),
+        )
+        return bytes(out["Signature"])
+
+    async def verify(self, key: KeyRef, ref: str, digest: bytes, signature: bytes) -> bool:
+        try:
+            out = await self._kms.call(
+                "verify",
+                lambda c: c.verify(
+                    KeyId=ref,
+                    Message=digest,
+                    MessageType="DIGEST",
+                    Signature=signature,
+                    SigningAlgorithm="ECDSA_SHA_256",
+                ),
+            )
+        except BadGateway as exc:
+            if _error_code(exc) in ("KMSInvalidSignatureException", "ValidationException"):
+                return False
+            raise
+        return bool(out["SignatureValid"])
+
+    async def _each(self, what: str, refs: Sequence[str], op: Callable[[KMSClient, str], object]) -> None:
+        for ref in refs:
+            await self._kms.call(what, functools.partial(lambda c, r: op(c, r), r=ref))
+
+    async def set_enabled(self, key: KeyRef, refs: Sequence[str], enabled: bool) -> None:
+        if enabled:
+            await self._each("enable key", refs, lambda c, key_id: c.enable_key(KeyId=key_id))
+        else:
+            await self._each("disable key", refs, lambda c, key_id: c.disable_key(KeyId=key_id))
+
+    async def set_min_decryption(self, key: KeyRef, refs: Sequence[str]) -> None:
+        # KMS has no per-version switch short of disabling the version's key, and a
+        # disabled key could not serve an administrator's rewrap-away; the broker
+        # refuses retired versions before KMS is asked.
+        return None
+
+    async def schedule_destruction(self, key: KeyRef, refs: Sequence[str], pending_days: int) -> None:
+        await self._each(
+            "schedule key deletion",
+            refs,
+            lambda c, key_id: c.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=pending_days),
+        )
+
+    async def cancel_destruction(self, key: KeyRef, refs: Sequence[str]) -> None:
+        # KMS leaves a cancelled key disabled, which matches the broker's "suspended".
+        await self._each("cancel key deletion", refs, lambda c, key_id: c.cancel_key_deletion(KeyId=key_id))
+
+    async def key_state(self, ref: str) -> str | None:
+        """KMS's own state of one version's key (None once KMS has deleted it)."""
+        try:
+            meta = await self._kms.call("describe key", lambda c: c.describe_key(KeyId=ref))
+        except NotFound:
+            return None
+        return str(meta["KeyMetadata"]["KeyState"])
+
+    async def destroy(self, key: KeyRef, refs: Sequence[str]) -> None:
+        # KMS deletes the material itself when the window it was given ends; make sure
+        # each version is on that path (it is, unless someone cancelled it behind our back).
+        for ref in refs:
+            if await self.key_state(ref) not in (None, "PendingDeletion", "PendingReplicaDeletion"):
+                await self._each(
+                    "schedule key deletion",
+                    [ref],
+                    lambda c, key_id: c.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=7),
+                )

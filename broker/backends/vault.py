@@ -9,19 +9,29 @@ audit device records, so broker and Vault audit entries join on it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from broker.backends.base import Backend, Context, KeyRef, KeyType, canonical_context
 from broker.config.model import VaultConfig
-from broker.context import request_id_var
-from broker.errors import BackendTimeout, BadGateway, ConfigError, NotFound, Unavailable
+from broker.context import note_backend_call, request_id_var
+from broker.errors import (
+    BackendTimeout,
+    BadGateway,
+    ConfigError,
+    DecryptionFailed,
+    NotFound,
+    Unavailable,
+    UnsupportedOperation,
+)
 from broker.log import get_logger
 
 log = get_logger(__name__)
@@ -262,7 +272,11 @@ class VaultClient:
                 if resp.status >= 400 and resp.status not in ok_statuses:
                     errors = data.get("errors", []) if isinstance(data, dict) else []
                     raise VaultHTTPError(resp.status, [str(e) for e in errors])
-                return data if isinstance(data, dict) else {}
+                if not isinstance(data, dict):
+                    return {}
+                if data.get("request_id"):
+                    note_backend_call(BACKEND, what, str(data["request_id"]))
+                return data
 
     async def health(self) -> dict[str, Any]:
         """Seal state, HA leadership and whether the broker's token works."""
@@ -282,3 +296,184 @@ class VaultClient:
             report["auth"] = "ok"
         report["ok"] = report["initialized"] and not report["sealed"] and report.get("auth") == "ok"
         return report
+
+
+def vault_status(exc: BaseException) -> int | None:
+    """The HTTP status behind a translated Vault error, if there was one."""
+    cause = exc.__cause__
+    return cause.status if isinstance(cause, VaultHTTPError) else None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _transit_ciphertext(ref: str, payload: bytes) -> str:
+    return f"vault:v{ref}:{_b64(payload)}"
+
+
+def _transit_payload(ciphertext: str) -> bytes:
+    # "vault:v<N>:<base64>": the version lives in the broker's ciphertext, so only the bytes are kept.
+    prefix, _, encoded = ciphertext.rpartition(":")
+    if not prefix.startswith("vault:v"):
+        raise BadGateway("vault: transit answered an unexpected ciphertext format", backend=BACKEND)
+    return base64.b64decode(encoded)
+
+
+_TRANSIT_TYPES = {KeyType.AES256_GCM: "aes256-gcm96", KeyType.ECDSA_P256: "ecdsa-p256"}
+_DATAKEY_BITS = {16: 128, 32: 256, 64: 512}
+
+
+class VaultTransit:
+    """Keys in Vault's transit engine. A material reference is the transit version number.
+
+    Versions are native: a rotation is a transit rotation. The context is sent as
+    ``associated_data`` (AES-GCM AAD); the broker always names the version so its
+    registry, not transit's "latest", decides which version encrypts.
+    """
+
+    name = Backend.VAULT
+    key_types = frozenset(_TRANSIT_TYPES)
+
+    def __init__(self, client: VaultClient, mount: str) -> None:
+        self._client = client
+        self._mount = mount
+
+    def _path(self, *parts: str) -> str:
+        return "/".join(("v1", self._mount, *parts))
+
+    async def create_version(self, key: KeyRef) -> str:
+        path = self._path("keys", key.name)
+        try:
+            info = await self._client.request("GET", path, what="transit read key")
+        except NotFound:
+            info = None
+        if info is None:
+            body = {"type": _TRANSIT_TYPES[key.type], "exportable": False, "allow_plaintext_backup": False}
+            await self._client.request("POST", path, body, what="transit create key")
+            # Creation answers 204 on some versions; the read is the authority on the first version.
+            info = await self._client.request("GET", path, what="transit read key")
+            return str(info["data"]["latest_version"])
+        rotated = await self._client.request("POST", path + "/rotate", {}, what="transit rotate")
+        data = (
+            rotated.get("data") or (await self._client.request("GET", path, what="transit read key"))["data"]
+        )
+        return str(data["latest_version"])
+
+    async def encrypt(self, key: KeyRef, ref: str, plaintext: bytes, context: Context) -> bytes:
+        body: dict[str, Any] = {"plaintext": _b64(plaintext), "key_version": int(ref)}
+        aad = canonical_context(context)
+        if aad:
+            body["associated_data"] = _b64(aad)
+        out = await self._client.request(
+            "POST", self._path("encrypt", key.name), body, what="transit encrypt"
+        )
+        return _transit_payload(out["data"]["ciphertext"])
+
+    async def decrypt(self, key: KeyRef, ref: str, payload: bytes, context: Context) -> bytes:
+        body: dict[str, Any] = {"ciphertext": _transit_ciphertext(ref, payload)}
+        aad = canonical_context(context)
+        if aad:
+            body["associated_data"] = _b64(aad)
+        try:
+            out = await self._client.request(
+                "POST", self._path("decrypt", key.name), body, what="transit decrypt"
+            )
+            return base64.b64decode(out["data"]["plaintext"])
+        except BadGateway as exc:
+            if vault_status(exc) == 400:
+                raise DecryptionFailed() from exc
+            raise
+
+    async def reencrypt(
+        self, key: KeyRef, src_ref: str, dst_ref: str, payload: bytes, context: Context
+    ) -> bytes:
+        body: dict[str, Any] = {
+            "ciphertext": _transit_ciphertext(src_ref, payload),
+            "key_version": int(dst_ref),
+        }
+        aad = canonical_context(context)
+        if aad:
+            body["associated_data"] = _b64(aad)
+        try:
+            out = await self._client.request(
+                "POST", self._path("rewrap", key.name), body, what="transit rewrap"
+            )
+        except BadGateway as exc:
+            if vault_status(exc) == 400:
+                raise DecryptionFailed() from exc
+            raise
+        return _transit_payload(out["data"]["ciphertext"])
+
+    async def data_key(self, key: KeyRef, ref: str, nbytes: int, context: Context) -> tuple[bytes, bytes]:
+        if nbytes not in _DATAKEY_BITS:
+            raise UnsupportedOperation(f"vault: data keys are 16, 32 or 64 bytes, not {nbytes}")
+        body: dict[str, Any] = {"bits": _DATAKEY_BITS[nbytes], "key_version": int(ref)}
+        aad = canonical_context(context)
+        if aad:
+            body["associated_data"] = _b64(aad)
+        out = await self._client.request(
+            "POST", self._path("datakey", "plaintext", key.name), body, what="transit datakey"
+        )
+        data = out["data"]
+        return base64.b64decode(data["plaintext"]), _transit_payload(data["ciphertext"])
+
+    async def sign(self, key: KeyRef, ref: str, digest: bytes) -> bytes:
+        body = {
+            "input": _b64(digest),
+            "prehashed": True,
+            "hash_algorithm": "sha2-256",
+            "key_version": int(ref),
+            "marshaling_algorithm": "asn1",
+        }
+        out = await self._client.request("POST", self._path("sign", key.name), body, what="transit sign")
+        return _transit_payload(out["data"]["signature"])
+
+    async def verify(self, key: KeyRef, ref: str, digest: bytes, signature: bytes) -> bool:
+        body = {
+            "input": _b64(digest),
+            "prehashed": True,
+            "hash_algorithm": "sha2-256",
+            "signature": _transit_ciphertext(ref, signature),
+            "marshaling_algorithm": "asn1",
+        }
+        try:
+            out = await self._client.request(
+                "POST", self._path("verify", key.name), body, what="transit verify"
+            )
+        except BadGateway as exc:
+            if vault_status(exc) == 400:  # a malformed signature is an invalid one
+                return False
+            raise
+        return bool(out["data"]["valid"])
+
+    async def set_enabled(self, key: KeyRef, refs: Sequence[str], enabled: bool) -> None:
+        # Transit has no disable switch; the broker refuses operations on a suspended key itself.
+        return None
+
+    async def set_min_decryption(self, key: KeyRef, refs: Sequence[str]) -> None:
+        if not refs:
+            return
+        await self._client.request(
+            "POST",
+            self._path("keys", key.name, "config"),
+            {"min_decryption_version": min(int(r) for r in refs)},
+            what="transit config",
+        )
+
+    async def schedule_destruction(self, key: KeyRef, refs: Sequence[str], pending_days: int) -> None:
+        # Transit deletes at once; the broker keeps the window and calls destroy() when it ends.
+        return None
+
+    async def cancel_destruction(self, key: KeyRef, refs: Sequence[str]) -> None:
+        return None
+
+    async def destroy(self, key: KeyRef, refs: Sequence[str]) -> None:
+        path = self._path("keys", key.name)
+        try:
+            await self._client.request(
+                "POST", path + "/config", {"deletion_allowed": True}, what="transit config"
+            )
+        except NotFound:
+            return
+        await self._client.request("DELETE", path, what="transit delete key")

@@ -119,6 +119,7 @@ def _describe(hint: Any) -> str:
         float: "a number",
         bool: "true or false",
         Path: "a file path",
+        tuple[str, ...]: "a list of strings",
     }.get(hint, str(hint))
 
 
@@ -182,7 +183,22 @@ def _to_path(value: Any, from_env: bool, base: Path) -> Any:
     return path if path.is_absolute() else base / path
 
 
-_CONVERTERS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str, Path: _to_path}
+def _to_strings(value: Any, from_env: bool, base: Path) -> Any:
+    if from_env:  # comma-separated in the environment
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    return _INVALID
+
+
+_CONVERTERS: dict[Any, Any] = {
+    bool: _to_bool,
+    int: _to_int,
+    float: _to_float,
+    str: _to_str,
+    Path: _to_path,
+    tuple[str, ...]: _to_strings,
+}
 
 
 def _check_semantics(config: Config) -> None:
@@ -204,7 +220,14 @@ def _check_semantics(config: Config) -> None:
         raise ConfigError("expected at least 1", source=src, key="hsm.sessions")
     if config.log.level.lower() not in _LEVELS:
         raise ConfigError(f"expected one of {sorted(_LEVELS)}", source=src, key="log.level")
-    for key in ("vault.timeout_seconds", "kms.timeout_seconds", "hsm.timeout_seconds"):
+    if config.keys.max_batch_items < 1:
+        raise ConfigError("expected at least 1", source=src, key="keys.max_batch_items")
+    for key in (
+        "vault.timeout_seconds",
+        "kms.timeout_seconds",
+        "hsm.timeout_seconds",
+        "keys.scheduler_interval_seconds",
+    ):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) <= 0:
             raise ConfigError("expected a positive number of seconds", source=src, key=key)

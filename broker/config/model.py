@@ -20,6 +20,9 @@ class ServerConfig:
     # SPIFFE trust domain whose URI SANs name principals; other URI SANs are ignored.
     trust_domain: str = "keybroker.dev"
     max_body_bytes: int = 1024 * 1024
+    # Principals (SPIFFE IDs or "cn:<name>") allowed to manage keys until role policies
+    # exist. Empty means nobody: key management is refused, never open by default.
+    administrators: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,14 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class KeysConfig:
+    # How often each replica looks for scheduled rotations and ended destruction windows.
+    scheduler_interval_seconds: float = 60.0
+    # Most items one batch request may carry.
+    max_batch_items: int = 100
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
 
@@ -73,6 +84,7 @@ class Config:
     hsm: HsmConfig
     audit: AuditConfig
     kms: KmsConfig = field(default_factory=KmsConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
     log: LogConfig = field(default_factory=LogConfig)
     # Where this configuration came from, for messages.
     source: str = "<defaults>"

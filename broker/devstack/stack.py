@@ -553,6 +553,7 @@ cert_file = "{tls / "server.crt"}"
 key_file = "{tls / "server.key"}"
 client_ca_file = "{tls / "ca.pem"}"
 trust_domain = "{TRUST_DOMAIN}"
+administrators = ["spiffe://{TRUST_DOMAIN}/user/admin"]
 
 [vault]
 address = "{self.vault_addr}"

@@ -1,0 +1,219 @@
+"""``/v1/keys…``: key management and cryptographic operations.
+
+Each handler authorizes first (before any backend call), reads and checks its
+input, then calls :class:`broker.keys.lifecycle.KeyService`. Crypto endpoints take
+``{"batch": [...]}`` and answer per item, so one bad item does not fail the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from broker.api import schemas
+from broker.api.authz import authorize, is_admin, principal
+from broker.api.keys import KEYS, SETTINGS
+from broker.backends.base import Backend, KeyType
+from broker.errors import BadRequest, BrokerError
+from broker.keys.lifecycle import KeyService, NewKey, digest_of
+
+ItemHandler = Callable[[web.Request, str, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _service(request: web.Request) -> KeyService:
+    return request.app[KEYS]
+
+
+def _enum(value: str, kind: type[Backend] | type[KeyType], field: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(str(m) for m in kind)
+        raise BadRequest(f"'{field}' must be one of {choices}, not {value!r}") from None
+
+
+# -- key management ---------------------------------------------------------------------
+
+
+async def create_key(request: web.Request) -> web.Response:
+    body = await schemas.json_object(request)
+    name = schemas.string(body, "name", required=True)
+    authorize(request, "create", name)
+    spec = NewKey(
+        name=name,
+        backend=_enum(schemas.string(body, "backend", required=True), Backend, "backend"),
+        type=_enum(schemas.string(body, "type", default=KeyType.AES256_GCM), KeyType, "type"),
+        environment=schemas.string(body, "environment", required=True),
+        rotation_period_seconds=schemas.duration(body, "rotation_period"),
+        deletion_protection=schemas.boolean(body, "deletion_protection", True),
+        tags=schemas.tags(body),
+        description=schemas.string(body, "description"),
+    )
+    key = await _service(request).create(spec, owner=principal(request).id)
+    return web.json_response(key.public(), status=201, headers={"Location": f"/v1/keys/{key.name}"})
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    authorize(request, "list", None)
+    filters = {f: request.query[f] for f in ("backend", "state", "environment", "tag") if f in request.query}
+    keys = await _service(request).list_keys(filters)
+    return web.json_response({"keys": [k.public() for k in keys]})
+
+
+async def show_key(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    authorize(request, "read", name)
+    return web.json_response((await _service(request).get(name)).public())
+
+
+async def patch_key(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    authorize(request, "update", name)
+    body = await schemas.json_object(request)
+    known = {"rotation_period", "description", "tags", "deletion_protection", "min_decrypt_version"}
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise BadRequest(f"cannot change {', '.join(unknown)} (changeable: {', '.join(sorted(known))})")
+    changes: dict[str, Any] = {}
+    if "rotation_period" in body:
+        changes["rotation_period_seconds"] = schemas.duration(body, "rotation_period")
+    if "description" in body:
+        changes["description"] = schemas.string(body, "description")
+    if "tags" in body:
+        changes["tags"] = schemas.tags(body) or {}
+    if "deletion_protection" in body:
+        changes["deletion_protection"] = schemas.boolean(body, "deletion_protection", True)
+    if "min_decrypt_version" in body:
+        changes["min_decrypt_version"] = schemas.integer(body, "min_decrypt_version", required=True)
+    key = await _service(request).patch(name, changes)
+    return web.json_response(key.public())
+
+
+def _lifecycle(operation: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        authorize(request, operation, name)
+        body = await schemas.json_object(request)
+        service = _service(request)
+        if operation == "rotate":
+            key = await service.rotate(name)
+        elif operation == "suspend":
+            key = await service.suspend(name)
+        elif operation == "resume":
+            key = await service.resume(name)
+        elif operation == "revoke":
+            key = await service.revoke(name, schemas.string(body, "reason", required=True))
+        elif operation == "schedule-destruction":
+            days = schemas.integer(body, "pending_days")
+            key = await service.schedule_destruction(name, 30 if days is None else days)
+        else:
+            key = await service.cancel_destruction(name)
+        return web.json_response(key.public())
+
+    handler.__name__ = operation.replace("-", "_")
+    return handler
+
+
+# -- cryptography -----------------------------------------------------------------------
+
+
+async def _encrypt(request: web.Request, name: str, item: dict[str, Any]) -> dict[str, Any]:
+    sealed = await _service(request).encrypt(name, schemas.plaintext(item), schemas.context(item))
+    return {"ciphertext": sealed.ciphertext, "key_version": sealed.version}
+
+
+async def _decrypt(request: web.Request, name: str, item: dict[str, Any]) -> dict[str, Any]:
+    text = schemas.string(item, "ciphertext", required=True)
+    data = await _service(request).decrypt(name, text, schemas.context(item))
+    return {"plaintext": _b64(data)}
+
+
+async def _datakey(request: web.Request, name: str, item: dict[str, Any]) -> dict[str, Any]:
+    nbytes = schemas.integer(item, "bytes")
+    include = schemas.boolean(item, "include_plaintext", True)
+    data, sealed = await _service(request).data_key(
+        name, 32 if nbytes is None else nbytes, schemas.context(item)
+    )
+    out: dict[str, Any] = {"ciphertext": sealed.ciphertext, "key_version": sealed.version}
+    if include:
+        out["plaintext"] = _b64(data)
+    return out
+
+
+async def _rewrap(request: web.Request, name: str, item: dict[str, Any]) -> dict[str, Any]:
+    text = schemas.string(item, "ciphertext", required=True)
+    to_key = schemas.string(item, "to_key") or None
+    if to_key is not None:
+        authorize(request, "encrypt", to_key)
+    sealed = await _service(request).rewrap(
+        name, text, schemas.context(item), to_key=to_key, admin=is_admin(request)
+    )
+    return {"ciphertext": sealed.ciphertext, "key_version": sealed.version, "key": to_key or name}
+
+
+def _digest(item: dict[str, Any]) -> bytes:
+    algorithm = schemas.string(item, "algorithm", default="ecdsa-sha256")
+    if algorithm != "ecdsa-sha256":
+        raise BadRequest(f"algorithm must be ecdsa-sha256, not {algorithm!r}")
+    return digest_of(
+        schemas.b64(item, "message", required=False), schemas.b64(item, "digest", required=False)
+    )
+
+
+async def _sign(request: web.Request, name: str, item: dict[str, Any]) -> dict[str, Any]:
+    sealed = await _service(request).sign(name, _digest(item))
+    return {"signature": sealed.ciphertext, "key_version": sealed.version}
+
+
+async def _verify(request: web.Request, name: str, item: dict[str, Any]) -> dict[str, Any]:
+    signature = schemas.string(item, "signature", required=True)
+    return {"valid": await _service(request).verify(name, _digest(item), signature)}
+
+
+def _crypto(operation: str, run: ItemHandler) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        authorize(request, operation, name)
+        body = await schemas.json_object(request)
+        items = schemas.batch_items(body, request.app[SETTINGS].keys.max_batch_items)
+        if items is None:
+            return web.json_response(await run(request, name, body))
+
+        async def one(item: dict[str, Any]) -> dict[str, Any]:
+            try:
+                return await run(request, name, item)
+            except BrokerError as exc:
+                return {"error": {"status": exc.status, "code": exc.code, "detail": exc.detail}}
+
+        results = await asyncio.gather(*(one(item) for item in items))
+        return web.json_response({"batch": list(results)})
+
+    handler.__name__ = operation
+    return handler
+
+
+def add_key_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/v1/keys", create_key)
+    r.add_get("/v1/keys", list_keys)
+    r.add_get("/v1/keys/{name}", show_key)
+    r.add_patch("/v1/keys/{name}", patch_key)
+    for op in ("rotate", "suspend", "resume", "revoke", "schedule-destruction", "cancel-destruction"):
+        r.add_post(f"/v1/keys/{{name}}/{op}", _lifecycle(op))
+    for op, run in (
+        ("encrypt", _encrypt),
+        ("decrypt", _decrypt),
+        ("datakey", _datakey),
+        ("rewrap", _rewrap),
+        ("sign", _sign),
+        ("verify", _verify),
+    ):
+        r.add_post(f"/v1/keys/{{name}}/{op}", _crypto(op, run))

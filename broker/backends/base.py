@@ -1,0 +1,117 @@
+"""The one seam between the broker and a key store: bytes in, bytes out.
+
+Every backend (Vault transit, AWS KMS, a PKCS#11 HSM) implements
+:class:`KeyBackend`. No SDK type crosses this seam: a backend translates its SDK's
+failures into :mod:`broker.errors` at the boundary, and raises
+:class:`~broker.errors.UnsupportedOperation` for what its product or the key's
+type cannot do.
+
+A logical key has versions; each version is backed by one piece of backend
+material named by an opaque *material reference* the backend returns when it
+creates the version (a transit version number, a KMS key id, a PKCS#11 object
+id). The broker stores references in its registry and hands them back on every
+call, so a backend never has to know the broker's version numbers.
+
+The encryption context reaches a backend as the caller's flat string map; a
+backend binds it natively (KMS ``EncryptionContext``) or as AAD in the
+canonical form :func:`canonical_context` gives (Vault ``associated_data``,
+AES-GCM AAD in the HSM).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+
+class KeyType(StrEnum):
+    AES256_GCM = "aes256-gcm"
+    ECDSA_P256 = "ecdsa-p256"
+
+    @property
+    def symmetric(self) -> bool:
+        return self is KeyType.AES256_GCM
+
+
+class Backend(StrEnum):
+    VAULT = "vault"
+    KMS = "kms"
+    HSM = "hsm"
+
+
+@dataclass(frozen=True)
+class KeyRef:
+    """What a backend needs to know about a logical key: its name and type."""
+
+    name: str
+    type: KeyType
+
+
+Context = Mapping[str, str]
+
+
+def canonical_context(context: Context) -> bytes:
+    """The context as AAD: sorted-key compact JSON, UTF-8; an empty context is empty AAD."""
+    if not context:
+        return b""
+    return json.dumps(dict(context), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class KeyBackend(Protocol):
+    """A key store. ``ref`` arguments are material references this backend returned."""
+
+    name: Backend
+    key_types: frozenset[KeyType]
+
+    async def create_version(self, key: KeyRef) -> str:
+        """Create new key material (the first version or a rotation) and return its reference."""
+        ...
+
+    async def encrypt(self, key: KeyRef, ref: str, plaintext: bytes, context: Context) -> bytes:
+        """Encrypt under one version; the returned payload is opaque to the broker."""
+        ...
+
+    async def decrypt(self, key: KeyRef, ref: str, payload: bytes, context: Context) -> bytes:
+        """Decrypt a payload of this version; any failure is :class:`DecryptionFailed`."""
+        ...
+
+    async def reencrypt(
+        self, key: KeyRef, src_ref: str, dst_ref: str, payload: bytes, context: Context
+    ) -> bytes:
+        """Move a payload from one version to another without returning the plaintext."""
+        ...
+
+    async def data_key(self, key: KeyRef, ref: str, nbytes: int, context: Context) -> tuple[bytes, bytes]:
+        """A fresh random data key of ``nbytes``: ``(plaintext, payload encrypting it)``."""
+        ...
+
+    async def sign(self, key: KeyRef, ref: str, digest: bytes) -> bytes:
+        """Sign a SHA-256 digest; the signature is DER (ASN.1 ``ECDSA-Sig-Value``)."""
+        ...
+
+    async def verify(self, key: KeyRef, ref: str, digest: bytes, signature: bytes) -> bool:
+        """Whether ``signature`` (DER) is valid for ``digest``; malformed is simply invalid."""
+        ...
+
+    async def set_enabled(self, key: KeyRef, refs: Sequence[str], enabled: bool) -> None:
+        """Mirror suspend/resume into the backend where it has such a switch (KMS)."""
+        ...
+
+    async def set_min_decryption(self, key: KeyRef, refs: Sequence[str]) -> None:
+        """Mirror ``min_decrypt_version`` where native (transit): ``refs`` are the versions still allowed."""
+        ...
+
+    async def schedule_destruction(self, key: KeyRef, refs: Sequence[str], pending_days: int) -> None:
+        """Start the backend's own deletion window where it has one (KMS)."""
+        ...
+
+    async def cancel_destruction(self, key: KeyRef, refs: Sequence[str]) -> None:
+        """Undo :meth:`schedule_destruction`."""
+        ...
+
+    async def destroy(self, key: KeyRef, refs: Sequence[str]) -> None:
+        """Remove the material for good (the window has passed). Idempotent."""
+        ...

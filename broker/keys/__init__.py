@@ -1,0 +1,1 @@
+"""Logical keys: their model, registry in Vault KV, lifecycle and scheduled work."""

@@ -1,0 +1,346 @@
+"""Key lifecycle and cryptographic operations, the same for every backend.
+
+The broker enforces the state machine itself before any backend is asked (moto,
+for one, lets a disabled KMS key encrypt), then mirrors what a backend can hold
+natively: KMS enable/disable and deletion windows, transit's
+``min_decryption_version``. Registry writes are check-and-set
+(:class:`broker.keys.registry.Registry`), so replicas never lose a change.
+
+Time comes from an injected clock, so tests move through rotation periods and
+destruction windows without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from broker.backends.base import Backend, Context, KeyBackend, KeyRef, KeyType
+from broker.errors import BadRequest, BrokerError, Conflict, DecryptionFailed
+from broker.keys import ciphertext
+from broker.keys.model import (
+    ENVIRONMENTS,
+    MIN_ROTATION_SECONDS,
+    NAME_RE,
+    Key,
+    Op,
+    State,
+    Version,
+    now_utc,
+)
+from broker.keys.registry import Registry
+from broker.log import get_logger
+
+log = get_logger(__name__)
+Clock = Callable[[], datetime]
+DATAKEY_SIZES = (16, 32, 64)
+
+
+@dataclass(frozen=True)
+class NewKey:
+    name: str
+    backend: Backend
+    type: KeyType
+    environment: str
+    rotation_period_seconds: int | None = None
+    deletion_protection: bool = True
+    tags: Mapping[str, str] | None = None
+    description: str = ""
+
+
+def check_rotation_period(seconds: int | None) -> None:
+    if seconds is not None and seconds < MIN_ROTATION_SECONDS:
+        raise BadRequest(f"rotation_period must be at least {MIN_ROTATION_SECONDS} seconds (1h)")
+
+
+@dataclass(frozen=True)
+class Sealed:
+    ciphertext: str
+    version: int
+
+
+class KeyService:
+    def __init__(
+        self, registry: Registry, backends: Mapping[Backend, KeyBackend], *, clock: Clock = now_utc
+    ) -> None:
+        self._registry = registry
+        self._backends = dict(backends)
+        self._clock = clock
+
+    def now(self) -> datetime:
+        return self._clock()
+
+    def backend(self, key: Key) -> KeyBackend:
+        return self._backends[key.backend]
+
+    @staticmethod
+    def ref(key: Key) -> KeyRef:
+        return KeyRef(key.name, key.type)
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def get(self, name: str) -> Key:
+        return await self._registry.get(name)
+
+    async def list_keys(self, filters: Mapping[str, str] | None = None) -> list[Key]:
+        keys = await self._registry.all()
+        f = dict(filters or {})
+        tag = f.pop("tag", None)
+        out = []
+        for key in keys:
+            row = key.to_json()
+            if any(str(row.get(field)) != value for field, value in f.items()):
+                continue
+            if tag is not None:
+                tname, _, tvalue = tag.partition("=")
+                if tname not in key.tags or (tvalue and key.tags[tname] != tvalue):
+                    continue
+            out.append(key)
+        return out
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def create(self, spec: NewKey, *, owner: str) -> Key:
+        if not NAME_RE.fullmatch(spec.name):
+            raise BadRequest(
+                "name must be 1-63 characters of a-z, 0-9, '-', '_', '.', starting with a letter or digit"
+            )
+        if spec.environment not in ENVIRONMENTS:
+            raise BadRequest(f"environment must be one of {', '.join(ENVIRONMENTS)}")
+        check_rotation_period(spec.rotation_period_seconds)
+        backend = self._backends[spec.backend]
+        if spec.type not in backend.key_types:
+            supported = ", ".join(sorted(backend.key_types))
+            raise BadRequest(f"backend {spec.backend} cannot hold {spec.type} keys (it can: {supported})")
+        now = self.now()
+        key = Key(
+            name=spec.name,
+            backend=spec.backend,
+            type=spec.type,
+            environment=spec.environment,
+            state=State.PRE_ACTIVE,
+            created_at=now,
+            updated_at=now,
+            rotation_period_seconds=spec.rotation_period_seconds,
+            deletion_protection=spec.deletion_protection,
+            tags=dict(spec.tags or {}),
+            description=spec.description,
+            owner=owner,
+        )
+        # Claim the name first: a second creator gets 409 before any material exists.
+        await self._registry.create(key)
+        try:
+            material = await backend.create_version(self.ref(key))
+        except BrokerError:
+            await self._registry.delete(key.name)
+            raise
+        version = Version(1, material, self.now())
+        created = await self._registry.update(key.name, lambda k: k.activated(version, self.now()))
+        log.info("key_created", key=key.name, backend=str(key.backend), type=str(key.type))
+        return created
+
+    async def rotate(self, name: str) -> Key:
+        key = await self.get(name)
+        if key.state is not State.ACTIVE:
+            raise Conflict(f"key {name} is {key.state}: cannot rotate (allowed from: active)")
+        material = await self.backend(key).create_version(self.ref(key))
+        # The material exists now; the check-and-set loop appends it as the next version,
+        # so concurrent rotations each add exactly one version and none is lost.
+        rotated = await self._registry.update(name, lambda k: k.with_version(material, self.now()))
+        log.info("key_rotated", key=name, version=rotated.latest.number)
+        return rotated
+
+    async def rotate_if_due(self, name: str) -> Key | None:
+        """Scheduled rotation: the replica whose claim (a check-and-set) wins rotates; others skip."""
+        now = self.now()
+
+        def claim(k: Key) -> Key:
+            if not k.rotation_due(now):
+                raise _NotDue
+            return replace(k, last_rotated_at=now, updated_at=now)
+
+        try:
+            await self._registry.update(name, claim)
+        except _NotDue:
+            return None
+        return await self.rotate(name)
+
+    async def suspend(self, name: str) -> Key:
+        key = await self._registry.update(name, lambda k: k.suspended(self.now()))
+        await self.backend(key).set_enabled(self.ref(key), [v.material for v in key.versions], False)
+        return key
+
+    async def resume(self, name: str) -> Key:
+        key = await self.get(name)
+        key.resumed(self.now())  # refuse before touching the backend
+        await self.backend(key).set_enabled(self.ref(key), [v.material for v in key.versions], True)
+        return await self._registry.update(name, lambda k: k.resumed(self.now()))
+
+    async def revoke(self, name: str, reason: str) -> Key:
+        return await self._registry.update(name, lambda k: k.revoked(reason, self.now()))
+
+    async def patch(self, name: str, changes: dict[str, Any]) -> Key:
+        check_rotation_period(changes.get("rotation_period_seconds"))
+        key = await self._registry.update(name, lambda k: k.patched(changes, self.now()))
+        if "min_decrypt_version" in changes:
+            allowed = [v.material for v in key.versions if v.number >= key.min_decrypt_version]
+            await self.backend(key).set_min_decryption(self.ref(key), allowed)
+        return key
+
+    async def schedule_destruction(self, name: str, pending_days: int) -> Key:
+        key = await self._registry.update(name, lambda k: k.destruction_scheduled(pending_days, self.now()))
+        await self.backend(key).schedule_destruction(
+            self.ref(key), [v.material for v in key.versions], pending_days
+        )
+        log.info("key_destruction_scheduled", key=name, destroy_after=str(key.destroy_after))
+        return key
+
+    async def cancel_destruction(self, name: str) -> Key:
+        key = await self.get(name)
+        key.destruction_cancelled(self.now())
+        await self.backend(key).cancel_destruction(self.ref(key), [v.material for v in key.versions])
+        return await self._registry.update(name, lambda k: k.destruction_cancelled(self.now()))
+
+    async def destroy_if_due(self, name: str) -> Key | None:
+        """End of the window: remove the backend material, then record ``destroyed``. Idempotent."""
+        key = await self.get(name)
+        now = self.now()
+        if not key.destruction_due(now):
+            return None
+        await self.backend(key).destroy(self.ref(key), [v.material for v in key.versions])
+        destroyed = await self._registry.update(
+            name, lambda k: k if k.state is State.DESTROYED else k.destroyed(self.now())
+        )
+        log.info("key_destroyed", key=name)
+        return destroyed
+
+    async def run_due_work(self) -> dict[str, list[str]]:
+        """One pass of the scheduler: rotations and destructions whose time has come."""
+        done: dict[str, list[str]] = {"rotated": [], "destroyed": []}
+        now = self.now()
+        for key in await self._registry.all():
+            try:
+                if key.rotation_due(now) and await self.rotate_if_due(key.name) is not None:
+                    done["rotated"].append(key.name)
+                if key.destruction_due(now) and await self.destroy_if_due(key.name) is not None:
+                    done["destroyed"].append(key.name)
+            except BrokerError as exc:
+                log.warning("scheduled_work_failed", key=key.name, error=exc.detail)
+        return done
+
+    # -- cryptography -----------------------------------------------------------------
+
+    async def encrypt(self, name: str, plaintext: bytes, context: Context) -> Sealed:
+        key = await self.get(name)
+        key.check_usable(Op.ENCRYPT)
+        v = key.latest
+        payload = await self.backend(key).encrypt(self.ref(key), v.material, plaintext, context)
+        return Sealed(ciphertext.Envelope(key.name, v.number, payload).encode(), v.number)
+
+    async def _open(self, name: str, text: str) -> tuple[Key, ciphertext.Envelope]:
+        key = await self.get(name)
+        envelope = ciphertext.decode(text)
+        if envelope.key != key.name:
+            raise DecryptionFailed()
+        return key, envelope
+
+    def _version_for(self, key: Key, envelope: ciphertext.Envelope) -> Version:
+        try:
+            return key.version(envelope.version)
+        except BadRequest:
+            raise DecryptionFailed() from None
+
+    async def decrypt(self, name: str, text: str, context: Context) -> bytes:
+        key, envelope = await self._open(name, text)
+        key.check_usable(Op.DECRYPT, version=envelope.version)
+        v = self._version_for(key, envelope)
+        return await self.backend(key).decrypt(self.ref(key), v.material, envelope.payload, context)
+
+    async def data_key(self, name: str, nbytes: int, context: Context) -> tuple[bytes, Sealed]:
+        if nbytes not in DATAKEY_SIZES:
+            raise BadRequest(f"bytes must be one of {', '.join(map(str, DATAKEY_SIZES))}")
+        key = await self.get(name)
+        key.check_usable(Op.DATAKEY)
+        v = key.latest
+        plaintext, payload = await self.backend(key).data_key(self.ref(key), v.material, nbytes, context)
+        return plaintext, Sealed(ciphertext.Envelope(key.name, v.number, payload).encode(), v.number)
+
+    async def rewrap(
+        self, name: str, text: str, context: Context, *, to_key: str | None, admin: bool
+    ) -> Sealed:
+        """Re-encrypt under the latest version of this key or of ``to_key``; the plaintext stays here."""
+        source, envelope = await self._open(name, text)
+        source.check_usable(Op.REWRAP_FROM, version=envelope.version, admin_rewrap=admin)
+        src_version = self._version_for(source, envelope)
+        target = source if to_key in (None, name) else await self.get(str(to_key))
+        target.check_usable(Op.ENCRYPT)
+        dst_version = target.latest
+        if target.name == source.name:
+            payload = await self.backend(source).reencrypt(
+                self.ref(source), src_version.material, dst_version.material, envelope.payload, context
+            )
+        else:
+            plaintext = await self.backend(source).decrypt(
+                self.ref(source), src_version.material, envelope.payload, context
+            )
+            payload = await self.backend(target).encrypt(
+                self.ref(target), dst_version.material, plaintext, context
+            )
+            del plaintext
+        return Sealed(
+            ciphertext.Envelope(target.name, dst_version.number, payload).encode(), dst_version.number
+        )
+
+    async def sign(self, name: str, digest: bytes) -> Sealed:
+        key = await self.get(name)
+        key.check_usable(Op.SIGN)
+        v = key.latest
+        signature = await self.backend(key).sign(self.ref(key), v.material, digest)
+        return Sealed(ciphertext.Envelope(key.name, v.number, signature).encode(), v.number)
+
+    async def verify(self, name: str, digest: bytes, signature: str) -> bool:
+        key = await self.get(name)
+        key.check_usable(Op.VERIFY)
+        try:
+            envelope = ciphertext.decode(signature)
+        except DecryptionFailed:
+            return False
+        if envelope.key != key.name:
+            return False
+        key.check_usable(Op.VERIFY, version=envelope.version)
+        try:
+            v = key.version(envelope.version)
+        except BadRequest:
+            return False
+        return await self.backend(key).verify(self.ref(key), v.material, digest, envelope.payload)
+
+
+def digest_of(message: bytes | None, digest: bytes | None) -> bytes:
+    """The SHA-256 digest to sign: of ``message``, or ``digest`` as given (32 bytes)."""
+    if message is not None and digest is None:
+        return hashlib.sha256(message).digest()
+    if digest is not None and message is None:
+        if len(digest) != 32:
+            raise BadRequest("digest must be a SHA-256 digest (32 bytes)")
+        return digest
+    raise BadRequest("give exactly one of message or digest")
+
+
+class _NotDue(Exception):
+    pass
+
+
+async def scheduler_loop(service: KeyService, interval: float) -> None:
+    """Run :meth:`KeyService.run_due_work` every ``interval`` seconds until cancelled."""
+    while True:
+        try:
+            done = await service.run_due_work()
+            if done["rotated"] or done["destroyed"]:
+                log.info("scheduled_work", **done)
+        except BrokerError as exc:
+            log.warning("scheduler_pass_failed", error=exc.detail)
+        await asyncio.sleep(interval)

@@ -20,7 +20,14 @@ from broker.backends._blocking import run_blocking
 from broker.backends.base import Backend, Context, KeyRef, KeyType
 from broker.config.model import KmsConfig
 from broker.context import note_backend_call
-from broker.errors import BackendTimeout, BadGateway, DecryptionFailed, NotFound, Unavailable
+from broker.errors import (
+    BackendTimeout,
+    BadGateway,
+    BrokerError,
+    DecryptionFailed,
+    NotFound,
+    Unavailable,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_kms import KMSClient
@@ -166,6 +173,24 @@ class KmsKeys:
     def __init__(self, client: KmsClient) -> None:
         self._kms = client
 
+    async def _is_decrypt_failure(self, exc: BaseException, ref: str) -> bool:
+        """Whether a failed decrypt was about the ciphertext, not about the broker's access.
+
+        KMS answers a blob whose embedded key reference was altered with
+        AccessDeniedException, the same code as an IAM refusal. If the broker can
+        still describe the key, its access is fine and the ciphertext was at fault.
+        """
+        code = _error_code(exc)
+        if code in _DECRYPT_FAILURES:
+            return True
+        if code != "AccessDeniedException":
+            return False
+        try:
+            await self._kms.call("describe key", lambda c: c.describe_key(KeyId=ref))
+        except BrokerError:
+            return False
+        return True
+
     async def create_version(self, key: KeyRef) -> str:
         spec, usage = _KMS_SPECS[key.type]
         out = await self._kms.call(
@@ -192,8 +217,8 @@ class KmsKeys:
                 "decrypt",
                 lambda c: c.decrypt(KeyId=ref, CiphertextBlob=payload, EncryptionContext=dict(context)),
             )
-        except BadGateway as exc:
-            if _error_code(exc) in _DECRYPT_FAILURES:
+        except (BadGateway, Unavailable) as exc:
+            if await self._is_decrypt_failure(exc, ref):
                 raise DecryptionFailed() from exc
             raise
         return bytes(out["Plaintext"])
@@ -212,8 +237,8 @@ class KmsKeys:
                     DestinationEncryptionContext=dict(context),
                 ),
             )
-        except BadGateway as exc:
-            if _error_code(exc) in _DECRYPT_FAILURES:
+        except (BadGateway, Unavailable) as exc:
+            if await self._is_decrypt_failure(exc, src_ref):
                 raise DecryptionFailed() from exc
             raise
         return bytes(out["CiphertextBlob"])

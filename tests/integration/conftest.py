@@ -42,9 +42,17 @@ def https(
     who: str = "admin",
     headers: dict[str, str] | None = None,
     url: str | None = None,
+    method: str | None = None,
+    body: Any = None,
 ) -> Reply:
-    """One HTTPS request to a broker with the named dev client certificate."""
-    request = urllib.request.Request((url or stack.broker_url) + path, headers=headers or {})
+    """One HTTPS request to a broker with the named dev client certificate (``body`` sent as JSON)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        (url or stack.broker_url) + path,
+        data=data,
+        headers={**({"Content-Type": "application/json"} if data else {}), **(headers or {})},
+        method=method or ("POST" if data is not None else "GET"),
+    )
     try:
         with urllib.request.urlopen(request, context=stack.client_ssl(who), timeout=15) as resp:
             return Reply(resp.status, resp.headers, resp.read())

@@ -10,6 +10,13 @@ dedicated session holds the login and is never used for work, and the worker
 sessions are opened without a PIN. A session that fails with a device or session
 error is dropped (with the login, when the token went away) and reopened on the
 next use, so a token that comes back is picked up without a restart.
+
+python-pkcs11 calls ``C_Initialize(NULL)``, which by the PKCS#11 standard
+promises the library that no two threads call it at once; SoftHSM2 then turns
+its own locking off, and concurrent calls corrupt its state (seen as
+``GeneralError`` and ``TemplateInconsistent`` under concurrent rotations). So
+every call into the library is made under one process-wide lock; the worker
+threads keep sessions apart and keep the event loop free.
 """
 
 from __future__ import annotations
@@ -111,6 +118,8 @@ class HsmClient:
         self._workers = [_Worker(i) for i in range(config.sessions)]
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
         self._open_lock = threading.Lock()
+        # See the module docstring: the library was initialised without locking.
+        self._call_lock = threading.Lock()
         self._login_session: Any = None
 
     async def start(self) -> None:
@@ -160,6 +169,10 @@ class HsmClient:
         try:
 
             def call() -> T:
+                with self._call_lock:
+                    return locked_call()
+
+            def locked_call() -> T:
                 if worker.session is None:
                     worker.session = self._open()
                 try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import random
 import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -322,6 +323,7 @@ def _transit_payload(ciphertext: str) -> bytes:
 
 _TRANSIT_TYPES = {KeyType.AES256_GCM: "aes256-gcm96", KeyType.ECDSA_P256: "ecdsa-p256"}
 _DATAKEY_BITS = {16: 128, 32: 256, 64: 512}
+_ROTATE_ATTEMPTS = 100
 
 
 class VaultTransit:
@@ -338,6 +340,7 @@ class VaultTransit:
     def __init__(self, client: VaultClient, mount: str) -> None:
         self._client = client
         self._mount = mount
+        self._rotation_locks: dict[str, asyncio.Lock] = {}
 
     def _path(self, *parts: str) -> str:
         return "/".join(("v1", self._mount, *parts))
@@ -354,11 +357,29 @@ class VaultTransit:
             # Creation answers 204 on some versions; the read is the authority on the first version.
             info = await self._client.request("GET", path, what="transit read key")
             return str(info["data"]["latest_version"])
-        rotated = await self._client.request("POST", path + "/rotate", {}, what="transit rotate")
-        data = (
-            rotated.get("data") or (await self._client.request("GET", path, what="transit read key"))["data"]
-        )
+        # One rotation of a key at a time from this replica; other replicas are handled below.
+        lock = self._rotation_locks.setdefault(key.name, asyncio.Lock())
+        async with lock:
+            data = await self._rotate(path)
         return str(data["latest_version"])
+
+    async def _rotate(self, path: str) -> dict[str, Any]:
+        # OpenBao commits storage transactions optimistically: two rotations of one key at
+        # the same moment (from two replicas) make one fail with "transaction commit
+        # failed" and nothing written, so retrying it is safe.
+        for attempt in range(_ROTATE_ATTEMPTS):
+            try:
+                rotated = await self._client.request("POST", path + "/rotate", {}, what="transit rotate")
+            except BadGateway as exc:
+                if vault_status(exc) == 500 and "transaction commit failed" in str(exc.__cause__):
+                    await asyncio.sleep(random.uniform(0, min(0.005 * (attempt + 1), 0.1)))  # noqa: S311
+                    continue
+                raise
+            data: dict[str, Any] = rotated.get("data") or {}
+            return data
+        raise Unavailable(
+            f"vault: transit rotate kept conflicting ({_ROTATE_ATTEMPTS} attempts)", backend=BACKEND
+        )
 
     async def encrypt(self, key: KeyRef, ref: str, plaintext: bytes, context: Context) -> bytes:
         body: dict[str, Any] = {"plaintext": _b64(plaintext), "key_version": int(ref)}

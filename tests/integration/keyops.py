@@ -49,8 +49,11 @@ def create_key(stack: DevStack, backend: str, *, type_: str = "aes256-gcm", **ex
     return name
 
 
-def encrypt(stack: DevStack, name: str, plaintext: bytes, context: dict[str, str] | None = None) -> Reply:
-    return call(stack, f"/v1/keys/{name}/encrypt", {"plaintext": b64(plaintext), "context": context or {}})
+def encrypt(
+    stack: DevStack, name: str, plaintext: bytes, context: dict[str, str] | None = None, **kw: Any
+) -> Reply:
+    body = {"plaintext": b64(plaintext), "context": context or {}}
+    return call(stack, f"/v1/keys/{name}/encrypt", body, **kw)
 
 
 def decrypt(stack: DevStack, name: str, ciphertext: str, context: dict[str, str] | None = None) -> Reply:

@@ -1,0 +1,81 @@
+"""Two broker replicas on one Vault: concurrent rotations lose nothing, scheduled ones happen once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from broker.devstack.stack import DevStack, free_port
+from tests.integration.conftest import Reply, https
+from tests.integration.keyops import create_key, decrypt, encrypt, key_service, registry_record, run, unb64
+
+ROTATIONS = 50
+
+
+@pytest.fixture(scope="module")
+def second_broker(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Another broker process with its own port, sharing the stack's Vault, KMS and HSM."""
+    port = free_port()
+    config: Path = tmp_path_factory.mktemp("replica") / "broker.toml"
+    config.write_text(stack.render_broker_config(port=port))
+    child = stack.spawn_broker("broker-replica", config)
+    url = f"https://127.0.0.1:{port}"
+    try:
+        stack.wait_healthy(child, url)
+        yield url
+    finally:
+        child.stop()
+
+
+@pytest.mark.parametrize("backend", ["vault", "kms", "hsm"])
+def test_concurrent_rotations_through_two_replicas_lose_no_version(
+    stack: DevStack, second_broker: str, backend: str
+) -> None:
+    """50 rotations at once, alternating replicas: versions 1..51, each with its own material."""
+    name = create_key(stack, backend)
+    sealed = encrypt(stack, name, b"before the storm").json()["ciphertext"]
+    urls = [stack.broker_url, second_broker]
+
+    def rotate(i: int) -> Reply:
+        return https(stack, f"/v1/keys/{name}/rotate", body={}, url=urls[i % 2])
+
+    with ThreadPoolExecutor(max_workers=ROTATIONS) as pool:
+        replies = list(pool.map(rotate, range(ROTATIONS)))
+
+    record = registry_record(stack, name)
+    numbers = [v["version"] for v in record["versions"]]
+    materials = [v["material"] for v in record["versions"]]
+    after = encrypt(stack, name, b"after", url=second_broker).json()["ciphertext"]
+    assert [r.status for r in replies] == [200] * ROTATIONS
+    assert numbers == list(range(1, ROTATIONS + 2))
+    assert len(set(materials)) == ROTATIONS + 1
+    assert after.startswith(f"kb1:{name}:{ROTATIONS + 1}:")
+    assert unb64(decrypt(stack, name, sealed).json()["plaintext"]) == b"before the storm"
+
+
+def test_scheduled_rotation_happens_once_across_replicas(stack: DevStack) -> None:
+    """When the period has passed, two replicas' schedulers race; exactly one rotates."""
+    name = create_key(stack, "vault", rotation_period="1d")
+    later = datetime.now(UTC) + timedelta(days=1, seconds=1)
+
+    async def race() -> list[object]:
+        async with key_service(stack, lambda: later) as a, key_service(stack, lambda: later) as b:
+            return list(await asyncio.gather(a.rotate_if_due(name), b.rotate_if_due(name)))
+
+    results = run(race())
+    again = run(_once_more(stack, name, later + timedelta(hours=1)))
+
+    versions = [v["version"] for v in registry_record(stack, name)["versions"]]
+    assert sum(r is not None for r in results) == 1
+    assert again is None
+    assert versions == [1, 2]
+
+
+async def _once_more(stack: DevStack, name: str, when: datetime) -> object:
+    async with key_service(stack, lambda: when) as service:
+        return await service.rotate_if_due(name)

@@ -15,8 +15,6 @@ import ssl
 import sys
 import textwrap
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -25,6 +23,7 @@ from typing import TYPE_CHECKING
 from broker.errors import BrokerError, ConfigError
 
 if TYPE_CHECKING:
+    from broker.client import BrokerClient
     from broker.devstack.stack import DevStack
 
 EXIT_FAILED = 1
@@ -37,6 +36,7 @@ Vault transit, AWS KMS and a PKCS#11 HSM behind one mTLS API and one audit trail
 common tasks:
   keybroker dev                       run the whole local stack (like `vault server -dev`)
   keybroker health                    ask a running broker whether every backend can serve
+  keybroker keys create|list|rotate|encrypt|decrypt ...   manage keys on a running broker
   keybroker serve --config FILE       run the broker daemon
   keybroker vault bootstrap ...       prepare a Vault (init, mounts, PKI, policy, AppRole)
 """
@@ -195,16 +195,17 @@ def _client_context(args: argparse.Namespace) -> tuple[str, ssl.SSLContext]:
         raise ConfigError(f"cannot load the client certificate or CA: {exc}") from None
 
 
-def cmd_health(args: argparse.Namespace) -> int:
+def _connect(args: argparse.Namespace) -> BrokerClient:
+    from broker.client import BrokerClient
+
     addr, ctx = _client_context(args)
-    try:
-        # S310: _client_context accepts only https:// addresses.
-        with urllib.request.urlopen(f"{addr}/v1/sys/health", context=ctx, timeout=10) as resp:  # noqa: S310
-            status, body = resp.status, json.load(resp)
-    except urllib.error.HTTPError as exc:
-        status, body = exc.code, json.load(exc)
-    except (urllib.error.URLError, OSError) as exc:
-        return _fail(f"cannot reach the broker at {addr}: {getattr(exc, 'reason', exc)}")
+    return BrokerClient(addr, ctx)
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    client = _connect(args)
+    answer = client.raw("GET", "/v1/sys/health")
+    status, body, addr = answer.status, answer.body, client.address
     if args.json:
         print(json.dumps(body, indent=2))
     else:
@@ -305,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     _client_args(health)
     health.add_argument("--json", action="store_true", help="print the raw JSON answer")
     health.set_defaults(func=cmd_health)
+
+    from broker.cli_keys import add_keys_parser, run_keys
+
+    add_keys_parser(sub, _client_args)
+    sub.choices["keys"].set_defaults(func=lambda a: run_keys(a, _connect))
     return parser
 
 

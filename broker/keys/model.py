@@ -226,7 +226,7 @@ class Key:
         if self.deletion_protection:
             raise Conflict(
                 f"key {self.name} has deletion protection on; turn it off first "
-                "(PATCH deletion_protection=false)"
+                "(PATCH deletion_protection=false, or: keybroker keys update NAME --deletion-protection off)"
             )
         return self._to(
             State.PENDING_DESTRUCTION,

@@ -1,0 +1,76 @@
+"""A small synchronous mTLS client for the broker's API, used by the command line."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from broker.errors import BrokerError
+
+
+class RemoteError(BrokerError):
+    """The broker answered with a problem document."""
+
+    def __init__(self, status: int, code: str, detail: str, request_id: str) -> None:
+        super().__init__(f"{status} {code}: {detail}" + (f" (request {request_id})" if request_id else ""))
+        self.http_status = status
+        self.problem_code = code
+
+
+class Unreachable(BrokerError):
+    pass
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: Any
+
+
+class BrokerClient:
+    def __init__(self, address: str, context: ssl.SSLContext, timeout: float = 30) -> None:
+        self.address = self._address = address.rstrip("/")
+        self._context = context
+        self._timeout = timeout
+
+    def call(self, method: str, path: str, body: Any = None, *, ok: tuple[int, ...] = ()) -> Any:
+        """Send one request; return the JSON answer, or raise :class:`RemoteError` for an error status."""
+        answer = self.raw(method, path, body)
+        if answer.status >= 400 and answer.status not in ok:
+            doc = answer.body if isinstance(answer.body, dict) else {}
+            raise RemoteError(
+                answer.status,
+                str(doc.get("code", "error")),
+                str(doc.get("detail", "no detail")),
+                str(doc.get("request_id", "")),
+            )
+        return answer.body
+
+    def raw(self, method: str, path: str, body: Any = None) -> Answer:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(  # noqa: S310 - https:// only, checked by the caller
+            self._address + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json"} if data is not None else {},
+        )
+        try:
+            # S310: the address is checked to be https:// where the client is built.
+            with urllib.request.urlopen(request, context=self._context, timeout=self._timeout) as resp:  # noqa: S310
+                return Answer(resp.status, _json(resp.read()))
+        except urllib.error.HTTPError as exc:
+            return Answer(exc.code, _json(exc.read()))
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise Unreachable(f"cannot reach the broker at {self._address}: {reason}") from None
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else {}
+    except ValueError:
+        return {"detail": raw[:200].decode(errors="replace")}

@@ -34,7 +34,7 @@ def decode(text: str) -> Envelope:
     if not key or not version.isdigit() or not body:
         raise DecryptionFailed()
     try:
-        payload = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        payload = base64.b64decode(body + "=" * (-len(body) % 4), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):
         raise DecryptionFailed() from None
     return Envelope(key, int(version), payload)

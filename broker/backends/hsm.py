@@ -275,18 +275,17 @@ class HsmKeys:
             raise NotFound(f"hsm: malformed object reference for key {key.name}") from None
         return session.get_key(object_class=cls, label=object_label(key.name), id=object_id)
 
+    def _seal(self, session: Any, key: KeyRef, ref: str, plaintext: bytes, aad: bytes) -> bytes:
+        secret = self._find(session, key, ref, ObjectClass.SECRET_KEY)
+        nonce = os.urandom(_NONCE_BYTES)
+        sealed = secret.encrypt(
+            plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, _TAG_BITS)
+        )
+        return nonce + bytes(sealed)
+
     async def encrypt(self, key: KeyRef, ref: str, plaintext: bytes, context: Context) -> bytes:
         aad = canonical_context(context)
-
-        def run(session: Any) -> bytes:
-            secret = self._find(session, key, ref, ObjectClass.SECRET_KEY)
-            nonce = os.urandom(_NONCE_BYTES)
-            sealed = secret.encrypt(
-                plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, _TAG_BITS)
-            )
-            return nonce + bytes(sealed)
-
-        return await self._hsm.run(run, what="aes-gcm encrypt")
+        return await self._hsm.run(lambda s: self._seal(s, key, ref, plaintext, aad), what="aes-gcm encrypt")
 
     def _open(self, session: Any, key: KeyRef, ref: str, payload: bytes, aad: bytes) -> bytes:
         if len(payload) < _NONCE_BYTES + _TAG_BITS // 8:
@@ -314,12 +313,7 @@ class HsmKeys:
 
         def run(session: Any) -> bytes:
             plaintext = self._open(session, key, src_ref, payload, aad)
-            target = self._find(session, key, dst_ref, ObjectClass.SECRET_KEY)
-            nonce = os.urandom(_NONCE_BYTES)
-            sealed = target.encrypt(
-                plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, _TAG_BITS)
-            )
-            return nonce + bytes(sealed)
+            return self._seal(session, key, dst_ref, plaintext, aad)
 
         return await self._hsm.run(run, what="aes-gcm rewrap")
 
@@ -329,12 +323,7 @@ class HsmKeys:
         def run(session: Any) -> tuple[bytes, bytes]:
             # The token's own RNG draws the data key; it leaves the HSM only in this response.
             plaintext = bytes(session.generate_random(nbytes * 8))
-            secret = self._find(session, key, ref, ObjectClass.SECRET_KEY)
-            nonce = os.urandom(_NONCE_BYTES)
-            sealed = secret.encrypt(
-                plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, _TAG_BITS)
-            )
-            return plaintext, nonce + bytes(sealed)
+            return plaintext, self._seal(session, key, ref, plaintext, aad)
 
         return await self._hsm.run(run, what="generate data key")
 

@@ -178,7 +178,59 @@ async def _verify(request: web.Request, name: str, item: dict[str, Any]) -> dict
     return {"valid": await _service(request).verify(name, _digest(item), signature)}
 
 
-def _crypto(operation: str, run: ItemHandler) -> Callable[[web.Request], Awaitable[web.Response]]:
+def _problem(exc: BrokerError) -> dict[str, Any]:
+    return {"error": {"status": exc.status, "code": exc.code, "detail": exc.detail}}
+
+
+async def _batch_encrypt(
+    request: web.Request, name: str, items: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Items are checked one by one; the valid ones go to the backend together (transit batch_input)."""
+    out: list[dict[str, Any]] = [{} for _ in items]
+    valid: list[tuple[bytes, dict[str, str]]] = []
+    positions = []
+    for i, item in enumerate(items):
+        try:
+            valid.append((schemas.plaintext(item), schemas.context(item)))
+            positions.append(i)
+        except BrokerError as exc:
+            out[i] = _problem(exc)
+    if valid:
+        sealed = await _service(request).encrypt_batch(name, valid)
+        for i, r in zip(positions, sealed, strict=True):
+            out[i] = (
+                _problem(r)
+                if isinstance(r, BrokerError)
+                else {"ciphertext": r.ciphertext, "key_version": r.version}
+            )
+    return out
+
+
+async def _batch_decrypt(
+    request: web.Request, name: str, items: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = [{} for _ in items]
+    valid: list[tuple[str, dict[str, str]]] = []
+    positions = []
+    for i, item in enumerate(items):
+        try:
+            valid.append((schemas.string(item, "ciphertext", required=True), schemas.context(item)))
+            positions.append(i)
+        except BrokerError as exc:
+            out[i] = _problem(exc)
+    if valid:
+        opened = await _service(request).decrypt_batch(name, valid)
+        for i, r in zip(positions, opened, strict=True):
+            out[i] = _problem(r) if isinstance(r, BrokerError) else {"plaintext": _b64(r)}
+    return out
+
+
+BatchHandler = Callable[[web.Request, str, list[dict[str, Any]]], Awaitable[list[dict[str, Any]]]]
+
+
+def _crypto(
+    operation: str, run: ItemHandler, batch: BatchHandler | None = None
+) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         name = request.match_info["name"]
         authorize(request, operation, name)
@@ -186,12 +238,14 @@ def _crypto(operation: str, run: ItemHandler) -> Callable[[web.Request], Awaitab
         items = schemas.batch_items(body, request.app[SETTINGS].keys.max_batch_items)
         if items is None:
             return web.json_response(await run(request, name, body))
+        if batch is not None:
+            return web.json_response({"batch": await batch(request, name, items)})
 
         async def one(item: dict[str, Any]) -> dict[str, Any]:
             try:
                 return await run(request, name, item)
             except BrokerError as exc:
-                return {"error": {"status": exc.status, "code": exc.code, "detail": exc.detail}}
+                return _problem(exc)
 
         results = await asyncio.gather(*(one(item) for item in items))
         return web.json_response({"batch": list(results)})
@@ -208,12 +262,7 @@ def add_key_routes(app: web.Application) -> None:
     r.add_patch("/v1/keys/{name}", patch_key)
     for op in ("rotate", "suspend", "resume", "revoke", "schedule-destruction", "cancel-destruction"):
         r.add_post(f"/v1/keys/{{name}}/{op}", _lifecycle(op))
-    for op, run in (
-        ("encrypt", _encrypt),
-        ("decrypt", _decrypt),
-        ("datakey", _datakey),
-        ("rewrap", _rewrap),
-        ("sign", _sign),
-        ("verify", _verify),
-    ):
+    r.add_post("/v1/keys/{name}/encrypt", _crypto("encrypt", _encrypt, _batch_encrypt))
+    r.add_post("/v1/keys/{name}/decrypt", _crypto("decrypt", _decrypt, _batch_decrypt))
+    for op, run in (("datakey", _datakey), ("rewrap", _rewrap), ("sign", _sign), ("verify", _verify)):
         r.add_post(f"/v1/keys/{{name}}/{op}", _crypto(op, run))

@@ -20,11 +20,16 @@ AES-GCM AAD in the HSM).
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, TypeVar
+
+from broker.errors import BrokerError
+
+T = TypeVar("T")
 
 
 class KeyType(StrEnum):
@@ -60,6 +65,18 @@ def canonical_context(context: Context) -> bytes:
     return json.dumps(dict(context), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+async def each(calls: Sequence[Awaitable[T]]) -> list[T | BrokerError]:
+    """Run calls concurrently; a call's broker error becomes its result instead of failing the rest."""
+
+    async def one(call: Awaitable[T]) -> T | BrokerError:
+        try:
+            return await call
+        except BrokerError as exc:
+            return exc
+
+    return list(await asyncio.gather(*(one(c) for c in calls)))
+
+
 class KeyBackend(Protocol):
     """A key store. ``ref`` arguments are material references this backend returned."""
 
@@ -76,6 +93,18 @@ class KeyBackend(Protocol):
 
     async def decrypt(self, key: KeyRef, ref: str, payload: bytes, context: Context) -> bytes:
         """Decrypt a payload of this version; any failure is :class:`DecryptionFailed`."""
+        ...
+
+    async def encrypt_batch(
+        self, key: KeyRef, ref: str, items: Sequence[tuple[bytes, Context]]
+    ) -> list[bytes | BrokerError]:
+        """Encrypt many (plaintext, context) items under one version; an item's failure is its result."""
+        ...
+
+    async def decrypt_batch(
+        self, key: KeyRef, items: Sequence[tuple[str, bytes, Context]]
+    ) -> list[bytes | BrokerError]:
+        """Decrypt many (ref, payload, context) items; an item's failure is its result."""
         ...
 
     async def reencrypt(

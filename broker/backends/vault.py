@@ -27,6 +27,7 @@ from broker.context import note_backend_call, request_id_var
 from broker.errors import (
     BackendTimeout,
     BadGateway,
+    BrokerError,
     ConfigError,
     DecryptionFailed,
     NotFound,
@@ -326,6 +327,13 @@ _DATAKEY_BITS = {16: 128, 32: 256, 64: 512}
 _ROTATE_ATTEMPTS = 100
 
 
+def _batch_results(out: dict[str, Any], expected: int) -> list[dict[str, Any]]:
+    results = (out.get("data") or {}).get("batch_results")
+    if not isinstance(results, list) or len(results) != expected:
+        raise BadGateway("vault: transit answered a batch with the wrong number of results", backend=BACKEND)
+    return [r if isinstance(r, dict) else {} for r in results]
+
+
 class VaultTransit:
     """Keys in Vault's transit engine. A material reference is the transit version number.
 
@@ -405,6 +413,61 @@ class VaultTransit:
             if vault_status(exc) == 400:
                 raise DecryptionFailed() from exc
             raise
+
+    async def encrypt_batch(
+        self, key: KeyRef, ref: str, items: Sequence[tuple[bytes, Context]]
+    ) -> list[bytes | BrokerError]:
+        batch = []
+        for plaintext, context in items:
+            entry: dict[str, Any] = {"plaintext": _b64(plaintext), "key_version": int(ref)}
+            aad = canonical_context(context)
+            if aad:
+                entry["associated_data"] = _b64(aad)
+            batch.append(entry)
+        out = await self._client.request(
+            "POST",
+            self._path("encrypt", key.name),
+            # A partial failure would otherwise be a 400 for the whole batch.
+            {"batch_input": batch, "partial_failure_response_code": 200},
+            what="transit encrypt batch",
+        )
+        results: list[bytes | BrokerError] = []
+        for item in _batch_results(out, len(items)):
+            if item.get("error") or not item.get("ciphertext"):
+                results.append(BadGateway(f"vault: transit encrypt: {item.get('error')}", backend=BACKEND))
+            else:
+                results.append(_transit_payload(item["ciphertext"]))
+        return results
+
+    async def decrypt_batch(
+        self, key: KeyRef, items: Sequence[tuple[str, bytes, Context]]
+    ) -> list[bytes | BrokerError]:
+        batch = []
+        for ref, payload, context in items:
+            entry: dict[str, Any] = {"ciphertext": _transit_ciphertext(ref, payload)}
+            aad = canonical_context(context)
+            if aad:
+                entry["associated_data"] = _b64(aad)
+            batch.append(entry)
+        try:
+            out = await self._client.request(
+                "POST",
+                self._path("decrypt", key.name),
+                {"batch_input": batch, "partial_failure_response_code": 200},
+                what="transit decrypt batch",
+            )
+        except BadGateway as exc:
+            # Transit still answers 400 when every item failed; each was a decryption failure.
+            if vault_status(exc) == 400:
+                return [DecryptionFailed() for _ in items]
+            raise
+        results: list[bytes | BrokerError] = []
+        for item in _batch_results(out, len(items)):
+            if item.get("error") or "plaintext" not in item:
+                results.append(DecryptionFailed())
+            else:
+                results.append(base64.b64decode(item["plaintext"]))
+        return results
 
     async def reencrypt(
         self, key: KeyRef, src_ref: str, dst_ref: str, payload: bytes, context: Context

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -240,6 +240,47 @@ class KeyService:
         v = key.latest
         payload = await self.backend(key).encrypt(self.ref(key), v.material, plaintext, context)
         return Sealed(ciphertext.Envelope(key.name, v.number, payload).encode(), v.number)
+
+    async def encrypt_batch(
+        self, name: str, items: Sequence[tuple[bytes, Context]]
+    ) -> list[Sealed | BrokerError]:
+        """Many encryptions under the latest version in one backend call where the backend batches."""
+        key = await self.get(name)
+        key.check_usable(Op.ENCRYPT)
+        v = key.latest
+        out = await self.backend(key).encrypt_batch(self.ref(key), v.material, items)
+        return [
+            r
+            if isinstance(r, BrokerError)
+            else Sealed(ciphertext.Envelope(key.name, v.number, r).encode(), v.number)
+            for r in out
+        ]
+
+    async def decrypt_batch(
+        self, name: str, items: Sequence[tuple[str, Context]]
+    ) -> list[bytes | BrokerError]:
+        """Many decryptions; an item that fails (bad ciphertext, retired version) fails alone."""
+        key = await self.get(name)
+        key.check_usable(Op.DECRYPT)
+        results: list[bytes | BrokerError | None] = [None] * len(items)
+        calls: list[tuple[str, bytes, Context]] = []
+        positions: list[int] = []
+        for i, (text, context) in enumerate(items):
+            try:
+                envelope = ciphertext.decode(text)
+                if envelope.key != key.name:
+                    raise DecryptionFailed()
+                key.check_usable(Op.DECRYPT, version=envelope.version)
+                calls.append((self._version_for(key, envelope).material, envelope.payload, context))
+                positions.append(i)
+            except BrokerError as exc:
+                results[i] = exc
+        if calls:
+            for i, r in zip(
+                positions, await self.backend(key).decrypt_batch(self.ref(key), calls), strict=True
+            ):
+                results[i] = r
+        return [r if r is not None else DecryptionFailed() for r in results]
 
     async def _open(self, name: str, text: str) -> tuple[Key, ciphertext.Envelope]:
         key = await self.get(name)

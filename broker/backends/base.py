@@ -144,3 +144,23 @@ class KeyBackend(Protocol):
     async def destroy(self, key: KeyRef, refs: Sequence[str]) -> None:
         """Remove the material for good (the window has passed). Idempotent."""
         ...
+
+
+class PerItemBatches:
+    """Batches for a backend without a batch API: the items run concurrently, failing alone."""
+
+    async def encrypt(self, key: KeyRef, ref: str, plaintext: bytes, context: Context) -> bytes:
+        raise NotImplementedError
+
+    async def decrypt(self, key: KeyRef, ref: str, payload: bytes, context: Context) -> bytes:
+        raise NotImplementedError
+
+    async def encrypt_batch(
+        self, key: KeyRef, ref: str, items: Sequence[tuple[bytes, Context]]
+    ) -> list[bytes | BrokerError]:
+        return await each([self.encrypt(key, ref, plaintext, context) for plaintext, context in items])
+
+    async def decrypt_batch(
+        self, key: KeyRef, items: Sequence[tuple[str, bytes, Context]]
+    ) -> list[bytes | BrokerError]:
+        return await each([self.decrypt(key, ref, payload, context) for ref, payload, context in items])

@@ -37,11 +37,11 @@ from pkcs11.mechanisms import GCMParams
 from pkcs11.util.ec import decode_ecdsa_signature, encode_ecdsa_signature, encode_named_curve_parameters
 
 from broker.backends._blocking import run_blocking
-from broker.backends.base import Backend, Context, KeyRef, KeyType, canonical_context, each
+from broker.backends.base import Backend, Context, KeyRef, KeyType, PerItemBatches, canonical_context
 from broker.backends.vault import read_secret_file
 from broker.config.model import HsmConfig
 from broker.context import note_backend_call
-from broker.errors import BadGateway, BrokerError, ConfigError, DecryptionFailed, NotFound, Unavailable
+from broker.errors import BadGateway, ConfigError, DecryptionFailed, NotFound, Unavailable
 
 BACKEND = "hsm"
 T = TypeVar("T")
@@ -222,7 +222,7 @@ def object_label(key_name: str) -> str:
     return LABEL_PREFIX + key_name
 
 
-class HsmKeys:
+class HsmKeys(PerItemBatches):
     """Keys as PKCS#11 token objects: one object (or key pair) per version.
 
     The material reference is the hex CKA_ID of the version's objects; all objects of
@@ -305,16 +305,6 @@ class HsmKeys:
     async def decrypt(self, key: KeyRef, ref: str, payload: bytes, context: Context) -> bytes:
         aad = canonical_context(context)
         return await self._hsm.run(lambda s: self._open(s, key, ref, payload, aad), what="aes-gcm decrypt")
-
-    async def encrypt_batch(
-        self, key: KeyRef, ref: str, items: Sequence[tuple[bytes, Context]]
-    ) -> list[bytes | BrokerError]:
-        return await each([self.encrypt(key, ref, plaintext, context) for plaintext, context in items])
-
-    async def decrypt_batch(
-        self, key: KeyRef, items: Sequence[tuple[str, bytes, Context]]
-    ) -> list[bytes | BrokerError]:
-        return await each([self.decrypt(key, ref, payload, context) for ref, payload, context in items])
 
     async def reencrypt(
         self, key: KeyRef, src_ref: str, dst_ref: str, payload: bytes, context: Context

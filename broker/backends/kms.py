@@ -17,7 +17,7 @@ import botocore.config
 import botocore.exceptions
 
 from broker.backends._blocking import run_blocking
-from broker.backends.base import Backend, Context, KeyRef, KeyType, each
+from broker.backends.base import Backend, Context, KeyRef, KeyType, PerItemBatches
 from broker.config.model import KmsConfig
 from broker.context import note_backend_call
 from broker.errors import (
@@ -158,7 +158,7 @@ def _error_code(exc: BaseException) -> str:
     return ""
 
 
-class KmsKeys:
+class KmsKeys(PerItemBatches):
     """Keys in AWS KMS, one KMS key per broker version; the material reference is the KeyId.
 
     Why not KMS's own rotation: a rotated KMS key keeps every backing key under one
@@ -222,16 +222,6 @@ class KmsKeys:
                 raise DecryptionFailed() from exc
             raise
         return bytes(out["Plaintext"])
-
-    async def encrypt_batch(
-        self, key: KeyRef, ref: str, items: Sequence[tuple[bytes, Context]]
-    ) -> list[bytes | BrokerError]:
-        return await each([self.encrypt(key, ref, plaintext, context) for plaintext, context in items])
-
-    async def decrypt_batch(
-        self, key: KeyRef, items: Sequence[tuple[str, bytes, Context]]
-    ) -> list[bytes | BrokerError]:
-        return await each([self.decrypt(key, ref, payload, context) for ref, payload, context in items])
 
     async def reencrypt(
         self, key: KeyRef, src_ref: str, dst_ref: str, payload: bytes, context: Context

@@ -296,3 +296,15 @@ def test_rewrap_across_backends(stack: DevStack, source: str, target: str) -> No
     assert moved.status == 200, moved.body
     assert moved.json()["ciphertext"].startswith(f"kb1:{dst}:1:")
     assert unb64(opened.json()["plaintext"]) == b"cross-backend secret"
+
+
+def test_oversized_plaintext_is_413_with_an_envelope_hint(stack: DevStack) -> None:
+    """4096 bytes encrypt; 4097 bytes is 413 pointing at datakey/envelope encryption."""
+    name = create_key(stack, "vault")
+
+    at_limit = encrypt(stack, name, b"x" * 4096)
+    over = encrypt(stack, name, b"x" * 4097)
+
+    assert at_limit.status == 200
+    assert over.status == 413
+    assert "datakey" in over.json()["detail"]

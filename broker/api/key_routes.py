@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -21,6 +21,8 @@ from broker.backends.base import Backend, KeyType
 from broker.errors import BadRequest, BrokerError
 from broker.keys.lifecycle import KeyService, NewKey, digest_of
 
+T = TypeVar("T")
+R = TypeVar("R")
 ItemHandler = Callable[[web.Request, str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -182,47 +184,49 @@ def _problem(exc: BrokerError) -> dict[str, Any]:
     return {"error": {"status": exc.status, "code": exc.code, "detail": exc.detail}}
 
 
-async def _batch_encrypt(
-    request: web.Request, name: str, items: list[dict[str, Any]]
+async def _batched(
+    items: list[dict[str, Any]],
+    parse: Callable[[dict[str, Any]], T],
+    send: Callable[[list[T]], Awaitable[Sequence[R | BrokerError]]],
+    render: Callable[[R], dict[str, Any]],
 ) -> list[dict[str, Any]]:
-    """Items are checked one by one; the valid ones go to the backend together (transit batch_input)."""
+    """Check items one by one, send the valid ones together, answer each in its place."""
     out: list[dict[str, Any]] = [{} for _ in items]
-    valid: list[tuple[bytes, dict[str, str]]] = []
+    valid: list[T] = []
     positions = []
     for i, item in enumerate(items):
         try:
-            valid.append((schemas.plaintext(item), schemas.context(item)))
+            valid.append(parse(item))
             positions.append(i)
         except BrokerError as exc:
             out[i] = _problem(exc)
     if valid:
-        sealed = await _service(request).encrypt_batch(name, valid)
-        for i, r in zip(positions, sealed, strict=True):
-            out[i] = (
-                _problem(r)
-                if isinstance(r, BrokerError)
-                else {"ciphertext": r.ciphertext, "key_version": r.version}
-            )
+        for i, r in zip(positions, await send(valid), strict=True):
+            out[i] = _problem(r) if isinstance(r, BrokerError) else render(r)
     return out
+
+
+async def _batch_encrypt(
+    request: web.Request, name: str, items: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The valid items go to the backend in one call where it batches (transit batch_input)."""
+    return await _batched(
+        items,
+        lambda item: (schemas.plaintext(item), schemas.context(item)),
+        lambda valid: _service(request).encrypt_batch(name, valid),
+        lambda r: {"ciphertext": r.ciphertext, "key_version": r.version},
+    )
 
 
 async def _batch_decrypt(
     request: web.Request, name: str, items: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = [{} for _ in items]
-    valid: list[tuple[str, dict[str, str]]] = []
-    positions = []
-    for i, item in enumerate(items):
-        try:
-            valid.append((schemas.string(item, "ciphertext", required=True), schemas.context(item)))
-            positions.append(i)
-        except BrokerError as exc:
-            out[i] = _problem(exc)
-    if valid:
-        opened = await _service(request).decrypt_batch(name, valid)
-        for i, r in zip(positions, opened, strict=True):
-            out[i] = _problem(r) if isinstance(r, BrokerError) else {"plaintext": _b64(r)}
-    return out
+    return await _batched(
+        items,
+        lambda item: (schemas.string(item, "ciphertext", required=True), schemas.context(item)),
+        lambda valid: _service(request).decrypt_batch(name, valid),
+        lambda r: {"plaintext": _b64(r)},
+    )
 
 
 BatchHandler = Callable[[web.Request, str, list[dict[str, Any]]], Awaitable[list[dict[str, Any]]]]

@@ -37,6 +37,9 @@ common tasks:
   keybroker dev                       run the whole local stack (like `vault server -dev`)
   keybroker health                    ask a running broker whether every backend can serve
   keybroker keys create|list|rotate|encrypt|decrypt ...   manage keys on a running broker
+  keybroker policy apply|show|list|explain ...          role policies (who may do what)
+  keybroker bindings set|show                           which principal holds which roles
+  keybroker grants create|list|revoke|retire ...        time-limited rights on one key
   keybroker serve --config FILE       run the broker daemon
   keybroker vault bootstrap ...       prepare a Vault (init, mounts, PKI, policy, AppRole)
 """
@@ -210,7 +213,7 @@ def cmd_health(args: argparse.Namespace) -> int:
         print(json.dumps(body, indent=2))
     else:
         print(f"broker {addr}: {body.get('status', '?')}")
-        for name in ("vault", "kms", "hsm", "audit"):
+        for name in ("vault", "kms", "hsm", "audit", "policy"):
             part = body.get(name, {})
             mark = "ok  " if part.get("ok") else "FAIL"
             extras = ", ".join(f"{k}={v}" for k, v in part.items() if k != "ok")
@@ -307,10 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--json", action="store_true", help="print the raw JSON answer")
     health.set_defaults(func=cmd_health)
 
-    from broker.cli_keys import add_keys_parser, run_keys
+    from broker.cli_keys import add_keys_parser, run_client
+    from broker.cli_policy import add_policy_parsers
 
     add_keys_parser(sub, _client_args)
-    sub.choices["keys"].set_defaults(func=lambda a: run_keys(a, _connect))
+    add_policy_parsers(sub, _client_args)
+    for name in ("keys", "policy", "bindings", "grants"):
+        sub.choices[name].set_defaults(func=lambda a: run_client(a, _connect))
     return parser
 
 

@@ -19,6 +19,7 @@ from broker.client import BrokerClient
 from broker.errors import ConfigError
 
 Connect = Callable[[argparse.Namespace], BrokerClient]
+ClientCommand = Callable[[argparse.Namespace, BrokerClient], int]
 
 EPILOG = """\
 examples (after `keybroker dev`, in another shell: . .keybroker/dev/env):
@@ -258,12 +259,8 @@ def add_keys_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], N
     )
     ksub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
 
-    def command(name: str, help_: str, fn: Callable[[argparse.Namespace, BrokerClient], int]) -> Any:
-        p = ksub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".")
-        client_args(p)
-        p.add_argument("--json", action="store_true", help="machine-readable JSON output")
-        p.set_defaults(keys_func=fn)
-        return p
+    def command(name: str, help_: str, fn: ClientCommand) -> Any:
+        return client_command(ksub, name, help_, fn, client_args)
 
     p = command("create", "create a key (version 1 is generated in the backend)", cmd_create)
     p.add_argument("name")
@@ -339,6 +336,23 @@ def add_keys_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], N
     p.add_argument("--context", action="append", metavar="KEY=VALUE")
 
 
-def run_keys(args: argparse.Namespace, connect: Connect) -> int:
-    fn: Callable[[argparse.Namespace, BrokerClient], int] = args.keys_func
+def client_command(
+    parent: Any,
+    name: str,
+    help_: str,
+    fn: ClientCommand,
+    client_args: Callable[[argparse.ArgumentParser], None],
+) -> argparse.ArgumentParser:
+    """A subcommand that talks to the broker: connection options, --json, and its function."""
+    p: argparse.ArgumentParser = parent.add_parser(
+        name, help=help_, description=help_[0].upper() + help_[1:] + "."
+    )
+    client_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    p.set_defaults(client_func=fn)
+    return p
+
+
+def run_client(args: argparse.Namespace, connect: Connect) -> int:
+    fn: ClientCommand = args.client_func
     return fn(args, connect(args))

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 from aiohttp import web
 
+from broker.api.grant_routes import add_grant_routes
 from broker.api.key_routes import add_key_routes
-from broker.api.keys import HSM, KEYS, KMS, METRICS, SETTINGS, VAULT
+from broker.api.keys import GRANTS, HSM, KEYS, KMS, METRICS, POLICIES, SETTINGS, VAULT
 from broker.api.metrics import Metrics
 from broker.api.middleware import identity, problem_details, request_context
+from broker.api.policy_routes import add_policy_routes
 from broker.api.routes import add_routes
 from broker.backends.base import Backend
 from broker.backends.hsm import HsmClient, HsmKeys
@@ -20,10 +23,13 @@ from broker.backends.kms import KmsClient, KmsKeys
 from broker.backends.vault import VaultClient, VaultTransit
 from broker.config.model import Config
 from broker.config.tls import server_ssl_context
+from broker.errors import BrokerError
 from broker.keys.lifecycle import Clock, KeyService, scheduler_loop
 from broker.keys.model import now_utc
 from broker.keys.registry import Registry
 from broker.log import get_logger
+from broker.state.grants import GrantStore
+from broker.state.policies import PolicyStore
 
 log = get_logger(__name__)
 
@@ -47,10 +53,21 @@ def create_app(config: Config, *, clock: Clock = now_utc) -> web.Application:
         },
         clock=clock,
     )
+    app[POLICIES] = PolicyStore(
+        app[VAULT],
+        config.vault.kv_mount,
+        break_glass=config.server.administrators,
+        refresh_seconds=config.policy.refresh_seconds,
+        max_stale_seconds=config.policy.max_stale_seconds,
+    )
+    app[GRANTS] = GrantStore(app[VAULT], config.vault.kv_mount, clock=clock)
     app.cleanup_ctx.append(_backends)
+    app.cleanup_ctx.append(_policies)
     app.cleanup_ctx.append(_scheduler)
     add_routes(app)
     add_key_routes(app)
+    add_grant_routes(app)
+    add_policy_routes(app)
     return app
 
 
@@ -66,14 +83,44 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
             await client.close()
 
 
+async def _policies(app: web.Application) -> AsyncIterator[None]:
+    """Read the policy before serving (if Vault answers), then keep it fresh in the background."""
+    store = app[POLICIES]
+    try:
+        await store.load()
+    except BrokerError as exc:
+        log.warning("policy_not_loaded", error=exc.detail, hint="requests get 503 until it is read")
+    async with _background(store.refresh_loop(), "policy-refresh"):
+        yield
+
+
 async def _scheduler(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(
-        scheduler_loop(app[KEYS], app[SETTINGS].keys.scheduler_interval_seconds), name="key-scheduler"
-    )
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    interval = app[SETTINGS].keys.scheduler_interval_seconds
+    async with (
+        _background(scheduler_loop(app[KEYS], interval), "key-scheduler"),
+        _background(grant_purge_loop(app[GRANTS], interval), "grant-purge"),
+    ):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _background(work: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
+    task = asyncio.create_task(work, name=name)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def grant_purge_loop(grants: GrantStore, interval: float) -> None:
+    while True:
+        try:
+            await grants.purge_expired()
+        except BrokerError as exc:
+            log.warning("grant_purge_failed", error=exc.detail)
+        await asyncio.sleep(interval)
 
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:

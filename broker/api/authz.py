@@ -1,19 +1,29 @@
-"""Who may do what, until the policy engine exists.
+"""Every ``/v1`` request is decided by the policy engine before any backend is asked.
 
-Interim rule (issue 4 replaces it with role policies, bindings and grants): key
-management and key metadata are for the principals listed in
-``server.administrators``; cryptographic operations are open to any principal
-holding a certificate the broker's CA issued in its trust domain. An empty
-administrator list means nobody manages keys: the default refuses.
+Handlers call :func:`authorize` (or :func:`key_for`, which reads the key and
+authorizes on its metadata). A denial is a 403 whose detail says which operation
+on which key was denied and why — but only to a principal that may read that key:
+anyone else gets the same bare sentence whether the key exists or not, so a 403
+never confirms a key's existence. A missing key is a 404 only for a principal that
+may list keys.
+
+Grants are read from Vault only when no rule already allows (the rare path), and
+once per request and key. Every decision is kept on the request for the audit record.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from aiohttp import web
 
-from broker.api.keys import PRINCIPAL, SETTINGS
-from broker.errors import Forbidden
-from broker.policy.model import Principal
+from broker.api.keys import DECISIONS, GRANTS, KEYS, POLICIES, PRINCIPAL
+from broker.errors import Forbidden, NotFound
+from broker.keys.model import Key
+from broker.policy import engine
+from broker.policy.model import AccessRequest, Decision, Grant, KeyFacts, Principal, is_key_operation
+
+_GRANTS_SEEN = "keybroker.grants_seen"
 
 
 def principal(request: web.Request) -> Principal:
@@ -21,22 +31,97 @@ def principal(request: web.Request) -> Principal:
     return found
 
 
-def is_admin(request: web.Request) -> bool:
-    return principal(request).id in request.app[SETTINGS].server.administrators
+def facts(key: Key) -> KeyFacts:
+    return KeyFacts(key.name, str(key.backend), key.environment, dict(key.tags))
 
 
-def authorize(request: web.Request, operation: str, key: str | None) -> None:
-    """Refuse with 403 unless the caller may perform ``operation`` (on ``key``).
+async def _grants(request: web.Request, key: str) -> list[Grant]:
+    seen: dict[str, list[Grant]] = request.setdefault(_GRANTS_SEEN, {})
+    if key not in seen:
+        seen[key] = await request.app[GRANTS].for_key(key)
+    return seen[key]
 
-    POLICY: this is where the policy engine's decision goes (issue 4): it will take
-    the principal, its roles, the operation, the key's metadata, the context and
-    grants, and return allow/deny with the deciding rule.
+
+async def decide(
+    request: web.Request,
+    operation: str,
+    key: Key | KeyFacts | None = None,
+    context: Mapping[str, str] | None = None,
+    *,
+    with_grants: bool = True,
+) -> Decision:
+    """The engine's answer for the caller, with grants consulted only when rules do not allow."""
+    snapshot = request.app[POLICIES].current()
+    now = request.app[KEYS].now()
+    target = facts(key) if isinstance(key, Key) else key
+    ask = AccessRequest(principal(request), operation, target, context)
+    decision = engine.decide(snapshot.effective, ask, now=now)
+    explicit_deny = decision.rule is not None
+    if (
+        not with_grants
+        or decision.allowed
+        or explicit_deny
+        or target is None
+        or not is_key_operation(operation)
+    ):
+        return decision
+    grants = [g for g in await _grants(request, target.name) if g.grantee == ask.principal.id]
+    if not grants:
+        return decision
+    return engine.decide(snapshot.effective, ask, grants, now=now)
+
+
+def record(request: web.Request, decision: Decision) -> None:
+    request.setdefault(DECISIONS, []).append(decision)
+
+
+async def authorize(
+    request: web.Request,
+    operation: str,
+    key: Key | KeyFacts | None = None,
+    context: Mapping[str, str] | None = None,
+) -> Decision:
+    """Allow, or raise 403 with a detail that tells the caller only what it may know."""
+    decision = await decide(request, operation, key, context)
+    record(request, decision)
+    if decision.allowed:
+        return decision
+    raise Forbidden(await denial_detail(request, decision, key))
+
+
+async def denial_detail(request: web.Request, decision: Decision, key: Key | KeyFacts | None) -> str:
+    # A creator names the key itself, and a reader asked about it: neither learns anything new.
+    if key is None or decision.operation in ("key.create", "key.read"):
+        return _explained(decision)
+    if (await decide(request, "key.read", key)).allowed:
+        return _explained(decision)
+    return f"{decision.operation} on key {key.name} is denied"
+
+
+def _explained(decision: Decision) -> str:
+    if decision.near_misses:
+        return f"{decision.reason} (closest: {decision.near_misses[0]})"
+    return decision.reason
+
+
+async def key_for(request: web.Request, operation: str, name: str) -> Key:
+    """Read the key and authorize ``operation`` on it (without context: management operations).
+
+    For a key that does not exist, a caller that may not list keys gets the same 403
+    it would get for an existing key it may not see.
     """
-    if operation in CRYPTO_OPERATIONS:
-        return
-    if not is_admin(request):
-        target = f" on key {key}" if key else ""
-        raise Forbidden(f"{operation}{target} is denied: key management needs the administrator role")
+    key = await find_key(request, operation, name)
+    await authorize(request, operation, key)
+    return key
 
 
-CRYPTO_OPERATIONS = frozenset({"encrypt", "decrypt", "datakey", "rewrap", "sign", "verify"})
+async def find_key(request: web.Request, operation: str, name: str) -> Key:
+    """Read the key; a missing key is 404 only for a caller that may list keys, else 403."""
+    try:
+        return await request.app[KEYS].get(name)
+    except NotFound:
+        if (await decide(request, "key.list")).allowed:
+            raise
+        decision = Decision(False, operation, f"{operation} on key {name} is denied", ())
+        record(request, decision)
+        raise Forbidden(decision.reason) from None

@@ -1,7 +1,7 @@
 """``/v1/keys…``: key management and cryptographic operations.
 
-Each handler authorizes first (before any backend call), reads and checks its
-input, then calls :class:`broker.keys.lifecycle.KeyService`. Crypto endpoints take
+Each handler authorizes first (:mod:`broker.api.authz`, before any backend call),
+reads and checks its input, then calls :class:`broker.keys.lifecycle.KeyService`. Crypto endpoints take
 ``{"batch": [...]}`` and answer per item, so one bad item does not fail the rest.
 """
 
@@ -15,15 +15,17 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from broker.api import schemas
-from broker.api.authz import authorize, is_admin, principal
+from broker.api.authz import authorize, decide, find_key, key_for, principal
 from broker.api.keys import KEYS, SETTINGS
 from broker.backends.base import Backend, KeyType
 from broker.errors import BadRequest, BrokerError
 from broker.keys.lifecycle import KeyService, NewKey, digest_of
+from broker.keys.model import Key
+from broker.policy.model import KeyFacts
 
 T = TypeVar("T")
 R = TypeVar("R")
-ItemHandler = Callable[[web.Request, str, dict[str, Any]], Awaitable[dict[str, Any]]]
+ItemHandler = Callable[[web.Request, Key, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 def _b64(data: bytes) -> str:
@@ -48,7 +50,6 @@ def _enum(value: str, kind: type[Backend] | type[KeyType], field: str) -> Any:
 async def create_key(request: web.Request) -> web.Response:
     body = await schemas.json_object(request)
     name = schemas.string(body, "name", required=True)
-    authorize(request, "create", name)
     spec = NewKey(
         name=name,
         backend=_enum(schemas.string(body, "backend", required=True), Backend, "backend"),
@@ -59,26 +60,29 @@ async def create_key(request: web.Request) -> web.Response:
         tags=schemas.tags(body),
         description=schemas.string(body, "description"),
     )
+    await authorize(
+        request, "key.create", KeyFacts(spec.name, str(spec.backend), spec.environment, dict(spec.tags or {}))
+    )
     key = await _service(request).create(spec, owner=principal(request).id)
     return web.json_response(key.public(), status=201, headers={"Location": f"/v1/keys/{key.name}"})
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    authorize(request, "list", None)
+    """Only the keys the caller may read are listed (by its rules; grants do not widen a listing)."""
+    await authorize(request, "key.list")
     filters = {f: request.query[f] for f in ("backend", "state", "environment", "tag") if f in request.query}
     keys = await _service(request).list_keys(filters)
-    return web.json_response({"keys": [k.public() for k in keys]})
+    visible = [k for k in keys if (await decide(request, "key.read", k, with_grants=False)).allowed]
+    return web.json_response({"keys": [k.public() for k in visible]})
 
 
 async def show_key(request: web.Request) -> web.Response:
-    name = request.match_info["name"]
-    authorize(request, "read", name)
-    return web.json_response((await _service(request).get(name)).public())
+    key = await key_for(request, "key.read", request.match_info["name"])
+    return web.json_response(key.public())
 
 
 async def patch_key(request: web.Request) -> web.Response:
-    name = request.match_info["name"]
-    authorize(request, "update", name)
+    name = (await key_for(request, "key.update", request.match_info["name"])).name
     body = await schemas.json_object(request)
     known = {"rotation_period", "description", "tags", "deletion_protection", "min_decrypt_version"}
     unknown = sorted(set(body) - known)
@@ -101,8 +105,7 @@ async def patch_key(request: web.Request) -> web.Response:
 
 def _lifecycle(operation: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        authorize(request, operation, name)
+        name = (await key_for(request, f"key.{operation}", request.match_info["name"])).name
         body = await schemas.json_object(request)
         service = _service(request)
         if operation == "rotate":
@@ -127,22 +130,22 @@ def _lifecycle(operation: str) -> Callable[[web.Request], Awaitable[web.Response
 # -- cryptography -----------------------------------------------------------------------
 
 
-async def _encrypt(request: web.Request, name: str, item: dict[str, Any]) -> dict[str, Any]:
-    sealed = await _service(request).encrypt(name, schemas.plaintext(item), schemas.context(item))
+async def _encrypt(request: web.Request, key: Key, item: dict[str, Any]) -> dict[str, Any]:
+    sealed = await _service(request).encrypt(key, schemas.plaintext(item), schemas.context(item))
     return {"ciphertext": sealed.ciphertext, "key_version": sealed.version}
 
 
-async def _decrypt(request: web.Request, name: str, item: dict[str, Any]) -> dict[str, Any]:
+async def _decrypt(request: web.Request, key: Key, item: dict[str, Any]) -> dict[str, Any]:
     text = schemas.string(item, "ciphertext", required=True)
-    data = await _service(request).decrypt(name, text, schemas.context(item))
+    data = await _service(request).decrypt(key, text, schemas.context(item))
     return {"plaintext": _b64(data)}
 
 
-async def _datakey(request: web.Request, name: str, item: dict[str, Any]) -> dict[str, Any]:
+async def _datakey(request: web.Request, key: Key, item: dict[str, Any]) -> dict[str, Any]:
     nbytes = schemas.integer(item, "bytes")
     include = schemas.boolean(item, "include_plaintext", True)
     data, sealed = await _service(request).data_key(
-        name, 32 if nbytes is None else nbytes, schemas.context(item)
+        key, 32 if nbytes is None else nbytes, schemas.context(item)
     )
     out: dict[str, Any] = {"ciphertext": sealed.ciphertext, "key_version": sealed.version}
     if include:
@@ -150,15 +153,18 @@ async def _datakey(request: web.Request, name: str, item: dict[str, Any]) -> dic
     return out
 
 
-async def _rewrap(request: web.Request, name: str, item: dict[str, Any]) -> dict[str, Any]:
+async def _rewrap(request: web.Request, key: Key, item: dict[str, Any]) -> dict[str, Any]:
     text = schemas.string(item, "ciphertext", required=True)
-    to_key = schemas.string(item, "to_key") or None
-    if to_key is not None:
-        authorize(request, "encrypt", to_key)
-    sealed = await _service(request).rewrap(
-        name, text, schemas.context(item), to_key=to_key, admin=is_admin(request)
-    )
-    return {"ciphertext": sealed.ciphertext, "key_version": sealed.version, "key": to_key or name}
+    context = schemas.context(item)
+    to_name = schemas.string(item, "to_key") or None
+    target = None
+    if to_name is not None and to_name != key.name:
+        target = await find_key(request, "crypto.encrypt", to_name)
+        await authorize(request, "crypto.encrypt", target, context)
+    # Whoever may revoke the key is its custodian: the one allowed to move data off a compromised key.
+    custodian = (await decide(request, "key.revoke", key, with_grants=False)).allowed
+    sealed = await _service(request).rewrap(key, text, context, to_key=target, admin=custodian)
+    return {"ciphertext": sealed.ciphertext, "key_version": sealed.version, "key": (target or key).name}
 
 
 def _digest(item: dict[str, Any]) -> bytes:
@@ -170,14 +176,14 @@ def _digest(item: dict[str, Any]) -> bytes:
     )
 
 
-async def _sign(request: web.Request, name: str, item: dict[str, Any]) -> dict[str, Any]:
-    sealed = await _service(request).sign(name, _digest(item))
+async def _sign(request: web.Request, key: Key, item: dict[str, Any]) -> dict[str, Any]:
+    sealed = await _service(request).sign(key, _digest(item))
     return {"signature": sealed.ciphertext, "key_version": sealed.version}
 
 
-async def _verify(request: web.Request, name: str, item: dict[str, Any]) -> dict[str, Any]:
+async def _verify(request: web.Request, key: Key, item: dict[str, Any]) -> dict[str, Any]:
     signature = schemas.string(item, "signature", required=True)
-    return {"valid": await _service(request).verify(name, _digest(item), signature)}
+    return {"valid": await _service(request).verify(key, _digest(item), signature)}
 
 
 def _problem(exc: BrokerError) -> dict[str, Any]:
@@ -206,53 +212,70 @@ async def _batched(
     return out
 
 
-async def _batch_encrypt(
-    request: web.Request, name: str, items: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
+async def _batch_encrypt(request: web.Request, key: Key, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The valid items go to the backend in one call where it batches (transit batch_input)."""
     return await _batched(
         items,
         lambda item: (schemas.plaintext(item), schemas.context(item)),
-        lambda valid: _service(request).encrypt_batch(name, valid),
+        lambda valid: _service(request).encrypt_batch(key, valid),
         lambda r: {"ciphertext": r.ciphertext, "key_version": r.version},
     )
 
 
-async def _batch_decrypt(
-    request: web.Request, name: str, items: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
+async def _batch_decrypt(request: web.Request, key: Key, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return await _batched(
         items,
         lambda item: (schemas.string(item, "ciphertext", required=True), schemas.context(item)),
-        lambda valid: _service(request).decrypt_batch(name, valid),
+        lambda valid: _service(request).decrypt_batch(key, valid),
         lambda r: {"plaintext": _b64(r)},
     )
 
 
-BatchHandler = Callable[[web.Request, str, list[dict[str, Any]]], Awaitable[list[dict[str, Any]]]]
+BatchHandler = Callable[[web.Request, Key, list[dict[str, Any]]], Awaitable[list[dict[str, Any]]]]
+
+
+async def _run_items(
+    request: web.Request, key: Key, items: list[dict[str, Any]], run: ItemHandler, batch: BatchHandler | None
+) -> list[dict[str, Any]]:
+    if batch is not None:
+        return await batch(request, key, items)
+
+    async def one(item: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await run(request, key, item)
+        except BrokerError as exc:
+            return _problem(exc)
+
+    return list(await asyncio.gather(*(one(item) for item in items)))
 
 
 def _crypto(
     operation: str, run: ItemHandler, batch: BatchHandler | None = None
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
+    action = f"crypto.{operation}"
+
     async def handler(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        authorize(request, operation, name)
+        key = await find_key(request, action, request.match_info["name"])
         body = await schemas.json_object(request)
         items = schemas.batch_items(body, request.app[SETTINGS].keys.max_batch_items)
         if items is None:
-            return web.json_response(await run(request, name, body))
-        if batch is not None:
-            return web.json_response({"batch": await batch(request, name, items)})
-
-        async def one(item: dict[str, Any]) -> dict[str, Any]:
+            await authorize(request, action, key, schemas.context(body))
+            return web.json_response(await run(request, key, body))
+        # Each item is decided with its own context; a denied item fails alone.
+        out: list[dict[str, Any]] = [{} for _ in items]
+        allowed, positions = [], []
+        for i, item in enumerate(items):
             try:
-                return await run(request, name, item)
+                await authorize(request, action, key, schemas.context(item))
             except BrokerError as exc:
-                return _problem(exc)
-
-        results = await asyncio.gather(*(one(item) for item in items))
-        return web.json_response({"batch": list(results)})
+                out[i] = _problem(exc)
+                continue
+            allowed.append(item)
+            positions.append(i)
+        if allowed:
+            for i, result in zip(positions, await _run_items(request, key, allowed, run, batch), strict=True):
+                out[i] = result
+        return web.json_response({"batch": out})
 
     handler.__name__ = operation
     return handler

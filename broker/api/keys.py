@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     from broker.backends.vault import VaultClient
     from broker.config.model import Config
     from broker.keys.lifecycle import KeyService
+    from broker.state.grants import GrantStore
+    from broker.state.policies import PolicyStore
 
 SETTINGS: web.AppKey[Config] = web.AppKey("settings")
 VAULT: web.AppKey[VaultClient] = web.AppKey("vault")
@@ -20,9 +22,25 @@ KMS: web.AppKey[KmsClient] = web.AppKey("kms")
 HSM: web.AppKey[HsmClient] = web.AppKey("hsm")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 KEYS: web.AppKey[KeyService] = web.AppKey("keys")
+POLICIES: web.AppKey[PolicyStore] = web.AppKey("policies")
+GRANTS: web.AppKey[GrantStore] = web.AppKey("grants")
 
 # Request-scoped keys (aiohttp's request mapping takes plain strings).
 REQUEST_ID = "keybroker.request_id"
 PRINCIPAL = "keybroker.principal"
+# Every policy decision made for the request, in order (for the audit record).
+DECISIONS = "keybroker.decisions"
 
-__all__ = ["HSM", "KEYS", "KMS", "METRICS", "PRINCIPAL", "REQUEST_ID", "SETTINGS", "VAULT"]
+__all__ = [
+    "DECISIONS",
+    "GRANTS",
+    "HSM",
+    "KEYS",
+    "KMS",
+    "METRICS",
+    "POLICIES",
+    "PRINCIPAL",
+    "REQUEST_ID",
+    "SETTINGS",
+    "VAULT",
+]

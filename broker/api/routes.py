@@ -8,7 +8,8 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.api.keys import HSM, KMS, METRICS, SETTINGS, VAULT
+from broker.api.authz import authorize
+from broker.api.keys import HSM, KMS, METRICS, POLICIES, SETTINGS, VAULT
 from broker.audit.sink import probe_writable
 from broker.backends._blocking import run_blocking
 from broker.errors import BrokerError
@@ -28,7 +29,8 @@ async def _check(name: str, probe: Callable[[], Awaitable[dict[str, Any]]]) -> t
 
 
 async def health(request: web.Request) -> web.Response:
-    """GET /v1/sys/health: 200 only when Vault, KMS, the HSM and the audit sink can all serve."""
+    """GET /v1/sys/health: 200 only when Vault, KMS, the HSM, the audit sink and the policy can serve."""
+    await authorize(request, "sys.health")
     app = request.app
     settings = app[SETTINGS]
 
@@ -52,6 +54,7 @@ async def health(request: web.Request) -> web.Response:
             _check("kms", app[KMS].health),
             _check("hsm", app[HSM].health),
             _check("audit", audit),
+            _check("policy", app[POLICIES].health),
         )
     )
     healthy = all(part["ok"] for part in results.values())
@@ -63,6 +66,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """GET /v1/metrics (and /metrics): Prometheus text exposition."""
+    await authorize(request, "sys.metrics")
     return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
 
 

@@ -220,6 +220,12 @@ def _check_semantics(config: Config) -> None:
         raise ConfigError("expected at least 1", source=src, key="hsm.sessions")
     if config.log.level.lower() not in _LEVELS:
         raise ConfigError(f"expected one of {sorted(_LEVELS)}", source=src, key="log.level")
+    if config.policy.max_stale_seconds < 2 * config.policy.refresh_seconds:
+        raise ConfigError(
+            "expected at least twice policy.refresh_seconds, or one slow Vault read stops the broker",
+            source=src,
+            key="policy.max_stale_seconds",
+        )
     if config.keys.max_batch_items < 1:
         raise ConfigError("expected at least 1", source=src, key="keys.max_batch_items")
     for key in (
@@ -227,6 +233,7 @@ def _check_semantics(config: Config) -> None:
         "kms.timeout_seconds",
         "hsm.timeout_seconds",
         "keys.scheduler_interval_seconds",
+        "policy.refresh_seconds",
     ):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) <= 0:

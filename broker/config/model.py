@@ -20,8 +20,9 @@ class ServerConfig:
     # SPIFFE trust domain whose URI SANs name principals; other URI SANs are ignored.
     trust_domain: str = "keybroker.dev"
     max_body_bytes: int = 1024 * 1024
-    # Principals (SPIFFE IDs or "cn:<name>") allowed to manage keys until role policies
-    # exist. Empty means nobody: key management is refused, never open by default.
+    # Break-glass administrators (SPIFFE IDs or "cn:<name>"): always hold every right,
+    # whatever the stored policy says, so a bad policy cannot lock every custodian out
+    # and a fresh Vault can be given its first bindings. Keep it short; empty is allowed.
     administrators: tuple[str, ...] = ()
 
 
@@ -73,6 +74,15 @@ class KeysConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    # How often each replica re-reads the stored policy document (one Vault read).
+    refresh_seconds: float = 2.0
+    # Refuse every request (503) once the cached policy is older than this because Vault
+    # could not be read: a revoked right must not live on in a partitioned replica.
+    max_stale_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
 
@@ -85,6 +95,7 @@ class Config:
     audit: AuditConfig
     kms: KmsConfig = field(default_factory=KmsConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     log: LogConfig = field(default_factory=LogConfig)
     # Where this configuration came from, for messages.
     source: str = "<defaults>"

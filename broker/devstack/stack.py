@@ -52,6 +52,8 @@ SOFTHSM_LIBRARIES = (
 )
 # Client identities issued by the dev stack: file stem → (CN, SPIFFE kind).
 DEV_CLIENTS = {"admin": ("admin", "user"), "app": ("app", "app")}
+# Their roles in the policy the dev stack stores on first start: (CN, kind, role).
+DEV_BINDINGS = (("admin", "user", "administrator"), ("app", "app", "application"))
 # Re-issue a certificate that has less than this left.
 CERT_RENEW_MARGIN = 7 * 24 * 3600
 
@@ -222,6 +224,7 @@ class DevStack:
             self._step("KMS stand-in", self.start_kms)
             self._step("OpenBao (awskms seal)", self.start_vault)
             self._step("Vault bootstrap", self.bootstrap_vault)
+            self._step("role policies", self.seed_policies)
             self._step("SoftHSM2 token", self.init_hsm)
             self._step("certificates", self.issue_certificates)
             self._step("broker", self.start_broker)
@@ -440,6 +443,33 @@ class DevStack:
         )
         if result.initialized_now:
             self.progress(f"  vault: dev root token and recovery keys are in {self.layout.vault_init}")
+
+    def seed_policies(self) -> None:
+        """Store the default roles with the dev identities bound, unless a document exists already.
+
+        A resumed stack keeps whatever policy was applied to it since.
+        """
+        from broker.policy.document import to_document
+        from broker.state.policies import DOCUMENT, default_policy
+
+        client = self.vault_client()
+        path = f"policy/{DOCUMENT}"
+        try:
+            client.secrets.kv.v2.read_secret_version(
+                path=path, mount_point=Mounts().kv, raise_on_deleted_version=True
+            )
+        except hvac.exceptions.InvalidPath:
+            pass  # nothing stored yet
+        else:
+            return
+        document = to_document(default_policy())
+        document["bindings"] = {
+            f"spiffe://{TRUST_DOMAIN}/{kind}/{cn}": [role] for cn, kind, role in DEV_BINDINGS
+        }
+        client.secrets.kv.v2.create_or_update_secret(
+            path=path, secret=document, cas=0, mount_point=Mounts().kv
+        )
+        self.progress("  policy: default roles stored; admin is administrator, app is application")
 
     def vault_client(self) -> hvac.Client:
         return hvac.Client(url=self.vault_addr, token=self.root_token(), timeout=10)

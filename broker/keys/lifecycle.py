@@ -86,6 +86,10 @@ class KeyService:
     async def get(self, name: str) -> Key:
         return await self._registry.get(name)
 
+    async def resolve(self, key: str | Key) -> Key:
+        """A key already read (and authorized) by the caller is used as is: one Vault read per request."""
+        return key if isinstance(key, Key) else await self._registry.get(key)
+
     async def list_keys(self, filters: Mapping[str, str] | None = None) -> list[Key]:
         keys = await self._registry.all()
         f = dict(filters or {})
@@ -234,18 +238,18 @@ class KeyService:
 
     # -- cryptography -----------------------------------------------------------------
 
-    async def encrypt(self, name: str, plaintext: bytes, context: Context) -> Sealed:
-        key = await self.get(name)
+    async def encrypt(self, name: str | Key, plaintext: bytes, context: Context) -> Sealed:
+        key = await self.resolve(name)
         key.check_usable(Op.ENCRYPT)
         v = key.latest
         payload = await self.backend(key).encrypt(self.ref(key), v.material, plaintext, context)
         return Sealed(ciphertext.Envelope(key.name, v.number, payload).encode(), v.number)
 
     async def encrypt_batch(
-        self, name: str, items: Sequence[tuple[bytes, Context]]
+        self, name: str | Key, items: Sequence[tuple[bytes, Context]]
     ) -> list[Sealed | BrokerError]:
         """Many encryptions under the latest version in one backend call where the backend batches."""
-        key = await self.get(name)
+        key = await self.resolve(name)
         key.check_usable(Op.ENCRYPT)
         v = key.latest
         out = await self.backend(key).encrypt_batch(self.ref(key), v.material, items)
@@ -257,10 +261,10 @@ class KeyService:
         ]
 
     async def decrypt_batch(
-        self, name: str, items: Sequence[tuple[str, Context]]
+        self, name: str | Key, items: Sequence[tuple[str, Context]]
     ) -> list[bytes | BrokerError]:
         """Many decryptions; an item that fails (bad ciphertext, retired version) fails alone."""
-        key = await self.get(name)
+        key = await self.resolve(name)
         key.check_usable(Op.DECRYPT)
         results: list[bytes | BrokerError | None] = [None] * len(items)
         calls: list[tuple[str, bytes, Context]] = []
@@ -282,8 +286,8 @@ class KeyService:
                 results[i] = r
         return [r if r is not None else DecryptionFailed() for r in results]
 
-    async def _open(self, name: str, text: str) -> tuple[Key, ciphertext.Envelope]:
-        key = await self.get(name)
+    async def _open(self, name: str | Key, text: str) -> tuple[Key, ciphertext.Envelope]:
+        key = await self.resolve(name)
         envelope = ciphertext.decode(text)
         if envelope.key != key.name:
             raise DecryptionFailed()
@@ -295,29 +299,30 @@ class KeyService:
         except BadRequest:
             raise DecryptionFailed() from None
 
-    async def decrypt(self, name: str, text: str, context: Context) -> bytes:
+    async def decrypt(self, name: str | Key, text: str, context: Context) -> bytes:
         key, envelope = await self._open(name, text)
         key.check_usable(Op.DECRYPT, version=envelope.version)
         v = self._version_for(key, envelope)
         return await self.backend(key).decrypt(self.ref(key), v.material, envelope.payload, context)
 
-    async def data_key(self, name: str, nbytes: int, context: Context) -> tuple[bytes, Sealed]:
+    async def data_key(self, name: str | Key, nbytes: int, context: Context) -> tuple[bytes, Sealed]:
         if nbytes not in DATAKEY_SIZES:
             raise BadRequest(f"bytes must be one of {', '.join(map(str, DATAKEY_SIZES))}")
-        key = await self.get(name)
+        key = await self.resolve(name)
         key.check_usable(Op.DATAKEY)
         v = key.latest
         plaintext, payload = await self.backend(key).data_key(self.ref(key), v.material, nbytes, context)
         return plaintext, Sealed(ciphertext.Envelope(key.name, v.number, payload).encode(), v.number)
 
     async def rewrap(
-        self, name: str, text: str, context: Context, *, to_key: str | None, admin: bool
+        self, name: str | Key, text: str, context: Context, *, to_key: str | Key | None, admin: bool
     ) -> Sealed:
         """Re-encrypt under the latest version of this key or of ``to_key``; the plaintext stays here."""
         source, envelope = await self._open(name, text)
         source.check_usable(Op.REWRAP_FROM, version=envelope.version, admin_rewrap=admin)
         src_version = self._version_for(source, envelope)
-        target = source if to_key in (None, name) else await self.get(str(to_key))
+        to_name = to_key.name if isinstance(to_key, Key) else to_key
+        target = source if to_key is None or to_name == source.name else await self.resolve(to_key)
         target.check_usable(Op.ENCRYPT)
         dst_version = target.latest
         if target.name == source.name:
@@ -336,15 +341,15 @@ class KeyService:
             ciphertext.Envelope(target.name, dst_version.number, payload).encode(), dst_version.number
         )
 
-    async def sign(self, name: str, digest: bytes) -> Sealed:
-        key = await self.get(name)
+    async def sign(self, name: str | Key, digest: bytes) -> Sealed:
+        key = await self.resolve(name)
         key.check_usable(Op.SIGN)
         v = key.latest
         signature = await self.backend(key).sign(self.ref(key), v.material, digest)
         return Sealed(ciphertext.Envelope(key.name, v.number, signature).encode(), v.number)
 
-    async def verify(self, name: str, digest: bytes, signature: str) -> bool:
-        key = await self.get(name)
+    async def verify(self, name: str | Key, digest: bytes, signature: str) -> bool:
+        key = await self.resolve(name)
         key.check_usable(Op.VERIFY)
         try:
             envelope = ciphertext.decode(signature)

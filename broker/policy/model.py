@@ -1,9 +1,15 @@
-"""The caller's identity as the policy engine sees it."""
+"""What the policy engine reasons about: principals, operations, rules, roles, grants, decisions.
+
+Pure data; no I/O. The engine is :mod:`broker.policy.engine`, the document format
+:mod:`broker.policy.document`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from fnmatch import fnmatchcase
 from typing import Any
 
 from broker.errors import Unauthenticated
@@ -49,6 +55,21 @@ def principal_from_peercert(cert: Mapping[str, Any] | None, trust_domain: str) -
     raise Unauthenticated("client certificate names no principal (no SPIFFE URI SAN, no CN)")
 
 
+def principal_from_id(principal_id: str) -> Principal:
+    """A principal from its id as bindings and grants write it: a SPIFFE ID or ``cn:<name>``.
+
+    Raises ValueError naming the expected shapes.
+    """
+    if principal_id.startswith("cn:") and len(principal_id) > 3:
+        return Principal(kind="cn", name=principal_id[3:], id=principal_id)
+    if principal_id.lower().startswith(SPIFFE_SCHEME):
+        domain, _, path = principal_id[len(SPIFFE_SCHEME) :].partition("/")
+        parts = path.split("/")
+        if domain and len(parts) == 2 and all(_valid_segment(p) for p in parts):
+            return Principal(kind=parts[0], name=parts[1], id=f"{SPIFFE_SCHEME}{domain.lower()}/{path}")
+    raise ValueError(f"{principal_id!r} is not a principal id (spiffe://<domain>/<kind>/<name> or cn:<name>)")
+
+
 def _from_spiffe(uri: str, trust_domain: str) -> Principal:
     rest = uri[len(SPIFFE_SCHEME) :]
     domain, _, path = rest.partition("/")
@@ -67,3 +88,255 @@ def _valid_segment(segment: str) -> bool:
 
 def _pairs(items: Sequence[Any]) -> list[tuple[str, str]]:
     return [(str(item[0]), str(item[1])) for item in items if len(item) == 2]
+
+
+# -- operations -------------------------------------------------------------------------
+
+# Every operation a policy can name. Key-scoped ones are decided against the key's
+# metadata (name, backend, environment, tags); the others concern no single key.
+KEY_OPERATIONS: tuple[str, ...] = (
+    "key.create",
+    "key.read",
+    "key.update",
+    "key.rotate",
+    "key.suspend",
+    "key.resume",
+    "key.revoke",
+    "key.schedule-destruction",
+    "key.cancel-destruction",
+    "crypto.encrypt",
+    "crypto.decrypt",
+    "crypto.datakey",
+    "crypto.rewrap",
+    "crypto.sign",
+    "crypto.verify",
+    "grant.create",
+    "grant.list",
+    "grant.revoke",
+)
+GLOBAL_OPERATIONS: tuple[str, ...] = (
+    "key.list",
+    "policy.read",
+    "policy.write",
+    "binding.read",
+    "binding.write",
+    "audit.read",
+    "audit.verify",
+    "audit.report",
+    "sys.health",
+    "sys.metrics",
+)
+# Retiring a grant is the grantee's own act (as in AWS KMS): no rule is needed for it.
+GRANT_RETIRE = "grant.retire"
+OPERATIONS: frozenset[str] = frozenset(KEY_OPERATIONS + GLOBAL_OPERATIONS)
+# What a grant may hand out: using a key and reading it, never managing it or re-granting.
+GRANTABLE: frozenset[str] = frozenset(op for op in KEY_OPERATIONS if op.startswith("crypto.")) | {"key.read"}
+
+
+def is_key_operation(operation: str) -> bool:
+    return operation in KEY_OPERATIONS
+
+
+# -- rules ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeySelector:
+    """Which keys a rule covers; an empty field matches every key. Values may be templates."""
+
+    names: tuple[str, ...] = ()
+    backends: tuple[str, ...] = ()
+    environments: tuple[str, ...] = ()
+    tags: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.names or self.backends or self.environments or self.tags)
+
+
+@dataclass(frozen=True)
+class ContextCondition:
+    """What the encryption context must carry. Every named field must be present.
+
+    ``equals`` values and ``allowed`` members may be templates such as ``{principal.name}``.
+    """
+
+    required: tuple[str, ...] = ()
+    equals: tuple[tuple[str, str], ...] = ()
+    allowed: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.required or self.equals or self.allowed)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Allow (or, with ``effect: deny``, forbid) ``operations`` on the selected keys and contexts."""
+
+    id: str
+    operations: tuple[str, ...]
+    effect: str = "allow"
+    keys: KeySelector = field(default_factory=KeySelector)
+    context: ContextCondition = field(default_factory=ContextCondition)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    rules: tuple[Rule, ...]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    # The longest a grant may live; a longer ``expires_in`` is refused.
+    grant_max_seconds: int = 24 * 3600
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    """Roles, bindings (principal id or glob → role names) and settings: one stored document."""
+
+    roles: Mapping[str, Role]
+    bindings: Mapping[str, tuple[str, ...]]
+    settings: PolicySettings = field(default_factory=PolicySettings)
+
+    def roles_of(self, principal: Principal) -> tuple[str, ...]:
+        """Role names bound to the principal, exactly or through a glob entry, sorted, unique."""
+        found: set[str] = set()
+        for pattern, names in self.bindings.items():
+            if pattern == principal.id or (_is_glob(pattern) and fnmatchcase(principal.id, pattern)):
+                found.update(names)
+        return tuple(sorted(found))
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+# -- grants -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Some operations on one key for one grantee, until ``expires_at``.
+
+    ``context_equals``: the context must be exactly this. ``context_subset``: the
+    context must contain these pairs (and may carry more). At most one is set.
+    """
+
+    id: str
+    key: str
+    grantee: str
+    operations: tuple[str, ...]
+    created_at: datetime
+    expires_at: datetime
+    granter: str
+    context_equals: Mapping[str, str] | None = None
+    context_subset: Mapping[str, str] | None = None
+
+    def expired(self, now: datetime) -> bool:
+        return now >= self.expires_at
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "key": self.key,
+            "grantee": self.grantee,
+            "operations": list(self.operations),
+            "created_at": _iso(self.created_at),
+            "expires_at": _iso(self.expires_at),
+            "granter": self.granter,
+            "context_equals": dict(self.context_equals) if self.context_equals is not None else None,
+            "context_subset": dict(self.context_subset) if self.context_subset is not None else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Grant:
+        equals, subset = data.get("context_equals"), data.get("context_subset")
+        return cls(
+            id=str(data["id"]),
+            key=str(data["key"]),
+            grantee=str(data["grantee"]),
+            operations=tuple(str(op) for op in data["operations"]),
+            created_at=_parse_iso(str(data["created_at"])),
+            expires_at=_parse_iso(str(data["expires_at"])),
+            granter=str(data["granter"]),
+            context_equals=dict(equals) if equals is not None else None,
+            context_subset=dict(subset) if subset is not None else None,
+        )
+
+
+GRANT_TOKEN_PREFIX = "kbg1."  # noqa: S105 - a format marker, not a secret
+
+
+def grant_token(grant: Grant) -> str:
+    """Names a grant without its holder having to know the key: what ``grants retire --token`` takes.
+
+    Not a secret: using a grant takes the grantee's certificate, never the token.
+    """
+    return f"{GRANT_TOKEN_PREFIX}{grant.key}.{grant.id}"
+
+
+def parse_grant_token(token: str) -> tuple[str, str]:
+    """(key, grant id) from a grant token; ValueError if it is not one."""
+    key, dot, grant_id = token.removeprefix(GRANT_TOKEN_PREFIX).rpartition(".")
+    if not token.startswith(GRANT_TOKEN_PREFIX) or not dot or not key or not grant_id:
+        raise ValueError(f"not a grant token ({GRANT_TOKEN_PREFIX}<key>.<grant id>): {token!r}")
+    return key, grant_id
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _parse_iso(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+# -- decisions --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyFacts:
+    """What the engine may know of a key: never material, never state."""
+
+    name: str
+    backend: str
+    environment: str
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AccessRequest:
+    principal: Principal
+    operation: str
+    key: KeyFacts | None = None
+    context: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer, the rule (``role[index]`` or the rule's id) or grant that gave it, and why."""
+
+    allowed: bool
+    operation: str
+    reason: str
+    roles: tuple[str, ...] = ()
+    rule: str | None = None
+    grant: str | None = None
+    # Rules that name the operation but did not match, each with why: what `explain` shows.
+    near_misses: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "allowed": self.allowed,
+            "operation": self.operation,
+            "reason": self.reason,
+            "roles": list(self.roles),
+            "rule": self.rule,
+            "grant": self.grant,
+            "near_misses": list(self.near_misses),
+        }

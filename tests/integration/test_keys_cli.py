@@ -77,18 +77,25 @@ def test_cli_errors_are_one_line_without_traceback(stack: DevStack) -> None:
     assert b"Traceback" not in missing.stderr + bad_context.stderr
 
 
-def test_key_management_needs_an_administrator(stack: DevStack) -> None:
-    """Until role policies exist, the app certificate may encrypt but not manage keys."""
-    name = unique("authz")
-    keybroker(stack, "keys", "create", name, "--backend", "vault", "--environment", "dev")
+def test_the_dev_application_uses_only_keys_tagged_for_it(stack: DevStack) -> None:
+    """The dev app certificate holds the application role: crypto on keys tagged app=app, no management."""
+    mine, other = unique("authz"), unique("authz")
+    keybroker(stack, "keys", "create", mine, "--backend", "vault", "--environment", "dev", "--tag", "app=app")
+    keybroker(stack, "keys", "create", other, "--backend", "vault", "--environment", "dev")
 
     create = keybroker(
         stack, "keys", "create", unique("nope"), "--backend", "vault", "--environment", "dev", who="app"
     )
-    rotate = keybroker(stack, "keys", "rotate", name, who="app")
-    sealed = keybroker(stack, "keys", "encrypt", name, stdin=b"app data", who="app")
+    rotate = keybroker(stack, "keys", "rotate", mine, who="app")
+    sealed = keybroker(stack, "keys", "encrypt", mine, stdin=b"app data", who="app")
+    foreign = keybroker(stack, "keys", "encrypt", other, stdin=b"app data", who="app")
 
     assert (create.returncode, b"403 forbidden" in create.stderr) == (1, True)
-    assert b"administrator" in rotate.stderr
+    assert b"key.rotate on key" in rotate.stderr
+    assert b"no rule of the roles (application) allows it" in rotate.stderr
     assert sealed.returncode == 0
-    assert sealed.stdout.startswith(f"kb1:{name}:1:".encode())
+    assert sealed.stdout.startswith(f"kb1:{mine}:1:".encode())
+    assert foreign.stderr.startswith(
+        b"keybroker: error: 403 forbidden: crypto.encrypt on key " + other.encode()
+    )
+    assert b" is denied (request " in foreign.stderr

@@ -1,0 +1,137 @@
+"""``/v1/keys/{name}/grants``: time-limited, context-constrained rights for one principal on one key.
+
+A grant needs ``grant.create`` on the key, an expiry (``expires_in``, at most the
+policy's ``grant_max_expires_in``) and cannot give more than the granter's own
+rules allow. Key custodians revoke grants (``grant.revoke``); a grantee retires its
+own. Changes are in Vault at once, so every replica honours them immediately.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from fnmatch import fnmatchcase
+from typing import Any
+
+from aiohttp import web
+
+from broker.api import schemas
+from broker.api.authz import facts, find_key, key_for, principal, record
+from broker.api.keys import GRANTS, KEYS, POLICIES
+from broker.errors import BadRequest, Forbidden, NotFound
+from broker.policy import engine
+from broker.policy.document import parse_duration
+from broker.policy.model import (
+    GRANT_RETIRE,
+    GRANTABLE,
+    AccessRequest,
+    Grant,
+    grant_token,
+    principal_from_id,
+)
+from broker.state.grants import new_grant_id
+
+
+def _operations(body: dict[str, Any]) -> tuple[str, ...]:
+    raw = body.get("operations")
+    if not isinstance(raw, list) or not raw or not all(isinstance(o, str) for o in raw):
+        raise BadRequest(f"'operations' is required: a list from {', '.join(sorted(GRANTABLE))}")
+    out: set[str] = set()
+    for pattern in raw:
+        matched = {op for op in GRANTABLE if fnmatchcase(op, pattern)}
+        if not matched:
+            raise BadRequest(
+                f"{pattern!r} cannot be granted; grants carry only {', '.join(sorted(GRANTABLE))}"
+            )
+        out |= matched
+    return tuple(sorted(out))
+
+
+def _constraint(body: dict[str, Any], name: str) -> dict[str, str] | None:
+    if body.get(name) is None:
+        return None
+    return schemas.context({"context": body[name]})
+
+
+async def create_grant(request: web.Request) -> web.Response:
+    key = await key_for(request, "grant.create", request.match_info["name"])
+    body = await schemas.json_object(request)
+    try:
+        grantee = principal_from_id(schemas.string(body, "grantee", required=True)).id
+    except ValueError as exc:
+        raise BadRequest(f"'grantee': {exc}") from None
+    operations = _operations(body)
+    equals, subset = _constraint(body, "context_equals"), _constraint(body, "context_subset")
+    if equals is not None and subset is not None:
+        raise BadRequest("give at most one of context_equals and context_subset")
+    snapshot = request.app[POLICIES].current()
+    limit = snapshot.policy.settings.grant_max_seconds
+    seconds = parse_duration(body.get("expires_in"))
+    if seconds is None or not 1 <= seconds <= limit:
+        raise BadRequest(f"'expires_in' is required: a duration from 1s to {limit}s (e.g. 3600, 90m, 12h)")
+    now = request.app[KEYS].now()
+    me = principal(request)
+    beyond = engine.exceeds_granter(snapshot.effective, me, facts(key), operations, equals, subset, now=now)
+    if beyond:
+        scope = "" if equals is None and subset is None else " within that context constraint"
+        raise Forbidden(
+            f"a grant cannot give more than its granter holds: you may not {', '.join(beyond)} "
+            f"on key {key.name}{scope}"
+        )
+    grant = Grant(
+        id=new_grant_id(),
+        key=key.name,
+        grantee=grantee,
+        operations=operations,
+        created_at=now,
+        expires_at=now + timedelta(seconds=seconds),
+        granter=me.id,
+        context_equals=equals,
+        context_subset=subset,
+    )
+    await request.app[GRANTS].add(grant)
+    return web.json_response(
+        {"grant_id": grant.id, "grant_token": grant_token(grant), **grant.to_json()}, status=201
+    )
+
+
+async def list_grants(request: web.Request) -> web.Response:
+    key = await key_for(request, "grant.list", request.match_info["name"])
+    grants = await request.app[GRANTS].for_key(key.name)
+    return web.json_response({"grants": [g.to_json() for g in grants]})
+
+
+async def revoke_grant(request: web.Request) -> web.Response:
+    key = await key_for(request, "grant.revoke", request.match_info["name"])
+    removed = await request.app[GRANTS].remove(key.name, request.match_info["grant_id"])
+    return web.json_response({"revoked": removed.to_json()})
+
+
+async def retire_grant(request: web.Request) -> web.Response:
+    """The grantee gives its grant back; nobody else may (custodians revoke instead)."""
+    key = await find_key(request, GRANT_RETIRE, request.match_info["name"])
+    store = request.app[GRANTS]
+    grant_id = request.match_info["grant_id"]
+    try:
+        grant: Grant | None = await store.get(key.name, grant_id)
+    except NotFound:
+        grant = None  # answered like someone else's grant: no probing for grant ids
+    decision = engine.decide(
+        request.app[POLICIES].current().effective,
+        AccessRequest(principal(request), GRANT_RETIRE, facts(key)),
+        now=request.app[KEYS].now(),
+        grant_to_retire=grant,
+    )
+    record(request, decision)
+    if not decision.allowed:
+        raise Forbidden(f"{GRANT_RETIRE} of grant {grant_id} is denied: {decision.reason}")
+    assert grant is not None  # noqa: S101 - the engine allows retiring only an existing grant
+    removed = await store.remove(key.name, grant.id)
+    return web.json_response({"retired": removed.to_json()})
+
+
+def add_grant_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/v1/keys/{name}/grants", create_grant)
+    r.add_get("/v1/keys/{name}/grants", list_grants)
+    r.add_delete("/v1/keys/{name}/grants/{grant_id}", revoke_grant)
+    r.add_post("/v1/keys/{name}/grants/{grant_id}/retire", retire_grant)

@@ -1,0 +1,335 @@
+"""``keybroker policy|bindings|grants ...``: who may do what, against a running broker over mTLS."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.parse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from broker.cli_keys import ClientCommand, _context, client_command
+from broker.client import BrokerClient
+from broker.errors import ConfigError
+from broker.policy.document import PolicyInvalid, diff_documents, load_yaml, parse_document, to_document
+from broker.policy.model import GRANTABLE, OPERATIONS, parse_grant_token
+
+POLICY_EPILOG = """\
+examples:
+  keybroker policy apply config/policies.yaml --dry-run   # validate, show what would change
+  keybroker policy apply config/policies.yaml             # validate all, then store atomically
+  keybroker policy list
+  keybroker policy show developer
+  keybroker policy explain --principal spiffe://keybroker.dev/user/dana \\
+      --operation crypto.encrypt --key payments --context tenant=acme
+"""
+BINDINGS_EPILOG = """\
+examples:
+  keybroker bindings set spiffe://keybroker.dev/user/dana developer
+  keybroker bindings set 'spiffe://keybroker.dev/app/*' application   # a glob binds many
+  keybroker bindings set spiffe://keybroker.dev/user/dana               # no roles: unbind
+  keybroker bindings show
+"""
+GRANTS_EPILOG = """\
+examples:
+  keybroker grants create payments --grantee spiffe://keybroker.dev/app/batch \\
+      --operation crypto.decrypt --context-equals tenant=acme --expires-in 2h
+  keybroker grants list payments
+  keybroker grants revoke payments g-0123456789abcdef0123        # by a key custodian
+  keybroker grants retire --token kbg1.payments.g-0123...        # by the grantee
+"""
+
+
+def _q(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
+
+
+def _yaml(data: Any) -> str:
+    return str(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+# -- policy -------------------------------------------------------------------------------
+
+
+def cmd_policy_apply(args: argparse.Namespace, client: BrokerClient) -> int:
+    path = Path(args.file)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    try:
+        data, lines = load_yaml(text, str(path))
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping with roles (and optional bindings, settings)")
+        current = client.call("GET", "/v1/policies")
+        merged = dict(data)
+        if "bindings" not in merged:  # the file does not speak of bindings: keep the stored ones
+            merged["bindings"] = current["document"]["bindings"]
+        new = to_document(parse_document(merged, lines=lines, source=str(path)))
+    except PolicyInvalid as exc:
+        print(f"keybroker: {path} is invalid; nothing was applied:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {path}:{problem}", file=sys.stderr)
+        return 2
+    changes = diff_documents(current["document"], new)
+    if args.json and args.dry_run:
+        print(json.dumps({"version": current["version"], "changes": changes}))
+        return 0
+    if not args.json:
+        print("\n".join(changes) if changes else "no changes")
+    if args.dry_run or not changes:
+        if args.dry_run and not args.json:
+            print(f"(dry run: the stored document stays at version {current['version']})")
+        return 0
+    document = dict(new)
+    if "bindings" not in data:
+        del document["bindings"]  # the broker keeps the stored ones; no binding.write needed
+    out = client.call("PUT", "/v1/policies", {"document": document, "version": current["version"]})
+    print(json.dumps(out) if args.json else f"applied: the policy document is now version {out['version']}")
+    return 0
+
+
+def cmd_policy_show(args: argparse.Namespace, client: BrokerClient) -> int:
+    if args.role:
+        out = client.call("GET", f"/v1/policies/{_q(args.role)}")
+    else:
+        out = client.call("GET", "/v1/policies")
+    print(json.dumps(out, indent=2) if args.json else _yaml(out).rstrip())
+    return 0
+
+
+def cmd_policy_list(args: argparse.Namespace, client: BrokerClient) -> int:
+    out = client.call("GET", "/v1/policies")
+    doc = out["document"]
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    bound: dict[str, int] = {}
+    for roles in doc["bindings"].values():
+        for role in roles:
+            bound[role] = bound.get(role, 0) + 1
+    print(f"{'ROLE':<22} {'RULES':>5} {'BOUND':>5}  DESCRIPTION")
+    for name, role in doc["roles"].items():
+        description = " ".join(str(role.get("description", "")).split())
+        if len(description) > 70:
+            description = description[:67] + "..."
+        print(f"{name:<22} {len(role['rules']):>5} {bound.get(name, 0):>5}  {description}")
+    print(
+        f"(document version {out['version']}; grants live at most {doc['settings']['grant_max_expires_in']}s)"
+    )
+    return 0
+
+
+def cmd_policy_explain(args: argparse.Namespace, client: BrokerClient) -> int:
+    body: dict[str, Any] = {"principal": args.principal, "operation": args.operation}
+    if args.key:
+        body["key"] = args.key
+    if args.context is not None:
+        body["context"] = _context(args.context)
+    out = client.call("POST", "/v1/policies/explain", body)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        verdict = "ALLOW" if out["allowed"] else "DENY"
+        print(f"{verdict}  {out['reason']}")
+        print(f"  principal  {out['principal']}")
+        print(f"  roles      {', '.join(out['roles']) or '(none)'}")
+        if out["rule"] or out["grant"]:
+            print(f"  decided by {'rule ' + out['rule'] if out['rule'] else 'grant ' + out['grant']}")
+        for miss in out["near_misses"]:
+            print(f"  not matched: {miss}")
+    return 0 if out["allowed"] else 1
+
+
+# -- bindings -----------------------------------------------------------------------------
+
+
+def cmd_bindings_show(args: argparse.Namespace, client: BrokerClient) -> int:
+    out = client.call("GET", "/v1/bindings")
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    width = max([len(p) for p in out["bindings"]] + [9])
+    print(f"{'PRINCIPAL':<{width}}  ROLES")
+    for principal, roles in out["bindings"].items():
+        print(f"{principal:<{width}}  {', '.join(roles)}")
+    print(f"(document version {out['version']})")
+    return 0
+
+
+def cmd_bindings_set(args: argparse.Namespace, client: BrokerClient) -> int:
+    current = client.call("GET", "/v1/bindings")
+    bindings = dict(current["bindings"])
+    if args.roles:
+        bindings[args.principal] = sorted(set(args.roles))
+    elif bindings.pop(args.principal, None) is None:
+        raise ConfigError(f"{args.principal} has no binding; name roles to bind it")
+    out = client.call("PUT", "/v1/bindings", {"bindings": bindings, "version": current["version"]})
+    if args.json:
+        print(json.dumps(out))
+    else:
+        roles = out["bindings"].get(args.principal, [])
+        print(f"{args.principal}: {', '.join(roles) if roles else 'unbound'} (version {out['version']})")
+    return 0
+
+
+# -- grants -------------------------------------------------------------------------------
+
+
+def _grant_row(g: dict[str, Any]) -> str:
+    constraint = ""
+    if g.get("context_equals") is not None:
+        constraint = "context = " + ",".join(f"{k}={v}" for k, v in g["context_equals"].items())
+    elif g.get("context_subset") is not None:
+        constraint = "context ⊇ " + ",".join(f"{k}={v}" for k, v in g["context_subset"].items())
+    return f"{g['id']}  {g['grantee']}  {','.join(g['operations'])}  until {g['expires_at']}  {constraint}"
+
+
+def cmd_grants_create(args: argparse.Namespace, client: BrokerClient) -> int:
+    if args.context_equals and args.context_subset:
+        raise ConfigError("give --context-equals or --context-subset, not both")
+    body: dict[str, Any] = {
+        "grantee": args.grantee,
+        "operations": args.operation,
+        "expires_in": args.expires_in,
+    }
+    if args.context_equals:
+        body["context_equals"] = _context(args.context_equals)
+    if args.context_subset:
+        body["context_subset"] = _context(args.context_subset)
+    out = client.call("POST", f"/v1/keys/{_q(args.key)}/grants", body)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(_grant_row(out))
+        print(f"grant token (for `keybroker grants retire --token`): {out['grant_token']}")
+    return 0
+
+
+def cmd_grants_list(args: argparse.Namespace, client: BrokerClient) -> int:
+    out = client.call("GET", f"/v1/keys/{_q(args.key)}/grants")
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print("\n".join(_grant_row(g) for g in out["grants"]) or "no grants")
+    return 0
+
+
+def cmd_grants_revoke(args: argparse.Namespace, client: BrokerClient) -> int:
+    out = client.call("DELETE", f"/v1/keys/{_q(args.key)}/grants/{_q(args.grant_id)}")
+    print(json.dumps(out) if args.json else f"revoked {out['revoked']['id']}")
+    return 0
+
+
+def cmd_grants_retire(args: argparse.Namespace, client: BrokerClient) -> int:
+    key, grant_id = args.key, args.grant_id
+    if args.token:
+        try:
+            key, grant_id = parse_grant_token(args.token)
+        except ValueError as exc:
+            raise ConfigError(f"--token: {exc}") from None
+    if not key or not grant_id:
+        raise ConfigError("give KEY GRANT_ID, or --token")
+    out = client.call("POST", f"/v1/keys/{_q(key)}/grants/{_q(grant_id)}/retire", {})
+    print(json.dumps(out) if args.json else f"retired {out['retired']['id']}")
+    return 0
+
+
+# -- parsers ------------------------------------------------------------------------------
+
+
+def _group(sub: Any, name: str, help_: str, description: str, epilog: str) -> Any:
+    parser = sub.add_parser(
+        name,
+        help=help_,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
+
+
+def add_policy_parsers(sub: Any, client_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    def command(group: Any, name: str, help_: str, fn: ClientCommand) -> argparse.ArgumentParser:
+        return client_command(group, name, help_, fn, client_args)
+
+    policy = _group(
+        sub,
+        "policy",
+        "role policies: apply a file, show, list, explain a decision",
+        "Role policies decide every request: deny by default; a rule names operations, keys and "
+        "context conditions; an explicit deny beats every allow. The document lives in Vault; "
+        "every broker replica enforces a change within seconds.",
+        POLICY_EPILOG,
+    )
+    p = command(
+        policy,
+        "apply",
+        "validate a policy file, then store it atomically (or print the diff)",
+        cmd_policy_apply,
+    )
+    p.add_argument("file", help="YAML (or JSON) with roles, optional bindings and settings")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the diff; change nothing")
+    p = command(policy, "show", "print the stored document, or one role, as YAML", cmd_policy_show)
+    p.add_argument("role", nargs="?")
+    command(policy, "list", "list roles with their rule and binding counts", cmd_policy_list)
+    p = command(
+        policy,
+        "explain",
+        "say what the policy decides for a principal, and which rule or grant decides",
+        cmd_policy_explain,
+    )
+    p.add_argument("--principal", required=True, help="spiffe://<domain>/<kind>/<name> or cn:<name>")
+    p.add_argument("--operation", required=True, choices=sorted(OPERATIONS), metavar="OPERATION")
+    p.add_argument("--key", help="the key, for key operations")
+    p.add_argument("--context", action="append", metavar="KEY=VALUE", help="encryption context (repeatable)")
+
+    bindings = _group(
+        sub,
+        "bindings",
+        "which principal holds which roles",
+        "Bindings map a principal (SPIFFE ID, cn:<name>, or a glob of either) to role names.",
+        BINDINGS_EPILOG,
+    )
+    command(bindings, "show", "list every binding", cmd_bindings_show)
+    p = command(bindings, "set", "set a principal's roles (none: remove its binding)", cmd_bindings_set)
+    p.add_argument("principal")
+    p.add_argument("roles", nargs="*", metavar="ROLE")
+
+    grants = _group(
+        sub,
+        "grants",
+        "time-limited rights for one principal on one key",
+        "A grant gives one grantee some operations on one key until it expires, optionally only "
+        f"for one encryption context. Grantable: {', '.join(sorted(GRANTABLE))}.",
+        GRANTS_EPILOG,
+    )
+    p = command(grants, "create", "grant operations on a key to a principal", cmd_grants_create)
+    p.add_argument("key")
+    p.add_argument("--grantee", required=True, help="principal id")
+    p.add_argument(
+        "--operation", required=True, action="append", metavar="OP", help="repeatable; e.g. crypto.decrypt"
+    )
+    p.add_argument("--expires-in", required=True, metavar="DURATION", help="e.g. 900, 30m, 12h")
+    p.add_argument(
+        "--context-equals", action="append", metavar="KEY=VALUE", help="the context must be exactly this"
+    )
+    p.add_argument(
+        "--context-subset", action="append", metavar="KEY=VALUE", help="the context must contain these"
+    )
+    p = command(grants, "list", "list a key's unexpired grants", cmd_grants_list)
+    p.add_argument("key")
+    p = command(grants, "revoke", "revoke a grant (key custodians)", cmd_grants_revoke)
+    p.add_argument("key")
+    p.add_argument("grant_id")
+    p = command(grants, "retire", "give back a grant you hold", cmd_grants_retire)
+    p.add_argument("key", nargs="?")
+    p.add_argument("grant_id", nargs="?")
+    p.add_argument("--token", help="the grant token instead of KEY GRANT_ID")
+
+
+__all__: Sequence[str] = ["add_policy_parsers"]

@@ -1,0 +1,217 @@
+"""The policy decision: pure, synchronous, no I/O.
+
+``decide(policy, request, grants, now)`` answers one question — may this principal
+perform this operation (on this key, with this context)? — and says which rule or
+grant decided and why. The order is:
+
+1. deny by default: a principal bound to no role and holding no grant gets nothing;
+2. an explicit ``deny`` rule that matches wins over everything, grants included;
+3. an ``allow`` rule that matches allows;
+4. an unexpired grant to this principal on this key, for this operation and a
+   context that meets its constraint, allows;
+5. otherwise deny, naming the rules that came close and what they missed.
+
+A rule matches when it names the operation (exactly, ``*`` or a family glob such
+as ``crypto.*``), its key selector matches the key (an operation that concerns no
+single key matches only rules without a key selector, so a key-scoped rule never
+leaks into ``policy.write``), and the context meets its conditions. Templates such
+as ``{principal.name}`` in selectors and conditions are filled from the caller.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from fnmatch import fnmatchcase
+
+from broker.policy.model import (
+    GRANT_RETIRE,
+    AccessRequest,
+    ContextCondition,
+    Decision,
+    Grant,
+    KeyFacts,
+    KeySelector,
+    PolicySet,
+    Principal,
+    Rule,
+    is_key_operation,
+)
+
+TEMPLATE_RE = re.compile(r"\{principal\.(name|kind|id)\}")
+
+
+def fill(template: str, principal: Principal) -> str:
+    """Replace ``{principal.name}``, ``{principal.kind}`` and ``{principal.id}``."""
+    return TEMPLATE_RE.sub(lambda m: str(getattr(principal, m.group(1))), template)
+
+
+def names_operation(rule: Rule, operation: str) -> bool:
+    return any(fnmatchcase(operation, pattern) for pattern in rule.operations)
+
+
+def decide(
+    policy: PolicySet,
+    request: AccessRequest,
+    grants: Sequence[Grant] = (),
+    *,
+    now: datetime,
+    grant_to_retire: Grant | None = None,
+) -> Decision:
+    principal, op = request.principal, request.operation
+    roles = policy.roles_of(principal)
+
+    if op == GRANT_RETIRE:
+        return _retire(request, roles, grant_to_retire)
+
+    near: list[str] = []
+    allowed_by: str | None = None
+    for role_name in roles:
+        role = policy.roles.get(role_name)
+        if role is None:  # a binding to a role that no longer exists grants nothing
+            continue
+        for rule in role.rules:
+            if not names_operation(rule, op):
+                continue
+            miss = _mismatch(rule, request)
+            if miss is not None:
+                near.append(f"{_label(role_name, rule)}: {miss}")
+                continue
+            if rule.effect == "deny":
+                return Decision(
+                    False,
+                    op,
+                    f"explicitly denied by rule {_label(role_name, rule)}",
+                    roles,
+                    rule=_label(role_name, rule),
+                )
+            if allowed_by is None:
+                allowed_by = _label(role_name, rule)
+    if allowed_by is not None:
+        return Decision(True, op, f"allowed by rule {allowed_by}", roles, rule=allowed_by)
+
+    grant_misses: list[str] = []
+    for grant in _grants_for(request, grants):
+        miss = _grant_mismatch(grant, request, now)
+        if miss is None:
+            return Decision(True, op, f"allowed by grant {grant.id}", roles, grant=grant.id)
+        grant_misses.append(f"grant {grant.id}: {miss}")
+
+    target = f" on key {request.key.name}" if request.key is not None else ""
+    if not roles and not grant_misses:
+        why = f"{principal.id} is bound to no role"
+    else:
+        bound = ", ".join(roles) if roles else "none"
+        why = f"no rule of the roles ({bound}) allows it"
+    return Decision(
+        False,
+        op,
+        f"{op}{target} is denied: {why}",
+        roles,
+        near_misses=tuple(near + grant_misses),
+    )
+
+
+def _retire(request: AccessRequest, roles: tuple[str, ...], grant: Grant | None) -> Decision:
+    if grant is not None and grant.grantee == request.principal.id:
+        return Decision(True, GRANT_RETIRE, "the grantee retires its own grant", roles, grant=grant.id)
+    return Decision(False, GRANT_RETIRE, "only the grantee may retire a grant", roles)
+
+
+def _label(role: str, rule: Rule) -> str:
+    return rule.id if rule.id else role
+
+
+def _mismatch(rule: Rule, request: AccessRequest) -> str | None:
+    """Why the rule does not apply to the request, or None if it does."""
+    key = request.key
+    if not is_key_operation(request.operation) or key is None:
+        if not rule.keys.empty:
+            return "names keys, and this operation concerns no single key"
+    else:
+        miss = _key_mismatch(rule.keys, key, request.principal)
+        if miss is not None:
+            return miss
+    return _context_mismatch(rule.context, request.context or {}, request.principal)
+
+
+def _key_mismatch(sel: KeySelector, key: KeyFacts, who: Principal) -> str | None:
+    if sel.names and not any(fnmatchcase(key.name, fill(p, who)) for p in sel.names):
+        return f"key name {key.name} matches none of {_show(sel.names)}"
+    if sel.backends and key.backend not in sel.backends:
+        return f"backend {key.backend} is not one of {_show(sel.backends)}"
+    if sel.environments and key.environment not in sel.environments:
+        return f"environment {key.environment} is not one of {_show(sel.environments)}"
+    for tag, template in sel.tags:
+        want = fill(template, who)
+        if key.tags.get(tag) != want:
+            return f"key tag {tag} is not {want!r}"
+    return None
+
+
+def _context_mismatch(cond: ContextCondition, context: Mapping[str, str], who: Principal) -> str | None:
+    # Messages name context fields and the expected value, never the caller's value.
+    for name in cond.required:
+        if name not in context:
+            return f"context field {name!r} is required"
+    for name, template in cond.equals:
+        want = fill(template, who)
+        if context.get(name) != want:
+            return f"context field {name!r} must be {want!r}"
+    for name, options in cond.allowed:
+        choices = [fill(o, who) for o in options]
+        if context.get(name) not in choices:
+            return f"context field {name!r} must be one of {_show(choices)}"
+    return None
+
+
+def _grants_for(request: AccessRequest, grants: Iterable[Grant]) -> list[Grant]:
+    if request.key is None:
+        return []
+    return [g for g in grants if g.grantee == request.principal.id and g.key == request.key.name]
+
+
+def _grant_mismatch(grant: Grant, request: AccessRequest, now: datetime) -> str | None:
+    if grant.expired(now):
+        return "expired"
+    if request.operation not in grant.operations:
+        return f"does not cover {request.operation}"
+    context = dict(request.context or {})
+    if grant.context_equals is not None and context != dict(grant.context_equals):
+        return "context is not the one the grant names"
+    if grant.context_subset is not None and any(context.get(k) != v for k, v in grant.context_subset.items()):
+        return "context lacks pairs the grant requires"
+    return None
+
+
+def _show(values: Iterable[str]) -> str:
+    return "[" + ", ".join(values) + "]"
+
+
+def exceeds_granter(
+    policy: PolicySet,
+    granter: Principal,
+    key: KeyFacts,
+    operations: Sequence[str],
+    context_equals: Mapping[str, str] | None,
+    context_subset: Mapping[str, str] | None,
+    *,
+    now: datetime,
+) -> list[str]:
+    """What a proposed grant would give beyond the granter's own rules (empty: nothing).
+
+    Each operation is decided for the granter with the grant's context constraint as
+    the context. That is sound because every context condition needs its field
+    present: a rule that matches the constrained pairs also matches any context the
+    grantee may add to them, and a rule that needs a field the constraint leaves open
+    does not match, so the grant is refused. The granter's own grants do not count:
+    a grant cannot be passed on.
+    """
+    context = dict(context_equals if context_equals is not None else context_subset or {})
+    refused = []
+    for op in operations:
+        decision = decide(policy, AccessRequest(granter, op, key, context), (), now=now)
+        if not decision.allowed:
+            refused.append(op)
+    return refused

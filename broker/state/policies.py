@@ -117,6 +117,7 @@ class PolicyStore:
         if self._snapshot is None or snap.version != self._snapshot.version:
             log.info("policy_loaded", version=snap.version, roles=sorted(snap.policy.roles))
         self._snapshot, self._loaded_at = snap, self._monotonic()
+        self._problem = "no refresh has succeeded since"
         return snap
 
     def _snap(self, policy: PolicySet, version: int) -> Snapshot:

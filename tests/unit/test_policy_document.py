@@ -1,0 +1,210 @@
+"""Policy documents: validation naming line and path, round trips, diffs, the cache failing closed."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.errors import Unavailable
+from broker.policy.document import (
+    PolicyInvalid,
+    diff_documents,
+    load_file_text,
+    parse_document,
+    to_document,
+)
+from broker.state.policies import BREAK_GLASS_ROLE, PolicyStore, default_policy
+
+SHIPPED = Path(__file__).parents[2] / "config" / "policies.yaml"
+
+BROKEN = """\
+version: 1
+roles:
+  developer:
+    rules:
+      - operations: [crypto.encrypt, crypto.explode]
+        keys: {enviroment: [dev]}
+      - operations: [key.read]
+        context: {equals: {tenant: "{principal.nmae}"}}
+  auditor:
+    rules: []
+bindings:
+  "spiffe://bank.example/user/dana": [developer, ghost]
+  "*": [developer]
+settings:
+  grant_max_expires_in: forever
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(PolicyInvalid) as info:
+        load_file_text(text, "policies.yaml")
+    return [str(p) for p in info.value.problems]
+
+
+def test_the_shipped_file_is_valid_and_is_what_the_broker_packages() -> None:
+    """config/policies.yaml parses, and the packaged default is the same file."""
+    shipped = load_file_text(SHIPPED.read_text(), str(SHIPPED))
+
+    assert shipped == default_policy()
+    assert sorted(shipped.roles) == sorted(
+        [
+            "administrator",
+            "data-engineer",
+            "security-analyst",
+            "developer",
+            "compliance-officer",
+            "application",
+        ]
+    )
+
+
+def test_every_problem_is_reported_with_its_line_and_path() -> None:
+    """One run lists all problems; each names the line, the path and what was expected."""
+    found = problems(BROKEN)
+
+    assert found == [
+        "line 5: roles.developer.rules[0].operations[1]: 'crypto.explode' names no operation (known: "
+        + found[0].split("(known: ")[1],
+        "line 6: roles.developer.rules[0].keys.enviroment: unknown field (expected one of: name, backend, "
+        "environment, tags)",
+        "line 8: roles.developer.rules[1].context.equals.tenant: unknown template {principal.nmae} (use "
+        "{principal.id}, {principal.kind}, {principal.name})",
+        "line 10: roles.auditor.rules: expected a non-empty list of rules",
+        "line 12: bindings.spiffe://bank.example/user/dana[1]: role 'ghost' is not defined",
+        "line 13: bindings.*: binding every principal to a role is refused; name a trust domain or kind",
+        "line 15: settings.grant_max_expires_in: expected a duration like 3600, 90m, 24h or 7d",
+    ]
+
+
+def test_yaml_syntax_errors_and_duplicate_keys_name_their_line() -> None:
+    """Broken YAML says where; a key given twice is an error, not a silent overwrite."""
+    syntax = problems("roles:\n  a: [unclosed\n")
+    dupe = problems(
+        "roles:\n  a:\n    rules: [{operations: ['*']}]\n  a:\n    rules: [{operations: [key.read]}]\n"
+    )
+
+    assert syntax[0].startswith("line 3: (document): not valid YAML")
+    assert dupe == ["line 4: roles.a: appears twice in this mapping"]
+
+
+def test_canonical_document_parses_back_to_the_same_policy() -> None:
+    """What Vault stores is exactly what was validated."""
+    policy = default_policy()
+
+    assert parse_document(to_document(policy)) == policy
+
+
+def test_diff_names_roles_bindings_and_settings_that_change() -> None:
+    """Added, removed and changed roles, bindings and settings: one line each (changed roles with a diff)."""
+    old = to_document(default_policy())
+    new: dict[str, Any] = to_document(default_policy())
+    del new["roles"]["compliance-officer"]
+    new["roles"]["auditor"] = {"rules": [{"operations": ["audit.read"]}]}
+    new["roles"]["developer"]["rules"][0]["keys"]["environment"] = ["dev"]
+    new["bindings"]["cn:dana"] = ["developer"]
+    new["settings"]["grant_max_expires_in"] = 3600
+
+    lines = diff_documents(old, new)
+
+    assert lines[0] == "+ role auditor (added, 1 rules)"
+    assert lines[1] == "- role compliance-officer (removed)"
+    assert lines[2] == "~ role developer (changed)"
+    assert "    -    - staging" in lines
+    assert lines[-2:] == [
+        "+ binding cn:dana: [] -> [developer]",
+        "~ setting grant_max_expires_in: 86400 -> 3600",
+    ]
+    assert diff_documents(old, old) == []
+
+
+class FakeVault:
+    """Answers the policy store's KV reads from a dict; raising instead when told to (a partition)."""
+
+    def __init__(self) -> None:
+        self.document: dict[str, Any] | None = None
+        self.version = 0
+        self.down = False
+
+    async def request(self, method: str, path: str, body: Any = None, *, what: str) -> dict[str, Any]:
+        if self.down:
+            raise Unavailable("vault: connection refused")
+        if self.document is None:
+            from broker.errors import NotFound
+
+            raise NotFound("no such path")
+        return {"data": {"data": self.document, "metadata": {"version": self.version}}}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def store(vault: FakeVault, clock: Clock, **kw: Any) -> PolicyStore:
+    return PolicyStore(vault, "kb-kv", refresh_seconds=2, max_stale_seconds=30, monotonic=clock, **kw)  # type: ignore[arg-type]
+
+
+def test_no_policy_read_yet_means_every_request_is_refused() -> None:
+    """Before the first successful read, current() is a 503, never an empty allow."""
+    vault, clock = FakeVault(), Clock()
+    vault.down = True
+    s = store(vault, clock)
+
+    with pytest.raises(Unavailable, match="has not been read"):
+        s.current()
+    with pytest.raises(Unavailable):
+        asyncio.run(s.load())
+    with pytest.raises(Unavailable, match="cannot read it from Vault"):
+        s.current()
+
+
+def test_a_stale_cache_is_refused_and_recovers() -> None:
+    """Vault unreachable past max_stale_seconds: 503; the next good read serves again."""
+    vault, clock = FakeVault(), Clock()
+    vault.document, vault.version = to_document(default_policy()), 4
+    s = store(vault, clock)
+    asyncio.run(s.load())
+    vault.down = True
+    clock.now += 29
+    with pytest.raises(Unavailable):
+        asyncio.run(s.load())
+    fresh_enough = s.current().version
+    clock.now += 2
+
+    with pytest.raises(
+        Unavailable, match=r"31s old \(cannot read it from Vault: vault: connection refused\)"
+    ):
+        s.current()
+    vault.down = False
+    asyncio.run(s.load())
+    assert (fresh_enough, s.current().version) == (4, 4)
+
+
+def test_an_invalid_stored_document_refuses_everything() -> None:
+    """A document written around the broker's validation is not half-used: all requests get 503."""
+    vault, clock = FakeVault(), Clock()
+    vault.document, vault.version = {"roles": {"x": {"rules": [{"operations": ["nope"]}]}}}, 7
+    s = store(vault, clock)
+
+    with pytest.raises(Unavailable, match="stored document is invalid"):
+        asyncio.run(s.load())
+    with pytest.raises(Unavailable, match="stored document is invalid"):
+        s.current()
+
+
+def test_nothing_stored_serves_the_defaults_plus_break_glass_only() -> None:
+    """Version 0: the shipped roles, no bindings; the config's administrators hold every right."""
+    vault, clock = FakeVault(), Clock()
+    s = store(vault, clock, break_glass=("cn:custodian",))
+    snap = asyncio.run(s.load())
+
+    assert (snap.version, dict(snap.policy.bindings)) == (0, {})
+    assert dict(snap.effective.bindings) == {"cn:custodian": (BREAK_GLASS_ROLE,)}
+    assert BREAK_GLASS_ROLE not in snap.policy.roles

@@ -73,7 +73,14 @@ def cmd_policy_apply(args: argparse.Namespace, client: BrokerClient) -> int:
     except PolicyInvalid as exc:
         print(f"keybroker: {path} is invalid; nothing was applied:", file=sys.stderr)
         for problem in exc.problems:
-            print(f"  {path}:{problem}", file=sys.stderr)
+            if problem.path.startswith("bindings") and "bindings" not in data:
+                print(
+                    f"  stored {problem.path}: {problem.message} (the file drops a role that a stored "
+                    "binding names; keep the role, or change the binding first)",
+                    file=sys.stderr,
+                )
+            else:
+                print(f"  {path}:{problem}", file=sys.stderr)
         return 2
     changes = diff_documents(current["document"], new)
     if args.json and args.dry_run:

@@ -526,7 +526,6 @@ class DevStack:
 
     def issue_certificates(self) -> None:
         tls = self.layout.tls
-        client = self.vault_client()
         issued_path = tls / "issued.json"
         issued: dict[str, float] = json.loads(issued_path.read_text()) if issued_path.is_file() else {}
         wanted: dict[str, dict[str, Any]] = {
@@ -538,32 +537,44 @@ class DevStack:
             },
         }
         for stem, (cn, kind) in DEV_CLIENTS.items():
-            wanted[stem] = {
-                "role": CLIENT_ROLE,
-                "common_name": cn,
-                "uri_sans": f"spiffe://{TRUST_DOMAIN}/{kind}/{cn}",
-            }
-        chain = ""
+            wanted[stem] = self._client_params(cn, kind)
+        renewed = False
         for stem, params in wanted.items():
             expires = issued.get(stem, 0)
             if (tls / f"{stem}.crt").is_file() and expires - time.time() > CERT_RENEW_MARGIN:
                 continue
-            role = params.pop("role")
-            data = client.adapter.post(f"/v1/{Mounts().pki}/issue/{role}", json={**params, "ttl": "720h"})[
-                "data"
-            ]
-            bundle = (
-                data["certificate"].strip() + "\n" + "\n".join(c.strip() for c in data["ca_chain"]) + "\n"
-            )
-            write_private(tls / f"{stem}.key", data["private_key"].strip() + "\n")
-            write_private(tls / f"{stem}.crt", bundle)
-            issued[stem] = float(data["expiration"])
-            chain = "\n".join(c.strip() for c in data["ca_chain"]) + "\n"
-        if chain or not (tls / "ca.pem").is_file():
+            issued[stem] = self._issue(stem, params)
+            renewed = True
+        if renewed or not (tls / "ca.pem").is_file():
+            client = self.vault_client()
             root = client.adapter.get(f"/v1/{Mounts().pki_root}/cert/ca")["data"]["certificate"]
             intermediate = client.adapter.get(f"/v1/{Mounts().pki}/cert/ca")["data"]["certificate"]
             (tls / "ca.pem").write_text(root.strip() + "\n" + intermediate.strip() + "\n")
         write_private(issued_path, json.dumps(issued))
+
+    @staticmethod
+    def _client_params(name: str, kind: str) -> dict[str, Any]:
+        return {
+            "role": CLIENT_ROLE,
+            "common_name": name,
+            "uri_sans": f"spiffe://{TRUST_DOMAIN}/{kind}/{name}",
+        }
+
+    def issue_client_certificate(self, stem: str, name: str, kind: str) -> str:
+        """A client certificate for spiffe://<trust domain>/<kind>/<name> in tls/<stem>.{crt,key}; its id."""
+        self._issue(stem, self._client_params(name, kind))
+        return f"spiffe://{TRUST_DOMAIN}/{kind}/{name}"
+
+    def _issue(self, stem: str, params: dict[str, Any]) -> float:
+        """Issue from Vault PKI into tls/<stem>.crt and .key (0600); return the expiry (epoch seconds)."""
+        body = {k: v for k, v in params.items() if k != "role"}
+        data = self.vault_client().adapter.post(
+            f"/v1/{Mounts().pki}/issue/{params['role']}", json={**body, "ttl": "720h"}
+        )["data"]
+        bundle = data["certificate"].strip() + "\n" + "\n".join(c.strip() for c in data["ca_chain"]) + "\n"
+        write_private(self.layout.tls / f"{stem}.key", data["private_key"].strip() + "\n")
+        write_private(self.layout.tls / f"{stem}.crt", bundle)
+        return float(data["expiration"])
 
     # -- broker -------------------------------------------------------------------
 

@@ -233,3 +233,50 @@ def test_a_change_through_one_replica_is_enforced_by_the_other_within_the_refres
     assert allowed_before == 200
     assert on_replica() == 403
     assert took <= refresh + 1.0
+
+
+def test_expired_grants_are_purged_from_vault(stack: DevStack) -> None:
+    """The purge (which the scheduler runs) removes exactly the expired grants from Vault KV."""
+    import asyncio
+    from datetime import timedelta
+
+    from broker.backends.vault import VaultClient
+    from broker.config.load import load_config
+    from broker.policy.model import Grant
+    from broker.state.grants import GrantStore, new_grant_id
+
+    key = create_key(stack, "vault")
+    now = [datetime.now(UTC)]
+
+    def grant(seconds: int) -> Grant:
+        return Grant(
+            new_grant_id(),
+            key,
+            "cn:p",
+            ("crypto.decrypt",),
+            now[0],
+            now[0] + timedelta(seconds=seconds),
+            "cn:a",
+        )
+
+    async def scenario() -> tuple[int, list[str]]:
+        vault = VaultClient(load_config(stack.layout.broker_config).vault)
+        await vault.start()
+        try:
+            store = GrantStore(vault, "kb-kv", clock=lambda: now[0])
+            short, long = grant(60), grant(3600)
+            await store.add(short)
+            await store.add(long)
+            now[0] += timedelta(seconds=61)
+            purged = await store.purge_expired()
+            return purged, [long.id]
+        finally:
+            await vault.close()
+
+    purged, kept = asyncio.run(scenario())
+    stored = stack.vault_client().secrets.kv.v2.read_secret_version(
+        path=f"grants/{key}", mount_point="kb-kv", raise_on_deleted_version=True
+    )
+
+    assert purged >= 1
+    assert [g["id"] for g in stored["data"]["data"]["grants"]] == kept

@@ -5,10 +5,13 @@ BIN := $(VENV)/bin
 STATE_DIR ?= .keybroker/dev
 PYTEST_ARGS ?=
 
-.PHONY: setup dev test lint unit integration bench clean
+.PHONY: setup setup-test dev test lint unit integration bench clean
 
 setup:
 	@VENV=$(VENV) scripts/setup.sh
+
+setup-test:
+	@VENV=$(VENV) scripts/setup.sh --with-test-tools
 
 dev: setup
 	$(BIN)/keybroker dev --state-dir $(STATE_DIR)
@@ -18,13 +21,13 @@ lint: setup
 	$(BIN)/ruff format --check broker tests bench
 	$(BIN)/mypy
 
-test: lint
+test: setup-test lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 unit: setup
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
-integration: setup
+integration: setup-test
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
 clean:

@@ -40,6 +40,7 @@ common tasks:
   keybroker policy apply|show|list|explain ...          role policies (who may do what)
   keybroker bindings set|show                           which principal holds which roles
   keybroker grants create|list|revoke|retire ...        time-limited rights on one key
+  keybroker audit verify|query|merge|report             the tamper-evident audit trail
   keybroker serve --config FILE       run the broker daemon
   keybroker vault bootstrap ...       prepare a Vault (init, mounts, PKI, policy, AppRole)
 """
@@ -310,13 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--json", action="store_true", help="print the raw JSON answer")
     health.set_defaults(func=cmd_health)
 
+    from broker.cli_audit import add_audit_parser, run_audit
     from broker.cli_keys import add_keys_parser, run_client
     from broker.cli_policy import add_policy_parsers
 
     add_keys_parser(sub, _client_args)
     add_policy_parsers(sub, _client_args)
+    add_audit_parser(sub, _client_args)
     for name in ("keys", "policy", "bindings", "grants"):
         sub.choices[name].set_defaults(func=lambda a: run_client(a, _connect))
+    sub.choices["audit"].set_defaults(func=lambda a: run_audit(a, _connect))
     return parser
 
 

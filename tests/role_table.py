@@ -27,7 +27,7 @@ _PLAIN = {
     | {"crypto.encrypt", "crypto.decrypt", "crypto.datakey", "crypto.rewrap"},
     "security-analyst": READ_KEYS | {"audit.read", "audit.verify", "sys.health", "sys.metrics"},
     "developer": READ_KEYS | {"sys.health"},
-    "compliance-officer": READ_KEYS | {"audit.read", "audit.report", "sys.health"},
+    "compliance-officer": READ_KEYS | {"audit.read", "audit.verify", "sys.health"},
     "application": {"sys.health"},
 }
 

@@ -6,29 +6,34 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from broker.api.audit_routes import add_audit_routes
 from broker.api.grant_routes import add_grant_routes
 from broker.api.key_routes import add_key_routes
-from broker.api.keys import GRANTS, HSM, KEYS, KMS, METRICS, POLICIES, SETTINGS, VAULT
+from broker.api.keys import AUDIT, AUDIT_HMAC_KEY, GRANTS, HSM, KEYS, KMS, METRICS, POLICIES, SETTINGS, VAULT
 from broker.api.metrics import Metrics
-from broker.api.middleware import identity, problem_details, request_context
+from broker.api.middleware import audit_trail, identity, problem_details, request_context
 from broker.api.policy_routes import add_policy_routes
 from broker.api.routes import add_routes
+from broker.audit.chain import Anchor
+from broker.audit.sink import AuditSink
 from broker.backends.base import Backend
-from broker.backends.hsm import HsmClient, HsmKeys
+from broker.backends.hsm import HsmAuditSigner, HsmClient, HsmKeys
 from broker.backends.kms import KmsClient, KmsKeys
-from broker.backends.vault import VaultClient, VaultTransit
+from broker.backends.vault import VaultClient, VaultTransit, read_secret_file
 from broker.config.model import Config
 from broker.config.tls import server_ssl_context
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ConfigError
 from broker.keys.lifecycle import Clock, KeyService, scheduler_loop
 from broker.keys.model import now_utc
 from broker.keys.registry import Registry
 from broker.log import get_logger
 from broker.state.grants import GrantStore
+from broker.state.kv import KvDocuments
 from broker.state.policies import PolicyStore
 
 log = get_logger(__name__)
@@ -36,7 +41,7 @@ log = get_logger(__name__)
 
 def create_app(config: Config, *, clock: Clock = now_utc) -> web.Application:
     app = web.Application(
-        middlewares=[request_context, problem_details, identity],
+        middlewares=[request_context, audit_trail, problem_details, identity],
         client_max_size=config.server.max_body_bytes,
     )
     app[SETTINGS] = config
@@ -61,14 +66,47 @@ def create_app(config: Config, *, clock: Clock = now_utc) -> web.Application:
         max_stale_seconds=config.policy.max_stale_seconds,
     )
     app[GRANTS] = GrantStore(app[VAULT], config.vault.kv_mount, clock=clock)
+    anchors = KvDocuments(app[VAULT], config.vault.kv_mount, "audit")
+
+    async def anchor(mark: Anchor) -> None:
+        """Keep each checkpoint's position in Vault, so a truncated log is noticed."""
+        try:
+            await anchors.write_latest(f"anchor-{config.audit.node}", {"seq": mark.seq, "hash": mark.hash})
+        except BrokerError as exc:
+            log.warning("audit_anchor_failed", error=exc.detail, seq=mark.seq)
+
+    audit = config.audit
+    app[AUDIT] = AuditSink(
+        audit.directory,
+        node=audit.node,
+        max_file_bytes=audit.max_file_bytes,
+        checkpoint_every=audit.checkpoint_every,
+        checkpoint_seconds=audit.checkpoint_seconds,
+        min_free_bytes=audit.min_free_bytes,
+        signer=HsmAuditSigner(app[HSM]),
+        on_checkpoint=anchor,
+    )
+    app[AUDIT_HMAC_KEY] = b""
     app.cleanup_ctx.append(_backends)
+    app.cleanup_ctx.append(_audit)
     app.cleanup_ctx.append(_policies)
     app.cleanup_ctx.append(_scheduler)
     add_routes(app)
     add_key_routes(app)
     add_grant_routes(app)
     add_policy_routes(app)
+    add_audit_routes(app)
     return app
+
+
+async def _audit(app: web.Application) -> AsyncIterator[None]:
+    """The HMAC key first (no key, no start: records would be unverifiable), then the sink."""
+    app[AUDIT_HMAC_KEY] = read_hmac_key(app[SETTINGS].audit.hmac_key_file)
+    await app[AUDIT].start()
+    try:
+        yield
+    finally:
+        await app[AUDIT].close()
 
 
 async def _backends(app: web.Application) -> AsyncIterator[None]:
@@ -148,3 +186,17 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         log.info("stopping")
     finally:
         await runner.cleanup()
+
+
+def read_hmac_key(path: Path | None) -> bytes:
+    """The audit HMAC key: 64 hex characters in a file that only the broker reads."""
+    if path is None:
+        raise ConfigError("set audit.hmac_key_file: the key that HMACs context values in audit records")
+    text = read_secret_file(path, "audit.hmac_key_file")
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) < 32:
+        raise ConfigError("expected at least 64 hex characters (32 random bytes)", key="audit.hmac_key_file")
+    return key

@@ -17,7 +17,8 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from broker.api.keys import DECISIONS, GRANTS, KEYS, POLICIES, PRINCIPAL
+from broker.api.keys import AUDIT_FACTS, GRANTS, KEYS, POLICIES, PRINCIPAL
+from broker.audit.events import RequestFacts
 from broker.errors import Forbidden, NotFound
 from broker.keys.model import Key
 from broker.policy import engine
@@ -71,8 +72,17 @@ async def decide(
     return engine.decide(snapshot.effective, ask, grants, now=now)
 
 
-def record(request: web.Request, decision: Decision) -> None:
-    request.setdefault(DECISIONS, []).append(decision)
+def audit_facts(request: web.Request) -> RequestFacts:
+    """The request's audit facts (a throwaway one outside the audit middleware, e.g. in unit tests)."""
+    facts: RequestFacts = request.setdefault(AUDIT_FACTS, RequestFacts())
+    return facts
+
+
+def record(request: web.Request, decision: Decision, context: Mapping[str, str] | None = None) -> None:
+    facts = audit_facts(request)
+    facts.decisions.append(decision)
+    if context:
+        facts.contexts.append(context)
 
 
 async def authorize(
@@ -83,7 +93,7 @@ async def authorize(
 ) -> Decision:
     """Allow, or raise 403 with a detail that tells the caller only what it may know."""
     decision = await decide(request, operation, key, context)
-    record(request, decision)
+    record(request, decision, context)
     if decision.allowed:
         return decision
     raise Forbidden(await denial_detail(request, decision, key))
@@ -117,11 +127,17 @@ async def key_for(request: web.Request, operation: str, name: str) -> Key:
 
 async def find_key(request: web.Request, operation: str, name: str) -> Key:
     """Read the key; a missing key is 404 only for a caller that may list keys, else 403."""
+    facts = audit_facts(request)
+    if facts.key is None:
+        facts.key = name
     try:
-        return await request.app[KEYS].get(name)
+        key = await request.app[KEYS].get(name)
     except NotFound:
         if (await decide(request, "key.list")).allowed:
             raise
         decision = Decision(False, operation, f"{operation} on key {name} is denied", ())
         record(request, decision)
         raise Forbidden(decision.reason) from None
+    if facts.key == key.name and facts.backend is None:
+        facts.backend = str(key.backend)
+    return key

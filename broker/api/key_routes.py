@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from broker.api import schemas
-from broker.api.authz import authorize, decide, find_key, key_for, principal
+from broker.api.authz import audit_facts, authorize, decide, find_key, key_for, principal
 from broker.api.keys import KEYS, SETTINGS
 from broker.backends.base import Backend, KeyType
 from broker.errors import BadRequest, BrokerError
@@ -60,6 +60,8 @@ async def create_key(request: web.Request) -> web.Response:
         tags=schemas.tags(body),
         description=schemas.string(body, "description"),
     )
+    facts = audit_facts(request)
+    facts.key, facts.backend = spec.name, str(spec.backend)
     await authorize(
         request, "key.create", KeyFacts(spec.name, str(spec.backend), spec.environment, dict(spec.tags or {}))
     )
@@ -121,6 +123,7 @@ def _lifecycle(operation: str) -> Callable[[web.Request], Awaitable[web.Response
             key = await service.schedule_destruction(name, 30 if days is None else days)
         else:
             key = await service.cancel_destruction(name)
+        audit_facts(request).version = key.latest.number if key.versions else None
         return web.json_response(key.public())
 
     handler.__name__ = operation.replace("-", "_")
@@ -260,7 +263,10 @@ def _crypto(
         items = schemas.batch_items(body, request.app[SETTINGS].keys.max_batch_items)
         if items is None:
             await authorize(request, action, key, schemas.context(body))
-            return web.json_response(await run(request, key, body))
+            answer = await run(request, key, body)
+            audit_facts(request).version = answer.get("key_version")
+            return web.json_response(answer)
+        audit_facts(request).items = len(items)
         # Each item is decided with its own context; a denied item fails alone.
         out: list[dict[str, Any]] = [{} for _ in items]
         allowed, positions = [], []

@@ -8,6 +8,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from broker.api.metrics import Metrics
+    from broker.audit.sink import AuditSink
     from broker.backends.hsm import HsmClient
     from broker.backends.kms import KmsClient
     from broker.backends.vault import VaultClient
@@ -24,15 +25,19 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 KEYS: web.AppKey[KeyService] = web.AppKey("keys")
 POLICIES: web.AppKey[PolicyStore] = web.AppKey("policies")
 GRANTS: web.AppKey[GrantStore] = web.AppKey("grants")
+AUDIT: web.AppKey[AuditSink] = web.AppKey("audit")
+AUDIT_HMAC_KEY: web.AppKey[bytes] = web.AppKey("audit_hmac_key")
 
 # Request-scoped keys (aiohttp's request mapping takes plain strings).
 REQUEST_ID = "keybroker.request_id"
 PRINCIPAL = "keybroker.principal"
-# Every policy decision made for the request, in order (for the audit record).
-DECISIONS = "keybroker.decisions"
+# What the request's audit record will say (broker.audit.events.RequestFacts), filled as it goes.
+AUDIT_FACTS = "keybroker.audit_facts"
 
 __all__ = [
-    "DECISIONS",
+    "AUDIT",
+    "AUDIT_FACTS",
+    "AUDIT_HMAC_KEY",
     "GRANTS",
     "HSM",
     "KEYS",

@@ -1,4 +1,4 @@
-"""Middlewares, outermost first: request id, errors as problem+json, identity.
+"""Middlewares, outermost first: request id, audit record, errors as problem+json, identity.
 
 The request id is accepted from the caller's ``X-Request-Id`` only when it is
 well-formed (so a hostile value cannot be smuggled into logs or into Vault's
@@ -15,9 +15,10 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from broker.api.keys import METRICS, PRINCIPAL, REQUEST_ID, SETTINGS
+from broker.api.keys import AUDIT, AUDIT_FACTS, AUDIT_HMAC_KEY, METRICS, PRINCIPAL, REQUEST_ID, SETTINGS
 from broker.api.problem import problem_response
-from broker.context import request_id_var
+from broker.audit.events import RequestFacts, build_event
+from broker.context import backend_calls_var, request_id_var
 from broker.errors import (
     BadRequest,
     BrokerError,
@@ -33,6 +34,7 @@ log = get_logger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REQUEST_ID_HEADER = "X-Request-Id"
+HEALTH_PATH = "/v1/sys/health"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{7,127}$")
 
 
@@ -57,9 +59,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         return response
     finally:
         elapsed = time.perf_counter() - started
-        route = (
-            request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-        )
+        route = _route(request)
         request.app[METRICS].observe(request.method, route, status, elapsed)
         principal = request.get(PRINCIPAL)
         log.info(
@@ -75,34 +75,90 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
 
 
 @web.middleware
+async def audit_trail(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Exactly one durable audit record per request, written before the response leaves.
+
+    Fail closed: when the log cannot be written the request is refused before any
+    work is done; when the record of finished work cannot be written, the caller
+    gets 503 instead of the answer.
+    """
+    sink = request.app[AUDIT]
+    # Health is the one answer given without a durable record: it reports that very failure.
+    reports_health = request.path == HEALTH_PATH
+    try:
+        sink.check_ready()
+    except BrokerError as exc:
+        if not reports_health:
+            log.error("request_refused_audit_unavailable", detail=exc.detail)  # noqa: TRY400 - no traceback helps
+            return problem_response(exc, request[REQUEST_ID])
+    facts = request[AUDIT_FACTS] = RequestFacts()
+    calls: list[tuple[str, str, str]] = []
+    token = backend_calls_var.set(calls)
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    finally:
+        backend_calls_var.reset(token)
+    principal = request.get(PRINCIPAL)
+    event = build_event(
+        request_id=request[REQUEST_ID],
+        principal=str(principal) if principal else None,
+        method=request.method,
+        route=_route(request),
+        status=response.status,
+        latency_ms=(time.perf_counter() - started) * 1000,
+        facts=facts,
+        calls=calls,
+        hmac_key=request.app[AUDIT_HMAC_KEY],
+    )
+    try:
+        await sink.append(event)
+    except BrokerError as exc:
+        if reports_health:
+            return response
+        return problem_response(
+            type(exc)(f"{exc.detail}; the operation's answer is withheld because it could not be recorded"),
+            request[REQUEST_ID],
+        )
+    return response
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource else "unmatched"
+
+
+@web.middleware
 async def problem_details(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Render every error as application/problem+json; never show a traceback."""
+    allow = ""
     try:
         return await handler(request)
     except BrokerError as exc:
         if exc.status >= 500:
             log.warning("request_failed", code=exc.code, detail=exc.detail)
-        return problem_response(exc, request[REQUEST_ID])
+        error = exc
     except web.HTTPRequestEntityTooLarge:
-        return problem_response(PayloadTooLarge("request body is too large"), request[REQUEST_ID])
+        error = PayloadTooLarge("request body is too large")
     except web.HTTPNotFound:
-        return problem_response(NotFound(f"no such endpoint: {request.path}"), request[REQUEST_ID])
+        error = NotFound(f"no such endpoint: {request.path}")
     except web.HTTPMethodNotAllowed as exc:
-        allowed = ", ".join(sorted(exc.allowed_methods))
-        resp = problem_response(
-            MethodNotAllowed(f"{request.method} is not allowed here (allowed: {allowed})"),
-            request[REQUEST_ID],
-        )
-        resp.headers["Allow"] = allowed
-        return resp
+        allow = ", ".join(sorted(exc.allowed_methods))
+        error = MethodNotAllowed(f"{request.method} is not allowed here (allowed: {allow})")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         error = BadRequest(exc.reason)
-        return problem_response(error, request[REQUEST_ID])
     except Exception:
         log.exception("unhandled_error")
-        return problem_response(BrokerError("internal error; see the broker log"), request[REQUEST_ID])
+        error = BrokerError("internal error; see the broker log")
+    facts = request.get(AUDIT_FACTS)
+    if facts is not None:
+        facts.error = (error.code, error.detail)
+    response = problem_response(error, request[REQUEST_ID])
+    if allow:
+        response.headers["Allow"] = allow
+    return response
 
 
 @web.middleware

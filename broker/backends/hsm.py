@@ -34,7 +34,12 @@ import pkcs11.exceptions as p11err
 from pkcs11 import Attribute, Mechanism, ObjectClass
 from pkcs11 import KeyType as KeyType_
 from pkcs11.mechanisms import GCMParams
-from pkcs11.util.ec import decode_ecdsa_signature, encode_ecdsa_signature, encode_named_curve_parameters
+from pkcs11.util.ec import (
+    decode_ecdsa_signature,
+    encode_ec_public_key,
+    encode_ecdsa_signature,
+    encode_named_curve_parameters,
+)
 
 from broker.backends._blocking import run_blocking
 from broker.backends.base import Backend, Context, KeyRef, KeyType, PerItemBatches, canonical_context
@@ -217,6 +222,28 @@ _TAG_BITS = 128
 LABEL_PREFIX = "kb:"
 
 
+_NON_EXTRACTABLE = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+}
+
+
+def generate_p256(session: Any, label: str, object_id: bytes) -> None:
+    """An ECDSA P-256 key pair kept in the token; the private half never leaves it."""
+    params = session.create_domain_parameters(
+        KeyType_.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(_P256_OID)}, local=True
+    )
+    params.generate_keypair(
+        store=True,
+        label=label,
+        id=object_id,
+        private_template={**_NON_EXTRACTABLE, Attribute.SIGN: True},
+        public_template={Attribute.TOKEN: True, Attribute.VERIFY: True},
+    )
+
+
 def object_label(key_name: str) -> str:
     """The CKA_LABEL every object of one logical key carries; CKA_ID tells its versions apart."""
     return LABEL_PREFIX + key_name
@@ -240,29 +267,14 @@ class HsmKeys(PerItemBatches):
     async def create_version(self, key: KeyRef) -> str:
         object_id = os.urandom(16)
         label = object_label(key.name)
-        private = {
-            Attribute.TOKEN: True,
-            Attribute.PRIVATE: True,
-            Attribute.SENSITIVE: True,
-            Attribute.EXTRACTABLE: False,
-        }
 
         def generate(session: Any) -> None:
             if key.type is KeyType.AES256_GCM:
                 session.generate_key(
-                    KeyType_.AES, 256, label=label, id=object_id, store=True, template=private
+                    KeyType_.AES, 256, label=label, id=object_id, store=True, template=_NON_EXTRACTABLE
                 )
                 return
-            params = session.create_domain_parameters(
-                KeyType_.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(_P256_OID)}, local=True
-            )
-            params.generate_keypair(
-                store=True,
-                label=label,
-                id=object_id,
-                private_template={**private, Attribute.SIGN: True},
-                public_template={Attribute.TOKEN: True, Attribute.VERIFY: True},
-            )
+            generate_p256(session, label, object_id)
 
         await self._hsm.run(generate, what="generate key")
         return object_id.hex()
@@ -375,3 +387,37 @@ class HsmKeys(PerItemBatches):
             return len(doomed)
 
         await self._hsm.run(run, what="destroy objects")
+
+
+AUDIT_KEY_LABEL = "kb-audit:checkpoint"
+
+
+class HsmAuditSigner:
+    """Signs audit checkpoints with a P-256 key pair made in the token on first use."""
+
+    def __init__(self, client: HsmClient, label: str = AUDIT_KEY_LABEL) -> None:
+        self._hsm = client
+        self._label = label
+
+    def _pair(self, session: Any) -> tuple[Any, Any]:
+        try:
+            private = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=self._label)
+        except p11err.NoSuchKey:
+            generate_p256(session, self._label, os.urandom(16))
+            private = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=self._label)
+        public = session.get_key(object_class=ObjectClass.PUBLIC_KEY, label=self._label)
+        return private, public
+
+    async def sign_digest(self, digest: bytes) -> bytes:
+        def run(session: Any) -> bytes:
+            private, _ = self._pair(session)
+            return bytes(private.sign(digest, mechanism=Mechanism.ECDSA))
+
+        return await self._hsm.run(run, what="sign audit checkpoint")
+
+    async def public_key_der(self) -> bytes:
+        def run(session: Any) -> bytes:
+            _, public = self._pair(session)
+            return bytes(encode_ec_public_key(public))
+
+        return await self._hsm.run(run, what="read audit public key")

@@ -62,7 +62,20 @@ class HsmConfig:
 
 @dataclass(frozen=True)
 class AuditConfig:
+    # This replica's own log directory: one hash chain per writer (a second broker on it is refused).
     directory: Path
+    # Secret (0600) holding the key that HMACs context values in records: 64 hex characters.
+    hmac_key_file: Path | None = None
+    # Names this replica in its records and in the checkpoint anchor kept in Vault.
+    node: str = "broker"
+    max_file_bytes: int = 64 * 1024 * 1024
+    # A checkpoint signed by the HSM every this many records or this many seconds.
+    checkpoint_every: int = 1000
+    checkpoint_seconds: float = 10.0
+    # Refuse requests (503) before the disk is this close to full, rather than lose records.
+    min_free_bytes: int = 16 * 1024 * 1024
+    # Vault's file audit device log, when this host can read it: merged into GET /v1/audit/events.
+    vault_audit_log: Path | None = None
 
 
 @dataclass(frozen=True)

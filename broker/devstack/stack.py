@@ -177,6 +177,10 @@ class Layout:
         return self.root / "audit"
 
     @property
+    def audit_hmac_key(self) -> Path:
+        return self.root / "audit-hmac-key"
+
+    @property
     def broker_config(self) -> Path:
         return self.root / "broker.toml"
 
@@ -583,13 +587,20 @@ class DevStack:
         return f"https://127.0.0.1:{self.broker_port}"
 
     def render_broker_config(self, *, port: int | None = None, approle_dir: Path | None = None) -> str:
+        """The broker's config; another port is another replica, with its own audit log (one chain each)."""
         tls = self.layout.tls
         approle = approle_dir or self.layout.approle_dir
+        port = port or self.broker_port
+        replica = port != self.broker_port
+        audit_dir = self.layout.audit_dir.with_name(f"audit-{port}") if replica else self.layout.audit_dir
+        node = f"broker-{port}" if replica else "broker"
+        if not self.layout.audit_hmac_key.is_file():
+            write_private(self.layout.audit_hmac_key, os.urandom(32).hex() + "\n")
         return f"""\
 # Written by `keybroker dev`; regenerated on every start.
 [server]
 host = "127.0.0.1"
-port = {port or self.broker_port}
+port = {port}
 cert_file = "{tls / "server.crt"}"
 key_file = "{tls / "server.key"}"
 client_ca_file = "{tls / "ca.pem"}"
@@ -611,7 +622,10 @@ token_label = "{HSM_TOKEN_LABEL}"
 pin_file = "{self.layout.hsm_pin}"
 
 [audit]
-directory = "{self.layout.audit_dir}"
+directory = "{audit_dir}"
+node = "{node}"
+hmac_key_file = "{self.layout.audit_hmac_key}"
+vault_audit_log = "{self.layout.vault_audit_log}"
 """
 
     def start_broker(self) -> None:

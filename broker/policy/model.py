@@ -122,7 +122,6 @@ GLOBAL_OPERATIONS: tuple[str, ...] = (
     "binding.write",
     "audit.read",
     "audit.verify",
-    "audit.report",
     "sys.health",
     "sys.metrics",
 )

@@ -61,6 +61,10 @@ class KvDocuments:
             raise
         return int((out.get("data") or {}).get("version", cas + 1))
 
+    async def write_latest(self, name: str, document: dict[str, Any]) -> None:
+        """Write without check-and-set: for a value only this writer ever sets (last one wins)."""
+        await self._vault.request("POST", self._data(name), {"data": document}, what=f"{self._prefix} write")
+
     async def delete(self, name: str) -> None:
         """Forget the entry and all its versions."""
         await self._vault.request(

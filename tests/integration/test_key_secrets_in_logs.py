@@ -1,4 +1,5 @@
-"""Plaintext, data keys and context values never reach a log line: broker logs or Vault's audit log."""
+"""Plaintext, data keys, context values, PINs and tokens never reach a log line:
+the broker's logs, its audit trail, or Vault's audit log."""
 
 from __future__ import annotations
 
@@ -27,7 +28,11 @@ def test_no_secret_reaches_the_logs(stack: DevStack, backend: str) -> None:
     call(stack, f"/v1/keys/{name}/rewrap", {"ciphertext": sealed, "context": context, "to_key": other})
     call(stack, f"/v1/keys/{name}/encrypt", {"batch": [{"plaintext": b64(plaintext), "context": context}]})
 
-    logs = [*sorted(stack.layout.logs.glob("*.log")), stack.layout.vault_audit_log]
+    logs = [
+        *sorted(stack.layout.logs.glob("*.log")),
+        stack.layout.vault_audit_log,
+        *sorted(stack.layout.audit_dir.glob("audit-*.jsonl")),
+    ]
     text = "\n".join(p.read_text(errors="replace") for p in logs)
     forbidden = {
         "plaintext": plaintext.decode(),
@@ -35,6 +40,11 @@ def test_no_secret_reaches_the_logs(stack: DevStack, backend: str) -> None:
         "context value": context["tenant"],
         "data key (base64)": datakey,
         "data key (hex)": base64.b64decode(datakey).hex(),
+        "HSM user PIN": stack.layout.hsm_pin.read_text().strip(),
+        "Vault root token": stack.root_token(),
+        "AppRole secret id": (stack.layout.approle_dir / "secret-id").read_text().strip(),
+        "audit HMAC key": stack.layout.audit_hmac_key.read_text().strip(),
     }
     assert "/v1/keys/{name}/encrypt" in text  # the broker did log these requests
+    assert f'"key":"{name}"' in text  # and its audit trail recorded them
     assert [label for label, value in forbidden.items() if value in text] == []

@@ -3,8 +3,7 @@
 Six principals, one per shipped role, each try every operation the API serves on
 keys in dev, staging and prod on all three backends; every answer must be exactly
 what ARCHITECTURE.md's role table says (tests/role_table.py): the success status
-when allowed, 403 when denied. ``policy explain`` must agree for every operation,
-including the audit ones whose endpoints come later.
+when allowed, 403 when denied. ``policy explain`` must agree for every operation.
 """
 
 from __future__ import annotations
@@ -117,6 +116,10 @@ def _global_steps(stack: DevStack, who: str) -> list[Step]:
         ("policy.read", 200, call("/v1/policies")),
         ("binding.read", 200, call("/v1/bindings")),
         ("policy.write", 200, call(f"/v1/policies/{fresh('scratch')}", scratch, "PUT")),
+        ("audit.read", 200, call("/v1/audit/events?limit=1")),
+        ("audit.read", 200, call("/v1/audit/hmac", {"value": "acme"})),
+        ("audit.verify", 200, call("/v1/audit/verify")),
+        ("audit.verify", 200, call("/v1/audit/public-key")),
         ("sys.health", 200, call("/v1/sys/health")),
         ("sys.metrics", 200, call("/v1/metrics")),
         ("sys.metrics", 200, call("/metrics")),
@@ -155,7 +158,7 @@ def test_every_role_every_operation_every_environment_every_backend(
 def test_explain_agrees_with_the_role_table_for_every_operation(
     stack: DevStack, people: dict[str, tuple[str, str]]
 ) -> None:
-    """policy explain, for every role x operation (audit too) x environment, names the deciding rule."""
+    """policy explain, for every role x operation x environment, names the deciding rule."""
     app_name = people["application"][1].rsplit("/", 1)[1]
     keys = {env: _key(stack, "vault", env, app_name) for env in ENVIRONMENTS}
 

@@ -1,0 +1,129 @@
+"""``/v1/audit``: verify the chain, read the merged timeline, HMAC a value to look for.
+
+Reading and verifying the log happens on the audit thread, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from broker.api import schemas
+from broker.api.authz import authorize
+from broker.api.keys import AUDIT, AUDIT_HMAC_KEY, SETTINGS, VAULT
+from broker.audit import chain, merge
+from broker.audit.events import hmac_value
+from broker.audit.signing import load_public_key, signature_checker, to_pem
+from broker.errors import BadRequest
+from broker.state.kv import KvDocuments
+
+MAX_EVENTS = 10_000
+
+
+async def public_key(request: web.Request) -> web.Response:
+    await authorize(request, "audit.verify")
+    der = await _public_der(request)
+    return web.Response(text=to_pem(der), content_type="application/x-pem-file")
+
+
+async def _public_der(request: web.Request) -> bytes:
+    signer = request.app[AUDIT].signer
+    if signer is None:
+        raise BadRequest("this broker signs no checkpoints")
+    return await signer.public_key_der()
+
+
+async def _anchor(request: web.Request) -> chain.Anchor | None:
+    node = request.app[SETTINGS].audit.node
+    found = await KvDocuments(request.app[VAULT], request.app[SETTINGS].vault.kv_mount, "audit").read(
+        f"anchor-{node}"
+    )
+    if found is None:
+        return None
+    return chain.Anchor(int(found[0]["seq"]), str(found[0]["hash"]))
+
+
+async def verify(request: web.Request) -> web.Response:
+    """GET /v1/audit/verify: chain, signatures, Vault anchor and live head; names the first bad record."""
+    await authorize(request, "audit.verify")
+    sink = request.app[AUDIT]
+    der = await _public_der(request)
+    anchor = await _anchor(request)
+    head = sink.head()
+    loop = asyncio.get_running_loop()
+    files = await loop.run_in_executor(sink.executor, sink.read_files)
+    check = signature_checker(load_public_key(der))
+    report = await loop.run_in_executor(
+        None, lambda: chain.verify(files, check, anchor=anchor, live_head=head if head.seq else None)
+    )
+    return web.json_response({**report.to_json(), "node": sink.node, "public_key": to_pem(der)})
+
+
+def _filters(query: Any) -> merge.Filters:
+    def moment(name: str) -> Any:
+        if name not in query:
+            return None
+        try:
+            return merge.parse_time(query[name])
+        except ValueError:
+            raise BadRequest(f"'{name}' must be an ISO 8601 time, e.g. 2026-11-23T10:00:00Z") from None
+
+    source = query.get("source")
+    if source not in (None, "broker", "vault", "bypass"):
+        raise BadRequest("'source' is one of broker, vault, bypass")
+    return merge.Filters(
+        since=moment("since"),
+        until=moment("until"),
+        principal=query.get("principal"),
+        key=query.get("key"),
+        operation=query.get("operation"),
+        outcome=query.get("outcome"),
+        source=source,
+    )
+
+
+def read_timeline(sink_files: list[tuple[str, bytes]], vault_log: Path | None) -> list[dict[str, Any]]:
+    """Blocking: the merged timeline of this broker's log and, if readable here, Vault's."""
+    vault: list[dict[str, Any]] = []
+    if vault_log is not None and vault_log.is_file():
+        with vault_log.open("rb") as fh:
+            vault = merge.vault_entries(fh)
+    return merge.merge(merge.broker_records(sink_files), vault)
+
+
+async def events(request: web.Request) -> web.Response:
+    """GET /v1/audit/events: the merged timeline, filtered; the newest ``limit`` rows."""
+    await authorize(request, "audit.read")
+    filters = _filters(request.query)
+    try:
+        limit = int(request.query.get("limit", "1000"))
+    except ValueError:
+        raise BadRequest("'limit' must be an integer") from None
+    if not 1 <= limit <= MAX_EVENTS:
+        raise BadRequest(f"'limit' must be between 1 and {MAX_EVENTS}")
+    sink = request.app[AUDIT]
+    vault_log = request.app[SETTINGS].audit.vault_audit_log
+    loop = asyncio.get_running_loop()
+    files = await loop.run_in_executor(sink.executor, sink.read_files)
+    timeline = await loop.run_in_executor(None, lambda: read_timeline(files, vault_log))
+    rows = merge.query(timeline, filters, limit)
+    return web.json_response({"events": rows, "count": len(rows), "vault_log": vault_log is not None})
+
+
+async def hmac_of(request: web.Request) -> web.Response:
+    """POST /v1/audit/hmac: the HMAC a context value has in records, to search for it."""
+    await authorize(request, "audit.read")
+    body = await schemas.json_object(request)
+    value = schemas.string(body, "value", required=True)
+    return web.json_response({"hmac": hmac_value(request.app[AUDIT_HMAC_KEY], value)})
+
+
+def add_audit_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/v1/audit/verify", verify)
+    r.add_get("/v1/audit/events", events)
+    r.add_get("/v1/audit/public-key", public_key)
+    r.add_post("/v1/audit/hmac", hmac_of)

@@ -1,0 +1,235 @@
+"""The audit log's hash chain and its verification: pure, no I/O.
+
+Every line is one canonical JSON object (sorted keys, no spaces) carrying ``seq``
+(1, 2, 3 ... across all files) and ``prev``, the SHA-256 of the previous line's
+bytes. A ``checkpoint`` record also carries ``head`` (the hash of the record just
+before it) and an ECDSA P-256 ``signature`` made inside the HSM over the SHA-256
+of the checkpoint without its signature. So whoever holds the files but not the
+HSM key can edit, delete, insert or reorder records only by breaking the chain
+or a signature, and :func:`verify` names the first record where it breaks.
+
+Truncating the end leaves a valid prefix; that is caught by comparing with an
+anchor kept outside the files (the broker writes each checkpoint's seq and hash
+to Vault) and, for the live log, with the broker's own head.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+GENESIS = "0" * 64
+FILE_PREFIX, FILE_SUFFIX = "audit-", ".jsonl"
+
+
+def canonical(record: Mapping[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def line_hash(line: bytes) -> str:
+    return hashlib.sha256(line).hexdigest()
+
+
+def checkpoint_digest(checkpoint: Mapping[str, Any]) -> bytes:
+    """What the HSM signs: SHA-256 of the checkpoint's canonical form without its signature."""
+    body = {k: v for k, v in checkpoint.items() if k != "signature"}
+    return hashlib.sha256(canonical(body)).digest()
+
+
+def file_name(first_seq: int) -> str:
+    """Files are named by their first record, so name order is chain order."""
+    return f"{FILE_PREFIX}{first_seq:012d}{FILE_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A checkpoint's position as recorded outside the log (Vault)."""
+
+    seq: int
+    hash: str
+
+
+@dataclass
+class Problem:
+    file: str
+    line: int
+    seq: int | None
+    kind: str  # edited | deleted | inserted | reordered | truncated | malformed | bad-signature
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "line": self.line,
+            "seq": self.seq,
+            "kind": self.kind,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class Report:
+    ok: bool = True
+    files: int = 0
+    records: int = 0
+    checkpoints: int = 0
+    last_seq: int = 0
+    head: str = GENESIS
+    last_checkpoint_seq: int = 0
+    first_problem: Problem | None = None
+    problems: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def fail(self, problem: Problem) -> None:
+        self.ok = False
+        self.problems += 1
+        if self.first_problem is None:
+            self.first_problem = problem
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "files": self.files,
+            "records": self.records,
+            "checkpoints": self.checkpoints,
+            "last_seq": self.last_seq,
+            "head": self.head,
+            "last_checkpoint_seq": self.last_checkpoint_seq,
+            "problems": self.problems,
+            "first_problem": self.first_problem.to_json() if self.first_problem else None,
+            "notes": self.notes,
+        }
+
+
+# Verifies a checkpoint signature: (digest, raw r||s signature) -> valid?
+SignatureCheck = Callable[[bytes, bytes], bool]
+
+
+def verify(
+    files: Iterable[tuple[str, bytes]],
+    check_signature: SignatureCheck | None,
+    *,
+    anchor: Anchor | None = None,
+    live_head: Anchor | None = None,
+) -> Report:
+    """Check the chain over ``files`` (name, content) in name order; name the first bad record.
+
+    ``check_signature`` None skips signature checks (and says so in the notes).
+    ``anchor``: the last checkpoint recorded in Vault; ``live_head``: the running
+    broker's last written record. Either catches a truncated tail.
+    """
+    report = Report()
+    if check_signature is None:
+        report.notes.append("checkpoint signatures were not checked (no public key given)")
+    prev_hash, prev_seq = GENESIS, 0
+    prev_at = ("", 0)
+    seen: dict[int, str] = {}
+    ordered = sorted(files)
+    present = _all_seqs(ordered)
+    for name, content in ordered:
+        report.files += 1
+        lines = content.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        elif lines:
+            report.fail(Problem(name, len(lines), None, "truncated", "the file ends inside a record"))
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+                seq = int(record["seq"])
+                claimed_prev = str(record["prev"])
+            except (ValueError, KeyError, TypeError):
+                report.fail(Problem(name, number, None, "malformed", "not an audit record (edited?)"))
+                continue
+            if canonical(record) != line:
+                report.fail(
+                    Problem(name, number, seq, "edited", "the line is not in canonical form (edited)")
+                )
+            if seq != prev_seq + 1:
+                kind, detail = _sequence_problem(seq, prev_seq, seen, present)
+                report.fail(Problem(name, number, seq, kind, detail))
+            elif claimed_prev != prev_hash:
+                report.fail(
+                    Problem(
+                        prev_at[0],
+                        prev_at[1],
+                        prev_seq,
+                        "edited",
+                        f"record {prev_seq} was altered: its hash is not the one record {seq} chained to",
+                    )
+                )
+            if record.get("type") == "checkpoint":
+                report.checkpoints += 1
+                _check_checkpoint(record, prev_hash, check_signature, report, name, number)
+                report.last_checkpoint_seq = seq
+            this_hash = line_hash(line)
+            seen[seq] = this_hash
+            prev_hash, prev_seq, prev_at = this_hash, max(seq, prev_seq), (name, number)
+            report.records += 1
+    report.last_seq, report.head = prev_seq, prev_hash
+    for what, mark in (("anchored in Vault", anchor), ("written by the running broker", live_head)):
+        if mark is None:
+            continue
+        if mark.seq > prev_seq:
+            report.fail(
+                Problem(
+                    "",
+                    0,
+                    mark.seq,
+                    "truncated",
+                    f"record {mark.seq} was {what} but the log ends at record {prev_seq}",
+                )
+            )
+        elif seen.get(mark.seq) != mark.hash:
+            report.fail(Problem("", 0, mark.seq, "edited", f"record {mark.seq} differs from the one {what}"))
+    return report
+
+
+def _all_seqs(files: Iterable[tuple[str, bytes]]) -> set[int]:
+    found = set()
+    for _, content in files:
+        for line in content.splitlines():
+            try:
+                found.add(int(json.loads(line)["seq"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return found
+
+
+def _sequence_problem(seq: int, prev_seq: int, seen: Mapping[int, str], present: set[int]) -> tuple[str, str]:
+    if seq > prev_seq + 1 and prev_seq + 1 in present and prev_seq + 1 not in seen:
+        return "reordered", f"record {seq} comes before record {prev_seq + 1}"
+    if seq > prev_seq + 1:
+        missing = f"{prev_seq + 1}" if seq == prev_seq + 2 else f"{prev_seq + 1}..{seq - 1}"
+        return "deleted", f"record(s) {missing} are missing"
+    if seq in seen:
+        return "inserted", f"record {seq} appears a second time (inserted or replayed)"
+    return "reordered", f"record {seq} comes after record {prev_seq}"
+
+
+def _check_checkpoint(
+    record: Mapping[str, Any],
+    prev_hash: str,
+    check_signature: SignatureCheck | None,
+    report: Report,
+    name: str,
+    number: int,
+) -> None:
+    seq = int(record["seq"])
+    if record.get("head") != prev_hash:
+        report.fail(Problem(name, number, seq, "edited", "the checkpoint's head is not the record before it"))
+    if check_signature is None:
+        return
+    try:
+        signature = base64.b64decode(str(record["signature"]), validate=True)
+    except (KeyError, ValueError):
+        report.fail(
+            Problem(name, number, seq, "bad-signature", "the checkpoint carries no readable signature")
+        )
+        return
+    if not check_signature(checkpoint_digest(record), signature):
+        report.fail(Problem(name, number, seq, "bad-signature", "the HSM signature does not verify"))

@@ -1,0 +1,253 @@
+"""One timeline from the broker's audit log and Vault's file audit log, joined on request id.
+
+Each broker record keeps its backend evidence nested: the Vault audit entries that
+carry its ``X-Request-Id`` (with Vault's own request id), and the KMS request ids
+and HSM operations the broker noted while serving it. A Vault entry that no broker
+request explains is kept as its own row: when it was made by the broker's own
+identity (policy refresh, token renewal, scheduled work) it is ``broker-background``;
+anything else — someone using Vault directly, say with a root token — is flagged
+``bypass``, which is what an auditor looks for first.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from fnmatch import fnmatchcase
+from typing import Any
+
+BROKER_VAULT_POLICY = "keybroker-broker"
+CSV_COLUMNS = (
+    "time",
+    "source",
+    "kind",
+    "request_id",
+    "principal",
+    "operation",
+    "key",
+    "version",
+    "backend",
+    "outcome",
+    "status",
+    "reason",
+    "vault_request_ids",
+    "backend_call_ids",
+)
+
+
+def parse_time(value: str) -> datetime:
+    """ISO 8601 with any number of fractional digits (Vault writes nanoseconds) to an aware datetime."""
+    text = value.strip().replace("Z", "+00:00")
+    head, dot, rest = text.partition(".")
+    if dot:
+        digits = "".join(c for c in rest if c.isdigit())
+        zone = rest[len(digits) :]
+        text = f"{head}.{digits[:6].ljust(6, '0')}{zone}"
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def broker_records(files: Iterable[tuple[str, bytes]]) -> list[dict[str, Any]]:
+    """The broker's request records (not its start, resume or checkpoint records)."""
+    out = []
+    for _, content in sorted(files):
+        for line in content.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # verify reports damage; the timeline shows what can be read
+            if isinstance(record, dict) and record.get("type") == "event":
+                out.append({**record, "source": "broker", "kind": "request"})
+    return out
+
+
+_KEYED_MOUNTS = ("encrypt", "decrypt", "rewrap", "datakey", "sign", "verify", "hmac", "keys")
+
+
+def _key_of(path: str) -> str | None:
+    """kb-transit/encrypt/payments → payments; kb-kv/data/keys/payments → payments."""
+    parts = path.split("/")
+    if len(parts) >= 3 and parts[1] in _KEYED_MOUNTS:
+        return parts[2].split("/")[0] or None
+    if len(parts) >= 4 and parts[1] == "data" and parts[2] in ("keys", "grants"):
+        return parts[3] or None
+    return None
+
+
+def vault_entries(
+    lines: Iterable[bytes | str], broker_policy: str = BROKER_VAULT_POLICY
+) -> list[dict[str, Any]]:
+    """Vault's request/response pairs as one entry each (the response's view when there is one)."""
+    by_id: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+    for raw in lines:
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict) or entry.get("type") not in ("request", "response"):
+            continue
+        request = entry.get("request") or {}
+        vid = str(request.get("id", ""))
+        if not vid:
+            continue
+        auth = entry.get("auth") or {}
+        header = (request.get("headers") or {}).get("x-request-id") or []
+        path = str(request.get("path", ""))
+        row = by_id.get(vid)
+        if row is None:
+            policies = list(auth.get("policies") or [])
+            row = {
+                "source": "vault",
+                "time": str(entry.get("time", "")),
+                "vault_request_id": vid,
+                "request_id": str(header[0]) if header else None,
+                "operation": f"vault.{request.get('operation', '?')}",
+                "path": path,
+                "key": _key_of(path),
+                "principal": f"vault:{auth.get('display_name') or 'unauthenticated'}",
+                "policies": policies,
+                "remote_address": request.get("remote_address"),
+                "broker_identity": broker_policy in policies,
+                "outcome": "success",
+            }
+            by_id[vid] = row
+            order.append(vid)
+        if entry.get("type") == "response" and entry.get("error"):
+            row["outcome"] = "error"
+            row["error"] = str(entry["error"])
+    return [by_id[v] for v in order]
+
+
+def merge(broker: Sequence[Mapping[str, Any]], vault: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Broker records with their Vault evidence nested, plus unexplained Vault rows, in time order."""
+    by_request: dict[str, list[dict[str, Any]]] = {}
+    for row in vault:
+        if row.get("request_id"):
+            by_request.setdefault(str(row["request_id"]), []).append(dict(row))
+    timeline: list[dict[str, Any]] = []
+    claimed: set[str] = set()
+    for record in broker:
+        rid = str(record.get("request_id", ""))
+        evidence = by_request.get(rid, [])
+        claimed.add(rid)
+        timeline.append({**record, "vault": [_evidence(v) for v in evidence]})
+    for row in vault:
+        if row.get("request_id") and str(row["request_id"]) in claimed:
+            continue
+        kind = "broker-background" if row.get("broker_identity") else "bypass"
+        timeline.append({**row, "kind": kind, "bypass": kind == "bypass"})
+    timeline.sort(key=lambda r: parse_time(str(r.get("time") or "1970-01-01T00:00:00Z")))
+    return timeline
+
+
+def _evidence(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: row.get(k)
+        for k in ("vault_request_id", "time", "operation", "path", "outcome", "error")
+        if k in row
+    }
+
+
+@dataclass(frozen=True)
+class Filters:
+    since: datetime | None = None
+    until: datetime | None = None
+    principal: str | None = None
+    key: str | None = None
+    operation: str | None = None
+    outcome: str | None = None
+    # broker | vault (every Vault row, the broker's own upkeep too) | bypass; None: all but that upkeep
+    source: str | None = None
+
+    def match(self, row: Mapping[str, Any]) -> bool:
+        moment = parse_time(str(row.get("time") or "1970-01-01T00:00:00Z"))
+        if self.since and moment < self.since:
+            return False
+        if self.until and moment > self.until:
+            return False
+        if self.source == "bypass":
+            if not row.get("bypass"):
+                return False
+        elif self.source and row.get("source") != self.source:
+            return False
+        elif self.source is None and row.get("kind") == "broker-background":
+            return False  # the broker's own upkeep (policy refresh, renewals): shown with source=vault
+        for name, pattern in (("principal", self.principal), ("operation", self.operation)):
+            if pattern and not fnmatchcase(str(row.get(name) or ""), pattern):
+                return False
+        if self.key and row.get("key") != self.key:
+            return False
+        return not (self.outcome and row.get("outcome") != self.outcome)
+
+
+def query(
+    timeline: Iterable[Mapping[str, Any]], filters: Filters, limit: int | None = None
+) -> list[dict[str, Any]]:
+    rows = [dict(r) for r in timeline if filters.match(r)]
+    return rows[-limit:] if limit else rows
+
+
+def flat(row: Mapping[str, Any]) -> dict[str, str]:
+    """One CSV row: nested evidence becomes ';'-joined ids."""
+    reason = ""
+    if row.get("error"):
+        error = row["error"]
+        reason = f"{error.get('code')}: {error.get('detail')}" if isinstance(error, dict) else str(error)
+    elif isinstance(row.get("decision"), dict):
+        reason = str(row["decision"].get("reason", ""))
+    vault_ids = [str(v.get("vault_request_id")) for v in row.get("vault") or []]
+    if row.get("source") == "vault":
+        vault_ids = [str(row.get("vault_request_id"))]
+    calls = [f"{c.get('backend')}:{c.get('id')}" for c in row.get("backend_calls") or []]
+    values = {
+        "time": row.get("time"),
+        "source": row.get("source"),
+        "kind": row.get("kind"),
+        "request_id": row.get("request_id"),
+        "principal": row.get("principal"),
+        "operation": row.get("operation"),
+        "key": row.get("key"),
+        "version": row.get("version"),
+        "backend": row.get("backend"),
+        "outcome": row.get("outcome"),
+        "status": row.get("status"),
+        "reason": reason,
+        "vault_request_ids": ";".join(vault_ids),
+        "backend_call_ids": ";".join(calls),
+    }
+    return {k: "" if v is None else str(v) for k, v in values.items()}
+
+
+def to_csv(rows: Iterable[Mapping[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(flat(row))
+    return buffer.getvalue()
+
+
+def to_jsonl(rows: Iterable[Mapping[str, Any]]) -> str:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+
+
+def to_table(rows: Iterable[Mapping[str, Any]]) -> str:
+    lines = [f"{'TIME':<27} {'SOURCE':<17} {'PRINCIPAL':<38} {'OPERATION':<24} {'KEY':<24} OUTCOME"]
+    for row in rows:
+        source = str(row.get("kind") if row.get("source") == "vault" else "broker")
+        if row.get("bypass"):
+            source = "VAULT BYPASS"
+        principal = str(row.get("principal") or "-")[-38:]
+        outcome = str(row.get("outcome") or "")
+        if row.get("source") == "broker" and row.get("vault"):
+            outcome += f" (+{len(row['vault'])} vault)"
+        lines.append(
+            f"{str(row.get('time', ''))[:26]:<27} {source:<17} {principal:<38} "
+            f"{str(row.get('operation') or '-')[:24]:<24} {str(row.get('key') or '-')[:24]:<24} {outcome}"
+        )
+    return "\n".join(lines)

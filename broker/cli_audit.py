@@ -1,0 +1,228 @@
+"""``keybroker audit verify|query|merge|report|hmac``: the auditor's commands.
+
+``verify``, ``query``, ``report`` and ``hmac`` ask a running broker (audit roles
+needed); ``verify --dir`` and ``merge`` work offline on copied log files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.parse
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from broker.client import BrokerClient
+from broker.errors import ConfigError
+
+EPILOG = """\
+examples:
+  keybroker audit verify                         # chain, HSM signatures, Vault anchor, live head
+  keybroker audit query --since 2026-11-23T00:00:00Z --outcome denied
+  keybroker audit query --source bypass --format csv > bypass.csv
+  keybroker audit report --out report.html       # self-contained HTML for auditors
+  keybroker audit hmac acme                      # find records whose context carried 'acme'
+offline, on copied files:
+  keybroker audit verify --dir ./audit --public-key audit-key.pem
+  keybroker audit merge --dir ./audit --vault-log vault-audit.log --format jsonl > timeline.jsonl
+"""
+# Each command gets its arguments and a way to connect (used only by the online ones).
+AuditCommand = Callable[[argparse.Namespace, Callable[[], BrokerClient]], int]
+FILTERS = ("since", "until", "principal", "key", "operation", "outcome", "source")
+
+
+def _print_report(report: dict[str, Any], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(report))
+    else:
+        verdict = "intact" if report["ok"] else "BROKEN"
+        print(
+            f"audit log {verdict}: {report['records']} records in {report['files']} files, "
+            f"{report['checkpoints']} signed checkpoints, last record {report['last_seq']}"
+        )
+        problem = report.get("first_problem")
+        if problem:
+            where = f"{problem['file']} line {problem['line']}" if problem["file"] else "the log's end"
+            print(
+                f"first problem: {problem['kind']} — record {problem['seq']} ({where}): {problem['detail']}"
+            )
+            print(f"({report['problems']} problems in all)")
+        for note in report.get("notes", []):
+            print(f"note: {note}")
+    return 0 if report["ok"] else 1
+
+
+def _local_files(directory: str) -> list[tuple[str, bytes]]:
+    from broker.audit.chain import FILE_PREFIX, FILE_SUFFIX
+
+    path = Path(directory)
+    if not path.is_dir():
+        raise ConfigError(f"--dir: not a directory: {directory}")
+    files = sorted(path.glob(f"{FILE_PREFIX}*{FILE_SUFFIX}"))
+    if not files:
+        raise ConfigError(f"--dir: no audit files ({FILE_PREFIX}*{FILE_SUFFIX}) in {directory}")
+    return [(p.name, p.read_bytes()) for p in files]
+
+
+def cmd_verify(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
+    if args.dir is None:
+        return _print_report(connect().call("GET", "/v1/audit/verify"), args.json)
+    from broker.audit.chain import Anchor, verify
+    from broker.audit.signing import load_public_key, signature_checker
+
+    check = None
+    if args.public_key:
+        try:
+            check = signature_checker(load_public_key(Path(args.public_key).read_bytes()))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--public-key: {exc}") from None
+    anchor = None
+    if args.anchor:
+        seq, _, digest = args.anchor.partition(":")
+        if not seq.isdigit() or len(digest) != 64:
+            raise ConfigError("--anchor takes SEQ:SHA256HEX (from Vault's kb-kv/audit/anchor-<node>)")
+        anchor = Anchor(int(seq), digest)
+    return _print_report(verify(_local_files(args.dir), check, anchor=anchor).to_json(), args.json)
+
+
+def _emit(rows: list[dict[str, Any]], fmt: str) -> None:
+    from broker.audit import merge
+
+    if fmt == "jsonl":
+        sys.stdout.write(merge.to_jsonl(rows))
+    elif fmt == "csv":
+        sys.stdout.write(merge.to_csv(rows))
+    else:
+        print(merge.to_table(rows))
+        print(f"({len(rows)} rows)")
+
+
+def cmd_query(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
+    params = {f: getattr(args, f) for f in FILTERS if getattr(args, f) is not None}
+    params["limit"] = str(args.limit)
+    out = connect().call("GET", "/v1/audit/events?" + urllib.parse.urlencode(params))
+    _emit(out["events"], "jsonl" if args.json else args.format)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
+    from broker.audit import merge
+
+    vault: list[dict[str, Any]] = []
+    if args.vault_log:
+        try:
+            with Path(args.vault_log).open("rb") as fh:
+                vault = merge.vault_entries(fh)
+        except OSError as exc:
+            raise ConfigError(f"--vault-log: {exc.strerror}: {args.vault_log}") from None
+    timeline = merge.merge(merge.broker_records(_local_files(args.dir)), vault)
+    try:
+        filters = merge.Filters(
+            since=merge.parse_time(args.since) if args.since else None,
+            until=merge.parse_time(args.until) if args.until else None,
+            principal=args.principal,
+            key=args.key,
+            operation=args.operation,
+            outcome=args.outcome,
+            source=args.source,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"--since/--until take ISO 8601 times: {exc}") from None
+    _emit(merge.query(timeline, filters, args.limit), args.format)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
+    from broker.audit.report import render
+
+    client = connect()
+    print("verifying the audit chain ...", file=sys.stderr, flush=True)
+    verification = client.call("GET", "/v1/audit/verify")
+    print("reading the merged timeline and the key inventory ...", file=sys.stderr, flush=True)
+    params = {"limit": "10000", **({"since": args.since} if args.since else {})}
+    events = client.call("GET", "/v1/audit/events?" + urllib.parse.urlencode(params))["events"]
+    keys = client.call("GET", "/v1/keys")["keys"]
+    html = render(
+        verification=verification, keys=keys, events=events, now=datetime.now(UTC), source=client.address
+    )
+    out = Path(args.out)
+    try:
+        out.write_text(html)
+    except OSError as exc:
+        raise ConfigError(f"--out: {exc.strerror}: {out}") from None
+    print(
+        f"wrote {out} ({len(events)} timeline rows, {len(keys)} keys; chain "
+        f"{'intact' if verification['ok'] else 'BROKEN'})"
+    )
+    return 0 if verification["ok"] else 1
+
+
+def cmd_hmac(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
+    out = connect().call("POST", "/v1/audit/hmac", {"value": args.value})
+    print(json.dumps(out) if args.json else out["hmac"])
+    return 0
+
+
+def add_audit_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    audit = sub.add_parser(
+        "audit",
+        help="verify, query, merge and report on the tamper-evident audit trail",
+        description="The broker writes one hash-chained, HSM-checkpointed record per request. These commands "
+        "verify it, merge it with Vault's audit log (joined on request id), query it and render a report.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    asub = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_: str, fn: AuditCommand, *, online: bool = True) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = asub.add_parser(
+            name, help=help_, description=help_[0].upper() + help_[1:] + "."
+        )
+        if online:
+            client_args(p)
+        p.add_argument("--json", action="store_true", help="machine-readable JSON output")
+        p.set_defaults(audit_func=fn)
+        return p
+
+    p = command("verify", "check the chain and signatures; name the first bad record", cmd_verify)
+    p.add_argument("--dir", help="verify these files offline instead of asking the broker")
+    p.add_argument(
+        "--public-key", metavar="PEM", help="offline: the checkpoint key (GET /v1/audit/public-key)"
+    )
+    p.add_argument("--anchor", metavar="SEQ:HASH", help="offline: the last checkpoint recorded in Vault")
+
+    def filters(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--since", metavar="TIME", help="ISO 8601, e.g. 2026-11-23T00:00:00Z")
+        p.add_argument("--until", metavar="TIME")
+        p.add_argument("--principal", help="principal id (globs work)")
+        p.add_argument("--key")
+        p.add_argument("--operation", help="e.g. crypto.decrypt, key.* (globs work)")
+        p.add_argument("--outcome", choices=["success", "denied", "failed", "error", "unauthenticated"])
+        p.add_argument("--source", choices=["broker", "vault", "bypass"])
+        p.add_argument("--format", choices=["table", "jsonl", "csv"], default="table")
+        p.add_argument("--limit", type=int, default=1000, help="newest rows (default: %(default)s)")
+
+    filters(command("query", "the merged timeline, filtered: a table, JSON lines or CSV", cmd_query))
+    p = command(
+        "merge",
+        "offline: merge copied broker and Vault audit logs into one timeline",
+        cmd_merge,
+        online=False,
+    )
+    p.add_argument("--dir", required=True, help="the broker's audit files")
+    p.add_argument("--vault-log", metavar="FILE", help="Vault's file audit device log")
+    filters(p)
+    p = command("report", "write a self-contained HTML report for auditors", cmd_report)
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--since", metavar="TIME", help="only the timeline since then (default: all)")
+    command("hmac", "the HMAC a context value has in records (to search for it)", cmd_hmac).add_argument(
+        "value"
+    )
+
+
+def run_audit(args: argparse.Namespace, connect: Callable[[argparse.Namespace], BrokerClient]) -> int:
+    fn: AuditCommand = args.audit_func
+    return fn(args, lambda: connect(args))

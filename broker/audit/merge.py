@@ -51,6 +51,17 @@ def parse_time(value: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def time_of(row: Mapping[str, Any]) -> datetime:
+    """A row's time for sorting and filtering; an unreadable time sorts first rather than failing."""
+    try:
+        return parse_time(str(row.get("time") or ""))
+    except ValueError:
+        return EPOCH
+
+
 def broker_records(files: Iterable[tuple[str, bytes]]) -> list[dict[str, Any]]:
     """The broker's request records (not its start, resume or checkpoint records)."""
     out = []
@@ -141,7 +152,7 @@ def merge(broker: Sequence[Mapping[str, Any]], vault: Sequence[Mapping[str, Any]
             continue
         kind = "broker-background" if row.get("broker_identity") else "bypass"
         timeline.append({**row, "kind": kind, "bypass": kind == "bypass"})
-    timeline.sort(key=lambda r: parse_time(str(r.get("time") or "1970-01-01T00:00:00Z")))
+    timeline.sort(key=time_of)
     return timeline
 
 
@@ -165,7 +176,7 @@ class Filters:
     source: str | None = None
 
     def match(self, row: Mapping[str, Any]) -> bool:
-        moment = parse_time(str(row.get("time") or "1970-01-01T00:00:00Z"))
+        moment = time_of(row)
         if self.since and moment < self.since:
             return False
         if self.until and moment > self.until:

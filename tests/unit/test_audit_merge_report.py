@@ -1,0 +1,142 @@
+"""Merging Vault's audit entries with broker records, filtering, exporting, and the HTML report."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from broker.audit import merge
+from broker.audit.report import key_rows, render
+
+T0 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
+
+
+def vault_line(
+    kind: str, vid: str, path: str, *, rid: str | None, who: str, policies: list[str], t: int
+) -> bytes:
+    request: dict[str, Any] = {"id": vid, "operation": "update", "path": path, "remote_address": "127.0.0.1"}
+    if rid:
+        request["headers"] = {"x-request-id": [rid]}
+    entry = {
+        "time": (T0 + timedelta(seconds=t)).isoformat().replace("+00:00", "") + ".123456789Z",
+        "type": kind,
+        "auth": {"display_name": who, "policies": policies},
+        "request": request,
+    }
+    return json.dumps(entry).encode()
+
+
+BROKER = ["keybroker-broker"]
+VAULT_LOG = [
+    vault_line("request", "v1", "kb-transit/encrypt/pay", rid="r1", who="approle", policies=BROKER, t=1),
+    vault_line("response", "v1", "kb-transit/encrypt/pay", rid="r1", who="approle", policies=BROKER, t=1),
+    vault_line("request", "v2", "kb-kv/data/policy/document", rid=None, who="approle", policies=BROKER, t=2),
+    vault_line("request", "v3", "kb-transit/keys/pay", rid=None, who="root", policies=["root"], t=3),
+    b"not json",
+    vault_line("request", "v4", "sys/health", rid=None, who="root", policies=["root"], t=4).replace(
+        b"2026-", b"20x6-"
+    ),
+]
+BROKER_FILES = [
+    (
+        "audit-000000000001.jsonl",
+        b'{"type":"start","seq":1,"prev":"0","time":"2026-11-23T10:00:00Z"}\n'
+        b'{"type":"event","seq":2,"prev":"x","time":"2026-11-23T10:00:01.5Z","request_id":"r1",'
+        b'"principal":"spiffe://bank/app/pay","operation":"crypto.encrypt","key":"pay","outcome":"success",'
+        b'"status":200,"backend_calls":[{"backend":"vault","id":"v1","operation":"transit encrypt"}]}\n',
+    )
+]
+
+
+def timeline() -> list[dict[str, Any]]:
+    return merge.merge(merge.broker_records(BROKER_FILES), merge.vault_entries(VAULT_LOG))
+
+
+def test_broker_records_carry_their_vault_evidence_and_root_access_is_flagged() -> None:
+    """r1 joins its Vault entry; the broker's own refresh is background; the root read is a bypass."""
+    rows = timeline()
+
+    assert [(r["source"], r.get("kind")) for r in rows] == [
+        ("vault", "bypass"),  # the entry whose time cannot be read sorts first, and is still shown
+        ("broker", "request"),
+        ("vault", "broker-background"),
+        ("vault", "bypass"),
+    ]
+    assert rows[1]["vault"] == [
+        {
+            "vault_request_id": "v1",
+            "time": rows[1]["vault"][0]["time"],
+            "operation": "vault.update",
+            "path": "kb-transit/encrypt/pay",
+            "outcome": "success",
+        }
+    ]
+    assert (rows[3]["principal"], rows[3]["key"], rows[3]["bypass"]) == ("vault:root", "pay", True)
+
+
+def test_filters_and_exports() -> None:
+    """Default hides the broker's upkeep; source=bypass only bypasses; CSV flattens evidence."""
+    rows = timeline()
+
+    default = merge.query(rows, merge.Filters())
+    bypass = merge.query(rows, merge.Filters(source="bypass"))
+    later = merge.query(rows, merge.Filters(since=T0 + timedelta(seconds=2, microseconds=1)))
+    by_principal = merge.query(rows, merge.Filters(principal="spiffe://bank/app/*", operation="crypto.*"))
+    csv_text = merge.to_csv(default)
+
+    assert [r["source"] for r in default] == ["vault", "broker", "vault"]
+    assert [r["vault_request_id"] for r in bypass] == ["v4", "v3"]
+    assert [r.get("vault_request_id") for r in later] == ["v3"]
+    assert [r["request_id"] for r in by_principal] == ["r1"]
+    assert csv_text.splitlines()[0].startswith("time,source,kind,request_id,principal")
+    assert ",r1,spiffe://bank/app/pay,crypto.encrypt,pay,,,success,200,,v1,vault:v1" in csv_text
+
+
+def test_vault_nanosecond_times_parse_and_sort() -> None:
+    assert merge.parse_time("2026-11-23T10:00:01.123456789Z") == T0 + timedelta(
+        seconds=1, microseconds=123456
+    )
+
+
+def test_report_flags_overdue_keys_and_escapes_everything() -> None:
+    """A key past its rotation period is overdue; a hostile key name or reason is escaped, not markup."""
+    keys = [
+        {
+            "name": "old<script>",
+            "backend": "kms",
+            "type": "aes256-gcm",
+            "environment": "prod",
+            "state": "active",
+            "latest_version": 1,
+            "rotation_period_seconds": 3600,
+            "versions": [{"version": 1, "created_at": (T0 - timedelta(hours=3)).isoformat()}],
+        },
+        {
+            "name": "fresh",
+            "backend": "hsm",
+            "type": "aes256-gcm",
+            "environment": "dev",
+            "state": "active",
+            "latest_version": 2,
+            "rotation_period_seconds": None,
+            "versions": [{"version": 2, "created_at": T0.isoformat()}],
+        },
+    ]
+    events: list[dict[str, Any]] = [
+        {"source": "broker", "time": "2026-11-23T10:00:00Z", "operation": "crypto.encrypt", "key": "fresh",
+         "outcome": "success", "principal": "p1"},
+        {"source": "broker", "time": "2026-11-23T10:05:00Z", "operation": "key.rotate", "key": "fresh",
+         "outcome": "denied", "principal": "p2", "decision": {"reason": "<b>no</b>"}},
+    ]  # fmt: skip
+    verification = {"ok": True, "records": 3, "checkpoints": 1, "last_seq": 3}
+
+    rows = {r["name"]: r for r in key_rows(keys, events, T0)}
+    html = render(verification=verification, keys=keys, events=events, now=T0, source="test")
+
+    assert (rows["old<script>"]["overdue"], rows["fresh"]["overdue"]) == (True, False)
+    assert rows["fresh"]["last_use"] == "2026-11-23T10:00:00Z"
+    assert "<script>" not in html
+    assert "old&lt;script&gt;" in html
+    assert "&lt;b&gt;no&lt;/b&gt;" in html
+    assert html.count('class="num overdue"') == 2  # the inventory cell and the overdue table

@@ -80,6 +80,7 @@ def create_app(config: Config, *, clock: Clock = now_utc) -> web.Application:
         audit.directory,
         node=audit.node,
         max_file_bytes=audit.max_file_bytes,
+        max_file_seconds=audit.max_file_seconds,
         checkpoint_every=audit.checkpoint_every,
         checkpoint_seconds=audit.checkpoint_seconds,
         min_free_bytes=audit.min_free_bytes,

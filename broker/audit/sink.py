@@ -13,8 +13,8 @@ below ``min_free_bytes``, or the last write failed) the request is refused with
 caller gets 503 instead of its answer. Service resumes by itself once the
 directory is writable again, continuing the chain in a new file.
 
-Rotation: a file is closed once it passes ``max_file_bytes`` at a batch
-boundary; the next file, named after its first record, continues the same chain.
+Rotation: a file is closed once it passes ``max_file_bytes`` or is older than
+``max_file_seconds``, at a batch boundary; the next file, named after its first record, continues the same chain.
 Checkpoints: every ``checkpoint_every`` records or ``checkpoint_seconds`` a
 checkpoint record signed by the HSM joins the chain and its position is handed to
 ``on_checkpoint`` (the broker anchors it in Vault).
@@ -81,6 +81,7 @@ class AuditSink:
         *,
         node: str = "broker",
         max_file_bytes: int = 64 * 1024 * 1024,
+        max_file_seconds: float = 86400.0,
         checkpoint_every: int = 1000,
         checkpoint_seconds: float = 10.0,
         min_free_bytes: int = 16 * 1024 * 1024,
@@ -90,6 +91,8 @@ class AuditSink:
         self.directory = directory
         self.node = node
         self._max_bytes = max_file_bytes
+        self._max_age = max_file_seconds
+        self._opened_at = 0.0
         self._every = checkpoint_every
         self._interval = checkpoint_seconds
         self._min_free = min_free_bytes
@@ -335,14 +338,18 @@ class AuditSink:
     def _write(self, lines: list[bytes], first_seq: int) -> None:
         """Blocking: append ``lines`` to the active file (a new one past the size limit) and fsync."""
         data = b"".join(line + b"\n" for line in lines)
-        if self._fd is not None and (self._size >= self._max_bytes or os.fstat(self._fd).st_nlink == 0):
-            # Rotated by size, or the active file was removed under us: never write into an unlinked inode.
+        too_old = time.monotonic() - self._opened_at >= self._max_age
+        if self._fd is not None and (
+            self._size >= self._max_bytes or too_old or os.fstat(self._fd).st_nlink == 0
+        ):
+            # Rotated by size or age, or the active file was removed under us: never write into an
+            # unlinked inode.
             os.close(self._fd)
             self._fd = None
         if self._fd is None:
             path = self.directory / file_name(first_seq)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
-            self._path, self._size = path, 0
+            self._path, self._size, self._opened_at = path, 0, time.monotonic()
             _fsync_directory(self.directory)
         try:
             written = os.write(self._fd, data)

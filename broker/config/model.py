@@ -68,7 +68,9 @@ class AuditConfig:
     hmac_key_file: Path | None = None
     # Names this replica in its records and in the checkpoint anchor kept in Vault.
     node: str = "broker"
+    # Start a new file past this size or age (the chain continues across files).
     max_file_bytes: int = 64 * 1024 * 1024
+    max_file_seconds: float = 86400.0
     # A checkpoint signed by the HSM every this many records or this many seconds.
     checkpoint_every: int = 1000
     checkpoint_seconds: float = 10.0

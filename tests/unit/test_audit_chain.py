@@ -188,6 +188,24 @@ def test_rotated_files_verify_as_one_chain(tmp_path: Path) -> None:
     assert (report.ok, report.records - report.checkpoints) == (True, 13)
 
 
+def test_files_also_rotate_by_age(tmp_path: Path) -> None:
+    """max_file_seconds: each batch after the file's time is up opens a new file; one chain throughout."""
+    signer = SoftSigner()
+
+    async def run() -> None:
+        sink = AuditSink(tmp_path, signer=signer, checkpoint_every=100, max_file_seconds=0.05)
+        await sink.start()
+        for i in range(3):
+            await asyncio.sleep(0.06)
+            await sink.append({"type": "event", "n": i})
+        await sink.close()
+
+    asyncio.run(run())
+    report = verify(files(tmp_path), signer.check())
+
+    assert (report.ok, report.files) == (True, 4)
+
+
 def test_a_restart_continues_the_chain_and_cuts_an_unfinished_record(tmp_path: Path) -> None:
     """A crash mid-write leaves half a line: the next start cuts it, says so, and chains on."""
     signer = SoftSigner()

@@ -14,7 +14,8 @@ caller gets 503 instead of its answer. Service resumes by itself once the
 directory is writable again, continuing the chain in a new file.
 
 Rotation: a file is closed once it passes ``max_file_bytes`` or is older than
-``max_file_seconds``, at a batch boundary; the next file, named after its first record, continues the same chain.
+``max_file_seconds``, at a batch boundary; the next file, named after its first
+record, continues the same chain.
 Checkpoints: every ``checkpoint_every`` records or ``checkpoint_seconds`` a
 checkpoint record signed by the HSM joins the chain and its position is handed to
 ``on_checkpoint`` (the broker anchors it in Vault).

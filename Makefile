@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STATE_DIR ?= .keybroker/dev
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: setup setup-test dev test lint unit integration bench clean
 
@@ -29,6 +30,10 @@ unit: setup
 
 integration: setup-test
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
@@ -172,6 +173,11 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    debug_ms = os.environ.get("KEYBROKER_ASYNCIO_DEBUG_MS")
+    if debug_ms:
+        # For bench/: asyncio reports every callback that holds the loop longer than this.
+        loop.set_debug(True)
+        loop.slow_callback_duration = float(debug_ms) / 1000
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:

@@ -31,6 +31,7 @@ from typing import IO, Any
 import hvac
 
 from broker._files import write_private
+from broker.devstack.localca import loopback_tls
 from broker.devstack.processes import Child, ChildFailed, spawn, wait_until
 from broker.vaultops.bootstrap import BootstrapOptions, bootstrap
 from broker.vaultops.policy import CLIENT_ROLE, SERVER_ROLE, Mounts
@@ -207,6 +208,7 @@ class DevStack:
         broker_port: int = 8443,
         progress: Callable[[str], None] = lambda _m: None,
         broker_env: dict[str, str] | None = None,
+        vault_tls: bool = False,
     ) -> None:
         self.layout = Layout(state_dir.resolve())
         self.broker_port = broker_port
@@ -216,6 +218,10 @@ class DevStack:
         self.kms_port = 0
         self.vault_port = 0
         self.cluster_port = 0
+        # A second, TLS listener on Vault that the broker uses (as in production); the plain one
+        # stays for bootstrap and the dev tools.
+        self.vault_tls = vault_tls
+        self.vault_tls_port = 0
         self._lock_fh: IO[str] | None = None
         self._steps: list[tuple[str, float]] = []
 
@@ -383,7 +389,7 @@ class DevStack:
 
     def render_vault_hcl(self) -> str:
         template = resources.files("broker.devstack").joinpath("templates/vault-dev.hcl").read_text()
-        return string.Template(template).substitute(
+        hcl = string.Template(template).substitute(
             api_port=self.vault_port,
             cluster_port=self.cluster_port,
             raft_dir=self.layout.vault_dir / "raft",
@@ -392,9 +398,18 @@ class DevStack:
             kms_endpoint=self.kms_endpoint,
             audit_log=self.layout.vault_audit_log,
         )
+        if self.vault_tls:
+            _, cert, key = loopback_tls(self.layout.vault_dir / "tls")
+            hcl += (
+                f'\nlistener "tcp" {{\n  address = "127.0.0.1:{self.vault_tls_port}"\n'
+                f'  tls_cert_file = "{cert}"\n  tls_key_file = "{key}"\n}}\n'
+            )
+        return hcl
 
     def start_vault(self) -> None:
         self.vault_port, self.cluster_port = self._vault_ports()
+        if self.vault_tls and not self.vault_tls_port:
+            self.vault_tls_port = free_port()
         (self.layout.vault_dir / "raft").mkdir(mode=0o700, exist_ok=True)
         write_private(self.layout.vault_hcl, self.render_vault_hcl())
         child = spawn(
@@ -429,6 +444,14 @@ class DevStack:
 
     def _vault_answers(self) -> bool:
         return bool(self.vault_seal_status())
+
+    @property
+    def broker_vault_addr(self) -> str:
+        """Where the broker reaches Vault: the TLS listener when there is one."""
+        return f"https://127.0.0.1:{self.vault_tls_port}" if self.vault_tls else self.vault_addr
+
+    def _vault_ca_line(self) -> str:
+        return f'\nca_file = "{self.layout.vault_dir / "tls" / "ca.pem"}"' if self.vault_tls else ""
 
     def root_token(self) -> str:
         return str(json.loads(self.layout.vault_init.read_text())["root_token"])
@@ -608,7 +631,7 @@ trust_domain = "{TRUST_DOMAIN}"
 administrators = ["spiffe://{TRUST_DOMAIN}/user/admin"]
 
 [vault]
-address = "{self.vault_addr}"
+address = "{self.broker_vault_addr}"{self._vault_ca_line()}
 role_id_file = "{approle / "role-id"}"
 secret_id_file = "{approle / "secret-id"}"
 

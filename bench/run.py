@@ -1,0 +1,414 @@
+"""Broker vs direct Vault, KMS and HSM, side by side, in one run on this machine.
+
+    make bench                       # the full matrix, the soak and the event-loop check
+    .venv/bin/python -m bench.run --quick
+
+Starts the real local stack on loopback (OpenBao with a TLS listener that both
+the broker and the direct client use, the moto KMS server, SoftHSM2, the broker
+with fail-closed audit ON), then for each backend, operation (encrypt, decrypt),
+payload (64 B, 4 KiB, context of two fields) and concurrency (1, 16, 64) measures
+the direct call and the broker's with the same load generator (bench/loadgen.py,
+several processes). Prints the table, writes JSON and a PNG chart to
+bench/results/, then soaks the broker with 100,000 requests watching its RSS, and
+runs it once more with asyncio debug on to show no callback blocks the loop 10 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import multiprocessing
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen import Result, Target, run_worker
+from broker.devstack.stack import DevStack, find_softhsm_library, free_port
+
+CONTEXT = {"tenant": "acme", "purpose": "bench"}
+RESULTS = Path(__file__).parent / "results"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Row:
+    backend: str
+    op: str
+    payload: int
+    concurrency: int
+    mode: str  # direct | broker
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    first_error: str
+    generator_cpu_pct: float
+    broker_cpu_s_per_1k: float | None = None
+    broker_rss_mb: float | None = None
+    ratio: float | None = None
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Bench:
+    def __init__(self, state: Path, *, broker_env: dict[str, str] | None = None) -> None:
+        self.stack = DevStack(state, broker_port=free_port(), vault_tls=True, broker_env=broker_env)
+
+    # -- set-up ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        print("starting the stack (OpenBao + TLS listener, KMS server, SoftHSM2, broker) ...", flush=True)
+        info = self.stack.start()
+        print(f"  ready in {info.startup_seconds:.1f}s", flush=True)
+        self.keys = {b: self._create_key(b) for b in ("vault", "kms", "hsm")}
+        self.vault_token = self.stack.vault_client().auth.token.create(
+            policies=["keybroker-broker"], ttl="4h"
+        )["auth"]["client_token"]
+
+    @property
+    def broker_pid(self) -> int:
+        return int(self.stack.children["broker"].process.pid)
+
+    def _call(self, path: str, body: Any, who: str = "admin") -> Any:
+        request = urllib.request.Request(  # noqa: S310 - https to our own loopback broker
+            self.stack.broker_url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, context=self.stack.client_ssl(who), timeout=30) as resp:  # noqa: S310
+            return json.load(resp)
+
+    def _create_key(self, backend: str) -> dict[str, str]:
+        name = f"bench-{backend}"
+        body = {"name": name, "backend": backend, "environment": "dev", "tags": {"app": "app"}}
+        key = self._call("/v1/keys", body)
+        record = self.stack.vault_client().secrets.kv.v2.read_secret_version(
+            path=f"keys/{name}", mount_point="kb-kv", raise_on_deleted_version=True
+        )["data"]["data"]
+        return {"name": key["name"], "material": str(record["versions"][0]["material"])}
+
+    # -- targets -----------------------------------------------------------------------
+
+    def target(self, backend: str, mode: str, op: str, payload: bytes) -> Target:
+        key = self.keys[backend]
+        tls = self.stack.layout.tls
+        if mode == "broker":
+            t = Target(
+                kind="broker",
+                op=op,
+                payload=payload,
+                context=CONTEXT,
+                url=f"{self.stack.broker_url}/v1/keys/{key['name']}/{op}",
+                ca_file=str(tls / "ca.pem"),
+                cert_file=str(tls / "app.crt"),
+                key_file=str(tls / "app.key"),
+                expect_prefix=f"kb1:{key['name']}:1:",
+            )
+            if op == "decrypt":
+                sealed = self._call(
+                    f"/v1/keys/{key['name']}/encrypt",
+                    {"plaintext": base64.b64encode(payload).decode(), "context": CONTEXT},
+                    who="app",
+                )["ciphertext"]
+                t = replace(t, ciphertext=sealed)
+            return t
+        if backend == "vault":
+            t = Target(
+                kind="vault-direct",
+                op=op,
+                payload=payload,
+                context=CONTEXT,
+                url=f"{self.stack.broker_vault_addr}/v1/kb-transit/{op}/{key['name']}",
+                headers={"X-Vault-Token": self.vault_token},
+                ca_file=str(self.stack.layout.vault_dir / "tls" / "ca.pem"),
+                expect_prefix="vault:v1:",
+            )
+            if op == "decrypt":
+                out = self.stack.vault_client().secrets.transit.encrypt_data(
+                    name=key["name"],
+                    plaintext=base64.b64encode(payload).decode(),
+                    associated_data=base64.b64encode(
+                        json.dumps(CONTEXT, sort_keys=True, separators=(",", ":")).encode()
+                    ).decode(),
+                    mount_point="kb-transit",
+                )
+                t = replace(t, ciphertext=out["data"]["ciphertext"])
+            return t
+        if backend == "kms":
+            t = Target(
+                kind="kms-direct", op=op, payload=payload, context=CONTEXT, key_id=key["material"],
+                kms_endpoint=self.stack.kms_endpoint,
+            )  # fmt: skip
+            if op == "decrypt":
+                blob = self.stack.kms_client().encrypt(
+                    KeyId=key["material"], Plaintext=payload, EncryptionContext=CONTEXT
+                )["CiphertextBlob"]
+                t = replace(t, ciphertext=base64.b64encode(blob).decode())
+            return t
+        t = Target(
+            kind="hsm-direct",
+            op=op,
+            payload=payload,
+            context=CONTEXT,
+            key_id=key["material"],
+            hsm_library=str(find_softhsm_library()),
+            hsm_label=f"kb:{key['name']}",
+            hsm_pin=self.stack.layout.hsm_pin.read_text().strip(),
+            softhsm_conf=str(self.stack.layout.softhsm_conf),
+        )
+        if op == "decrypt":
+            sealed = self._call(
+                f"/v1/keys/{key['name']}/encrypt",
+                {"plaintext": base64.b64encode(payload).decode(), "context": CONTEXT},
+                who="app",
+            )["ciphertext"]
+            t = replace(t, ciphertext=base64.urlsafe_b64encode(_payload_of(sealed)).decode())
+        return t
+
+    # -- running -----------------------------------------------------------------------
+
+    def measure(self, target: Target, concurrency: int, warmup: float, duration: float) -> Row:
+        processes = 1 if concurrency == 1 else 2
+        shares = [
+            concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)
+        ]
+        broker = target.kind == "broker"
+        cpu0 = proc_cpu_seconds(self.broker_pid) if broker else 0.0
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=processes, mp_context=ctx) as pool:
+            futures = [pool.submit(run_worker, target, share, warmup, duration) for share in shares]
+            results: list[Result] = [f.result() for f in futures]
+        broker_cpu = proc_cpu_seconds(self.broker_pid) - cpu0 if broker else 0.0
+        ok = sum(r.ok for r in results)
+        latencies = sorted(x for r in results for x in r.latencies)
+        errors = sum(r.errors for r in results)
+        total_cpu = sum(r.cpu_seconds for r in results)
+        return Row(
+            backend="",
+            op=target.op,
+            payload=len(target.payload),
+            concurrency=concurrency,
+            mode="broker" if broker else "direct",
+            rps=ok / duration,
+            p50_ms=_pct(latencies, 50) * 1000,
+            p99_ms=_pct(latencies, 99) * 1000,
+            errors=errors,
+            first_error=next((r.first_error for r in results if r.first_error), ""),
+            generator_cpu_pct=100 * total_cpu / (warmup + duration) / (os.cpu_count() or 1),
+            # The broker's CPU over warm-up and measurement, per request completed in the window.
+            broker_cpu_s_per_1k=(broker_cpu / ok * 1000 * duration / (warmup + duration))
+            if broker and ok
+            else None,
+            broker_rss_mb=proc_rss_mb(self.broker_pid) if broker else None,
+        )
+
+
+def _payload_of(sealed: str) -> bytes:
+    text = sealed.rsplit(":", 1)[1]
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _pct(values: list[float], pct: int) -> float:
+    if not values:
+        return 0.0
+    return values[min(len(values) - 1, int(len(values) * pct / 100))]
+
+
+def print_table(rows: list[Row]) -> None:
+    head = (
+        f"{'backend':<7} {'op':<8} {'bytes':>5} {'conc':>4}  "
+        f"{'direct rps':>10} {'broker rps':>10} {'B/A':>5}  "
+        f"{'p50 A ms':>8} {'p50 B ms':>8} {'p99 A ms':>8} {'p99 B ms':>8}  {'err':>3}  {'brk cpu s/1k':>12} "
+        f"{'brk RSS MB':>10} {'gen cpu%':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    pairs: dict[tuple[str, str, int, int], dict[str, Row]] = {}
+    for row in rows:
+        pairs.setdefault((row.backend, row.op, row.payload, row.concurrency), {})[row.mode] = row
+    for (backend, op, size, conc), pair in pairs.items():
+        a, b = pair.get("direct"), pair.get("broker")
+        if a is None or b is None:
+            continue
+        print(
+            f"{backend:<7} {op:<8} {size:>5} {conc:>4}  "
+            f"{a.rps:>10.0f} {b.rps:>10.0f} {b.rps / a.rps if a.rps else 0:>5.2f}  "
+            f"{a.p50_ms:>8.2f} {b.p50_ms:>8.2f} {a.p99_ms:>8.2f} {b.p99_ms:>8.2f}  {a.errors + b.errors:>3}  "
+            f"{b.broker_cpu_s_per_1k or 0:>12.3f} {b.broker_rss_mb or 0:>10.1f} "
+            f"{max(a.generator_cpu_pct, b.generator_cpu_pct):>8.0f}"
+        )
+
+
+def chart(rows: list[Row], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no chart; `pip install -e '.[bench]'`)")
+        return False
+    backends = sorted({r.backend for r in rows})
+    fig, axes = plt.subplots(2, len(backends), figsize=(5 * len(backends), 8), squeeze=False)
+    for col, backend in enumerate(backends):
+        for mode, style in (("direct", "--"), ("broker", "-")):
+            for op, color in (("encrypt", "tab:blue"), ("decrypt", "tab:orange")):
+                picked = sorted(
+                    (r for r in rows if (r.backend, r.mode, r.op, r.payload) == (backend, mode, op, 64)),
+                    key=lambda r: r.concurrency,
+                )
+                if not picked:
+                    continue
+                xs = [r.concurrency for r in picked]
+                label = f"{mode} {op}"
+                axes[0][col].plot(xs, [r.rps for r in picked], style, color=color, marker="o", label=label)
+                axes[1][col].plot(xs, [r.p99_ms for r in picked], style, color=color, marker="o", label=label)
+        axes[0][col].set_title(f"{backend}: throughput (64 B)")
+        axes[0][col].set_ylabel("requests/s")
+        axes[1][col].set_title(f"{backend}: p99 latency (64 B)")
+        axes[1][col].set_ylabel("ms")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrency")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle("keybroker (solid) vs direct (dashed), audit on, one 2-core machine")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def soak(bench: Bench, total: int, concurrency: int) -> list[tuple[int, float]]:
+    """Drive ``total`` broker encrypts in ten slices; the broker's RSS after each."""
+    target = bench.target("vault", "broker", "encrypt", os.urandom(64))
+    samples: list[tuple[int, float]] = []
+    done, rps = 0, 500.0
+    print(f"soak: {total} broker encrypts at concurrency {concurrency}, RSS after every tenth", flush=True)
+    while done < total:
+        seconds = max(1.0, total / 10 / rps)
+        row = bench.measure(target, concurrency, 0.2, seconds)
+        if row.errors:
+            print(f"  errors during soak: {row.errors} ({row.first_error})")
+        rps = max(row.rps, 1.0)
+        done += round(row.rps * seconds)
+        samples.append((done, proc_rss_mb(bench.broker_pid)))
+        print(f"  {done:>7} requests: broker RSS {samples[-1][1]:.1f} MB ({row.rps:.0f} rps)", flush=True)
+    return samples
+
+
+def loop_check(duration: float) -> int:
+    """A second stack whose broker runs asyncio in debug mode (slow callback = 10 ms) under load."""
+    with tempfile.TemporaryDirectory(prefix="kb-bench-debug-") as tmp:
+        bench = Bench(Path(tmp), broker_env={"KEYBROKER_ASYNCIO_DEBUG_MS": "10"})
+        bench.start()
+        try:
+            for backend in ("vault", "kms", "hsm"):
+                bench.measure(bench.target(backend, "broker", "encrypt", os.urandom(64)), 64, 0.5, duration)
+            log = (bench.stack.layout.logs / "broker.log").read_text()
+        finally:
+            bench.stack.stop()
+    slow = re.findall(r"Executing .* took [0-9.]+ seconds", log)
+    print(f"event loop under load with asyncio debug (slow callback > 10 ms): {len(slow)} warnings")
+    for line in slow[:5]:
+        print(f"  {line}")
+    return len(slow)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="64 B only, concurrency 1 and 64, shorter runs")
+    parser.add_argument("--duration", type=float, default=None, help="seconds measured per cell (default 3)")
+    parser.add_argument("--soak", type=int, default=100_000, help="requests in the RSS soak (0: skip)")
+    parser.add_argument("--no-loop-check", action="store_true", help="skip the asyncio debug run")
+    parser.add_argument("--only", choices=["vault", "kms", "hsm"], action="append", help="limit to backends")
+    args = parser.parse_args()
+    duration = args.duration or (1.5 if args.quick else 3.0)
+    payloads = [64] if args.quick else [64, 4096]
+    concurrencies = [1, 64] if args.quick else [1, 16, 64]
+    backends = args.only or ["vault", "kms", "hsm"]
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    rows: list[Row] = []
+    soak_samples: list[tuple[int, float]] = []
+    with tempfile.TemporaryDirectory(prefix="kb-bench-") as tmp:
+        bench = Bench(Path(tmp))
+        bench.start()
+        try:
+            for backend in backends:
+                for op in ("encrypt", "decrypt"):
+                    for size in payloads:
+                        payload = os.urandom(size)
+                        for conc in concurrencies:
+                            for mode in ("direct", "broker"):
+                                row = bench.measure(
+                                    bench.target(backend, mode, op, payload), conc, 0.5, duration
+                                )
+                                row.backend = backend
+                                rows.append(row)
+                            a, b = rows[-2], rows[-1]
+                            b.ratio = b.rps / a.rps if a.rps else None
+                            print(
+                                f"  {backend} {op} {size}B c{conc}: direct {a.rps:.0f} rps, "
+                                f"broker {b.rps:.0f} rps "
+                                f"(x{b.ratio or 0:.2f}), errors {a.errors + b.errors}",
+                                flush=True,
+                            )
+            if args.soak:
+                soak_samples = soak(bench, args.soak, 64)
+        finally:
+            bench.stack.stop()
+    print()
+    print_table(rows)
+    errors = sum(r.errors for r in rows)
+    slow = 0 if args.no_loop_check else loop_check(duration)
+    out = RESULTS / f"bench-{stamp}.json"
+    out.write_text(
+        json.dumps(
+            {
+                "rows": [asdict(r) for r in rows],
+                "soak_rss_mb": soak_samples,
+                "slow_callbacks": slow,
+                "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+            },
+            indent=2,
+        )
+    )
+    png = RESULTS / f"bench-{stamp}.png"
+    drew = chart(rows, png)
+    print(f"\nresults: {out}" + (f", chart: {png}" if drew else ""))
+    if soak_samples:
+        half = [rss for n, rss in soak_samples if n >= soak_samples[-1][0] / 2]
+        print(
+            f"soak: RSS {soak_samples[0][1]:.1f} MB after {soak_samples[0][0]} requests, "
+            f"{soak_samples[-1][1]:.1f} MB "
+            f"after {soak_samples[-1][0]}; growth over the last half {max(half) - min(half):.1f} MB "
+            f"(median {statistics.median(half):.1f} MB)"
+        )
+    print(f"errors in all cells: {errors}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -58,6 +58,7 @@ def create_app(config: Config, *, clock: Clock = now_utc) -> web.Application:
             Backend.HSM: HsmKeys(app[HSM]),
         },
         clock=clock,
+        cache_seconds=config.keys.cache_seconds,
     )
     app[POLICIES] = PolicyStore(
         app[VAULT],

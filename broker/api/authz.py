@@ -120,18 +120,22 @@ async def key_for(request: web.Request, operation: str, name: str) -> Key:
     For a key that does not exist, a caller that may not list keys gets the same 403
     it would get for an existing key it may not see.
     """
-    key = await find_key(request, operation, name)
+    key = await find_key(request, operation, name, fresh=True)
     await authorize(request, operation, key)
     return key
 
 
-async def find_key(request: web.Request, operation: str, name: str) -> Key:
-    """Read the key; a missing key is 404 only for a caller that may list keys, else 403."""
+async def find_key(request: web.Request, operation: str, name: str, *, fresh: bool = False) -> Key:
+    """Read the key; a missing key is 404 only for a caller that may list keys, else 403.
+
+    Crypto requests read through the key cache (``keys.cache_seconds``); management reads fresh.
+    """
     facts = audit_facts(request)
     if facts.key is None:
         facts.key = name
     try:
-        key = await request.app[KEYS].get(name)
+        service = request.app[KEYS]
+        key = await (service.get(name) if fresh else service.cached(name))
     except NotFound:
         if (await decide(request, "key.list")).allowed:
             raise

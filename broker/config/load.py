@@ -226,6 +226,8 @@ def _check_semantics(config: Config) -> None:
             source=src,
             key="policy.max_stale_seconds",
         )
+    if not 0 <= config.keys.cache_seconds <= 60:
+        raise ConfigError("expected 0 (no cache) to 60 seconds", source=src, key="keys.cache_seconds")
     if config.keys.max_batch_items < 1:
         raise ConfigError("expected at least 1", source=src, key="keys.max_batch_items")
     for key in (

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -65,11 +66,23 @@ class Sealed:
 
 class KeyService:
     def __init__(
-        self, registry: Registry, backends: Mapping[Backend, KeyBackend], *, clock: Clock = now_utc
+        self,
+        registry: Registry,
+        backends: Mapping[Backend, KeyBackend],
+        *,
+        clock: Clock = now_utc,
+        cache_seconds: float = 0.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._registry = registry
         self._backends = dict(backends)
         self._clock = clock
+        # Crypto requests read key metadata through a short cache (one Vault read saved per
+        # request); a change through this replica updates it at once, through another replica
+        # it holds here within cache_seconds. Lifecycle changes always read fresh.
+        self._cache_seconds = cache_seconds
+        self._monotonic = monotonic
+        self._cache: dict[str, tuple[float, Key]] = {}
 
     def now(self) -> datetime:
         return self._clock()
@@ -84,11 +97,27 @@ class KeyService:
     # -- reading ---------------------------------------------------------------------
 
     async def get(self, name: str) -> Key:
-        return await self._registry.get(name)
+        """The key as Vault has it now."""
+        return self._remember(await self._registry.get(name))
+
+    async def cached(self, name: str) -> Key:
+        """The key, from the cache when it is younger than ``cache_seconds``: for crypto requests."""
+        hit = self._cache.get(name)
+        if hit is not None and self._monotonic() - hit[0] < self._cache_seconds:
+            return hit[1]
+        return await self.get(name)
+
+    def _remember(self, key: Key) -> Key:
+        if self._cache_seconds > 0:
+            self._cache[key.name] = (self._monotonic(), key)
+        return key
+
+    async def _update(self, name: str, change: Callable[[Key], Key]) -> Key:
+        return self._remember(await self._registry.update(name, change))
 
     async def resolve(self, key: str | Key) -> Key:
         """A key already read (and authorized) by the caller is used as is: one Vault read per request."""
-        return key if isinstance(key, Key) else await self._registry.get(key)
+        return key if isinstance(key, Key) else await self.cached(key)
 
     async def list_keys(self, filters: Mapping[str, str] | None = None) -> list[Key]:
         keys = await self._registry.all()
@@ -141,9 +170,10 @@ class KeyService:
             material = await backend.create_version(self.ref(key))
         except BrokerError:
             await self._registry.delete(key.name)
+            self._cache.pop(key.name, None)
             raise
         version = Version(1, material, self.now())
-        created = await self._registry.update(key.name, lambda k: k.activated(version, self.now()))
+        created = await self._update(key.name, lambda k: k.activated(version, self.now()))
         log.info("key_created", key=key.name, backend=str(key.backend), type=str(key.type))
         return created
 
@@ -154,7 +184,7 @@ class KeyService:
         material = await self.backend(key).create_version(self.ref(key))
         # The material exists now; the check-and-set loop appends it as the next version,
         # so concurrent rotations each add exactly one version and none is lost.
-        rotated = await self._registry.update(name, lambda k: k.with_version(material, self.now()))
+        rotated = await self._update(name, lambda k: k.with_version(material, self.now()))
         log.info("key_rotated", key=name, version=rotated.latest.number)
         return rotated
 
@@ -168,13 +198,13 @@ class KeyService:
             return replace(k, last_rotated_at=now, updated_at=now)
 
         try:
-            await self._registry.update(name, claim)
+            await self._update(name, claim)
         except _NotDue:
             return None
         return await self.rotate(name)
 
     async def suspend(self, name: str) -> Key:
-        key = await self._registry.update(name, lambda k: k.suspended(self.now()))
+        key = await self._update(name, lambda k: k.suspended(self.now()))
         await self.backend(key).set_enabled(self.ref(key), [v.material for v in key.versions], False)
         return key
 
@@ -182,21 +212,21 @@ class KeyService:
         key = await self.get(name)
         key.resumed(self.now())  # refuse before touching the backend
         await self.backend(key).set_enabled(self.ref(key), [v.material for v in key.versions], True)
-        return await self._registry.update(name, lambda k: k.resumed(self.now()))
+        return await self._update(name, lambda k: k.resumed(self.now()))
 
     async def revoke(self, name: str, reason: str) -> Key:
-        return await self._registry.update(name, lambda k: k.revoked(reason, self.now()))
+        return await self._update(name, lambda k: k.revoked(reason, self.now()))
 
     async def patch(self, name: str, changes: dict[str, Any]) -> Key:
         check_rotation_period(changes.get("rotation_period_seconds"))
-        key = await self._registry.update(name, lambda k: k.patched(changes, self.now()))
+        key = await self._update(name, lambda k: k.patched(changes, self.now()))
         if "min_decrypt_version" in changes:
             allowed = [v.material for v in key.versions if v.number >= key.min_decrypt_version]
             await self.backend(key).set_min_decryption(self.ref(key), allowed)
         return key
 
     async def schedule_destruction(self, name: str, pending_days: int) -> Key:
-        key = await self._registry.update(name, lambda k: k.destruction_scheduled(pending_days, self.now()))
+        key = await self._update(name, lambda k: k.destruction_scheduled(pending_days, self.now()))
         await self.backend(key).schedule_destruction(
             self.ref(key), [v.material for v in key.versions], pending_days
         )
@@ -207,7 +237,7 @@ class KeyService:
         key = await self.get(name)
         key.destruction_cancelled(self.now())
         await self.backend(key).cancel_destruction(self.ref(key), [v.material for v in key.versions])
-        return await self._registry.update(name, lambda k: k.destruction_cancelled(self.now()))
+        return await self._update(name, lambda k: k.destruction_cancelled(self.now()))
 
     async def destroy_if_due(self, name: str) -> Key | None:
         """End of the window: remove the backend material, then record ``destroyed``. Idempotent."""
@@ -216,7 +246,7 @@ class KeyService:
         if not key.destruction_due(now):
             return None
         await self.backend(key).destroy(self.ref(key), [v.material for v in key.versions])
-        destroyed = await self._registry.update(
+        destroyed = await self._update(
             name, lambda k: k if k.state is State.DESTROYED else k.destroyed(self.now())
         )
         log.info("key_destroyed", key=name)

@@ -6,8 +6,9 @@ replica re-reads it every ``policy.refresh_seconds``; a change made through one
 replica is enforced by all of them within that interval, without a restart.
 
 Fail closed: until a document has been read, or once the cached one is older than
-``policy.max_stale_seconds`` because Vault cannot be read, or when the stored
-document does not validate, every request is refused with 503. When no document
+``policy.max_stale_seconds`` because Vault cannot be read, every request is refused
+with 503. When the stored document does not validate, every principal is denied
+except the config's break-glass administrators, so that they can store a valid one. When no document
 has been stored yet, the packaged default roles apply with no bindings: only the
 config's break-glass administrators can do anything.
 """
@@ -46,6 +47,9 @@ class Snapshot:
     policy: PolicySet  # as stored (or the defaults): what the API shows and edits
     effective: PolicySet  # plus the break-glass administrators: what the engine decides with
     version: int  # KV version; 0 = nothing stored yet
+    # Set when the stored document does not validate: only break-glass administrators act,
+    # so they can store a valid one (nobody else can do anything).
+    invalid: str | None = None
 
 
 class PolicyStore:
@@ -90,6 +94,8 @@ class PolicyStore:
             snap = self.current()
         except BrokerError as exc:
             return {"ok": False, "error": exc.detail}
+        if snap.invalid:
+            return {"ok": False, "version": snap.version, "error": snap.invalid}
         age = round(self._monotonic() - self._loaded_at, 1)
         return {"ok": True, "version": snap.version, "age_seconds": age}
 
@@ -107,17 +113,20 @@ class PolicyStore:
             try:
                 snap = self._snap(parse_document(data, source="vault policy/document"), version)
             except PolicyInvalid as exc:
-                # Someone wrote Vault directly, around the broker's validation: refuse all.
-                self._snapshot = None
+                # Written around the broker's validation (Vault directly, or an older broker's
+                # format): nobody but the break-glass administrators may do anything, and they
+                # may store a valid document again.
                 self._problem = f"the stored document is invalid: {exc}"
                 problems = [str(p) for p in exc.problems]
                 # The problems are the message; a traceback would add nothing.
                 log.error("policy_invalid", version=version, problems=problems)  # noqa: TRY400
-                raise Unavailable(f"policies unavailable: {self._problem}", backend="policy") from None
+                empty = PolicySet(roles={}, bindings={}, settings=self._defaults.settings)
+                snap = replace(self._snap(empty, version), policy=self._defaults, invalid=self._problem)
         if self._snapshot is None or snap.version != self._snapshot.version:
             log.info("policy_loaded", version=snap.version, roles=sorted(snap.policy.roles))
         self._snapshot, self._loaded_at = snap, self._monotonic()
-        self._problem = "no refresh has succeeded since"
+        if not snap.invalid:
+            self._problem = "no refresh has succeeded since"
         return snap
 
     def _snap(self, policy: PolicySet, version: int) -> Snapshot:

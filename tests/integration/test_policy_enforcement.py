@@ -280,3 +280,29 @@ def test_expired_grants_are_purged_from_vault(stack: DevStack) -> None:
 
     assert purged >= 1
     assert [g["id"] for g in stored["data"]["data"]["grants"]] == kept
+
+
+def test_an_invalid_stored_policy_leaves_only_break_glass_who_repair_it(stack: DevStack) -> None:
+    """Someone writes garbage into Vault around the broker: everyone is refused except the config's
+    break-glass administrator, who stores a valid document again; service is back at once."""
+    good = https(stack, "/v1/policies").json()["document"]
+    key = create_key(stack, "vault", tags={"app": "app"})
+    stack.vault_client().secrets.kv.v2.create_or_update_secret(
+        path="policy/document",
+        secret={"roles": {"x": {"rules": [{"operations": ["nope"]}]}}},
+        mount_point="kb-kv",
+    )
+    deadline = time.monotonic() + 10
+    health = https(stack, "/v1/sys/health")
+    while health.status == 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        health = https(stack, "/v1/sys/health")
+    refused = _encrypt(stack, key, "app")
+    repaired = https(stack, "/v1/policies", method="PUT", body={"document": good})
+    restored = _encrypt(stack, key, "app")
+
+    assert health.status == 503
+    assert "stored document is invalid" in health.json()["policy"]["error"]
+    assert refused == 403
+    assert repaired.status == 200, repaired.body
+    assert restored == 200

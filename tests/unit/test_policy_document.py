@@ -16,6 +16,7 @@ from broker.policy.document import (
     parse_document,
     to_document,
 )
+from broker.policy.model import principal_from_id
 from broker.state.policies import BREAK_GLASS_ROLE, PolicyStore, default_policy
 
 SHIPPED = Path(__file__).parents[2] / "config" / "policies.yaml"
@@ -187,16 +188,20 @@ def test_a_stale_cache_is_refused_and_recovers() -> None:
     assert (fresh_enough, s.current().version) == (4, 4)
 
 
-def test_an_invalid_stored_document_refuses_everything() -> None:
-    """A document written around the broker's validation is not half-used: all requests get 503."""
+def test_an_invalid_stored_document_leaves_only_break_glass(tmp_path: object) -> None:
+    """A document written around the broker's validation is not half-used: nobody is bound to
+    anything, health says why, and only the break-glass administrators can act (to repair it)."""
     vault, clock = FakeVault(), Clock()
     vault.document, vault.version = {"roles": {"x": {"rules": [{"operations": ["nope"]}]}}}, 7
-    s = store(vault, clock)
+    s = store(vault, clock, break_glass=("cn:custodian",))
 
-    with pytest.raises(Unavailable, match="stored document is invalid"):
-        asyncio.run(s.load())
-    with pytest.raises(Unavailable, match="stored document is invalid"):
-        s.current()
+    snap = asyncio.run(s.load())
+    health = asyncio.run(s.health())
+
+    assert (snap.version, snap.effective.roles_of(principal_from_id("cn:someone"))) == (7, ())
+    assert snap.effective.roles_of(principal_from_id("cn:custodian")) == (BREAK_GLASS_ROLE,)
+    assert health["ok"] is False
+    assert "stored document is invalid" in health["error"]
 
 
 def test_nothing_stored_serves_the_defaults_plus_break_glass_only() -> None:

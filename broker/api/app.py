@@ -53,7 +53,9 @@ def create_app(config: Config, *, clock: Clock = now_utc) -> web.Application:
     app[KEYS] = KeyService(
         Registry(app[VAULT], config.vault.kv_mount),
         {
-            Backend.VAULT: VaultTransit(app[VAULT], config.vault.transit_mount),
+            Backend.VAULT: VaultTransit(
+                app[VAULT], config.vault.transit_mount, coalesce=config.vault.coalesce
+            ),
             Backend.KMS: KmsKeys(app[KMS]),
             Backend.HSM: HsmKeys(app[HSM]),
         },

@@ -135,20 +135,32 @@ def vault_entries(
 
 
 def merge(broker: Sequence[Mapping[str, Any]], vault: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Broker records with their Vault evidence nested, plus unexplained Vault rows, in time order."""
-    by_request: dict[str, list[dict[str, Any]]] = {}
+    """Broker records with their Vault evidence nested, plus unexplained Vault rows, in time order.
+
+    A Vault entry belongs to a broker record when it carries the record's request id
+    (X-Request-Id) or when the record noted that Vault request id among its backend
+    calls (a micro-batch serving several requests belongs to each of them).
+    """
+    by_request: dict[str, list[Mapping[str, Any]]] = {}
+    by_vault_id: dict[str, Mapping[str, Any]] = {}
     for row in vault:
+        by_vault_id[str(row["vault_request_id"])] = row
         if row.get("request_id"):
-            by_request.setdefault(str(row["request_id"]), []).append(dict(row))
+            by_request.setdefault(str(row["request_id"]), []).append(row)
     timeline: list[dict[str, Any]] = []
     claimed: set[str] = set()
     for record in broker:
-        rid = str(record.get("request_id", ""))
-        evidence = by_request.get(rid, [])
-        claimed.add(rid)
-        timeline.append({**record, "vault": [_evidence(v) for v in evidence]})
+        evidence = {
+            str(v["vault_request_id"]): v for v in by_request.get(str(record.get("request_id", "")), [])
+        }
+        for call in record.get("backend_calls") or []:
+            found = by_vault_id.get(str(call.get("id"))) if call.get("backend") == "vault" else None
+            if found is not None:
+                evidence[str(found["vault_request_id"])] = found
+        claimed.update(evidence)
+        timeline.append({**record, "vault": [_evidence(v) for v in evidence.values()]})
     for row in vault:
-        if row.get("request_id") and str(row["request_id"]) in claimed:
+        if str(row["vault_request_id"]) in claimed:
             continue
         kind = "broker-background" if row.get("broker_identity") else "bypass"
         timeline.append({**row, "kind": kind, "bypass": kind == "bypass"})

@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 
+from broker.backends._coalesce import Coalescer
 from broker.backends.base import Backend, Context, KeyRef, KeyType, canonical_context
 from broker.config.model import VaultConfig
 from broker.context import note_backend_call, request_id_var
@@ -334,6 +335,13 @@ def _batch_results(out: dict[str, Any], expected: int) -> list[dict[str, Any]]:
     return [r if isinstance(r, dict) else {} for r in results]
 
 
+def _only(results: list[bytes | BrokerError]) -> bytes:
+    result = results[0]
+    if isinstance(result, BrokerError):
+        raise result
+    return result
+
+
 class VaultTransit:
     """Keys in Vault's transit engine. A material reference is the transit version number.
 
@@ -345,10 +353,15 @@ class VaultTransit:
     name = Backend.VAULT
     key_types = frozenset(_TRANSIT_TYPES)
 
-    def __init__(self, client: VaultClient, mount: str) -> None:
+    def __init__(self, client: VaultClient, mount: str, *, coalesce: bool = True) -> None:
         self._client = client
         self._mount = mount
         self._rotation_locks: dict[str, asyncio.Lock] = {}
+        self._encrypts: Coalescer[tuple[KeyRef, str], tuple[bytes, Context], bytes] = Coalescer(
+            lambda target, items: self.encrypt_batch(target[0], target[1], items)
+        )
+        self._decrypts: Coalescer[KeyRef, tuple[str, bytes, Context], bytes] = Coalescer(self.decrypt_batch)
+        self._coalesce = coalesce
 
     def _path(self, *parts: str) -> str:
         return "/".join(("v1", self._mount, *parts))
@@ -390,29 +403,16 @@ class VaultTransit:
         )
 
     async def encrypt(self, key: KeyRef, ref: str, plaintext: bytes, context: Context) -> bytes:
-        body: dict[str, Any] = {"plaintext": _b64(plaintext), "key_version": int(ref)}
-        aad = canonical_context(context)
-        if aad:
-            body["associated_data"] = _b64(aad)
-        out = await self._client.request(
-            "POST", self._path("encrypt", key.name), body, what="transit encrypt"
-        )
-        return _transit_payload(out["data"]["ciphertext"])
+        """Concurrent encryptions under one key version share a transit batch_input call."""
+        if not self._coalesce:
+            return _only(await self.encrypt_batch(key, ref, [(plaintext, context)]))
+        return await self._encrypts.submit((key, ref), (plaintext, context))
 
     async def decrypt(self, key: KeyRef, ref: str, payload: bytes, context: Context) -> bytes:
-        body: dict[str, Any] = {"ciphertext": _transit_ciphertext(ref, payload)}
-        aad = canonical_context(context)
-        if aad:
-            body["associated_data"] = _b64(aad)
-        try:
-            out = await self._client.request(
-                "POST", self._path("decrypt", key.name), body, what="transit decrypt"
-            )
-            return base64.b64decode(out["data"]["plaintext"])
-        except BadGateway as exc:
-            if vault_status(exc) == 400:
-                raise DecryptionFailed() from exc
-            raise
+        """Concurrent decryptions with one key share a transit batch_input call."""
+        if not self._coalesce:
+            return _only(await self.decrypt_batch(key, [(ref, payload, context)]))
+        return await self._decrypts.submit(key, (ref, payload, context))
 
     async def encrypt_batch(
         self, key: KeyRef, ref: str, items: Sequence[tuple[bytes, Context]]

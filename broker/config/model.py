@@ -38,6 +38,8 @@ class VaultConfig:
     timeout_seconds: float = 5.0
     # Renew the token once this fraction of its TTL has passed.
     renew_fraction: float = 0.5
+    # Concurrent transit encryptions (decryptions) with one key share one batch_input call.
+    coalesce: bool = True
 
 
 @dataclass(frozen=True)

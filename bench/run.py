@@ -343,6 +343,13 @@ def main() -> int:
     parser.add_argument("--soak", type=int, default=100_000, help="requests in the RSS soak (0: skip)")
     parser.add_argument("--no-loop-check", action="store_true", help="skip the asyncio debug run")
     parser.add_argument("--only", choices=["vault", "kms", "hsm"], action="append", help="limit to backends")
+    parser.add_argument(
+        "--broker-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="run the broker with this setting, e.g. KEYBROKER__VAULT__COALESCE=false (A/B runs)",
+    )
     args = parser.parse_args()
     duration = args.duration or (1.5 if args.quick else 3.0)
     payloads = [64] if args.quick else [64, 4096]
@@ -352,8 +359,11 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows: list[Row] = []
     soak_samples: list[tuple[int, float]] = []
+    broker_env = dict(pair.split("=", 1) for pair in args.broker_env)
+    if broker_env:
+        print(f"broker settings: {broker_env}")
     with tempfile.TemporaryDirectory(prefix="kb-bench-") as tmp:
-        bench = Bench(Path(tmp))
+        bench = Bench(Path(tmp), broker_env=broker_env)
         bench.start()
         try:
             for backend in backends:

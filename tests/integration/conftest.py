@@ -94,3 +94,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
 @pytest.fixture(scope="session")
 def ca_file(stack: DevStack) -> Path:
     return stack.layout.tls / "ca.pem"
+
+
+@pytest.fixture(scope="session")
+def second_broker(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Another broker process (its own port and audit log) sharing the stack's Vault, KMS and HSM."""
+    port = free_port()
+    config = tmp_path_factory.mktemp("replica") / "broker.toml"
+    config.write_text(stack.render_broker_config(port=port))
+    child = stack.spawn_broker("broker-replica", config)
+    url = f"https://127.0.0.1:{port}"
+    try:
+        stack.wait_healthy(child, url)
+        yield url
+    finally:
+        child.stop()

@@ -4,34 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
-from broker.devstack.stack import DevStack, free_port
+from broker.devstack.stack import DevStack
 from tests.integration.conftest import Reply, https
 from tests.integration.keyops import create_key, decrypt, encrypt, key_service, registry_record, run, unb64
 
 ROTATIONS = 50
 KEY_CACHE_SECONDS = 1.0  # keys.cache_seconds, the default the dev stack runs with
-
-
-@pytest.fixture(scope="module")
-def second_broker(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Another broker process with its own port, sharing the stack's Vault, KMS and HSM."""
-    port = free_port()
-    config: Path = tmp_path_factory.mktemp("replica") / "broker.toml"
-    config.write_text(stack.render_broker_config(port=port))
-    child = stack.spawn_broker("broker-replica", config)
-    url = f"https://127.0.0.1:{port}"
-    try:
-        stack.wait_healthy(child, url)
-        yield url
-    finally:
-        child.stop()
 
 
 @pytest.mark.parametrize("backend", ["vault", "kms", "hsm"])

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
-from broker.devstack.stack import DevStack, free_port
+from broker.devstack.stack import DevStack
 from tests.integration.conftest import Reply, https
 from tests.integration.keyops import b64, create_key, unb64
 from tests.integration.policyops import bind, fresh, identity, put_role
@@ -189,23 +187,8 @@ def test_a_grant_cannot_give_more_than_the_granter_holds(stack: DevStack) -> Non
     assert (too_long.status, manage.status) == (400, 400)
 
 
-@pytest.fixture(scope="module")
-def replica(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A second broker process (default policy refresh: 2 s) sharing the stack's Vault, KMS and HSM."""
-    port = free_port()
-    config: Path = tmp_path_factory.mktemp("policy-replica") / "broker.toml"
-    config.write_text(stack.render_broker_config(port=port))
-    child = stack.spawn_broker("broker-policy-replica", config)
-    url = f"https://127.0.0.1:{port}"
-    try:
-        stack.wait_healthy(child, url)
-        yield url
-    finally:
-        child.stop()
-
-
 def test_a_change_through_one_replica_is_enforced_by_the_other_within_the_refresh_interval(
-    stack: DevStack, replica: str
+    stack: DevStack, second_broker: str
 ) -> None:
     """Take encrypt away through replica 1; replica 2 refuses within 2 s (+ one request's slack)."""
     refresh = 2.0
@@ -217,7 +200,7 @@ def test_a_change_through_one_replica_is_enforced_by_the_other_within_the_refres
 
     def on_replica() -> int:
         return https(
-            stack, f"/v1/keys/{key}/encrypt", who=stem, url=replica, body={"plaintext": b64(b"r")}
+            stack, f"/v1/keys/{key}/encrypt", who=stem, url=second_broker, body={"plaintext": b64(b"r")}
         ).status
 
     deadline = time.monotonic() + 3 * refresh

@@ -18,12 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
-
 from broker.audit.chain import canonical, verify
 from broker.audit.sink import AuditSink
+from tests.unit.test_audit_chain import SoftSigner  # the same software stand-in for the HSM
 
 RECORD = {
     "type": "event",
@@ -38,20 +35,6 @@ RECORD = {
         {"backend": "vault", "id": "0e8575a4-5de9-a6ef-f352-e86efb417d10", "operation": "encrypt"}
     ],
 }
-
-
-class SoftSigner:
-    def __init__(self) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-
-    async def sign_digest(self, digest: bytes) -> bytes:
-        r, s = decode_dss_signature(self.key.sign(digest, ec.ECDSA(Prehashed(hashes.SHA256()))))
-        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
-
-    async def public_key_der(self) -> bytes:
-        return self.key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
 
 
 def fsync_per_record(directory: Path, records: int) -> float:

@@ -109,6 +109,11 @@ class Bench:
 
     # -- targets -----------------------------------------------------------------------
 
+    def _broker_sealed(self, name: str, payload: bytes) -> str:
+        """A broker ciphertext of ``payload`` under CONTEXT, for decrypt cells to send."""
+        body = {"plaintext": base64.b64encode(payload).decode(), "context": CONTEXT}
+        return str(self._call(f"/v1/keys/{name}/encrypt", body, who="app")["ciphertext"])
+
     def target(self, backend: str, mode: str, op: str, payload: bytes) -> Target:
         key = self.keys[backend]
         tls = self.stack.layout.tls
@@ -125,12 +130,7 @@ class Bench:
                 expect_prefix=f"kb1:{key['name']}:1:",
             )
             if op == "decrypt":
-                sealed = self._call(
-                    f"/v1/keys/{key['name']}/encrypt",
-                    {"plaintext": base64.b64encode(payload).decode(), "context": CONTEXT},
-                    who="app",
-                )["ciphertext"]
-                t = replace(t, ciphertext=sealed)
+                t = replace(t, ciphertext=self._broker_sealed(key["name"], payload))
             return t
         if backend == "vault":
             t = Target(
@@ -177,11 +177,7 @@ class Bench:
             softhsm_conf=str(self.stack.layout.softhsm_conf),
         )
         if op == "decrypt":
-            sealed = self._call(
-                f"/v1/keys/{key['name']}/encrypt",
-                {"plaintext": base64.b64encode(payload).decode(), "context": CONTEXT},
-                who="app",
-            )["ciphertext"]
+            sealed = self._broker_sealed(key["name"], payload)
             t = replace(t, ciphertext=base64.urlsafe_b64encode(_payload_of(sealed)).decode())
         return t
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import socket
 import ssl
@@ -696,8 +697,13 @@ vault_audit_log = "{self.layout.vault_audit_log}"
             "AWS_ENDPOINT_URL_KMS": self.kms_endpoint,
             "SOFTHSM2_CONF": self.layout.softhsm_conf,
         }
-        text = f"# Source me: . {self.layout.env_file}\n" + "".join(
-            f"export {k}={v}\n" for k, v in lines.items()
+        # The README's commands run as written after sourcing this file: `keybroker` is the
+        # one installed beside the interpreter running this stack (the project's virtualenv).
+        bin_dir = shlex.quote(str(Path(sys.executable).parent))
+        text = (
+            f"# Source me: . {self.layout.env_file}\n"
+            + "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in lines.items())
+            + f'export PATH={bin_dir}:"$PATH"\n'
         )
         self.layout.env_file.write_text(text)
 

@@ -115,6 +115,18 @@ def health_via_banner(argv: list[str]) -> dict[str, object]:
         return dict(json.load(resp))
 
 
+def readme_cli_after_sourcing(env_file: Path) -> subprocess.CompletedProcess[str]:
+    """The README's next step, in a shell whose PATH knows nothing of the virtualenv."""
+    return subprocess.run(
+        ["bash", "-c", f". {shlex.quote(str(env_file))} && keybroker health --json"],
+        env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_dev_runs_resumes_unsealed_and_leaves_no_orphans(tmp_path: Path) -> None:
     """Start, curl the printed command, Ctrl-C-like stop, resume sealed-free, survive a kill -9."""
     state, port = tmp_path / "dev", free_port()
@@ -122,6 +134,7 @@ def test_dev_runs_resumes_unsealed_and_leaves_no_orphans(tmp_path: Path) -> None
     first = DevProcess(state, port)
     startup = first.wait_ready()
     health = health_via_banner(first.curl_from_banner())
+    from_env_file = readme_cli_after_sourcing(state / "env")
     children = first.descendants()
     first_exit = first.stop(signal.SIGINT)
     orphans_after_stop = wait_gone(children, 15)
@@ -143,6 +156,8 @@ def test_dev_runs_resumes_unsealed_and_leaves_no_orphans(tmp_path: Path) -> None
     assert "Vault bootstrap" in "".join(second.output)
     assert "initialising Vault" not in "".join(second.output)  # resumed, not re-initialised
     assert resumed["status"] == "ok"
+    assert from_env_file.returncode == 0, from_env_file.stderr
+    assert json.loads(from_env_file.stdout)["status"] == "ok"
     assert resume < 60
     assert orphans_after_kill == set()
 

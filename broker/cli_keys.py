@@ -238,8 +238,8 @@ def _key_for(args: argparse.Namespace, envelope: str, what: str) -> str:
         if args.name:
             return str(args.name)  # the broker decides; it gives malformed input no detail
         raise ConfigError(
-            f"the input is not a kb1 {what} (kb1:<key>:<version>:<payload>), so it names no key; "
-            "check the input, or name the key"
+            f"this is not a kb1 {what} (kb1:<key>:<version>:<payload>), so it names no key; "
+            "check what was given, or name the key"
         )
     named, version = found.group(1), found.group(2)
     if args.name and args.name != named:

@@ -72,7 +72,21 @@ class BrokerClient:
         except urllib.error.HTTPError as exc:
             return Answer(exc.code, _json(exc.read()))
         except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
+            # urlopen wraps connection errors in URLError; an alert read later comes bare (SSLError).
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            if isinstance(reason, ssl.SSLError):
+                raise Unreachable(
+                    f"TLS with the broker at {self._address} failed ({reason.reason or reason}): check that "
+                    "--ca-cert/KEYBROKER_CACERT is the CA of the broker's certificate and that your "
+                    "certificate comes from the broker's client CA and has not expired"
+                ) from None
+            if isinstance(reason, ConnectionResetError):  # http.client.RemoteDisconnected among them
+                raise Unreachable(
+                    f"the broker at {self._address} closed the connection without answering; it does that to "
+                    "a client certificate not from its client CA (check --client-cert/KEYBROKER_CLIENT_CERT)"
+                ) from None
+            if isinstance(reason, OSError) and reason.strerror:
+                reason = reason.strerror
             raise Unreachable(f"cannot reach the broker at {self._address}: {reason}") from None
 
 

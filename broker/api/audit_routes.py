@@ -110,8 +110,10 @@ def _row_key(row: dict[str, Any]) -> RowKey:
     if row.get("source") == "vault":
         ident = f"v:{row.get('vault_request_id')}"
     else:
+        # seq is unique in a sound log; the request id keeps a damaged one's rows apart too.
         seq = row.get("seq")
         ident = f"b:{seq:015d}" if isinstance(seq, int) and seq >= 0 else f"b:{seq}"
+        ident += f":{row.get('request_id')}"
     return merge.time_of(row), ident
 
 

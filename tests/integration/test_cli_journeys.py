@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.devstack.localca import loopback_tls
 from broker.devstack.stack import DevStack
 from tests.integration.conftest import https
 from tests.integration.keyops import b64, create_key, unique
@@ -237,7 +238,7 @@ def test_decrypt_and_rewrap_take_the_key_the_ciphertext_names(stack: DevStack) -
     assert (opened.returncode, opened.stdout) == (0, b"order 7")
     assert moved.stdout.startswith(f"kb1:{kms_key}:1:".encode())
     assert back.stdout == b"order 7"
-    assert (garbage.returncode, b"is not a kb1 ciphertext" in garbage.stderr) == (2, True)
+    assert (garbage.returncode, b"this is not a kb1 ciphertext" in garbage.stderr) == (2, True)
     assert no_traceback(wrong, wrong_json, opened, moved, back, garbage)
 
 
@@ -334,3 +335,24 @@ def test_sign_and_verify_from_the_cli(stack: DevStack, backend: str, tmp_path: P
     assert (as_json.returncode, json.loads(as_json.stdout)) == (1, {"valid": False, "key": name})
     assert (bad_digest.returncode, b"64 hex digits" in bad_digest.stderr) == (2, True)
     assert no_traceback(signed, by_digest, valid, valid_file, tampered, foreign, as_json, bad_digest)
+
+
+def test_a_tls_failure_says_which_settings_to_check(stack: DevStack, tmp_path: Path) -> None:
+    """A CA that did not sign the broker, or a certificate from another CA, is named as a TLS problem."""
+    other_ca, other_cert, other_key = loopback_tls(tmp_path / "other")
+    wrong_ca = cli(stack, "keys", "list", env={"KEYBROKER_CACERT": str(other_ca)})
+    foreign_cert = cli(
+        stack,
+        "keys",
+        "list",
+        env={"KEYBROKER_CLIENT_CERT": str(other_cert), "KEYBROKER_CLIENT_KEY": str(other_key)},
+    )
+
+    assert wrong_ca.returncode == 1
+    assert wrong_ca.stderr.decode().startswith(
+        f"keybroker: error: TLS with the broker at {stack.broker_url} failed (CERTIFICATE_VERIFY_FAILED)"
+    )
+    assert "--ca-cert/KEYBROKER_CACERT is the CA of the broker's certificate" in wrong_ca.stderr.decode()
+    assert foreign_cert.returncode == 1
+    assert "check --client-cert/KEYBROKER_CLIENT_CERT" in foreign_cert.stderr.decode()
+    assert no_traceback(wrong_ca, foreign_cert)

@@ -153,6 +153,12 @@ def cmd_vault_bootstrap(args: argparse.Namespace) -> int:
             return _fail(f"--token-file: {exc.strerror}: {args.token_file}", EXIT_USAGE)
     else:
         token = os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN")
+    if args.ca_file:
+        try:
+            with open(args.ca_file, "rb"):
+                pass
+        except OSError as exc:
+            return _fail(f"--ca-file: {exc.strerror}: {args.ca_file}", EXIT_USAGE)
     address = args.address or os.environ.get("VAULT_ADDR") or os.environ.get("BAO_ADDR")
     if not address:
         return _fail("give the Vault address with --address or VAULT_ADDR", EXIT_USAGE)

@@ -356,3 +356,23 @@ def test_a_tls_failure_says_which_settings_to_check(stack: DevStack, tmp_path: P
     assert foreign_cert.returncode == 1
     assert "check --client-cert/KEYBROKER_CLIENT_CERT" in foreign_cert.stderr.decode()
     assert no_traceback(wrong_ca, foreign_cert)
+
+
+def test_vault_bootstrap_names_a_missing_ca_file(tmp_path: Path) -> None:
+    """A --ca-file that is not there is named with the flag (exit 2), not an 'unexpected OSError'."""
+    missing = tmp_path / "vault-ca.pem"
+    done = cli(
+        None,
+        "vault",
+        "bootstrap",
+        "--address",
+        "https://127.0.0.1:1",
+        "--ca-file",
+        str(missing),
+        "--approle-dir",
+        str(tmp_path / "approle"),
+        env={"VAULT_TOKEN": "unused"},
+    )
+
+    assert done.returncode == 2
+    assert done.stderr.decode() == f"keybroker: error: --ca-file: No such file or directory: {missing}\n"

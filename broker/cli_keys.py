@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.client import BrokerClient
-from broker.errors import ConfigError
+from broker.errors import BrokerError, ConfigError
 
 Connect = Callable[[argparse.Namespace], BrokerClient]
 ClientCommand = Callable[[argparse.Namespace, BrokerClient], int]
@@ -281,12 +281,11 @@ def _create_private(path: str, data: bytes) -> None:
         raise ConfigError(f"--plaintext-out: {path} already exists; refusing to overwrite it") from None
     except OSError as exc:
         raise ConfigError(f"--plaintext-out: {exc.strerror}: {path}") from None
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fh.fileno(), 0o600)  # whatever the umask left
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def cmd_datakey(args: argparse.Namespace, client: BrokerClient) -> int:
@@ -297,7 +296,7 @@ def cmd_datakey(args: argparse.Namespace, client: BrokerClient) -> int:
         raise ConfigError(f"--plaintext-out: {args.plaintext_out} already exists; refusing to overwrite it")
     out = client.call("POST", f"/v1/keys/{_quote(args.name)}/datakey", body)
     if wanted and "plaintext" not in out:
-        raise ConfigError("the broker returned no plaintext data key")
+        raise BrokerError("the broker answered without the plaintext data key it was asked for")
     if args.plaintext_out:
         _create_private(args.plaintext_out, base64.b64decode(out.pop("plaintext")))
         out["plaintext_out"] = args.plaintext_out
@@ -359,7 +358,10 @@ def cmd_verify(args: argparse.Namespace, client: BrokerClient) -> int:
     found = _ENVELOPE.match(signature)
     if args.name and found and found.group(1) != args.name:
         # Made by another key: not a valid signature by this one, whatever the other key says.
-        print(f"INVALID: the signature was made by key {found.group(1)!r}, not {args.name!r}")
+        if args.json:
+            print(json.dumps({"valid": False, "key": args.name, "signed_by": found.group(1)}))
+        else:
+            print(f"INVALID: the signature was made by key {found.group(1)!r}, not {args.name!r}")
         return 1
     name = _key_for(args, signature, "signature")
     body = {"digest": _message_digest(args), "signature": signature, "algorithm": "ecdsa-sha256"}

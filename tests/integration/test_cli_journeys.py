@@ -320,6 +320,7 @@ def test_sign_and_verify_from_the_cli(stack: DevStack, backend: str, tmp_path: P
     tampered = cli(stack, "keys", "verify", "--signature", signature, stdin=b"release 6.6.6\n")
     foreign = cli(stack, "keys", "verify", other, "--signature", signature, "--in", str(message))
     as_json = cli(stack, "keys", "verify", "--signature", signature, "--digest", "00" * 32, "--json")
+    foreign_json = cli(stack, "keys", "verify", other, "--json", "--signature", signature, stdin=b"x")
     bad_digest = cli(stack, "keys", "sign", name, "--digest", "abc")
 
     assert signed.returncode == 0, signed.stderr
@@ -333,6 +334,10 @@ def test_sign_and_verify_from_the_cli(stack: DevStack, backend: str, tmp_path: P
         f"INVALID: the signature was made by key {name!r}, not {other!r}\n",
     )
     assert (as_json.returncode, json.loads(as_json.stdout)) == (1, {"valid": False, "key": name})
+    assert (foreign_json.returncode, json.loads(foreign_json.stdout)) == (
+        1,
+        {"valid": False, "key": other, "signed_by": name},
+    )
     assert (bad_digest.returncode, b"64 hex digits" in bad_digest.stderr) == (2, True)
     assert no_traceback(signed, by_digest, valid, valid_file, tampered, foreign, as_json, bad_digest)
 

@@ -1,7 +1,8 @@
 """The ``keybroker`` command line.
 
 Exit status: 0 success, 1 the operation failed, 2 bad usage or configuration.
-Errors are one readable line on stderr, never a traceback.
+Errors are one readable line on stderr, never a traceback; with ``--json`` they are
+one JSON object there instead (stdout carries only results).
 """
 
 from __future__ import annotations
@@ -36,13 +37,18 @@ Vault transit, AWS KMS and a PKCS#11 HSM behind one mTLS API and one audit trail
 common tasks:
   keybroker dev                       run the whole local stack (like `vault server -dev`)
   keybroker health                    ask a running broker whether every backend can serve
-  keybroker keys create|list|rotate|encrypt|decrypt ...   manage keys on a running broker
+  keybroker keys create|list|rotate|encrypt|decrypt|sign|verify ...   keys on a running broker
   keybroker policy apply|show|list|explain ...          role policies (who may do what)
   keybroker bindings set|show                           which principal holds which roles
   keybroker grants create|list|revoke|retire ...        time-limited rights on one key
   keybroker audit verify|query|merge|report             the tamper-evident audit trail
   keybroker serve --config FILE       run the broker daemon
   keybroker vault bootstrap ...       prepare a Vault (init, mounts, PKI, policy, AppRole)
+
+exit status: 0 done, 1 the operation failed (or a signature is invalid), 2 bad usage or settings.
+Errors are one line on stderr; with --json, one JSON object on stderr instead:
+  {"error": {"status": 403, "code": "forbidden", "detail": "...", "request_id": "...",
+             "message": "...", "exit_status": 1}}
 """
 
 
@@ -147,6 +153,12 @@ def cmd_vault_bootstrap(args: argparse.Namespace) -> int:
             return _fail(f"--token-file: {exc.strerror}: {args.token_file}", EXIT_USAGE)
     else:
         token = os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN")
+    if args.ca_file:
+        try:
+            with open(args.ca_file, "rb"):
+                pass
+        except OSError as exc:
+            return _fail(f"--ca-file: {exc.strerror}: {args.ca_file}", EXIT_USAGE)
     address = args.address or os.environ.get("VAULT_ADDR") or os.environ.get("BAO_ADDR")
     if not address:
         return _fail("give the Vault address with --address or VAULT_ADDR", EXIT_USAGE)
@@ -172,31 +184,50 @@ def cmd_vault_bootstrap(args: argparse.Namespace) -> int:
 # -- health -----------------------------------------------------------------------------
 
 
+# Connection settings: (namespace attribute, flag, environment variable, what the file is).
+_SETTINGS = (
+    ("addr", "--addr", "KEYBROKER_ADDR", "the broker address"),
+    ("ca_cert", "--ca-cert", "KEYBROKER_CACERT", "the broker's CA"),
+    ("client_cert", "--client-cert", "KEYBROKER_CLIENT_CERT", "your certificate"),
+    ("client_key", "--client-key", "KEYBROKER_CLIENT_KEY", "your private key"),
+)
+
+
 def _client_context(args: argparse.Namespace) -> tuple[str, ssl.SSLContext]:
     from broker.config.tls import client_ssl_context
 
-    addr = args.addr or os.environ.get("KEYBROKER_ADDR")
-    ca = args.ca_cert or os.environ.get("KEYBROKER_CACERT")
-    cert = args.client_cert or os.environ.get("KEYBROKER_CLIENT_CERT")
-    key = args.client_key or os.environ.get("KEYBROKER_CLIENT_KEY")
-    missing = [
-        name
-        for name, v in (
-            ("--addr/KEYBROKER_ADDR", addr),
-            ("--ca-cert/KEYBROKER_CACERT", ca),
-            ("--client-cert/KEYBROKER_CLIENT_CERT", cert),
-            ("--client-key/KEYBROKER_CLIENT_KEY", key),
-        )
-        if not v
-    ]
-    if missing or not (addr and ca and cert and key):
+    # Each value with where it came from (the flag or the variable), to name in errors.
+    found: dict[str, tuple[str, str]] = {}
+    missing = []
+    for attr, flag, env, _ in _SETTINGS:
+        if getattr(args, attr, None):
+            found[attr] = (str(getattr(args, attr)), flag)
+        elif os.environ.get(env):
+            found[attr] = (os.environ[env], env)
+        else:
+            missing.append(f"{flag}/{env}")
+    if missing:
         raise ConfigError(f"missing {', '.join(missing)} (after `keybroker dev`, source its env file)")
+    addr, addr_source = found["addr"]
     if not addr.startswith("https://"):
-        raise ConfigError(f"the broker address must be https://, got {addr!r}")
+        raise ConfigError(f"the broker address must be https://, got {addr!r} (from {addr_source})")
+    # Each file is opened on its own first, so an error names the file and the setting it came from.
+    for attr, _, _, what in _SETTINGS[1:]:
+        path, source = found[attr]
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            reason = exc.strerror or exc.__class__.__name__
+            raise ConfigError(f"cannot read {what} {path} (from {source}): {reason}") from None
+    (ca, ca_from), (cert, cert_from), (key, key_from) = (found[a] for a, *_ in _SETTINGS[1:])
     try:
         return addr.rstrip("/"), client_ssl_context(Path(ca), Path(cert), Path(key))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the client certificate or CA: {exc}") from None
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"cannot use the CA {ca} (from {ca_from}) with the certificate {cert} (from {cert_from}) "
+            f"and key {key} (from {key_from}): {exc.reason or exc}"
+        ) from None
 
 
 def _connect(args: argparse.Namespace) -> BrokerClient:
@@ -206,16 +237,34 @@ def _connect(args: argparse.Namespace) -> BrokerClient:
     return BrokerClient(addr, ctx)
 
 
+HEALTH_PARTS = ("vault", "kms", "hsm", "audit", "policy")
+
+
 def cmd_health(args: argparse.Namespace) -> int:
+    from broker.client import RemoteError
+
     client = _connect(args)
     answer = client.raw("GET", "/v1/sys/health")
     status, body, addr = answer.status, answer.body, client.address
+    is_health = isinstance(body, dict) and all(isinstance(body.get(p), dict) for p in HEALTH_PARTS)
+    if not is_health:
+        # A problem document (denied, refused, ...), not a health answer: say that, not five blank FAILs.
+        error = RemoteError.of(answer)
+        if status == 403:
+            raise RemoteError(
+                status,
+                error.problem_code,
+                f"this certificate may not read health (it needs a role allowing sys.health): "
+                f"{error.problem_detail}",
+                error.request_id,
+            )
+        raise error
     if args.json:
         print(json.dumps(body, indent=2))
     else:
         print(f"broker {addr}: {body.get('status', '?')}")
-        for name in ("vault", "kms", "hsm", "audit", "policy"):
-            part = body.get(name, {})
+        for name in HEALTH_PARTS:
+            part = body[name]
             mark = "ok  " if part.get("ok") else "FAIL"
             extras = ", ".join(f"{k}={v}" for k, v in part.items() if k != "ok")
             print(f"  {mark} {name:<6} {extras}")
@@ -331,18 +380,43 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-key", help="your private key (default: $KEYBROKER_CLIENT_KEY)")
 
 
+def _report_error(as_json: bool, exit_code: int, message: str, **fields: object) -> int:
+    """One error: a readable line on stderr, or with --json one JSON object there (stdout stays data)."""
+    if as_json:
+        doc = {k: v for k, v in fields.items() if v not in (None, "")}
+        print(json.dumps({"error": {**doc, "message": message, "exit_status": exit_code}}), file=sys.stderr)
+        return exit_code
+    return _fail(message, exit_code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from broker.client import RemoteError, Unreachable
+
     args = build_parser().parse_args(argv)
+    as_json = bool(getattr(args, "json", False))
     try:
         code: int = args.func(args)
     except ConfigError as exc:
-        return _fail(str(exc), EXIT_USAGE)
+        return _report_error(as_json, EXIT_USAGE, str(exc), code="usage")
+    except RemoteError as exc:
+        return _report_error(
+            as_json,
+            EXIT_FAILED,
+            str(exc),
+            status=exc.http_status,
+            code=exc.problem_code,
+            detail=exc.problem_detail,
+            request_id=exc.request_id,
+        )
+    except Unreachable as exc:
+        return _report_error(as_json, EXIT_FAILED, str(exc), code="unreachable")
     except BrokerError as exc:
-        return _fail(str(exc))
+        return _report_error(as_json, EXIT_FAILED, str(exc), code=exc.code)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
         if os.environ.get("KEYBROKER_DEBUG"):
             raise
-        return _fail(f"unexpected {exc.__class__.__name__}: {exc} (set KEYBROKER_DEBUG=1 for a traceback)")
+        message = f"unexpected {exc.__class__.__name__}: {exc} (set KEYBROKER_DEBUG=1 for a traceback)"
+        return _report_error(as_json, EXIT_FAILED, message, code="unexpected")
     return code

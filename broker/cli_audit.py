@@ -10,19 +10,20 @@ import argparse
 import json
 import sys
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from broker.client import BrokerClient
-from broker.errors import ConfigError
+from broker.errors import BrokerError, ConfigError
 
 EPILOG = """\
 examples:
   keybroker audit verify                         # chain, HSM signatures, Vault anchor, live head
   keybroker audit query --since 2026-11-23T00:00:00Z --outcome denied
-  keybroker audit query --source bypass --format csv > bypass.csv
+  keybroker audit query --source bypass --format csv > bypass.csv   # every matching row, paged
+  keybroker audit query --outcome denied --limit 50                 # only the newest 50 (says if cut)
   keybroker audit report --out report.html       # self-contained HTML for auditors
   keybroker audit hmac acme                      # find records whose context carried 'acme'
 offline, on copied files:
@@ -88,23 +89,90 @@ def cmd_verify(args: argparse.Namespace, connect: Callable[[], BrokerClient]) ->
     return _print_report(verify(_local_files(args.dir), check, anchor=anchor).to_json(), args.json)
 
 
-def _emit(rows: list[dict[str, Any]], fmt: str) -> None:
-    from broker.audit import merge
+MAX_PAGE = 10_000  # the broker's largest page (GET /v1/audit/events 'limit')
 
-    if fmt == "jsonl":
-        sys.stdout.write(merge.to_jsonl(rows))
-    elif fmt == "csv":
-        sys.stdout.write(merge.to_csv(rows))
-    else:
-        print(merge.to_table(rows))
-        print(f"({len(rows)} rows)")
+
+class _Output:
+    """Rows written as they arrive, page by page: one header, then the rows, in the chosen format."""
+
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self.rows = 0
+        self.started = False
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        from broker.audit import merge
+
+        if self.fmt == "jsonl":
+            text = merge.to_jsonl(rows)
+        else:
+            text = merge.to_csv(rows) if self.fmt == "csv" else merge.to_table(rows) + "\n"
+            if self.started:
+                text = text.split("\n", 1)[1]  # the header line went out with the first page
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        self.started = True
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        if self.fmt == "table":
+            print(f"({self.rows} rows)")
+
+
+def _note_cut(shown: int, matched: int) -> None:
+    if matched > shown:
+        print(
+            f"keybroker: note: --limit: showing the newest {shown} of {matched} matching rows; "
+            "leave --limit out for every row",
+            file=sys.stderr,
+        )
+
+
+def event_pages(
+    client: BrokerClient, params: dict[str, str], page_size: int = MAX_PAGE
+) -> Iterator[list[dict[str, Any]]]:
+    """Every timeline row matching ``params``, oldest first, one page per request (the cursor protocol)."""
+    cursor = "start"
+    while True:
+        query = urllib.parse.urlencode({**params, "limit": str(page_size), "cursor": cursor})
+        out = client.call("GET", "/v1/audit/events?" + query)
+        if "next" not in out:
+            # An older broker that ignores the cursor answers only its newest rows: refuse, never cut.
+            raise BrokerError(
+                f"the broker at {client.address} does not page audit events (an older version), so the "
+                "export could be incomplete; upgrade it, or use --limit to ask for the newest rows only"
+            )
+        yield out["events"]
+        following = out["next"]
+        if not following:
+            return
+        if following == cursor:
+            raise BrokerError("the broker answered the same audit page twice; stopping rather than loop")
+        cursor = str(following)
+
+
+def _filter_params(args: argparse.Namespace) -> dict[str, str]:
+    return {f: str(getattr(args, f)) for f in FILTERS if getattr(args, f, None) is not None}
 
 
 def cmd_query(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
-    params = {f: getattr(args, f) for f in FILTERS if getattr(args, f) is not None}
-    params["limit"] = str(args.limit)
-    out = connect().call("GET", "/v1/audit/events?" + urllib.parse.urlencode(params))
-    _emit(out["events"], "jsonl" if args.json else args.format)
+    params = _filter_params(args)
+    fmt = "jsonl" if args.json else args.format
+    output = _Output(fmt)
+    if args.limit is not None:
+        if not 1 <= args.limit <= MAX_PAGE:
+            raise ConfigError(f"--limit takes 1..{MAX_PAGE}; leave it out to export every matching row")
+        query = urllib.parse.urlencode({**params, "limit": str(args.limit)})
+        out = connect().call("GET", "/v1/audit/events?" + query)
+        output.write(out["events"])
+        output.close()
+        _note_cut(len(out["events"]), int(out.get("matched", len(out["events"]))))
+        return 0
+    if not 1 <= args.page_size <= MAX_PAGE:
+        raise ConfigError(f"--page-size takes 1..{MAX_PAGE}")
+    for page in event_pages(connect(), params, args.page_size):
+        output.write(page)
+    output.close()
     return 0
 
 
@@ -131,7 +199,14 @@ def cmd_merge(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> 
         )
     except ValueError as exc:
         raise ConfigError(f"--since/--until take ISO 8601 times: {exc}") from None
-    _emit(merge.query(timeline, filters, args.limit), args.format)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit takes a positive number; leave it out for every matching row")
+    rows = merge.query(timeline, filters)
+    shown = rows[-args.limit :] if args.limit else rows
+    output = _Output(args.format)
+    output.write(shown)
+    output.close()
+    _note_cut(len(shown), len(rows))
     return 0
 
 
@@ -142,8 +217,8 @@ def cmd_report(args: argparse.Namespace, connect: Callable[[], BrokerClient]) ->
     print("verifying the audit chain ...", file=sys.stderr, flush=True)
     verification = client.call("GET", "/v1/audit/verify")
     print("reading the merged timeline and the key inventory ...", file=sys.stderr, flush=True)
-    params = {"limit": "10000", **({"since": args.since} if args.since else {})}
-    events = client.call("GET", "/v1/audit/events?" + urllib.parse.urlencode(params))["events"]
+    params = {"since": args.since} if args.since else {}
+    events = [row for page in event_pages(client, params) for row in page]
     keys = client.call("GET", "/v1/keys")["keys"]
     html = render(
         verification=verification, keys=keys, events=events, now=datetime.now(UTC), source=client.address
@@ -203,9 +278,20 @@ def add_audit_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], 
         p.add_argument("--outcome", choices=["success", "denied", "failed", "error", "unauthenticated"])
         p.add_argument("--source", choices=["broker", "vault", "bypass"])
         p.add_argument("--format", choices=["table", "jsonl", "csv"], default="table")
-        p.add_argument("--limit", type=int, default=1000, help="newest rows (default: %(default)s)")
+        p.add_argument(
+            "--limit", type=int, metavar="N", help="only the newest N rows (default: every matching row)"
+        )
 
-    filters(command("query", "the merged timeline, filtered: a table, JSON lines or CSV", cmd_query))
+    p = command("query", "the merged timeline, filtered: a table, JSON lines or CSV", cmd_query)
+    filters(p)
+    p.add_argument(
+        "--page-size",
+        type=int,
+        # Large pages: the broker re-reads its log for each page, so fewer pages cost less.
+        default=5000,
+        metavar="N",
+        help="rows per request while reading every matching row (default: %(default)s)",
+    )
     p = command(
         "merge",
         "offline: merge copied broker and Vault audit logs into one timeline",

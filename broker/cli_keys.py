@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
+import os
+import re
 import sys
+import textwrap
 import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from broker.client import BrokerClient
-from broker.errors import ConfigError
+from broker.errors import BrokerError, ConfigError
 
 Connect = Callable[[argparse.Namespace], BrokerClient]
 ClientCommand = Callable[[argparse.Namespace, BrokerClient], int]
@@ -26,12 +30,20 @@ examples (after `keybroker dev`, in another shell: . .keybroker/dev/env):
   keybroker keys create payments --backend vault --environment prod --rotation-period 90d
   keybroker keys list --backend hsm
   echo -n 'card 4111' | keybroker keys encrypt payments --context tenant=acme > card.kb
-  keybroker keys decrypt payments --context tenant=acme < card.kb
+  keybroker keys decrypt --context tenant=acme < card.kb      # the key named in card.kb
   keybroker keys rotate payments
-  keybroker keys rewrap payments --context tenant=acme < card.kb
+  keybroker keys rewrap --context tenant=acme < card.kb        # to the key's latest version
+  keybroker keys datakey payments --plaintext-out dek.bin > dek.kb   # envelope encryption
+  keybroker keys create releases --backend hsm --type ecdsa-p256 --environment prod
+  keybroker keys sign releases --in app.tar > app.tar.sig
+  keybroker keys verify --signature-file app.tar.sig --in app.tar   # exit 0 valid, 1 invalid
   keybroker keys update payments --deletion-protection off
   keybroker keys schedule-destruction payments --pending-days 7
+with --json an error is one JSON object on stderr: {"error": {"status", "code", "detail", ...}}
 """
+
+# A kb1 ciphertext or signature names its key in the clear: kb1:<key>:<version>:<payload>.
+_ENVELOPE = re.compile(r"^kb1:([a-z0-9][a-z0-9_.-]{0,62}):([0-9]+):[A-Za-z0-9_-]+$")
 
 
 def _quote(name: str) -> str:
@@ -215,9 +227,34 @@ def cmd_encrypt(args: argparse.Namespace, client: BrokerClient) -> int:
     return 0
 
 
+def _key_for(args: argparse.Namespace, envelope: str, what: str) -> str:
+    """The key to ask: the one the ciphertext (or signature) names, checked against NAME if given.
+
+    The name is in the clear in every kb1 envelope, so a mismatch is said here, before
+    sending, rather than left to the broker's detail-free "decryption failed".
+    """
+    found = _ENVELOPE.match(envelope)
+    if found is None:
+        if args.name:
+            return str(args.name)  # the broker decides; it gives malformed input no detail
+        raise ConfigError(
+            f"this is not a kb1 {what} (kb1:<key>:<version>:<payload>), so it names no key; "
+            "check what was given, or name the key"
+        )
+    named, version = found.group(1), found.group(2)
+    if args.name and args.name != named:
+        raise ConfigError(
+            f"the {what} was made by key {named!r} (version {version}), not {args.name!r}: "
+            f"run the command with {named} (or without a key name: the {what} names it)"
+        )
+    return named
+
+
 def cmd_decrypt(args: argparse.Namespace, client: BrokerClient) -> int:
-    body = {"ciphertext": _read_text_input(args, "ciphertext"), "context": _context(args.context)}
-    out = client.call("POST", f"/v1/keys/{_quote(args.name)}/decrypt", body)
+    text = _read_text_input(args, "ciphertext")
+    name = _key_for(args, text, "ciphertext")
+    body = {"ciphertext": text, "context": _context(args.context)}
+    out = client.call("POST", f"/v1/keys/{_quote(name)}/decrypt", body)
     if args.json:
         print(json.dumps(out))
     else:
@@ -226,22 +263,116 @@ def cmd_decrypt(args: argparse.Namespace, client: BrokerClient) -> int:
 
 
 def cmd_rewrap(args: argparse.Namespace, client: BrokerClient) -> int:
-    body: dict[str, Any] = {
-        "ciphertext": _read_text_input(args, "ciphertext"),
-        "context": _context(args.context),
-    }
+    text = _read_text_input(args, "ciphertext")
+    name = _key_for(args, text, "ciphertext")
+    body: dict[str, Any] = {"ciphertext": text, "context": _context(args.context)}
     if args.to_key:
         body["to_key"] = args.to_key
-    out = client.call("POST", f"/v1/keys/{_quote(args.name)}/rewrap", body)
+    out = client.call("POST", f"/v1/keys/{_quote(name)}/rewrap", body)
     print(json.dumps(out) if args.json else out["ciphertext"])
     return 0
+
+
+def _create_private(path: str, data: bytes) -> None:
+    """Write a secret to a new file, mode 0600 from the start; never replace or follow a symlink."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except FileExistsError:
+        raise ConfigError(f"--plaintext-out: {path} already exists; refusing to overwrite it") from None
+    except OSError as exc:
+        raise ConfigError(f"--plaintext-out: {exc.strerror}: {path}") from None
+    with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fh.fileno(), 0o600)  # whatever the umask left
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def cmd_datakey(args: argparse.Namespace, client: BrokerClient) -> int:
-    body = {"bytes": args.bytes, "context": _context(args.context), "include_plaintext": args.with_plaintext}
+    wanted = bool(args.with_plaintext or args.plaintext_out)
+    body = {"bytes": args.bytes, "context": _context(args.context), "include_plaintext": wanted}
+    if args.plaintext_out and Path(args.plaintext_out).exists():
+        # Checked before asking, so no data key is made (and audited) only to be thrown away.
+        raise ConfigError(f"--plaintext-out: {args.plaintext_out} already exists; refusing to overwrite it")
     out = client.call("POST", f"/v1/keys/{_quote(args.name)}/datakey", body)
-    print(json.dumps(out) if args.json else out["ciphertext"])
+    if wanted and "plaintext" not in out:
+        raise BrokerError("the broker answered without the plaintext data key it was asked for")
+    if args.plaintext_out:
+        _create_private(args.plaintext_out, base64.b64decode(out.pop("plaintext")))
+        out["plaintext_out"] = args.plaintext_out
+    if args.json:
+        print(json.dumps(out))
+    elif wanted and not args.plaintext_out:
+        # Never dropped: line 1 the ciphertext to store, line 2 the data key (base64) to use and forget.
+        print(out["ciphertext"])
+        print(out["plaintext"])
+    else:
+        print(out["ciphertext"])
     return 0
+
+
+def _message_digest(args: argparse.Namespace) -> str:
+    """The SHA-256 digest to sign or check, base64: of --in FILE or stdin (hashed here), or --digest HEX."""
+    if args.digest:
+        if args.input:
+            raise ConfigError("give the message (--in FILE or stdin) or --digest, not both")
+        try:
+            digest = bytes.fromhex(args.digest)
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise ConfigError("--digest takes a SHA-256 digest as 64 hex digits (as sha256sum prints)")
+        return base64.b64encode(digest).decode()
+    # Hashing here means any size of message works and only 32 bytes cross the network.
+    return base64.b64encode(hashlib.sha256(_read_input(args)).digest()).decode()
+
+
+def cmd_sign(args: argparse.Namespace, client: BrokerClient) -> int:
+    body = {"digest": _message_digest(args), "algorithm": "ecdsa-sha256"}
+    out = client.call("POST", f"/v1/keys/{_quote(args.name)}/sign", body)
+    if args.json:
+        print(json.dumps(out))
+    elif args.out:
+        _write_output(args, (out["signature"] + "\n").encode())
+    else:
+        print(out["signature"])
+    return 0
+
+
+def _read_signature(args: argparse.Namespace) -> str:
+    if args.signature and args.signature_file:
+        raise ConfigError("give --signature or --signature-file, not both")
+    if args.signature:
+        return str(args.signature).strip()
+    if not args.signature_file:
+        raise ConfigError("give the signature with --signature kb1:... or --signature-file FILE")
+    try:
+        return Path(args.signature_file).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not text"
+        raise ConfigError(f"--signature-file: {reason}: {args.signature_file}") from None
+
+
+def cmd_verify(args: argparse.Namespace, client: BrokerClient) -> int:
+    signature = _read_signature(args)
+    found = _ENVELOPE.match(signature)
+    if args.name and found and found.group(1) != args.name:
+        # Made by another key: not a valid signature by this one, whatever the other key says.
+        if args.json:
+            print(json.dumps({"valid": False, "key": args.name, "signed_by": found.group(1)}))
+        else:
+            print(f"INVALID: the signature was made by key {found.group(1)!r}, not {args.name!r}")
+        return 1
+    name = _key_for(args, signature, "signature")
+    body = {"digest": _message_digest(args), "signature": signature, "algorithm": "ecdsa-sha256"}
+    out = client.call("POST", f"/v1/keys/{_quote(name)}/verify", body)
+    valid = out.get("valid") is True
+    if args.json:
+        print(json.dumps({**out, "key": name}))
+    else:
+        verdict = "valid: signed by" if valid else "INVALID: not a signature of this message by"
+        print(f"{verdict} key {name}")
+    return 0 if valid else 1
 
 
 # -- parser -------------------------------------------------------------------------------
@@ -250,7 +381,7 @@ def cmd_datakey(args: argparse.Namespace, client: BrokerClient) -> int:
 def add_keys_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], None]) -> None:
     keys = sub.add_parser(
         "keys",
-        help="create, rotate, suspend, revoke, destroy keys; encrypt and decrypt",
+        help="create, rotate, suspend, revoke, destroy keys; encrypt, decrypt, sign, verify",
         description="Manage keys on a running broker over mTLS (address and certificates from "
         "--addr/--ca-cert/--client-cert/--client-key or the KEYBROKER_* variables that "
         "`keybroker dev` writes to its env file).",
@@ -259,8 +390,16 @@ def add_keys_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], N
     )
     ksub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
 
-    def command(name: str, help_: str, fn: ClientCommand) -> Any:
-        return client_command(ksub, name, help_, fn, client_args)
+    def command(name: str, help_: str, fn: ClientCommand, more: str = "", example: str = "") -> Any:
+        p = client_command(ksub, name, help_, fn, client_args)
+        if more:
+            p.description = f"{p.description} {more[0].upper()}{more[1:]}."
+        if example:
+            # Raw, so the examples keep their lines; the description is wrapped here instead.
+            p.description = textwrap.fill(p.description or "", 88)
+            p.epilog = f"examples:\n  {example}"
+            p.formatter_class = argparse.RawDescriptionHelpFormatter
+        return p
 
     p = command("create", "create a key (version 1 is generated in the backend)", cmd_create)
     p.add_argument("name")
@@ -296,9 +435,18 @@ def add_keys_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], N
         ("rotate", "add a new version; new encryptions use it, old ciphertexts still decrypt"),
         ("suspend", "stop all use of a key until it is resumed"),
         ("resume", "make a suspended key usable again"),
-        ("cancel-destruction", "stop a scheduled destruction (the key comes back suspended)"),
     ):
         command(action, help_, _action(action)).add_argument("name")
+    # The rule of Key.destruction_cancelled (broker/keys/model.py): a revoked key stays revoked.
+    command(
+        "cancel-destruction",
+        "stop a scheduled destruction (active/suspended keys come back suspended, revoked keys stay revoked)",
+        _action("cancel-destruction"),
+        "a key that was active or suspended when destruction was scheduled comes back suspended (resume it "
+        "to use it again); a revoked key comes back as it was: deactivated (decrypt and verify only) or "
+        "compromised",
+        "keybroker keys cancel-destruction payments\n  keybroker keys resume payments   # if it was in use",
+    ).add_argument("name")
     p = command("revoke", "retire a key (decrypt only) or mark it compromised (no use)", _action("revoke"))
     p.add_argument("name")
     p.add_argument("--reason", required=True, choices=["retired", "compromised"])
@@ -315,25 +463,88 @@ def add_keys_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], N
     p.add_argument("--in", dest="input", metavar="FILE", help="read the plaintext from FILE (max 4096 bytes)")
     p.add_argument("--context", action="append", metavar="KEY=VALUE", help="encryption context (repeatable)")
 
-    p = command("decrypt", "decrypt a ciphertext; writes the plaintext to stdout or --out", cmd_decrypt)
-    p.add_argument("name")
+    p = command(
+        "decrypt",
+        "decrypt a ciphertext; writes the plaintext to stdout or --out",
+        cmd_decrypt,
+        "the key is the one the ciphertext names (kb1:<key>:<version>:...); a NAME that differs is refused "
+        "before anything is sent",
+        "keybroker keys decrypt --context tenant=acme < card.kb\n"
+        "  keybroker keys decrypt payments --in card.kb --out card.txt",
+    )
+    p.add_argument("name", nargs="?", help="optional: the key the ciphertext names")
     p.add_argument("--ciphertext", help="the kb1:... text (default: read from stdin or --in)")
     p.add_argument("--in", dest="input", metavar="FILE")
     p.add_argument("--out", metavar="FILE", help="write the plaintext here instead of stdout")
     p.add_argument("--context", action="append", metavar="KEY=VALUE")
 
-    p = command("rewrap", "move a ciphertext to the latest version, or to another key", cmd_rewrap)
-    p.add_argument("name")
+    p = command(
+        "rewrap",
+        "move a ciphertext to the latest version, or to another key",
+        cmd_rewrap,
+        "the source key is the one the ciphertext names; a NAME that differs is refused before anything "
+        "is sent",
+        "keybroker keys rewrap --context tenant=acme < card.kb > card-v2.kb\n"
+        "  keybroker keys rewrap --to-key archive --context tenant=acme < card.kb",
+    )
+    p.add_argument("name", nargs="?", help="optional: the key the ciphertext names")
     p.add_argument("--ciphertext", help="the kb1:... text (default: read from stdin or --in)")
     p.add_argument("--in", dest="input", metavar="FILE")
     p.add_argument("--to-key", metavar="KEY", help="re-encrypt under this key instead (any backend)")
     p.add_argument("--context", action="append", metavar="KEY=VALUE")
 
-    p = command("datakey", "generate a data key for envelope encryption (prints its ciphertext)", cmd_datakey)
+    p = command(
+        "datakey",
+        "generate a data key for envelope encryption (prints its ciphertext)",
+        cmd_datakey,
+        "store the ciphertext next to your data; decrypt it with `keys decrypt` when you need the key again. "
+        "With --with-plaintext the output is two lines: the ciphertext, then the data key (base64). "
+        "--plaintext-out writes the raw data key to a new file (mode 0600) instead.",
+        "keybroker keys datakey payments --plaintext-out dek.bin > dek.kb\n"
+        "  keybroker keys datakey payments --with-plaintext --json | jq -r .plaintext",
+    )
     p.add_argument("name")
     p.add_argument("--bytes", type=int, default=32, choices=[16, 32, 64])
-    p.add_argument("--with-plaintext", action="store_true", help="also return the plaintext key (use --json)")
+    p.add_argument(
+        "--with-plaintext",
+        action="store_true",
+        help="also print the data key itself (base64, second line; or the JSON 'plaintext' field)",
+    )
+    p.add_argument(
+        "--plaintext-out",
+        metavar="FILE",
+        help="write the raw data key to FILE, created with mode 0600 (must not exist)",
+    )
     p.add_argument("--context", action="append", metavar="KEY=VALUE")
+
+    p = command(
+        "sign",
+        "sign a message (ECDSA P-256 over SHA-256) with an ecdsa-p256 key; prints the kb1 signature",
+        cmd_sign,
+        "the message comes from standard input or --in FILE and is hashed (SHA-256) here: only the digest "
+        "is sent. Or give the digest with --digest HEX.",
+        "keybroker keys sign releases --in app.tar > app.tar.sig\n"
+        "  keybroker keys sign releases --digest \"$(sha256sum app.tar | cut -d' ' -f1)\"",
+    )
+    p.add_argument("name")
+    p.add_argument("--in", dest="input", metavar="FILE", help="the message (default: standard input)")
+    p.add_argument("--digest", metavar="HEX", help="sign this SHA-256 digest (64 hex digits) instead")
+    p.add_argument("--out", metavar="FILE", help="write the signature here instead of stdout")
+
+    p = command(
+        "verify",
+        "check a kb1 signature over a message; exit 0 and 'valid', or exit 1 and 'INVALID'",
+        cmd_verify,
+        "the key is the one the signature names (NAME is optional; a signature by another key is INVALID). "
+        "The message comes from standard input or --in FILE (hashed here), or give --digest HEX.",
+        "keybroker keys verify --signature-file app.tar.sig --in app.tar\n"
+        "  keybroker keys verify releases --signature kb1:releases:1:MEUC... < app.tar",
+    )
+    p.add_argument("name", nargs="?", help="optional: the key that should have signed")
+    p.add_argument("--signature", metavar="KB1", help="the kb1:... signature")
+    p.add_argument("--signature-file", metavar="FILE", help="read the signature from FILE")
+    p.add_argument("--in", dest="input", metavar="FILE", help="the message (default: standard input)")
+    p.add_argument("--digest", metavar="HEX", help="check against this SHA-256 digest (64 hex digits)")
 
 
 def client_command(

@@ -19,6 +19,19 @@ class RemoteError(BrokerError):
         super().__init__(f"{status} {code}: {detail}" + (f" (request {request_id})" if request_id else ""))
         self.http_status = status
         self.problem_code = code
+        self.problem_detail = detail
+        self.request_id = request_id
+
+    @classmethod
+    def of(cls, answer: Answer) -> RemoteError:
+        """The error an answer with an error status stands for (its problem document, or what it sent)."""
+        doc = answer.body if isinstance(answer.body, dict) else {}
+        return cls(
+            answer.status,
+            str(doc.get("code") or "error"),
+            str(doc.get("detail") or doc.get("title") or "no detail"),
+            str(doc.get("request_id") or ""),
+        )
 
 
 class Unreachable(BrokerError):
@@ -41,13 +54,7 @@ class BrokerClient:
         """Send one request; return the JSON answer, or raise :class:`RemoteError` for an error status."""
         answer = self.raw(method, path, body)
         if answer.status >= 400 and answer.status not in ok:
-            doc = answer.body if isinstance(answer.body, dict) else {}
-            raise RemoteError(
-                answer.status,
-                str(doc.get("code", "error")),
-                str(doc.get("detail", "no detail")),
-                str(doc.get("request_id", "")),
-            )
+            raise RemoteError.of(answer)
         return answer.body
 
     def raw(self, method: str, path: str, body: Any = None) -> Answer:
@@ -65,7 +72,21 @@ class BrokerClient:
         except urllib.error.HTTPError as exc:
             return Answer(exc.code, _json(exc.read()))
         except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
+            # urlopen wraps connection errors in URLError; an alert read later comes bare (SSLError).
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            if isinstance(reason, ssl.SSLError):
+                raise Unreachable(
+                    f"TLS with the broker at {self._address} failed ({reason.reason or reason}): check that "
+                    "--ca-cert/KEYBROKER_CACERT is the CA of the broker's certificate and that your "
+                    "certificate comes from the broker's client CA and has not expired"
+                ) from None
+            if isinstance(reason, ConnectionResetError):  # http.client.RemoteDisconnected among them
+                raise Unreachable(
+                    f"the broker at {self._address} closed the connection without answering; it does that to "
+                    "a client certificate not from its client CA (check --client-cert/KEYBROKER_CLIENT_CERT)"
+                ) from None
+            if isinstance(reason, OSError) and reason.strerror:
+                reason = reason.strerror
             raise Unreachable(f"cannot reach the broker at {self._address}: {reason}") from None
 
 

@@ -6,6 +6,10 @@ Reading and verifying the log happens on the audit thread, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +98,46 @@ def read_timeline(sink_files: list[tuple[str, bytes]], vault_log: Path | None) -
     return merge.merge(merge.broker_records(sink_files), vault)
 
 
+# Paging: a cursor is the sort key of the last row a page held, so the next page starts right
+# after it however the log grew in between (rows are ordered by time, then by an id unique in
+# the timeline). It is opaque to callers, and parsed as hostile input when it comes back.
+CURSOR_START = "start"
+MAX_CURSOR_CHARS = 512
+RowKey = tuple[datetime, str]
+
+
+def _row_key(row: dict[str, Any]) -> RowKey:
+    if row.get("source") == "vault":
+        ident = f"v:{row.get('vault_request_id')}"
+    else:
+        # seq is unique in a sound log; the request id keeps a damaged one's rows apart too.
+        seq = row.get("seq")
+        ident = f"b:{seq:015d}" if isinstance(seq, int) and seq >= 0 else f"b:{seq}"
+        ident += f":{row.get('request_id')}"
+    return merge.time_of(row), ident
+
+
+def _encode_cursor(key: RowKey) -> str:
+    raw = json.dumps([key[0].isoformat(), key[1]], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _decode_cursor(text: str) -> RowKey:
+    bad = BadRequest(f"'cursor' must be '{CURSOR_START}' or the 'next' value of an earlier answer")
+    if len(text) > MAX_CURSOR_CHARS:
+        raise bad
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        moment, ident = json.loads(raw)
+        if not isinstance(moment, str) or not isinstance(ident, str):
+            raise bad
+        return merge.parse_time(moment), ident
+    except (ValueError, TypeError, binascii.Error):
+        raise bad from None
+
+
 async def events(request: web.Request) -> web.Response:
-    """GET /v1/audit/events: the merged timeline, filtered; the newest ``limit`` rows."""
+    """GET /v1/audit/events: the merged timeline, filtered; pages with ``cursor``, else the newest rows."""
     await authorize(request, "audit.read")
     filters = _filters(request.query)
     try:
@@ -104,13 +146,34 @@ async def events(request: web.Request) -> web.Response:
         raise BadRequest("'limit' must be an integer") from None
     if not 1 <= limit <= MAX_EVENTS:
         raise BadRequest(f"'limit' must be between 1 and {MAX_EVENTS}")
+    cursor = request.query.get("cursor")
+    after = None if cursor in (None, CURSOR_START) else _decode_cursor(str(cursor))
     sink = request.app[AUDIT]
     vault_log = request.app[SETTINGS].audit.vault_audit_log
     loop = asyncio.get_running_loop()
     files = await loop.run_in_executor(sink.executor, sink.read_files)
     timeline = await loop.run_in_executor(None, lambda: read_timeline(files, vault_log))
-    rows = merge.query(timeline, filters, limit)
-    return web.json_response({"events": rows, "count": len(rows), "vault_log": vault_log is not None})
+    rows = merge.query(timeline, filters)
+    next_cursor = None
+    if cursor is None:
+        page = rows[-limit:]  # the newest rows; 'truncated' says when older ones were left out
+    else:
+        rows.sort(key=_row_key)
+        if after is not None:
+            rows = [r for r in rows if _row_key(r) > after]
+        page = rows[:limit]
+        if len(rows) > limit:
+            next_cursor = _encode_cursor(_row_key(page[-1]))
+    return web.json_response(
+        {
+            "events": page,
+            "count": len(page),
+            "matched": len(rows),
+            "truncated": len(rows) > len(page),
+            "next": next_cursor,
+            "vault_log": vault_log is not None,
+        }
+    )
 
 
 async def hmac_of(request: web.Request) -> web.Response:

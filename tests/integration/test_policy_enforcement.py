@@ -280,9 +280,7 @@ def test_an_invalid_stored_policy_leaves_only_break_glass_who_repair_it(stack: D
     while health.status == 200 and time.monotonic() < deadline:
         time.sleep(0.2)
         health = https(stack, "/v1/sys/health")
-    refused = https(
-        stack, f"/v1/keys/{key}/encrypt", who="app", body={"plaintext": b64(b"g"), "context": {}}
-    )
+    refused = https(stack, f"/v1/keys/{key}/encrypt", who="app", body={"plaintext": b64(b"g"), "context": {}})
     repaired = https(stack, "/v1/policies", method="PUT", body={"document": good})
     restored = _encrypt(stack, key, "app")
 

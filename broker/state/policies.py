@@ -157,6 +157,18 @@ class PolicyStore:
         except PolicyInvalid as exc:
             return Stored(version, data, None, tuple(str(p) for p in exc.problems))
 
+    async def fresh(self) -> Snapshot:
+        """The policy as Vault holds it now (and remembered as this replica's cache if newer).
+
+        For decisions whose result outlives the refresh interval, such as creating a grant.
+        """
+        stored = await self.stored()
+        if stored.policy is None:
+            empty = PolicySet(roles={}, bindings={}, settings=self._defaults.settings)
+            problem = "the stored document is invalid: " + "; ".join(stored.problems)
+            return replace(self._snap(empty, stored.version), policy=self._defaults, invalid=problem)
+        return self._remember(self._snap(stored.policy, stored.version))
+
     async def load(self) -> Snapshot:
         """Read the document from Vault now; keep the last good one on failure."""
         try:

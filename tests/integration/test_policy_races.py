@@ -282,3 +282,28 @@ def test_a_certificate_named_with_glob_characters_reaches_only_its_literal_keys(
 
     assert mine == 200
     assert set(statuses.values()) == {403}, statuses
+
+
+def test_a_granter_unbound_through_one_replica_cannot_mint_a_grant_through_a_stale_one(
+    stack: DevStack, stale_replica: Callable[[], str]
+) -> None:
+    """Creating a grant decides "not more than the granter holds" on the document in Vault, not on a
+    replica's cache: a granter whose role B just removed gets 403 from A, whose cache still binds it."""
+    key = create_key(stack, "vault")
+    granter_stem, granter = identity(stack, fresh("granter"))
+    _, grantee = identity(stack, fresh("grantee"), kind="app")
+    role = fresh("granting")
+    put_role(
+        stack, role, [{"operations": ["crypto.encrypt", "grant.create", "key.read"], "keys": {"name": key}}]
+    )
+    bind(stack, granter, role)
+    replica_a = stale_replica()
+    unbind(stack, granter)
+
+    body = {"grantee": grantee, "operations": ["crypto.encrypt"], "expires_in": "10m"}
+    via_a = https(stack, f"/v1/keys/{key}/grants", who=granter_stem, url=replica_a, body=body)
+    grants = https(stack, f"/v1/keys/{key}/grants").json()["grants"]
+
+    assert via_a.status == 403, via_a.body
+    assert "a grant cannot give more than its granter holds" in via_a.json()["detail"]
+    assert grants == []

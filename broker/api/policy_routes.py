@@ -113,7 +113,7 @@ async def get_role(request: web.Request) -> web.Response:
         raw = _mapping(_mapping(stored.raw).get("roles")).get(name)
         if raw is None:
             raise NotFound(f"no role named {name!r}")
-        return web.json_response({"name": name, "role": raw, **_invalid_fields(stored)})
+        return web.json_response({"name": name, **_mapping(raw), **_invalid_fields(stored)})
     role = stored.policy.roles.get(name)
     if role is None:
         raise NotFound(f"no role named {name!r}")

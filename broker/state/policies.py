@@ -164,9 +164,7 @@ class PolicyStore:
         """
         stored = await self.stored()
         if stored.policy is None:
-            empty = PolicySet(roles={}, bindings={}, settings=self._defaults.settings)
-            problem = "the stored document is invalid: " + "; ".join(stored.problems)
-            return replace(self._snap(empty, stored.version), policy=self._defaults, invalid=problem)
+            return self._invalid_snap(stored)
         return self._remember(self._snap(stored.policy, stored.version))
 
     async def load(self) -> Snapshot:
@@ -182,16 +180,21 @@ class PolicyStore:
             # Written around the broker's validation (Vault directly, or an older broker's
             # format): nobody but the break-glass administrators may do anything, and they
             # may store a valid document again.
-            self._problem = "the stored document is invalid: " + "; ".join(stored.problems)
             log.error("policy_invalid", version=stored.version, problems=list(stored.problems))
-            empty = PolicySet(roles={}, bindings={}, settings=self._defaults.settings)
-            snap = replace(self._snap(empty, stored.version), policy=self._defaults, invalid=self._problem)
+            snap = self._invalid_snap(stored)
+            self._problem = snap.invalid or ""
         if self._snapshot is None or snap.version != self._snapshot.version:
             log.info("policy_loaded", version=snap.version, roles=sorted(snap.policy.roles))
         self._snapshot, self._loaded_at = snap, self._monotonic()
         if not snap.invalid:
             self._problem = "no refresh has succeeded since"
         return snap
+
+    def _invalid_snap(self, stored: Stored) -> Snapshot:
+        """Nobody bound to anything; the break-glass administrators alone (the API shows the defaults)."""
+        empty = PolicySet(roles={}, bindings={}, settings=self._defaults.settings)
+        problem = "the stored document is invalid: " + "; ".join(stored.problems)
+        return replace(self._snap(empty, stored.version), policy=self._defaults, invalid=problem)
 
     def _snap(self, policy: PolicySet, version: int) -> Snapshot:
         effective = policy

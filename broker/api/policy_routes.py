@@ -2,7 +2,10 @@
 
 Every write is validated whole before anything is stored, and stored check-and-set:
 an invalid document, or one based on a version someone has since replaced, changes
-nothing. Changing bindings needs ``binding.write`` on top of ``policy.write``.
+nothing. Whatever a write keeps (the bindings of a roles-only document, the roles of
+a bindings change) is taken from Vault inside the check-and-set loop, never from this
+replica's cache. Reads come from Vault too, and say so when the stored document is
+invalid. Changing bindings needs ``binding.write`` on top of ``policy.write``.
 """
 
 from __future__ import annotations
@@ -13,20 +16,18 @@ from typing import Any
 from aiohttp import web
 
 from broker.api import schemas
-from broker.api.authz import authorize, facts
+from broker.api.authz import authorize, facts, policy_invalid_reason
 from broker.api.keys import GRANTS, KEYS, POLICIES
 from broker.errors import BadRequest, Conflict, NotFound
 from broker.policy import engine
 from broker.policy.document import (
     PolicyInvalid,
-    parse_bindings_json,
-    parse_document,
     parse_role_json,
     role_to_json,
     to_document,
 )
-from broker.policy.model import OPERATIONS, AccessRequest, PolicySet, principal_from_id
-from broker.state.policies import Snapshot
+from broker.policy.model import OPERATIONS, AccessRequest, Decision, principal_from_id
+from broker.state.policies import Snapshot, Stored
 
 
 class InvalidPolicy(BadRequest):
@@ -41,13 +42,40 @@ def _checked(build: Callable[[], Any]) -> Any:
         raise InvalidPolicy("; ".join(str(p) for p in exc.problems)) from None
 
 
-def _document_reply(snap: Snapshot) -> web.Response:
+def _mapping(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _invalid_fields(stored: Stored) -> dict[str, Any]:
+    """Added to a read of an invalid stored document, so that no client mistakes it for one in force."""
+    if not stored.invalid:
+        return {}
+    return {
+        "invalid": (
+            "the stored policy document is invalid: only the break-glass administrators can act "
+            "until a valid one is stored"
+        ),
+        "problems": list(stored.problems),
+    }
+
+
+async def _stored(request: web.Request) -> Stored:
+    # Reads that a client may base a change on come from Vault, not this replica's cache:
+    # the client sends back the version it read, and it must be the stored one.
+    return await request.app[POLICIES].stored()
+
+
+def _reply(snap: Snapshot) -> web.Response:
     return web.json_response({"version": snap.version, "document": to_document(snap.policy)})
 
 
 async def get_document(request: web.Request) -> web.Response:
     await authorize(request, "policy.read")
-    return _document_reply(request.app[POLICIES].current())
+    stored = await _stored(request)
+    store = request.app[POLICIES]
+    return web.json_response(
+        {"version": stored.version, "document": stored.document(store.defaults), **_invalid_fields(stored)}
+    )
 
 
 async def put_document(request: web.Request) -> web.Response:
@@ -58,20 +86,35 @@ async def put_document(request: web.Request) -> web.Response:
     if not isinstance(document, dict):
         raise BadRequest("'document' is required (an object: roles, optional bindings and settings)")
     version = schemas.integer(body, "version")
-    store = request.app[POLICIES]
-    data = dict(document)
-    if "bindings" in data:
+    if "bindings" in document:
         await authorize(request, "binding.write")
-    else:
-        data["bindings"] = to_document(store.current().policy)["bindings"]
-    policy: PolicySet = _checked(lambda: parse_document(data))
-    return _document_reply(await store.replace_document(policy, version))
+
+    def build(stored: Stored) -> dict[str, Any]:
+        data = dict(document)
+        if "bindings" not in data:
+            # Kept from the document as stored now (even an invalid one), never from a cache.
+            kept = stored.bindings()
+            if kept is None:
+                raise Conflict(
+                    "the stored document's bindings cannot be read (not a mapping), so they cannot be "
+                    "kept; send the bindings you want in the document (needs binding.write)"
+                )
+            data["bindings"] = kept
+        return data
+
+    return _reply(await _write(request, build, version))
 
 
 async def get_role(request: web.Request) -> web.Response:
     await authorize(request, "policy.read")
     name = request.match_info["role"]
-    role = request.app[POLICIES].current().policy.roles.get(name)
+    stored = await _stored(request)
+    if stored.policy is None:
+        raw = _mapping(_mapping(stored.raw).get("roles")).get(name)
+        if raw is None:
+            raise NotFound(f"no role named {name!r}")
+        return web.json_response({"name": name, **_mapping(raw), **_invalid_fields(stored)})
+    role = stored.policy.roles.get(name)
     if role is None:
         raise NotFound(f"no role named {name!r}")
     return web.json_response({"name": name, **role_to_json(role)})
@@ -84,10 +127,11 @@ async def put_role(request: web.Request) -> web.Response:
     body.pop("name", None)
     _checked(lambda: parse_role_json(name, body))
 
-    def edit(doc: dict[str, Any]) -> Mapping[str, Any]:
-        return {**doc, "roles": {**doc["roles"], name: body}}
+    def build(stored: Stored) -> dict[str, Any]:
+        doc = stored.base(request.app[POLICIES].defaults)
+        return {**doc, "roles": {**_mapping(doc.get("roles")), name: body}}
 
-    snap = await _change(request, edit)
+    snap = await _write(request, build)
     return web.json_response({"name": name, "version": snap.version, **role_to_json(snap.policy.roles[name])})
 
 
@@ -95,24 +139,32 @@ async def delete_role(request: web.Request) -> web.Response:
     await authorize(request, "policy.write")
     name = request.match_info["role"]
 
-    def edit(doc: dict[str, Any]) -> Mapping[str, Any]:
-        if name not in doc["roles"]:
+    def build(stored: Stored) -> dict[str, Any]:
+        doc = stored.base(request.app[POLICIES].defaults)
+        roles = _mapping(doc.get("roles"))
+        if name not in roles:
             raise NotFound(f"no role named {name!r}")
-        bound = sorted(p for p, roles in doc["bindings"].items() if name in roles)
+        bound = sorted(
+            str(p)
+            for p, names in _mapping(doc.get("bindings")).items()
+            if isinstance(names, list) and name in names
+        )
         if bound:
             raise Conflict(f"role {name} is still bound to {', '.join(bound)}; change those bindings first")
-        if len(doc["roles"]) == 1:
+        if len(roles) == 1:
             raise Conflict(f"role {name} is the last role; a policy needs at least one")
-        return {**doc, "roles": {k: v for k, v in doc["roles"].items() if k != name}}
+        return {**doc, "roles": {k: v for k, v in roles.items() if k != name}}
 
-    snap = await _change(request, edit)
+    snap = await _write(request, build)
     return web.json_response({"deleted": name, "version": snap.version})
 
 
 async def get_bindings(request: web.Request) -> web.Response:
     await authorize(request, "binding.read")
-    snap = request.app[POLICIES].current()
-    return web.json_response({"version": snap.version, "bindings": to_document(snap.policy)["bindings"]})
+    stored = await _stored(request)
+    return web.json_response(
+        {"version": stored.version, "bindings": stored.bindings() or {}, **_invalid_fields(stored)}
+    )
 
 
 async def put_bindings(request: web.Request) -> web.Response:
@@ -123,20 +175,21 @@ async def put_bindings(request: web.Request) -> web.Response:
     if not isinstance(bindings, dict):
         raise BadRequest("'bindings' is required: an object of principal id (or glob) → list of roles")
     version = schemas.integer(body, "version")
-    store = request.app[POLICIES]
-    if version is not None:
-        current = store.current().policy
-        parsed = _checked(lambda: parse_bindings_json(bindings, current.roles))
-        snap = await store.replace_document(PolicySet(current.roles, parsed, current.settings), version)
-    else:
-        snap = await _change(request, lambda doc: {**doc, "bindings": bindings})
+
+    def build(stored: Stored) -> dict[str, Any]:
+        # Roles and settings as stored now; the new bindings are validated against those roles.
+        return {**stored.base(request.app[POLICIES].defaults), "bindings": bindings}
+
+    snap = await _write(request, build, version)
     return web.json_response({"version": snap.version, "bindings": to_document(snap.policy)["bindings"]})
 
 
-async def _change(request: web.Request, edit: Callable[[dict[str, Any]], Mapping[str, Any]]) -> Snapshot:
-    """Edit the latest stored document (re-read, validated whole, check-and-set)."""
+async def _write(
+    request: web.Request, build: Callable[[Stored], Mapping[str, Any]], version: int | None = None
+) -> Snapshot:
+    """Merge into the document as stored now (re-read, validated whole, check-and-set, retried)."""
     try:
-        return await request.app[POLICIES].change(edit)
+        return await request.app[POLICIES].write(build, version)
     except PolicyInvalid as exc:
         raise InvalidPolicy("; ".join(str(p) for p in exc.problems)) from None
 
@@ -156,13 +209,21 @@ async def explain(request: web.Request) -> web.Response:
     context = schemas.context(body) if "context" in body else None
     key = await request.app[KEYS].get(key_name) if key_name else None
     grants = [g for g in await request.app[GRANTS].for_key(key.name) if g.grantee == who.id] if key else []
-    decision = engine.decide(
-        request.app[POLICIES].current().effective,
-        AccessRequest(who, operation, facts(key) if key else None, context),
-        grants,
-        now=request.app[KEYS].now(),
-    )
-    return web.json_response({"principal": who.id, "key": key_name, **decision.to_json()})
+    store = request.app[POLICIES]
+    snapshot = store.current()
+    if snapshot.invalid and not store.is_break_glass(who.id):
+        # Not "bound to no role": the bindings may be fine; the document as a whole is not in force.
+        decision = Decision(False, operation, policy_invalid_reason(snapshot.invalid))
+        extra = {"policy_invalid": snapshot.invalid}
+    else:
+        decision = engine.decide(
+            snapshot.effective,
+            AccessRequest(who, operation, facts(key) if key else None, context),
+            grants,
+            now=request.app[KEYS].now(),
+        )
+        extra = {}
+    return web.json_response({"principal": who.id, "key": key_name, **decision.to_json(), **extra})
 
 
 def add_policy_routes(app: web.Application) -> None:

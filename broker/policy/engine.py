@@ -4,18 +4,24 @@
 perform this operation (on this key, with this context)? — and says which rule or
 grant decided and why. The order is:
 
-1. deny by default: a principal bound to no role and holding no grant gets nothing;
-2. an explicit ``deny`` rule that matches wins over everything, grants included;
-3. an ``allow`` rule that matches allows;
-4. an unexpired grant to this principal on this key, for this operation and a
-   context that meets its constraint, allows;
-5. otherwise deny, naming the rules that came close and what they missed.
+1. the config's break-glass administrators are allowed, before any stored role is
+   looked at (a stored deny rule bound by a glob must not lock them out);
+2. deny by default: a principal bound to no role and holding no grant gets nothing;
+3. an explicit ``deny`` rule that matches wins over everything, grants included;
+4. an ``allow`` rule that matches allows;
+5. an unexpired grant to this principal on this key, for this operation and a
+   context that meets its constraint, allows — and only if the grant's granter,
+   deciding by its own rules now, may do exactly this request (same key, same
+   context): a grant never gives more than its granter holds;
+6. otherwise deny, naming the rules that came close and what they missed.
 
 A rule matches when it names the operation (exactly, ``*`` or a family glob such
 as ``crypto.*``), its key selector matches the key (an operation that concerns no
 single key matches only rules without a key selector, so a key-scoped rule never
 leaks into ``policy.write``), and the context meets its conditions. Templates such
-as ``{principal.name}`` in selectors and conditions are filled from the caller.
+as ``{principal.name}`` in selectors and conditions are filled from the caller;
+where the template is a glob (key names), the filled-in value is escaped, so a
+certificate named ``*`` matches only a key literally named so, not every key.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from datetime import datetime
 from fnmatch import fnmatchcase
 
 from broker.policy.model import (
+    BREAK_GLASS_ROLE,
     GRANT_RETIRE,
     AccessRequest,
     ContextCondition,
@@ -37,14 +44,32 @@ from broker.policy.model import (
     Principal,
     Rule,
     is_key_operation,
+    principal_from_id,
 )
 
 TEMPLATE_RE = re.compile(r"\{principal\.(name|kind|id)\}")
 
 
+_GLOB_SPECIAL = re.compile(r"([*?\[])")
+
+
 def fill(template: str, principal: Principal) -> str:
-    """Replace ``{principal.name}``, ``{principal.kind}`` and ``{principal.id}``."""
+    """Replace ``{principal.name}``, ``{principal.kind}`` and ``{principal.id}`` (for exact comparisons)."""
     return TEMPLATE_RE.sub(lambda m: str(getattr(principal, m.group(1))), template)
+
+
+def glob_escape(value: str) -> str:
+    """``value`` as an fnmatch pattern that matches exactly ``value`` (``*`` → ``[*]``, ...)."""
+    return _GLOB_SPECIAL.sub(r"[\1]", value)
+
+
+def fill_glob(template: str, principal: Principal) -> str:
+    """Fill a glob template: the template's own wildcards stay, the caller's values are literal.
+
+    A certificate's name is chosen by whoever asked for the certificate; substituted
+    unescaped, a CN ``*`` would turn ``{principal.name}-*`` into ``*-*``.
+    """
+    return TEMPLATE_RE.sub(lambda m: glob_escape(str(getattr(principal, m.group(1)))), template)
 
 
 def names_operation(rule: Rule, operation: str) -> bool:
@@ -64,6 +89,14 @@ def decide(
 
     if op == GRANT_RETIRE:
         return _retire(request, roles, grant_to_retire)
+    if principal.id in policy.break_glass:
+        return Decision(
+            True,
+            op,
+            f"allowed: {principal.id} is a break-glass administrator (config server.administrators)",
+            roles,
+            rule=BREAK_GLASS_ROLE,
+        )
 
     near: list[str] = []
     allowed_by: str | None = None
@@ -94,6 +127,8 @@ def decide(
     grant_misses: list[str] = []
     for grant in _grants_for(request, grants):
         miss = _grant_mismatch(grant, request, now)
+        if miss is None:
+            miss = _granter_mismatch(policy, grant, request, now)
         if miss is None:
             return Decision(True, op, f"allowed by grant {grant.id}", roles, grant=grant.id)
         grant_misses.append(f"grant {grant.id}: {miss}")
@@ -137,7 +172,7 @@ def _mismatch(rule: Rule, request: AccessRequest) -> str | None:
 
 
 def _key_mismatch(sel: KeySelector, key: KeyFacts, who: Principal) -> str | None:
-    if sel.names and not any(fnmatchcase(key.name, fill(p, who)) for p in sel.names):
+    if sel.names and not any(fnmatchcase(key.name, fill_glob(p, who)) for p in sel.names):
         return f"key name {key.name} matches none of {_show(sel.names)}"
     if sel.backends and key.backend not in sel.backends:
         return f"backend {key.backend} is not one of {_show(sel.backends)}"
@@ -185,6 +220,26 @@ def _grant_mismatch(grant: Grant, request: AccessRequest, now: datetime) -> str 
     return None
 
 
+def _granter_mismatch(policy: PolicySet, grant: Grant, request: AccessRequest, now: datetime) -> str | None:
+    """Why the grant's granter could not make this exact request itself now, or None if it could.
+
+    Checking the grant's constraint at creation is not enough: a ``context_subset``
+    leaves every other field open, and a granter's deny rule may depend on one of
+    them; the granter's roles may also have changed since. Only the granter's rules
+    count, never its own grants: a grant cannot be passed on.
+    """
+    try:
+        granter = principal_from_id(grant.granter)
+    except ValueError:
+        return f"its granter {grant.granter!r} is not a principal id"
+    ask = AccessRequest(granter, request.operation, request.key, request.context)
+    decision = decide(policy, ask, (), now=now)
+    if decision.allowed:
+        return None
+    # Not the granter's reason: the grantee may see near misses, and the granter's rules are not its business.
+    return f"its granter {grant.granter} may not make this request itself now"
+
+
 def _show(values: Iterable[str]) -> str:
     return "[" + ", ".join(values) + "]"
 
@@ -202,11 +257,12 @@ def exceeds_granter(
     """What a proposed grant would give beyond the granter's own rules (empty: nothing).
 
     Each operation is decided for the granter with the grant's context constraint as
-    the context. That is sound because every context condition needs its field
-    present: a rule that matches the constrained pairs also matches any context the
-    grantee may add to them, and a rule that needs a field the constraint leaves open
-    does not match, so the grant is refused. The granter's own grants do not count:
-    a grant cannot be passed on.
+    the context: an allow rule that needs a field the constraint leaves open does
+    not match, so such a grant is refused. This check at creation is not enough on
+    its own — a granter's deny rule may depend on a field the constraint leaves open
+    (``context_subset``), and the granter's roles may change — so every use is
+    decided against the granter's rules again (:func:`_granter_mismatch`). The
+    granter's own grants do not count: a grant cannot be passed on.
     """
     context = dict(context_equals if context_equals is not None else context_subset or {})
     refused = []

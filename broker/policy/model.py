@@ -15,6 +15,9 @@ from typing import Any
 from broker.errors import Unauthenticated
 
 SPIFFE_SCHEME = "spiffe://"
+# The role the config's break-glass administrators hold; not a valid stored role name,
+# so no stored document can define, change or remove it.
+BREAK_GLASS_ROLE = "config:administrators"
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,10 @@ class PolicySet:
     roles: Mapping[str, Role]
     bindings: Mapping[str, tuple[str, ...]]
     settings: PolicySettings = field(default_factory=PolicySettings)
+    # The config's break-glass administrators (exact principal ids): decided before any
+    # stored role, so no stored deny rule, however broad its binding, can lock them out.
+    # Never stored; only the replica's effective policy carries them.
+    break_glass: frozenset[str] = frozenset()
 
     def roles_of(self, principal: Principal) -> tuple[str, ...]:
         """Role names bound to the principal, exactly or through a glob entry, sorted, unique."""

@@ -43,7 +43,8 @@ def test_an_invalid_policy_file_changes_nothing(stack: DevStack, tmp_path: Path)
     assert dropped.returncode == 2
     assert (
         "  stored bindings.spiffe://keybroker.dev/app/app[0]: role 'application' is not defined (the file "
-        "drops a role that a stored binding names; keep the role, or change the binding first)"
+        "has no bindings section, so the stored bindings are kept and must fit its roles: keep the role, "
+        "change the binding first, or put the bindings you want in the file)"
     ) in dropped.stderr.decode().splitlines()
     assert after == before
 

@@ -280,12 +280,12 @@ def test_an_invalid_stored_policy_leaves_only_break_glass_who_repair_it(stack: D
     while health.status == 200 and time.monotonic() < deadline:
         time.sleep(0.2)
         health = https(stack, "/v1/sys/health")
-    refused = _encrypt(stack, key, "app")
+    refused = https(stack, f"/v1/keys/{key}/encrypt", who="app", body={"plaintext": b64(b"g"), "context": {}})
     repaired = https(stack, "/v1/policies", method="PUT", body={"document": good})
     restored = _encrypt(stack, key, "app")
 
     assert health.status == 503
     assert "stored document is invalid" in health.json()["policy"]["error"]
-    assert refused == 403
+    assert (refused.status, refused.json()["code"]) == (503, "policy_invalid")
     assert repaired.status == 200, repaired.body
     assert restored == 200

@@ -209,15 +209,20 @@ def _grant(grantee: str, key_name: str, ops: tuple[str, ...], **kw: object) -> G
     )
 
 
+def _granter_bound() -> PolicySet:
+    """The shipped roles with the grants' granter (user/admin) bound to administrator."""
+    return bound(default_policy(), who("user", "admin"), "administrator")
+
+
 def test_a_grant_works_until_the_second_it_expires() -> None:
     """Allowed one second before expiry; denied at expiry and after; the clock is injected."""
     caller = who("app", "batch")
     g = _grant(caller.id, "k1", ("crypto.decrypt",))
     ask = AccessRequest(caller, "crypto.decrypt", key(), {})
 
-    before = decide(default_policy(), ask, [g], now=g.expires_at - timedelta(seconds=1))
-    at = decide(default_policy(), ask, [g], now=g.expires_at)
-    after = decide(default_policy(), ask, [g], now=g.expires_at + timedelta(seconds=1))
+    before = decide(_granter_bound(), ask, [g], now=g.expires_at - timedelta(seconds=1))
+    at = decide(_granter_bound(), ask, [g], now=g.expires_at)
+    after = decide(_granter_bound(), ask, [g], now=g.expires_at + timedelta(seconds=1))
 
     assert (before.allowed, before.grant) == (True, "g-1")
     assert [at.allowed, after.allowed] == [False, False]
@@ -232,7 +237,7 @@ def test_a_grant_binds_its_grantee_key_operations_and_context() -> None:
 
     def ok(p: Principal, op: str, k: str, ctx: dict[str, str]) -> bool:
         return decide(
-            default_policy(), AccessRequest(p, op, key(name=k), ctx), [exact, subset], now=NOW
+            _granter_bound(), AccessRequest(p, op, key(name=k), ctx), [exact, subset], now=NOW
         ).allowed
 
     assert ok(caller, "crypto.decrypt", "k1", {"tenant": "acme"})
@@ -305,3 +310,110 @@ def test_principal_ids_and_grant_tokens_parse_back() -> None:
     assert parse_grant_token(grant_token(g)) == ("pay.ments", "g-1")
     with pytest.raises(ValueError, match="not a grant token"):
         parse_grant_token("g-1")
+
+
+def test_a_grant_never_gives_more_than_its_granter_may_do_with_that_exact_request_now() -> None:
+    """context_subset {t: a} leaves other fields open: the grantee adding class=secret, which the
+    granter is explicitly denied, is refused; so is anything once the granter loses its role."""
+    p = policy(
+        {
+            "roles": {
+                "owner": {
+                    "rules": [
+                        {"operations": ["crypto.*"]},
+                        {
+                            "id": "no-secret",
+                            "effect": "deny",
+                            "operations": ["crypto.decrypt"],
+                            "context": {"equals": {"class": "secret"}},
+                        },
+                    ]
+                }
+            }
+        }
+    )
+    granter, grantee = who("user", "owner"), who("app", "batch")
+    with_owner = bound(p, granter, "owner")
+    g = Grant(
+        id="g-9",
+        key="k1",
+        grantee=grantee.id,
+        operations=("crypto.decrypt",),
+        created_at=NOW,
+        expires_at=NOW + timedelta(hours=1),
+        granter=granter.id,
+        context_subset={"t": "a"},
+    )
+
+    def ask(policy_set: PolicySet, ctx: dict[str, str]) -> bool:
+        return decide(policy_set, AccessRequest(grantee, "crypto.decrypt", key(), ctx), [g], now=NOW).allowed
+
+    assert exceeds_granter(with_owner, granter, key(), ["crypto.decrypt"], None, {"t": "a"}, now=NOW) == []
+    assert ask(with_owner, {"t": "a"})
+    assert not ask(with_owner, {"t": "a", "class": "secret"})
+    assert ask(with_owner, {"t": "a", "class": "public"})
+    assert not ask(p, {"t": "a"})  # the granter is no longer bound to owner
+    denied = decide(
+        with_owner,
+        AccessRequest(grantee, "crypto.decrypt", key(), {"t": "a", "class": "secret"}),
+        [g],
+        now=NOW,
+    )
+    assert denied.near_misses == (
+        f"grant g-9: its granter {granter.id} may not make this request itself now",
+    )
+
+
+def test_break_glass_is_decided_before_any_stored_role() -> None:
+    """A stored deny-everything role bound by a glob that covers the break-glass administrator
+    denies everyone else, but not the administrator listed in the config."""
+    p = policy(
+        {
+            "roles": {"lockdown": {"rules": [{"effect": "deny", "operations": ["*"]}]}},
+            "bindings": {f"{TD}/user/*": ["lockdown"]},
+        }
+    )
+    admin, other = who("user", "admin"), who("user", "eve")
+    effective = PolicySet(p.roles, p.bindings, p.settings, break_glass=frozenset({admin.id}))
+
+    mine = decide(effective, AccessRequest(admin, "policy.write"), now=NOW)
+    theirs = decide(effective, AccessRequest(other, "policy.write"), now=NOW)
+
+    assert (mine.allowed, mine.rule) == (True, "config:administrators")
+    assert (theirs.allowed, theirs.rule) == (False, "lockdown[0]")
+
+
+@pytest.mark.parametrize("name", ["*", "?", "[a-z]*", "a*", "[!x]"])
+def test_a_certificate_name_is_a_literal_in_key_name_globs(name: str) -> None:
+    """{principal.name} filled into a key-name glob is escaped: a CN made of glob characters
+    matches only a key literally named after it, not every key; the rule's own '*' still works."""
+    p = policy(
+        {
+            "roles": {
+                "own-keys": {
+                    "rules": [{"operations": ["crypto.encrypt"], "keys": {"name": "{principal.name}-*"}}]
+                }
+            },
+            "bindings": {"cn:*": ["own-keys"]},
+        }
+    )
+    caller = principal_from_id(f"cn:{name}")
+
+    def ok(key_name: str) -> bool:
+        return decide(p, AccessRequest(caller, "crypto.encrypt", key(name=key_name), {}), now=NOW).allowed
+
+    assert ok(f"{name}-1")
+    assert not ok("payments-1")
+    assert not ok("a-1")
+    assert not ok("x-1")
+
+
+def test_glob_escape_round_trips_every_special_character() -> None:
+    """Each escaped value matches itself and nothing else of the same length."""
+    from fnmatch import fnmatchcase
+
+    from broker.policy.engine import glob_escape
+
+    for value in ("*", "?", "[", "]", "[!]", "a[b]*?c", "plain"):
+        assert fnmatchcase(value, glob_escape(value))
+        assert not fnmatchcase("z" * len(value), glob_escape(value)) or value == "z" * len(value)

@@ -414,3 +414,11 @@ def test_grant_ids_in_paths_follow_their_format(stack: DevStack) -> None:
     for bad in ("..%2F..%2Fx", "g-%00", "g-" + "0" * 19, "G-" + "0" * 20):
         reply = raw(stack, f"/v1/keys/{name}/grants/{bad}/retire", b"{}", request_id=rid())
         assert_problem(reply, 400, "bad_request")
+
+
+def test_query_integers_take_ascii_digits_only(stack: DevStack) -> None:
+    """`limit` on the audit timeline is ASCII digits: Arabic-Indic digits, underscores, spaces and
+    signs are a 400 problem (int() would take all of them), a plain number is served."""
+    for bad in ("%D9%A1%D9%A0", "1_0", "%2010", "+10", "10%20", "1e3", "9999999"):
+        assert_problem(https(stack, f"/v1/audit/events?limit={bad}"), 400, "bad_request")
+    assert https(stack, "/v1/audit/events?limit=10").status == 200

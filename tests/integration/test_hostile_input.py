@@ -422,3 +422,11 @@ def test_query_integers_take_ascii_digits_only(stack: DevStack) -> None:
     for bad in ("%D9%A1%D9%A0", "1_0", "%2010", "+10", "10%20", "1e3", "9999999"):
         assert_problem(https(stack, f"/v1/audit/events?limit={bad}"), 400, "bad_request")
     assert https(stack, "/v1/audit/events?limit=10").status == 200
+
+
+def test_role_names_in_paths_follow_the_role_name_rule(stack: DevStack) -> None:
+    """Reading or deleting a role by a name no role can have is a 400 problem, not a lookup."""
+    for bad in ("..%2Fdocument", "a%00", "A", "a%3Fx%3D1", "-a"):
+        for method in ("GET", "DELETE"):
+            assert_problem(https(stack, f"/v1/policies/{bad}", method=method), 400, "bad_request")
+    assert https(stack, "/v1/policies/no-such-role").status == 404

@@ -55,17 +55,19 @@ def vault_path(base: str, *segments: str) -> str:
 
     ``base`` is a fixed "/"-separated path (mount and endpoint, e.g. ``kv/data/keys``).
     Each of ``segments`` is ONE path segment that may come from a caller (a key name):
-    it is percent-encoded whole, so ``/``, ``?``, ``#`` and ``%`` cannot change which
-    Vault endpoint is asked. Dot segments are refused outright because the HTTP client
-    and Vault both normalise ``..`` (even as ``%2E%2E``) before routing. Names are
-    validated against their own rule earlier; this is the last line, not the first.
+    it is percent-encoded whole, so ``?``, ``#`` and ``%`` cannot add a query or a
+    fragment. Some things no encoding makes safe, so they are refused outright: dot
+    segments (the HTTP client and Vault normalise ``..``, even as ``%2E%2E``), ``/`` and
+    ``\\`` (Vault routes on the decoded path, where ``%2F`` is a separator again),
+    control characters and lone surrogates. Names are validated against their own rule
+    earlier; this is the last line, not the first.
     """
     fixed = base.strip("/").split("/")
     if not all(_FIXED_SEGMENT.fullmatch(part) for part in fixed):
         raise ValueError(f"not a fixed Vault path: {base!r}")
     encoded = []
     for segment in segments:
-        if segment in ("", ".", "..") or not segment.isprintable():
+        if segment in ("", ".", "..") or "/" in segment or "\\" in segment or not segment.isprintable():
             raise BadRequest("a name is not usable as a Vault path segment")
         try:
             segment.encode("utf-8")

@@ -51,17 +51,17 @@ def test_the_name_rule_accepts_names(name: str) -> None:
 
 
 def test_vault_path_encodes_each_segment_whole() -> None:
-    """A segment cannot add a query, a fragment or another path level."""
+    """A segment cannot add a query, a fragment or a percent-escape of its own."""
     assert vault_path("kv/data/keys", "pay") == "v1/kv/data/keys/pay"
     assert vault_path("kv/data/keys", "a?b") == "v1/kv/data/keys/a%3Fb"
-    assert vault_path("kv/data/keys", "a/b") == "v1/kv/data/keys/a%2Fb"
+    assert vault_path("kv/data/keys", "a#b") == "v1/kv/data/keys/a%23b"
     assert vault_path("kv/data/keys", "a%2Fb") == "v1/kv/data/keys/a%252Fb"
     assert vault_path("transit/keys", "k", "config") == "v1/transit/keys/k/config"
 
 
-@pytest.mark.parametrize("segment", ["", ".", "..", "a\x00", "a\n", "a\ud800"])
+@pytest.mark.parametrize("segment", ["", ".", "..", "a/b", "../x", "a\\b", "a\x00", "a\n", "a\ud800"])
 def test_vault_path_refuses_segments_no_encoding_makes_safe(segment: str) -> None:
-    """Dot segments are normalised by the HTTP client and Vault even when encoded: refused outright."""
+    """Dot segments and separators (Vault routes on the decoded path) are refused outright."""
     with pytest.raises(BadRequest):
         vault_path("kv/data/keys", segment)
 

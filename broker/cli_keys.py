@@ -39,7 +39,7 @@ def _quote(name: str) -> str:
     return urllib.parse.quote(name, safe="")
 
 
-def _key_name(value: str) -> str:
+def key_name_arg(value: str) -> str:
     """argparse type: a key name by the broker's one name rule, refused before any request."""
     if NAME_RE.fullmatch(value) is None:
         raise argparse.ArgumentTypeError(f"not a key name: {value!r} (a name is {NAME_RULE})")
@@ -271,7 +271,7 @@ def add_keys_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], N
         return client_command(ksub, name, help_, fn, client_args)
 
     p = command("create", "create a key (version 1 is generated in the backend)", cmd_create)
-    p.add_argument("name", type=_key_name)
+    p.add_argument("name", type=key_name_arg)
     p.add_argument("--backend", required=True, choices=["vault", "kms", "hsm"])
     p.add_argument("--type", default="aes256-gcm", choices=["aes256-gcm", "ecdsa-p256"])
     p.add_argument("--environment", required=True, choices=["dev", "staging", "prod"])
@@ -291,10 +291,10 @@ def add_keys_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], N
     p.add_argument("--tag", metavar="KEY[=VALUE]")
 
     p = command("show", "show a key's metadata and versions", cmd_show)
-    p.add_argument("name", type=_key_name)
+    p.add_argument("name", type=key_name_arg)
 
     p = command("update", "change rotation period, deletion protection, min decrypt version", cmd_update)
-    p.add_argument("name", type=_key_name)
+    p.add_argument("name", type=key_name_arg)
     p.add_argument("--rotation-period", metavar="DURATION", help="e.g. 90d; 'none' turns it off")
     p.add_argument("--deletion-protection", choices=["on", "off"])
     p.add_argument("--min-decrypt-version", type=int, metavar="N", help="versions below N stop decrypting")
@@ -306,41 +306,41 @@ def add_keys_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], N
         ("resume", "make a suspended key usable again"),
         ("cancel-destruction", "stop a scheduled destruction (the key comes back suspended)"),
     ):
-        command(action, help_, _action(action)).add_argument("name", type=_key_name)
+        command(action, help_, _action(action)).add_argument("name", type=key_name_arg)
     p = command("revoke", "retire a key (decrypt only) or mark it compromised (no use)", _action("revoke"))
-    p.add_argument("name", type=_key_name)
+    p.add_argument("name", type=key_name_arg)
     p.add_argument("--reason", required=True, choices=["retired", "compromised"])
     p = command(
         "schedule-destruction",
         "destroy a key's material after a waiting period (refused under deletion protection)",
         _action("schedule-destruction"),
     )
-    p.add_argument("name", type=_key_name)
+    p.add_argument("name", type=key_name_arg)
     p.add_argument("--pending-days", type=int, default=30, help="7..30 (default: %(default)s)")
 
     p = command("encrypt", "encrypt standard input (or --in FILE); prints the ciphertext", cmd_encrypt)
-    p.add_argument("name", type=_key_name)
+    p.add_argument("name", type=key_name_arg)
     p.add_argument("--in", dest="input", metavar="FILE", help="read the plaintext from FILE (max 4096 bytes)")
     p.add_argument("--context", action="append", metavar="KEY=VALUE", help="encryption context (repeatable)")
 
     p = command("decrypt", "decrypt a ciphertext; writes the plaintext to stdout or --out", cmd_decrypt)
-    p.add_argument("name", type=_key_name)
+    p.add_argument("name", type=key_name_arg)
     p.add_argument("--ciphertext", help="the kb1:... text (default: read from stdin or --in)")
     p.add_argument("--in", dest="input", metavar="FILE")
     p.add_argument("--out", metavar="FILE", help="write the plaintext here instead of stdout")
     p.add_argument("--context", action="append", metavar="KEY=VALUE")
 
     p = command("rewrap", "move a ciphertext to the latest version, or to another key", cmd_rewrap)
-    p.add_argument("name", type=_key_name)
+    p.add_argument("name", type=key_name_arg)
     p.add_argument("--ciphertext", help="the kb1:... text (default: read from stdin or --in)")
     p.add_argument("--in", dest="input", metavar="FILE")
     p.add_argument(
-        "--to-key", metavar="KEY", type=_key_name, help="re-encrypt under this key instead (any backend)"
+        "--to-key", metavar="KEY", type=key_name_arg, help="re-encrypt under this key instead (any backend)"
     )
     p.add_argument("--context", action="append", metavar="KEY=VALUE")
 
     p = command("datakey", "generate a data key for envelope encryption (prints its ciphertext)", cmd_datakey)
-    p.add_argument("name", type=_key_name)
+    p.add_argument("name", type=key_name_arg)
     p.add_argument("--bytes", type=int, default=32, choices=[16, 32, 64])
     p.add_argument("--with-plaintext", action="store_true", help="also return the plaintext key (use --json)")
     p.add_argument("--context", action="append", metavar="KEY=VALUE")

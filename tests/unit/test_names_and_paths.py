@@ -9,6 +9,7 @@ import pytest
 
 from broker.api import schemas
 from broker.backends.vault import vault_path
+from broker.cli import build_parser
 from broker.errors import BadRequest, DecryptionFailed, PayloadTooLarge
 from broker.keys import ciphertext
 from broker.keys.model import NAME_RULE, InvalidKeyName, check_name
@@ -152,3 +153,24 @@ def test_integers_are_bounded() -> None:
     with pytest.raises(BadRequest):
         schemas.integer({"n": 2**53}, "n")
     assert schemas.integer({"n": 2**53 - 1}, "n") == 2**53 - 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["keys", "show", "a/../b"],
+        ["keys", "encrypt", "k?version=1"],
+        ["keys", "rewrap", "k", "--to-key", "..%2Fpolicy"],
+        ["grants", "list", "A"],
+        ["grants", "revoke", "a\\b", "g-00000000000000000000"],
+        ["policy", "explain", "--principal", "cn:x", "--operation", "key.read", "--key", "a b"],
+    ],
+)
+def test_the_cli_refuses_a_bad_key_name_before_any_request(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key name argument that breaks the name rule stops the CLI with a usage error (exit 2)."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    assert "not a key name" in capsys.readouterr().err

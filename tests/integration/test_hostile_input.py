@@ -264,6 +264,13 @@ def test_lone_surrogates_are_refused_promptly_with_one_record_each(stack: DevSta
                 problem = assert_problem(reply, (400, 403))
                 if who == "admin" and path != "/v1/keys/%ED%A0%80/encrypt":
                     assert problem["code"] == "invalid_text", (path, problem)
+        # Query parameters: a surrogate's UTF-8 spelling never decodes to a lone surrogate.
+        request_id = rid()
+        sent.add(request_id)
+        query = "/v1/audit/events?limit=5&key=%ED%A0%80&principal=a%ED%B2%80b"
+        reply, elapsed = timed(raw, stack, query, None, who=who, request_id=request_id)
+        assert elapsed < PROMPT_SECONDS, elapsed
+        assert reply.status == (200 if who == "admin" else 403), reply.body
     counts = records_for(stack, sent)
     assert all(n == 1 for n in counts.values()), {k: n for k, n in counts.items() if n != 1}
     health = https(stack, "/v1/sys/health")

@@ -21,6 +21,7 @@ from typing import Any
 
 from broker.client import BrokerClient
 from broker.errors import BrokerError, ConfigError
+from broker.keys.model import NAME_RE, NAME_RULE
 
 Connect = Callable[[argparse.Namespace], BrokerClient]
 ClientCommand = Callable[[argparse.Namespace, BrokerClient], int]
@@ -48,6 +49,13 @@ _ENVELOPE = re.compile(r"^kb1:([a-z0-9][a-z0-9_.-]{0,62}):([0-9]+):[A-Za-z0-9_-]
 
 def _quote(name: str) -> str:
     return urllib.parse.quote(name, safe="")
+
+
+def key_name_arg(value: str) -> str:
+    """argparse type: a key name by the broker's one name rule, refused before any request."""
+    if NAME_RE.fullmatch(value) is None:
+        raise argparse.ArgumentTypeError(f"not a key name: {value!r} (a name is {NAME_RULE})")
+    return value
 
 
 def _context(pairs: Sequence[str] | None) -> dict[str, str]:
@@ -402,7 +410,7 @@ def add_keys_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], N
         return p
 
     p = command("create", "create a key (version 1 is generated in the backend)", cmd_create)
-    p.add_argument("name")
+    p.add_argument("name", type=key_name_arg)
     p.add_argument("--backend", required=True, choices=["vault", "kms", "hsm"])
     p.add_argument("--type", default="aes256-gcm", choices=["aes256-gcm", "ecdsa-p256"])
     p.add_argument("--environment", required=True, choices=["dev", "staging", "prod"])
@@ -422,10 +430,10 @@ def add_keys_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], N
     p.add_argument("--tag", metavar="KEY[=VALUE]")
 
     p = command("show", "show a key's metadata and versions", cmd_show)
-    p.add_argument("name")
+    p.add_argument("name", type=key_name_arg)
 
     p = command("update", "change rotation period, deletion protection, min decrypt version", cmd_update)
-    p.add_argument("name")
+    p.add_argument("name", type=key_name_arg)
     p.add_argument("--rotation-period", metavar="DURATION", help="e.g. 90d; 'none' turns it off")
     p.add_argument("--deletion-protection", choices=["on", "off"])
     p.add_argument("--min-decrypt-version", type=int, metavar="N", help="versions below N stop decrypting")
@@ -436,7 +444,7 @@ def add_keys_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], N
         ("suspend", "stop all use of a key until it is resumed"),
         ("resume", "make a suspended key usable again"),
     ):
-        command(action, help_, _action(action)).add_argument("name")
+        command(action, help_, _action(action)).add_argument("name", type=key_name_arg)
     # The rule of Key.destruction_cancelled (broker/keys/model.py): a revoked key stays revoked.
     command(
         "cancel-destruction",
@@ -446,20 +454,20 @@ def add_keys_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], N
         "to use it again); a revoked key comes back as it was: deactivated (decrypt and verify only) or "
         "compromised",
         "keybroker keys cancel-destruction payments\n  keybroker keys resume payments   # if it was in use",
-    ).add_argument("name")
+    ).add_argument("name", type=key_name_arg)
     p = command("revoke", "retire a key (decrypt only) or mark it compromised (no use)", _action("revoke"))
-    p.add_argument("name")
+    p.add_argument("name", type=key_name_arg)
     p.add_argument("--reason", required=True, choices=["retired", "compromised"])
     p = command(
         "schedule-destruction",
         "destroy a key's material after a waiting period (refused under deletion protection)",
         _action("schedule-destruction"),
     )
-    p.add_argument("name")
+    p.add_argument("name", type=key_name_arg)
     p.add_argument("--pending-days", type=int, default=30, help="7..30 (default: %(default)s)")
 
     p = command("encrypt", "encrypt standard input (or --in FILE); prints the ciphertext", cmd_encrypt)
-    p.add_argument("name")
+    p.add_argument("name", type=key_name_arg)
     p.add_argument("--in", dest="input", metavar="FILE", help="read the plaintext from FILE (max 4096 bytes)")
     p.add_argument("--context", action="append", metavar="KEY=VALUE", help="encryption context (repeatable)")
 
@@ -472,7 +480,7 @@ def add_keys_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], N
         "keybroker keys decrypt --context tenant=acme < card.kb\n"
         "  keybroker keys decrypt payments --in card.kb --out card.txt",
     )
-    p.add_argument("name", nargs="?", help="optional: the key the ciphertext names")
+    p.add_argument("name", nargs="?", type=key_name_arg, help="optional: the key the ciphertext names")
     p.add_argument("--ciphertext", help="the kb1:... text (default: read from stdin or --in)")
     p.add_argument("--in", dest="input", metavar="FILE")
     p.add_argument("--out", metavar="FILE", help="write the plaintext here instead of stdout")
@@ -487,10 +495,12 @@ def add_keys_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], N
         "keybroker keys rewrap --context tenant=acme < card.kb > card-v2.kb\n"
         "  keybroker keys rewrap --to-key archive --context tenant=acme < card.kb",
     )
-    p.add_argument("name", nargs="?", help="optional: the key the ciphertext names")
+    p.add_argument("name", nargs="?", type=key_name_arg, help="optional: the key the ciphertext names")
     p.add_argument("--ciphertext", help="the kb1:... text (default: read from stdin or --in)")
     p.add_argument("--in", dest="input", metavar="FILE")
-    p.add_argument("--to-key", metavar="KEY", help="re-encrypt under this key instead (any backend)")
+    p.add_argument(
+        "--to-key", metavar="KEY", type=key_name_arg, help="re-encrypt under this key instead (any backend)"
+    )
     p.add_argument("--context", action="append", metavar="KEY=VALUE")
 
     p = command(
@@ -503,7 +513,7 @@ def add_keys_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], N
         "keybroker keys datakey payments --plaintext-out dek.bin > dek.kb\n"
         "  keybroker keys datakey payments --with-plaintext --json | jq -r .plaintext",
     )
-    p.add_argument("name")
+    p.add_argument("name", type=key_name_arg)
     p.add_argument("--bytes", type=int, default=32, choices=[16, 32, 64])
     p.add_argument(
         "--with-plaintext",
@@ -526,7 +536,7 @@ def add_keys_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], N
         "keybroker keys sign releases --in app.tar > app.tar.sig\n"
         "  keybroker keys sign releases --digest \"$(sha256sum app.tar | cut -d' ' -f1)\"",
     )
-    p.add_argument("name")
+    p.add_argument("name", type=key_name_arg)
     p.add_argument("--in", dest="input", metavar="FILE", help="the message (default: standard input)")
     p.add_argument("--digest", metavar="HEX", help="sign this SHA-256 digest (64 hex digits) instead")
     p.add_argument("--out", metavar="FILE", help="write the signature here instead of stdout")
@@ -540,7 +550,7 @@ def add_keys_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], N
         "keybroker keys verify --signature-file app.tar.sig --in app.tar\n"
         "  keybroker keys verify releases --signature kb1:releases:1:MEUC... < app.tar",
     )
-    p.add_argument("name", nargs="?", help="optional: the key that should have signed")
+    p.add_argument("name", nargs="?", type=key_name_arg, help="optional: the key that should have signed")
     p.add_argument("--signature", metavar="KB1", help="the kb1:... signature")
     p.add_argument("--signature-file", metavar="FILE", help="read the signature from FILE")
     p.add_argument("--in", dest="input", metavar="FILE", help="the message (default: standard input)")

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from broker.cli_keys import ClientCommand, _context, client_command
+from broker.cli_keys import ClientCommand, _context, client_command, key_name_arg
 from broker.client import BrokerClient
 from broker.errors import ConfigError
 from broker.policy.document import PolicyInvalid, diff_documents, load_yaml, parse_document, to_document
@@ -359,7 +359,7 @@ def add_policy_parsers(sub: Any, client_args: Callable[[argparse.ArgumentParser]
     )
     p.add_argument("--principal", required=True, help="spiffe://<domain>/<kind>/<name> or cn:<name>")
     p.add_argument("--operation", required=True, choices=sorted(OPERATIONS), metavar="OPERATION")
-    p.add_argument("--key", help="the key, for key operations")
+    p.add_argument("--key", type=key_name_arg, help="the key, for key operations")
     p.add_argument("--context", action="append", metavar="KEY=VALUE", help="encryption context (repeatable)")
 
     bindings = _group(
@@ -383,7 +383,7 @@ def add_policy_parsers(sub: Any, client_args: Callable[[argparse.ArgumentParser]
         GRANTS_EPILOG,
     )
     p = command(grants, "create", "grant operations on a key to a principal", cmd_grants_create)
-    p.add_argument("key")
+    p.add_argument("key", type=key_name_arg)
     p.add_argument("--grantee", required=True, help="principal id")
     p.add_argument(
         "--operation", required=True, action="append", metavar="OP", help="repeatable; e.g. crypto.decrypt"
@@ -396,12 +396,12 @@ def add_policy_parsers(sub: Any, client_args: Callable[[argparse.ArgumentParser]
         "--context-subset", action="append", metavar="KEY=VALUE", help="the context must contain these"
     )
     p = command(grants, "list", "list a key's unexpired grants", cmd_grants_list)
-    p.add_argument("key")
+    p.add_argument("key", type=key_name_arg)
     p = command(grants, "revoke", "revoke a grant (key custodians)", cmd_grants_revoke)
-    p.add_argument("key")
+    p.add_argument("key", type=key_name_arg)
     p.add_argument("grant_id")
     p = command(grants, "retire", "give back a grant you hold", cmd_grants_retire)
-    p.add_argument("key", nargs="?")
+    p.add_argument("key", nargs="?", type=key_name_arg)
     p.add_argument("grant_id", nargs="?")
     p.add_argument("--token", help="the grant token instead of KEY GRANT_ID")
 

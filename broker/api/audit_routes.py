@@ -140,10 +140,11 @@ async def events(request: web.Request) -> web.Response:
     """GET /v1/audit/events: the merged timeline, filtered; pages with ``cursor``, else the newest rows."""
     await authorize(request, "audit.read")
     filters = _filters(request.query)
-    try:
-        limit = int(request.query.get("limit", "1000"))
-    except ValueError:
-        raise BadRequest("'limit' must be an integer") from None
+    raw_limit = request.query.get("limit", "1000")
+    # ASCII digits only: int() would also take " 10", "1_0" and non-ASCII digits (U+0661...).
+    if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 6):
+        raise BadRequest("'limit' must be an integer")
+    limit = int(raw_limit)
     if not 1 <= limit <= MAX_EVENTS:
         raise BadRequest(f"'limit' must be between 1 and {MAX_EVENTS}")
     cursor = request.query.get("cursor")

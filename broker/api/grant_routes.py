@@ -11,6 +11,7 @@ replica honours them immediately.
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from fnmatch import fnmatchcase
 from typing import Any
@@ -21,6 +22,7 @@ from broker.api import schemas
 from broker.api.authz import facts, find_key, key_for, principal, record
 from broker.api.keys import GRANTS, KEYS, POLICIES
 from broker.errors import BadRequest, Forbidden, NotFound
+from broker.keys.model import check_name
 from broker.policy import engine
 from broker.policy.document import parse_duration
 from broker.policy.model import (
@@ -32,6 +34,16 @@ from broker.policy.model import (
     principal_from_id,
 )
 from broker.state.grants import new_grant_id
+
+# What new_grant_id makes; checked before any lookup, so the answer tells nothing about keys.
+_GRANT_ID = re.compile(r"g-[0-9a-f]{20}")
+
+
+def _grant_id(request: web.Request) -> str:
+    value = request.match_info["grant_id"]
+    if _GRANT_ID.fullmatch(value) is None:
+        raise BadRequest("a grant id is 'g-' and 20 hex digits")
+    return value
 
 
 def _operations(body: dict[str, Any]) -> tuple[str, ...]:
@@ -56,7 +68,7 @@ def _constraint(body: dict[str, Any], name: str) -> dict[str, str] | None:
 
 
 async def create_grant(request: web.Request) -> web.Response:
-    key = await key_for(request, "grant.create", request.match_info["name"])
+    key = await key_for(request, "grant.create", check_name(request.match_info["name"]))
     body = await schemas.json_object(request)
     try:
         grantee = principal_from_id(schemas.string(body, "grantee", required=True)).id
@@ -100,22 +112,23 @@ async def create_grant(request: web.Request) -> web.Response:
 
 
 async def list_grants(request: web.Request) -> web.Response:
-    key = await key_for(request, "grant.list", request.match_info["name"])
+    key = await key_for(request, "grant.list", check_name(request.match_info["name"]))
     grants = await request.app[GRANTS].for_key(key.name)
     return web.json_response({"grants": [g.to_json() for g in grants]})
 
 
 async def revoke_grant(request: web.Request) -> web.Response:
-    key = await key_for(request, "grant.revoke", request.match_info["name"])
-    removed = await request.app[GRANTS].remove(key.name, request.match_info["grant_id"])
+    grant_id = _grant_id(request)
+    key = await key_for(request, "grant.revoke", check_name(request.match_info["name"]))
+    removed = await request.app[GRANTS].remove(key.name, grant_id)
     return web.json_response({"revoked": removed.to_json()})
 
 
 async def retire_grant(request: web.Request) -> web.Response:
     """The grantee gives its grant back; nobody else may (custodians revoke instead)."""
-    key = await find_key(request, GRANT_RETIRE, request.match_info["name"])
+    grant_id = _grant_id(request)
+    key = await find_key(request, GRANT_RETIRE, check_name(request.match_info["name"]))
     store = request.app[GRANTS]
-    grant_id = request.match_info["grant_id"]
     try:
         grant: Grant | None = await store.get(key.name, grant_id)
     except NotFound:

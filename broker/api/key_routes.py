@@ -1,8 +1,12 @@
 """``/v1/keys…``: key management and cryptographic operations.
 
-Each handler authorizes first (:mod:`broker.api.authz`, before any backend call),
-reads and checks its input, then calls :class:`broker.keys.lifecycle.KeyService`. Crypto endpoints take
-``{"batch": [...]}`` and answer per item, so one bad item does not fail the rest.
+Each handler checks the key name in the path against the name rule (400
+``invalid_key_name`` before any lookup), authorizes (:mod:`broker.api.authz`, before any
+backend call), reads and checks its input, then calls
+:class:`broker.keys.lifecycle.KeyService`. Crypto endpoints take ``{"batch": [...]}`` and
+answer per item, so one bad item does not fail the rest. A crypto caller learns what is
+wrong with its body only once it is known to have some right on the key: anyone else
+gets the same 403 whether the key exists or not, whatever it sends.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from broker.api.keys import KEYS, SETTINGS
 from broker.backends.base import Backend, KeyType
 from broker.errors import BadRequest, BrokerError
 from broker.keys.lifecycle import KeyService, NewKey, digest_of
-from broker.keys.model import Key
+from broker.keys.model import Key, check_name
 from broker.policy.model import KeyFacts
 
 T = TypeVar("T")
@@ -36,6 +40,11 @@ def _service(request: web.Request) -> KeyService:
     return request.app[KEYS]
 
 
+def _path_name(request: web.Request) -> str:
+    """The ``{name}`` of the path, refused (400) unless it follows the name rule."""
+    return check_name(request.match_info["name"])
+
+
 def _enum(value: str, kind: type[Backend] | type[KeyType], field: str) -> Any:
     try:
         return kind(value)
@@ -49,7 +58,7 @@ def _enum(value: str, kind: type[Backend] | type[KeyType], field: str) -> Any:
 
 async def create_key(request: web.Request) -> web.Response:
     body = await schemas.json_object(request)
-    name = schemas.string(body, "name", required=True)
+    name = check_name(schemas.string(body, "name", required=True), "'name'")
     spec = NewKey(
         name=name,
         backend=_enum(schemas.string(body, "backend", required=True), Backend, "backend"),
@@ -58,7 +67,7 @@ async def create_key(request: web.Request) -> web.Response:
         rotation_period_seconds=schemas.duration(body, "rotation_period"),
         deletion_protection=schemas.boolean(body, "deletion_protection", True),
         tags=schemas.tags(body),
-        description=schemas.string(body, "description"),
+        description=schemas.string(body, "description", max_length=schemas.MAX_DESCRIPTION),
     )
     facts = audit_facts(request)
     facts.key, facts.backend = spec.name, str(spec.backend)
@@ -79,12 +88,12 @@ async def list_keys(request: web.Request) -> web.Response:
 
 
 async def show_key(request: web.Request) -> web.Response:
-    key = await key_for(request, "key.read", request.match_info["name"])
+    key = await key_for(request, "key.read", _path_name(request))
     return web.json_response(key.public())
 
 
 async def patch_key(request: web.Request) -> web.Response:
-    name = (await key_for(request, "key.update", request.match_info["name"])).name
+    name = (await key_for(request, "key.update", _path_name(request))).name
     body = await schemas.json_object(request)
     known = {"rotation_period", "description", "tags", "deletion_protection", "min_decrypt_version"}
     unknown = sorted(set(body) - known)
@@ -94,7 +103,7 @@ async def patch_key(request: web.Request) -> web.Response:
     if "rotation_period" in body:
         changes["rotation_period_seconds"] = schemas.duration(body, "rotation_period")
     if "description" in body:
-        changes["description"] = schemas.string(body, "description")
+        changes["description"] = schemas.string(body, "description", max_length=schemas.MAX_DESCRIPTION)
     if "tags" in body:
         changes["tags"] = schemas.tags(body) or {}
     if "deletion_protection" in body:
@@ -107,7 +116,7 @@ async def patch_key(request: web.Request) -> web.Response:
 
 def _lifecycle(operation: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        name = (await key_for(request, f"key.{operation}", request.match_info["name"])).name
+        name = (await key_for(request, f"key.{operation}", _path_name(request))).name
         body = await schemas.json_object(request)
         service = _service(request)
         if operation == "rotate":
@@ -160,6 +169,8 @@ async def _rewrap(request: web.Request, key: Key, item: dict[str, Any]) -> dict[
     text = schemas.string(item, "ciphertext", required=True)
     context = schemas.context(item)
     to_name = schemas.string(item, "to_key") or None
+    if to_name is not None:
+        check_name(to_name, "'to_key'")
     target = None
     if to_name is not None and to_name != key.name:
         target = await find_key(request, "crypto.encrypt", to_name)
@@ -252,17 +263,32 @@ async def _run_items(
     return list(await asyncio.gather(*(one(item) for item in items)))
 
 
+async def _may_learn(request: web.Request, action: str, key: Key) -> None:
+    """Before saying what is wrong with a body: 403, as for any denial, unless the caller
+    may read the key or may use it without a context. Otherwise a 400 for a bad body
+    against a 403 for a good one would tell a caller with no rights that the key exists.
+    """
+    if (await decide(request, "key.read", key)).allowed:
+        return
+    await authorize(request, action, key)
+
+
 def _crypto(
     operation: str, run: ItemHandler, batch: BatchHandler | None = None
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
     action = f"crypto.{operation}"
 
     async def handler(request: web.Request) -> web.Response:
-        key = await find_key(request, action, request.match_info["name"])
-        body = await schemas.json_object(request)
-        items = schemas.batch_items(body, request.app[SETTINGS].keys.max_batch_items)
+        key = await find_key(request, action, _path_name(request))
+        try:
+            body = await schemas.json_object(request)
+            items = schemas.batch_items(body, request.app[SETTINGS].keys.max_batch_items)
+            context = schemas.context(body) if items is None else None
+        except BrokerError:
+            await _may_learn(request, action, key)
+            raise
         if items is None:
-            await authorize(request, action, key, schemas.context(body))
+            await authorize(request, action, key, context)
             answer = await run(request, key, body)
             audit_facts(request).version = answer.get("key_version")
             return web.json_response(answer)
@@ -272,7 +298,12 @@ def _crypto(
         allowed, positions = [], []
         for i, item in enumerate(items):
             try:
-                await authorize(request, action, key, schemas.context(item))
+                try:
+                    item_context = schemas.context(item)
+                except BrokerError:
+                    await _may_learn(request, action, key)
+                    raise
+                await authorize(request, action, key, item_context)
             except BrokerError as exc:
                 out[i] = _problem(exc)
                 continue

@@ -21,6 +21,7 @@ from broker.api.keys import GRANTS, KEYS, POLICIES
 from broker.errors import BadRequest, Conflict, NotFound
 from broker.policy import engine
 from broker.policy.document import (
+    ROLE_NAME_RE,
     PolicyInvalid,
     parse_role_json,
     role_to_json,
@@ -40,6 +41,14 @@ def _checked(build: Callable[[], Any]) -> Any:
         return build()
     except PolicyInvalid as exc:
         raise InvalidPolicy("; ".join(str(p) for p in exc.problems)) from None
+
+
+def _role_name(request: web.Request) -> str:
+    """The ``{role}`` of the path, refused (400) unless it follows the role-name rule."""
+    name = request.match_info["role"]
+    if ROLE_NAME_RE.fullmatch(name) is None:
+        raise BadRequest("a role name is 1-63 characters of a-z, 0-9 and '-', starting with a letter")
+    return name
 
 
 def _mapping(value: Any) -> dict[str, Any]:
@@ -107,7 +116,7 @@ async def put_document(request: web.Request) -> web.Response:
 
 async def get_role(request: web.Request) -> web.Response:
     await authorize(request, "policy.read")
-    name = request.match_info["role"]
+    name = _role_name(request)
     stored = await _stored(request)
     if stored.policy is None:
         raw = _mapping(_mapping(stored.raw).get("roles")).get(name)
@@ -122,7 +131,7 @@ async def get_role(request: web.Request) -> web.Response:
 
 async def put_role(request: web.Request) -> web.Response:
     await authorize(request, "policy.write")
-    name = request.match_info["role"]
+    name = request.match_info["role"]  # checked with the body, as invalid_policy
     body = await schemas.json_object(request)
     body.pop("name", None)
     _checked(lambda: parse_role_json(name, body))
@@ -137,7 +146,7 @@ async def put_role(request: web.Request) -> web.Response:
 
 async def delete_role(request: web.Request) -> web.Response:
     await authorize(request, "policy.write")
-    name = request.match_info["role"]
+    name = _role_name(request)
 
     def build(stored: Stored) -> dict[str, Any]:
         doc = stored.base(request.app[POLICIES].defaults)

@@ -12,8 +12,10 @@ import asyncio
 import base64
 import contextlib
 import random
+import re
 import ssl
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from broker.context import note_backend_call, request_id_var
 from broker.errors import (
     BackendTimeout,
     BadGateway,
+    BadRequest,
     BrokerError,
     ConfigError,
     DecryptionFailed,
@@ -41,6 +44,37 @@ log = get_logger(__name__)
 BACKEND = "vault"
 # How long to wait before retrying a failed login, growing to the cap.
 _LOGIN_RETRY = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+# A fixed part of a Vault path (a mount, an endpoint word): configuration or code, never a caller.
+_FIXED_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def vault_path(base: str, *segments: str) -> str:
+    """The one way to build a Vault API path: ``v1/<base>/<segment>/...``.
+
+    ``base`` is a fixed "/"-separated path (mount and endpoint, e.g. ``kv/data/keys``).
+    Each of ``segments`` is ONE path segment that may come from a caller (a key name):
+    it is percent-encoded whole, so ``?``, ``#`` and ``%`` cannot add a query or a
+    fragment. Some things no encoding makes safe, so they are refused outright: dot
+    segments (the HTTP client and Vault normalise ``..``, even as ``%2E%2E``), ``/`` and
+    ``\\`` (Vault routes on the decoded path, where ``%2F`` is a separator again),
+    control characters and lone surrogates. Names are validated against their own rule
+    earlier; this is the last line, not the first.
+    """
+    fixed = base.strip("/").split("/")
+    if not all(_FIXED_SEGMENT.fullmatch(part) for part in fixed):
+        raise ValueError(f"not a fixed Vault path: {base!r}")
+    encoded = []
+    for segment in segments:
+        if segment in ("", ".", "..") or "/" in segment or "\\" in segment or not segment.isprintable():
+            raise BadRequest("a name is not usable as a Vault path segment")
+        try:
+            segment.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("a name is not usable as a Vault path segment") from None
+        encoded.append(urllib.parse.quote(segment, safe=""))
+    return "/".join(("v1", *fixed, *encoded))
 
 
 class VaultHTTPError(Exception):
@@ -152,7 +186,7 @@ class VaultClient:
             role_id, secret_id = self._credentials()
             body = await self._raw(
                 "POST",
-                f"v1/auth/{self._config.approle_mount}/login",
+                vault_path(f"auth/{self._config.approle_mount}", "login"),
                 {"role_id": role_id, "secret_id": secret_id},
                 token=None,
                 what="approle login",
@@ -363,8 +397,9 @@ class VaultTransit:
         self._decrypts: Coalescer[KeyRef, tuple[str, bytes, Context], bytes] = Coalescer(self.decrypt_batch)
         self._coalesce = coalesce
 
-    def _path(self, *parts: str) -> str:
-        return "/".join(("v1", self._mount, *parts))
+    def _path(self, endpoint: str, name: str, *more: str) -> str:
+        """``<mount>/<endpoint>/<key name>[/more]``, the name encoded as one segment."""
+        return vault_path(f"{self._mount}/{endpoint}", name, *more)
 
     async def create_version(self, key: KeyRef) -> str:
         path = self._path("keys", key.name)
@@ -381,7 +416,7 @@ class VaultTransit:
         # One rotation of a key at a time from this replica; other replicas are handled below.
         lock = self._rotation_locks.setdefault(key.name, asyncio.Lock())
         async with lock:
-            data = await self._rotate(path)
+            data = await self._rotate(self._path("keys", key.name, "rotate"))
         return str(data["latest_version"])
 
     async def _rotate(self, path: str) -> dict[str, Any]:
@@ -390,7 +425,7 @@ class VaultTransit:
         # failed" and nothing written, so retrying it is safe.
         for attempt in range(_ROTATE_ATTEMPTS):
             try:
-                rotated = await self._client.request("POST", path + "/rotate", {}, what="transit rotate")
+                rotated = await self._client.request("POST", path, {}, what="transit rotate")
             except BadGateway as exc:
                 if vault_status(exc) == 500 and "transaction commit failed" in str(exc.__cause__):
                     await asyncio.sleep(random.uniform(0, min(0.005 * (attempt + 1), 0.1)))  # noqa: S311
@@ -496,7 +531,7 @@ class VaultTransit:
         if aad:
             body["associated_data"] = _b64(aad)
         out = await self._client.request(
-            "POST", self._path("datakey", "plaintext", key.name), body, what="transit datakey"
+            "POST", vault_path(f"{self._mount}/datakey/plaintext", key.name), body, what="transit datakey"
         )
         data = out["data"]
         return base64.b64decode(data["plaintext"]), _transit_payload(data["ciphertext"])
@@ -555,7 +590,10 @@ class VaultTransit:
         path = self._path("keys", key.name)
         try:
             await self._client.request(
-                "POST", path + "/config", {"deletion_allowed": True}, what="transit config"
+                "POST",
+                self._path("keys", key.name, "config"),
+                {"deletion_allowed": True},
+                what="transit config",
             )
         except NotFound:
             return

@@ -26,11 +26,11 @@ from broker.keys import ciphertext
 from broker.keys.model import (
     ENVIRONMENTS,
     MIN_ROTATION_SECONDS,
-    NAME_RE,
     Key,
     Op,
     State,
     Version,
+    check_name,
     now_utc,
 )
 from broker.keys.registry import Registry
@@ -102,7 +102,7 @@ class KeyService:
 
     async def cached(self, name: str) -> Key:
         """The key, from the cache when it is younger than ``cache_seconds``: for crypto requests."""
-        hit = self._cache.get(name)
+        hit = self._cache.get(check_name(name))
         if hit is not None and self._monotonic() - hit[0] < self._cache_seconds:
             return hit[1]
         return await self.get(name)
@@ -138,10 +138,7 @@ class KeyService:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def create(self, spec: NewKey, *, owner: str) -> Key:
-        if not NAME_RE.fullmatch(spec.name):
-            raise BadRequest(
-                "name must be 1-63 characters of a-z, 0-9, '-', '_', '.', starting with a letter or digit"
-            )
+        check_name(spec.name, "name")
         if spec.environment not in ENVIRONMENTS:
             raise BadRequest(f"environment must be one of {', '.join(ENVIRONMENTS)}")
         check_rotation_period(spec.rotation_period_seconds)

@@ -24,11 +24,29 @@ from typing import Any
 from broker.backends.base import Backend, KeyType
 from broker.errors import BadRequest, Conflict, UnsupportedOperation
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+# The one name rule. ASCII only and used with fullmatch (``$`` would let a trailing newline
+# through with match()): no "/", "?", "%", "\\", NUL or look-alike letter can ever be part of
+# a key name, so a name is always exactly one safe path segment.
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+NAME_RULE = "1-63 characters of a-z, 0-9, '-', '_', '.', starting with a letter or digit"
 ENVIRONMENTS = ("dev", "staging", "prod")
 MIN_PENDING_DAYS, MAX_PENDING_DAYS = 7, 30
 # The shortest scheduled-rotation period accepted: rotating faster only grows version lists.
 MIN_ROTATION_SECONDS = 3600
+
+
+class InvalidKeyName(BadRequest):
+    """A key name (in a path, a body, a grant) that breaks the name rule: refused before any lookup."""
+
+    code = "invalid_key_name"
+    title = "Invalid key name"
+
+
+def check_name(value: object, where: str = "key name") -> str:
+    """``value`` if it is a valid key name, else :class:`InvalidKeyName` (the value is not echoed)."""
+    if not isinstance(value, str) or NAME_RE.fullmatch(value) is None:
+        raise InvalidKeyName(f"{where} must be {NAME_RULE}")
+    return value
 
 
 class State(StrEnum):

@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker.backends.vault import VaultClient
-from broker.errors import Conflict, NotFound
-from broker.keys.model import Key
+from broker.errors import BadGateway, Conflict, NotFound
+from broker.keys.model import NAME_RE, Key, check_name
 from broker.state.kv import CasConflict, KvDocuments
 
 
@@ -22,8 +22,14 @@ class Registry:
 
     async def read(self, name: str) -> tuple[Key, int] | None:
         """The key and its KV version (for check-and-set), or None."""
-        found = await self._docs.read(name)
-        return None if found is None else (Key.from_json(found[0]), found[1])
+        found = await self._docs.read(check_name(name))
+        if found is None:
+            return None
+        key = Key.from_json(found[0])
+        if key.name != name:
+            # An entry that names another key (written around the broker) is not this key.
+            raise BadGateway(f"registry entry {name} holds key {key.name!r}; refusing to use it")
+        return key, found[1]
 
     async def get(self, name: str) -> Key:
         found = await self.read(name)
@@ -33,7 +39,7 @@ class Registry:
 
     async def write(self, key: Key, cas: int) -> int:
         """Write if the entry is still at KV version ``cas`` (0: must not exist); return the new version."""
-        return await self._docs.write(key.name, key.to_json(), cas)
+        return await self._docs.write(check_name(key.name), key.to_json(), cas)
 
     async def create(self, key: Key) -> None:
         try:
@@ -43,7 +49,7 @@ class Registry:
 
     async def delete(self, name: str) -> None:
         """Forget a key entirely (only for a creation that never produced material)."""
-        await self._docs.delete(name)
+        await self._docs.delete(check_name(name))
 
     async def update(self, name: str, change: Callable[[Key], Key | Awaitable[Key]]) -> Key:
         """Read, apply ``change``, write check-and-set; retry on conflict. ``change`` may raise to refuse."""
@@ -55,11 +61,12 @@ class Registry:
             new = await result if isinstance(result, Awaitable) else result
             return new.to_json()
 
-        written, _ = await self._docs.update(name, apply)
+        written, _ = await self._docs.update(check_name(name), apply)
         return Key.from_json(written)
 
     async def names(self) -> list[str]:
-        return await self._docs.names()
+        """Entries whose name breaks the name rule (written around the broker) are not keys."""
+        return [n for n in await self._docs.names() if NAME_RE.fullmatch(n)]
 
     async def all(self) -> list[Key]:
         keys = []

@@ -13,7 +13,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from broker.backends.vault import VaultClient, vault_status
+from broker.backends.vault import VaultClient, vault_path, vault_status
 from broker.errors import BadGateway, NotFound, Unavailable
 
 # Enough for dozens of writers on one entry; each attempt is two short Vault calls.
@@ -33,7 +33,7 @@ class KvDocuments:
         self._prefix = prefix
 
     def _data(self, name: str) -> str:
-        return f"v1/{self._mount}/data/{self._prefix}/{name}"
+        return vault_path(f"{self._mount}/data/{self._prefix}", name)
 
     async def read(self, name: str) -> tuple[dict[str, Any], int] | None:
         """The document and its KV version (for check-and-set), or None if there is none."""
@@ -68,7 +68,9 @@ class KvDocuments:
     async def delete(self, name: str) -> None:
         """Forget the entry and all its versions."""
         await self._vault.request(
-            "DELETE", f"v1/{self._mount}/metadata/{self._prefix}/{name}", what=f"{self._prefix} delete"
+            "DELETE",
+            vault_path(f"{self._mount}/metadata/{self._prefix}", name),
+            what=f"{self._prefix} delete",
         )
 
     async def update(
@@ -102,7 +104,9 @@ class KvDocuments:
     async def names(self) -> list[str]:
         try:
             out = await self._vault.request(
-                "GET", f"v1/{self._mount}/metadata/{self._prefix}?list=true", what=f"{self._prefix} list"
+                "GET",
+                vault_path(f"{self._mount}/metadata/{self._prefix}") + "?list=true",
+                what=f"{self._prefix} list",
             )
         except NotFound:
             return []

@@ -47,7 +47,8 @@ _BRACES = re.compile(r"\{[^}]*\}")
 _TEMPLATES = {"{principal.name}", "{principal.kind}", "{principal.id}"}
 _BACKENDS = ("vault", "kms", "hsm")
 _ENVIRONMENTS = ("dev", "staging", "prod")
-_DURATION = re.compile(r"^(\d+)([smhd]?)$")
+# ASCII digits only: int() would also read other scripts' digits.
+_DURATION = re.compile(r"^([0-9]{1,10})([smhd]?)$")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 # Builds plain values (str, int, bool, None) from scalar nodes, with YAML's safe types only.
 _SCALARS = yaml.constructor.SafeConstructor()

@@ -14,6 +14,7 @@ from broker.policy.document import (
     diff_documents,
     load_file_text,
     parse_document,
+    parse_duration,
     to_document,
 )
 from broker.policy.model import principal_from_id
@@ -213,3 +214,16 @@ def test_nothing_stored_serves_the_defaults_plus_break_glass_only() -> None:
     assert (snap.version, dict(snap.policy.bindings)) == (0, {})
     assert dict(snap.effective.bindings) == {"cn:custodian": (BREAK_GLASS_ROLE,)}
     assert BREAK_GLASS_ROLE not in snap.policy.roles
+
+
+@pytest.mark.parametrize(
+    "text", ["\u0661\u0662h", "\uff11\uff12h", "12\u00b2", "+12h", "1_2h", "12345678901d"]
+)
+def test_durations_take_ascii_digits_only(text: str) -> None:
+    """A grant's expires_in has one spelling: Arabic-Indic, fullwidth or superscript digits are refused."""
+    assert parse_duration(text) is None
+
+
+def test_a_plain_duration_still_parses() -> None:
+    """The ASCII spelling keeps working."""
+    assert (parse_duration("12h"), parse_duration("90d"), parse_duration(30)) == (43200, 7776000, 30)

@@ -581,9 +581,10 @@ class DevStack:
 
     @staticmethod
     def _client_params(name: str, kind: str) -> dict[str, Any]:
+        # The client role takes CNs under the trust domain only; the SPIFFE ID names the principal.
         return {
             "role": CLIENT_ROLE,
-            "common_name": name,
+            "common_name": f"{name}.{kind}.{TRUST_DOMAIN}",
             "uri_sans": f"spiffe://{TRUST_DOMAIN}/{kind}/{name}",
         }
 

@@ -232,6 +232,29 @@ _NON_EXTRACTABLE = {
     Attribute.PRIVATE: True,
     Attribute.SENSITIVE: True,
     Attribute.EXTRACTABLE: False,
+    # Nobody may relabel an object afterwards (swap a version's CKA_ID or a key's label).
+    Attribute.MODIFIABLE: False,
+}
+# Each key does its one job: token defaults (SoftHSM: an AES key may also wrap, unwrap,
+# sign and verify; an EC private key may derive) would make it an oracle for others.
+_AES_TEMPLATE = {
+    **_NON_EXTRACTABLE,
+    Attribute.ENCRYPT: True,
+    Attribute.DECRYPT: True,
+    Attribute.WRAP: False,
+    Attribute.UNWRAP: False,
+    Attribute.SIGN: False,
+    Attribute.VERIFY: False,
+    Attribute.DERIVE: False,
+}
+_EC_PRIVATE_TEMPLATE = {**_NON_EXTRACTABLE, Attribute.SIGN: True, Attribute.DERIVE: False}
+_EC_PUBLIC_TEMPLATE = {
+    Attribute.TOKEN: True,
+    Attribute.VERIFY: True,
+    Attribute.MODIFIABLE: False,
+    Attribute.ENCRYPT: False,
+    Attribute.WRAP: False,
+    Attribute.DERIVE: False,
 }
 
 
@@ -244,8 +267,8 @@ def generate_p256(session: Any, label: str, object_id: bytes) -> None:
         store=True,
         label=label,
         id=object_id,
-        private_template={**_NON_EXTRACTABLE, Attribute.SIGN: True},
-        public_template={Attribute.TOKEN: True, Attribute.VERIFY: True},
+        private_template=_EC_PRIVATE_TEMPLATE,
+        public_template=_EC_PUBLIC_TEMPLATE,
     )
 
 
@@ -377,7 +400,7 @@ class HsmKeys(PerItemBatches):
         def generate(session: Any) -> None:
             if key.type is KeyType.AES256_GCM:
                 session.generate_key(
-                    KeyType_.AES, 256, label=label, id=object_id, store=True, template=_NON_EXTRACTABLE
+                    KeyType_.AES, 256, label=label, id=object_id, store=True, template=_AES_TEMPLATE
                 )
                 return
             generate_p256(session, label, object_id)

@@ -255,7 +255,7 @@ _LEAF = {
 
 
 def server_role() -> dict[str, Any]:
-    """Broker server certificates: ``localhost`` and IP SANs only (the dev stack's loopback listener)."""
+    """Broker server certificates: ``localhost`` and loopback IP SANs only (the dev stack's listener)."""
     return {
         **_LEAF,
         "allowed_domains": ["localhost"],
@@ -264,6 +264,7 @@ def server_role() -> dict[str, Any]:
         "allow_subdomains": False,
         "allow_any_name": False,
         "allow_ip_sans": True,
+        "allowed_ip_sans_cidr": ["127.0.0.1/32", "::1/128"],
         "allowed_uri_sans": [],
         "server_flag": True,
         "client_flag": False,

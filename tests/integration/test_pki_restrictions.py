@@ -132,6 +132,7 @@ def test_server_role_is_localhost_and_server_auth_only(stack: DevStack) -> None:
     assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
     for name in ("*", "*.localhost", "a.localhost", "vault.internal", f"x.app.{TRUST_DOMAIN}"):
         assert refused(client, SERVER_ROLE, common_name=name), name
+    assert refused(client, SERVER_ROLE, common_name="localhost", ip_sans="10.0.0.1")
 
 
 def test_the_broker_approle_cannot_issue_or_reach_beyond_its_calls(

@@ -157,6 +157,10 @@ def test_the_broker_approle_cannot_issue_or_reach_beyond_its_calls(
         ("LIST", f"/v1/{transit}/keys", None),
         ("GET", "/v1/sys/policies/acl/keybroker-broker", None),
         ("POST", f"/v1/{PKI}/roles/{CLIENT_ROLE}", {"allow_any_name": True}),
+        ("POST", f"/v1/{PKI}/sign-verbatim", {"csr": "x"}),
+        ("POST", f"/v1/{PKI}/sign/{CLIENT_ROLE}", {"csr": "x"}),
+        ("POST", f"/v1/{PKI}/issuer/default/issue/{CLIENT_ROLE}", {"common_name": "x"}),
+        ("POST", f"/v1/{Mounts().pki_root}/root/sign-intermediate", {"csr": "x"}),
     ]
     for method, path, body in forbidden:
         with pytest.raises(hvac.exceptions.Forbidden):
@@ -196,3 +200,17 @@ def test_bootstrap_again_rewrites_a_loosened_client_role(stack: DevStack) -> Non
     assert role["allowed_uri_sans"] == [f"spiffe://{TRUST_DOMAIN}/*"]
     assert refused(client, CLIENT_ROLE, common_name="*")
     assert refused(client, CLIENT_ROLE, common_name=f"x.app.{TRUST_DOMAIN}", uri_sans="spiffe://evil/app/x")
+
+
+def test_an_operator_can_still_issue_a_name_the_client_role_refuses(stack: DevStack) -> None:
+    """sign-verbatim (operator token, no role) gives tests a CN ``*`` certificate the role refuses."""
+    assert refused(stack.vault_client(), CLIENT_ROLE, common_name="*")
+    stack.issue_verbatim_client_certificate("pki-verbatim-star", "*")
+    cert = x509.load_pem_x509_certificate((stack.layout.tls / "pki-verbatim-star.crt").read_bytes())
+    assert cert.subject.rfc4514_string() == "CN=*"
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    # The handshake succeeds (the chain is the broker's CA); the principal is cn:*, bound to nothing.
+    reply = https(stack, "/v1/sys/health", who="pki-verbatim-star")
+    assert reply.status == 403, reply.body
+    assert "cn:*" in reply.json()["detail"]

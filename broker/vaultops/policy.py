@@ -63,10 +63,16 @@ path "{m.transit}/verify/+" {{
 }}
 
 # The broker's durable state (key registry, policies, bindings, grants, audit anchors), KV v2.
+# Written with check-and-set, never soft-deleted, destroyed or undeleted: a stolen broker
+# identity cannot erase an audit anchor's or the policy document's version history.
 path "{m.kv}/data/*" {{
-  capabilities = ["create", "read", "update", "delete"]
+  capabilities = ["create", "read", "update"]
 }}
 path "{m.kv}/metadata/*" {{
+  capabilities = ["read", "list"]
+}}
+# The one erasure the broker makes: a registry entry whose key creation failed.
+path "{m.kv}/metadata/keys/+" {{
   capabilities = ["read", "list", "delete"]
 }}
 

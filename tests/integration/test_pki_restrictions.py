@@ -161,10 +161,19 @@ def test_the_broker_approle_cannot_issue_or_reach_beyond_its_calls(
         ("POST", f"/v1/{PKI}/sign/{CLIENT_ROLE}", {"csr": "x"}),
         ("POST", f"/v1/{PKI}/issuer/default/issue/{CLIENT_ROLE}", {"common_name": "x"}),
         ("POST", f"/v1/{Mounts().pki_root}/root/sign-intermediate", {"csr": "x"}),
+        ("DELETE", f"/v1/{Mounts().kv}/metadata/audit/anchor-broker", None),
+        ("DELETE", f"/v1/{Mounts().kv}/metadata/policy/document", None),
+        ("DELETE", f"/v1/{Mounts().kv}/data/audit/anchor-broker", None),
+        ("POST", f"/v1/{Mounts().kv}/destroy/audit/anchor-broker", {"versions": [1]}),
+        ("DELETE", f"/v1/{Mounts().kv}/metadata/keys/a/b", None),
     ]
     for method, path, body in forbidden:
         with pytest.raises(hvac.exceptions.Forbidden):
             broker_token.adapter.request(method, path, json=body)
+    # The registry entry of a failed key creation can still be erased (the broker's rollback).
+    kv = Mounts().kv
+    broker_token.adapter.post(f"/v1/{kv}/data/keys/pki-rollback-probe", json={"data": {"x": 1}})
+    broker_token.adapter.delete(f"/v1/{kv}/metadata/keys/pki-rollback-probe")
     # The broker's own transit calls all still pass under this policy.
     key = create_key(stack, "vault")
     sealed = encrypt(stack, key, b"still works")

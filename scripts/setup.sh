@@ -65,6 +65,8 @@ install_test_tools() {
     local missing=()
     command -v chromium >/dev/null 2>&1 || missing+=(chromium)
     command -v chattr >/dev/null 2>&1 || missing+=(e2fsprogs)
+    # The HSM IV tests build a small PKCS#11 module (tests/integration/p11shim) with cc.
+    command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
     [ ${#missing[@]} -eq 0 ] && return 0
     apt_install "test tools" "${missing[@]}"
 }

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -33,7 +35,6 @@ import pkcs11
 import pkcs11.exceptions as p11err
 from pkcs11 import Attribute, Mechanism, ObjectClass
 from pkcs11 import KeyType as KeyType_
-from pkcs11.mechanisms import GCMParams
 from pkcs11.util.ec import (
     decode_ecdsa_signature,
     encode_ec_public_key,
@@ -201,6 +202,10 @@ class HsmClient:
         finally:
             self._idle.put_nowait(worker)
 
+    @property
+    def config(self) -> HsmConfig:
+        return self._config
+
     async def health(self) -> dict[str, Any]:
         def probe(session: Any) -> int:
             # A random draw proves the token is present and the session logged in.
@@ -227,6 +232,29 @@ _NON_EXTRACTABLE = {
     Attribute.PRIVATE: True,
     Attribute.SENSITIVE: True,
     Attribute.EXTRACTABLE: False,
+    # Nobody may relabel an object afterwards (swap a version's CKA_ID or a key's label).
+    Attribute.MODIFIABLE: False,
+}
+# Each key does its one job: token defaults (SoftHSM: an AES key may also wrap, unwrap,
+# sign and verify; an EC private key may derive) would make it an oracle for others.
+_AES_TEMPLATE = {
+    **_NON_EXTRACTABLE,
+    Attribute.ENCRYPT: True,
+    Attribute.DECRYPT: True,
+    Attribute.WRAP: False,
+    Attribute.UNWRAP: False,
+    Attribute.SIGN: False,
+    Attribute.VERIFY: False,
+    Attribute.DERIVE: False,
+}
+_EC_PRIVATE_TEMPLATE = {**_NON_EXTRACTABLE, Attribute.SIGN: True, Attribute.DERIVE: False}
+_EC_PUBLIC_TEMPLATE = {
+    Attribute.TOKEN: True,
+    Attribute.VERIFY: True,
+    Attribute.MODIFIABLE: False,
+    Attribute.ENCRYPT: False,
+    Attribute.WRAP: False,
+    Attribute.DERIVE: False,
 }
 
 
@@ -239,8 +267,8 @@ def generate_p256(session: Any, label: str, object_id: bytes) -> None:
         store=True,
         label=label,
         id=object_id,
-        private_template={**_NON_EXTRACTABLE, Attribute.SIGN: True},
-        public_template={Attribute.TOKEN: True, Attribute.VERIFY: True},
+        private_template=_EC_PRIVATE_TEMPLATE,
+        public_template=_EC_PUBLIC_TEMPLATE,
     )
 
 
@@ -249,13 +277,112 @@ def object_label(key_name: str) -> str:
     return LABEL_PREFIX + key_name
 
 
+class _CkGcmParams(ctypes.Structure):
+    """CK_GCM_PARAMS (PKCS#11 2.40) in the Unix ABI: CK_ULONG is unsigned long, natural alignment."""
+
+    _fields_ = [
+        ("pIv", ctypes.c_void_p),
+        ("ulIvLen", ctypes.c_ulong),
+        ("ulIvBits", ctypes.c_ulong),
+        ("pAAD", ctypes.c_void_p),
+        ("ulAADLen", ctypes.c_ulong),
+        ("ulTagBits", ctypes.c_ulong),
+    ]
+
+
+# Bytes after the IV in its buffer, filled with a random canary: a token that writes back
+# more than the 12 bytes it was given changes them, and the result is refused.
+_IV_GUARD_BYTES = 20
+
+
+class GcmParams:
+    """AES-GCM parameters whose IV buffer is the broker's own, writable memory.
+
+    python-pkcs11's ``GCMParams`` points ``pIv`` into a Python ``bytes`` object, so a
+    token that writes its generated IV back (AWS CloudHSM does, by its documentation)
+    would write into an immutable object and the broker would never see the IV it
+    must store. python-pkcs11 hands a ``bytes`` mechanism parameter to the token
+    unchanged as the raw parameter block, so this builds the CK_GCM_PARAMS struct
+    itself around ctypes buffers that live as long as this object (the caller keeps
+    it until the operation has returned).
+    """
+
+    def __init__(self, iv: bytes, aad: bytes, tag_bits: int = 128) -> None:
+        self._guard = os.urandom(_IV_GUARD_BYTES)
+        self._iv_len = len(iv)
+        self._iv = ctypes.create_string_buffer(iv + self._guard, len(iv) + _IV_GUARD_BYTES)
+        self._aad = ctypes.create_string_buffer(aad, len(aad)) if aad else None
+        block = _CkGcmParams(
+            ctypes.addressof(self._iv),
+            len(iv),
+            len(iv) * 8,
+            ctypes.addressof(self._aad) if self._aad is not None else None,
+            len(aad),
+            tag_bits,
+        )
+        self.raw = bytes(block)
+
+    @property
+    def iv(self) -> bytes:
+        """The IV as the buffer holds it now (after an encryption: what the token used)."""
+        return bytes(self._iv.raw[: self._iv_len])
+
+    @property
+    def overrun(self) -> bool:
+        """True if the token wrote past the IV it was given."""
+        return bytes(self._iv.raw[self._iv_len :]) != self._guard
+
+
+class TokenIvCheck:
+    """Refuses a token-generated IV that cannot be trusted to be a fresh 96-bit value.
+
+    The token is expected to overwrite an all-zero buffer (AWS CloudHSM ignores what it
+    is given; Thales ProtectServer generates when given zeros). Still zero means the token
+    used the zero IV and kept it (SoftHSM does): the ciphertext is discarded. An IV seen
+    in the last ``remember`` encryptions of this process means a broken generator.
+    """
+
+    def __init__(self, remember: int = 65536) -> None:
+        self._remember = remember
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def accept(self, params: GcmParams) -> bytes:
+        iv = params.iv
+        if params.overrun:
+            raise BadGateway(
+                f"hsm: the token wrote a GCM IV longer than {_NONCE_BYTES} bytes; refused", backend=BACKEND
+            )
+        if len(iv) != _NONCE_BYTES or iv == bytes(_NONCE_BYTES):
+            raise BadGateway(
+                'hsm: hsm.gcm_iv is "token" but the token did not write a GCM IV back; '
+                'this token takes the host\'s IV: set hsm.gcm_iv = "host"',
+                backend=BACKEND,
+            )
+        with self._lock:
+            if iv in self._seen:
+                raise BadGateway(
+                    "hsm: the token returned a GCM IV it returned before; refused", backend=BACKEND
+                )
+            self._seen[iv] = None
+            if len(self._seen) > self._remember:
+                self._seen.popitem(last=False)
+        return iv
+
+
 class HsmKeys(PerItemBatches):
     """Keys as PKCS#11 token objects: one object (or key pair) per version.
 
     The material reference is the hex CKA_ID of the version's objects; all objects of
     a key share the label ``kb:<name>``. Keys are generated inside the token as
-    sensitive, non-extractable objects. AES-GCM uses a fresh 96-bit nonce per
-    message and the canonical context as AAD; the payload is ``nonce || ciphertext || tag``.
+    sensitive, non-extractable objects. AES-GCM uses a fresh 96-bit IV per message
+    and the canonical context as AAD; the payload is ``iv || ciphertext || tag`` in
+    both ``hsm.gcm_iv`` modes, so either mode decrypts what the other wrote.
+
+    ``host``: the IV is ``os.urandom`` (the kernel CSPRNG): it need only be unique, not
+    secret, and drawing it here saves a token round trip under the process-wide PKCS#11
+    lock. The token must use it unchanged. ``token``: the token generates it and writes
+    it back into the parameter buffer; :class:`TokenIvCheck` decides whether to trust it.
     """
 
     name = Backend.HSM
@@ -263,6 +390,8 @@ class HsmKeys(PerItemBatches):
 
     def __init__(self, client: HsmClient) -> None:
         self._hsm = client
+        self._token_iv = client.config.gcm_iv == "token"
+        self._iv_check = TokenIvCheck()
 
     async def create_version(self, key: KeyRef) -> str:
         object_id = os.urandom(16)
@@ -271,7 +400,7 @@ class HsmKeys(PerItemBatches):
         def generate(session: Any) -> None:
             if key.type is KeyType.AES256_GCM:
                 session.generate_key(
-                    KeyType_.AES, 256, label=label, id=object_id, store=True, template=_NON_EXTRACTABLE
+                    KeyType_.AES, 256, label=label, id=object_id, store=True, template=_AES_TEMPLATE
                 )
                 return
             generate_p256(session, label, object_id)
@@ -289,11 +418,19 @@ class HsmKeys(PerItemBatches):
 
     def _seal(self, session: Any, key: KeyRef, ref: str, plaintext: bytes, aad: bytes) -> bytes:
         secret = self._find(session, key, ref, ObjectClass.SECRET_KEY)
-        nonce = os.urandom(_NONCE_BYTES)
-        sealed = secret.encrypt(
-            plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, _TAG_BITS)
-        )
-        return nonce + bytes(sealed)
+        host_iv = bytes(_NONCE_BYTES) if self._token_iv else os.urandom(_NONCE_BYTES)
+        params = GcmParams(host_iv, aad, _TAG_BITS)  # kept until the token has written into it
+        sealed = bytes(secret.encrypt(plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=params.raw))
+        if self._token_iv:
+            return self._iv_check.accept(params) + sealed
+        if params.iv != host_iv or params.overrun:
+            # The token used an IV of its own; storing ours would make the ciphertext undecryptable.
+            raise BadGateway(
+                'hsm: hsm.gcm_iv is "host" but the token replaced the IV; this token generates '
+                'its own: set hsm.gcm_iv = "token"',
+                backend=BACKEND,
+            )
+        return host_iv + sealed
 
     async def encrypt(self, key: KeyRef, ref: str, plaintext: bytes, context: Context) -> bytes:
         aad = canonical_context(context)
@@ -304,12 +441,10 @@ class HsmKeys(PerItemBatches):
             raise DecryptionFailed()
         secret = self._find(session, key, ref, ObjectClass.SECRET_KEY)
         nonce, sealed = payload[:_NONCE_BYTES], payload[_NONCE_BYTES:]
+        # A name, not a temporary: its ctypes buffers must outlive the call that points at them.
+        params = GcmParams(nonce, aad, _TAG_BITS)
         try:
-            return bytes(
-                secret.decrypt(
-                    sealed, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, _TAG_BITS)
-                )
-            )
+            return bytes(secret.decrypt(sealed, mechanism=Mechanism.AES_GCM, mechanism_param=params.raw))
         except (p11err.GeneralError, p11err.EncryptedDataInvalid, p11err.EncryptedDataLenRange) as exc:
             # SoftHSM reports a failed GCM tag as a general error; real HSMs as invalid data.
             raise DecryptionFailed() from exc

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from broker.config.model import Config
+from broker.config.model import GCM_IV_MODES, Config
 from broker.errors import ConfigError
 
 ENV_PREFIX = "KEYBROKER__"
@@ -218,6 +218,8 @@ def _check_semantics(config: Config) -> None:
         raise ConfigError("name exactly one of hsm.pin_file or hsm.pin_env", source=src, key="hsm.pin_file")
     if hsm.sessions < 1:
         raise ConfigError("expected at least 1", source=src, key="hsm.sessions")
+    if hsm.gcm_iv not in GCM_IV_MODES:
+        raise ConfigError(f"expected one of {list(GCM_IV_MODES)}", source=src, key="hsm.gcm_iv")
     if config.log.level.lower() not in _LEVELS:
         raise ConfigError(f"expected one of {sorted(_LEVELS)}", source=src, key="log.level")
     if config.policy.max_stale_seconds < 2 * config.policy.refresh_seconds:

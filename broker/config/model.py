@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# hsm.gcm_iv: who generates the AES-GCM IV (see HsmConfig).
+GCM_IV_MODES = ("host", "token")
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -60,6 +63,10 @@ class HsmConfig:
     pin_env: str = ""
     sessions: int = 2
     timeout_seconds: float = 5.0
+    # Who makes the AES-GCM IV: "host" (the broker draws 96 random bits per message and the
+    # token must use them) or "token" (the token generates it and writes it back into the
+    # CK_GCM_PARAMS IV buffer, as AWS CloudHSM does). Either way it is stored with the ciphertext.
+    gcm_iv: str = "host"
 
 
 @dataclass(frozen=True)

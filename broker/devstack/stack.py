@@ -582,9 +582,10 @@ class DevStack:
 
     @staticmethod
     def _client_params(name: str, kind: str) -> dict[str, Any]:
+        # The client role takes CNs under the trust domain only; the SPIFFE ID names the principal.
         return {
             "role": CLIENT_ROLE,
-            "common_name": name,
+            "common_name": f"{name}.{kind}.{TRUST_DOMAIN}",
             "uri_sans": f"spiffe://{TRUST_DOMAIN}/{kind}/{name}",
         }
 
@@ -592,6 +593,43 @@ class DevStack:
         """A client certificate for spiffe://<trust domain>/<kind>/<name> in tls/<stem>.{crt,key}; its id."""
         self._issue(stem, self._client_params(name, kind))
         return f"spiffe://{TRUST_DOMAIN}/{kind}/{name}"
+
+    def issue_verbatim_client_certificate(self, stem: str, common_name: str, uri: str | None = None) -> None:
+        """A client certificate exactly as asked, signed by the dev intermediate with the root token.
+
+        For tests that need a name the client role refuses (a CN ``*``, a SPIFFE ID of another
+        shape): ``sign-verbatim`` takes no role, so only an operator token may call it. The
+        broker's AppRole cannot.
+        """
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = x509.CertificateSigningRequestBuilder().subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        )
+        if uri is not None:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False
+            )
+        csr = builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+        data = self.vault_client().adapter.post(
+            f"/v1/{Mounts().pki}/sign-verbatim",
+            json={
+                "csr": csr,
+                "ttl": "24h",
+                "ext_key_usage": ["ClientAuth"],
+                "key_usage": ["DigitalSignature"],
+            },
+        )["data"]
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+        bundle = data["certificate"].strip() + "\n" + "\n".join(c.strip() for c in data["ca_chain"]) + "\n"
+        write_private(self.layout.tls / f"{stem}.key", pem)
+        write_private(self.layout.tls / f"{stem}.crt", bundle)
 
     def _issue(self, stem: str, params: dict[str, Any]) -> float:
         """Issue from Vault PKI into tls/<stem>.crt and .key (0600); return the expiry (epoch seconds)."""

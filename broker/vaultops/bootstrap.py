@@ -222,39 +222,79 @@ def _pki(client: hvac.Client, opts: BootstrapOptions, result: BootstrapResult, p
         client.adapter.post(f"/v1/{m.pki}/intermediate/set-signed", json={"certificate": signed})
         progress("generated the intermediate CA, signed by the root")
         result.changed.append("pki intermediate CA")
-    common = {
-        "key_type": "ec",
-        "key_bits": 256,
-        "max_ttl": "720h",
-        "ttl": "720h",
-        "no_store": False,
-    }
-    client.adapter.post(
-        f"/v1/{m.pki}/roles/{SERVER_ROLE}",
-        json={
-            **common,
-            "allowed_domains": ["localhost"],
-            "allow_localhost": True,
-            "allow_bare_domains": True,
-            "allow_subdomains": True,
-            "allow_ip_sans": True,
-            "server_flag": True,
-            "client_flag": False,
-        },
-    )
-    client.adapter.post(
-        f"/v1/{m.pki}/roles/{CLIENT_ROLE}",
-        json={
-            **common,
-            "allow_any_name": True,
-            "enforce_hostnames": False,
-            "allow_ip_sans": False,
-            "allowed_uri_sans": [f"spiffe://{opts.trust_domain}/*"],
-            "server_flag": False,
-            "client_flag": True,
-        },
-    )
+    # A role write replaces the whole role (unnamed fields fall back to defaults), so writing
+    # both on every run brings a role created by an older, looser bootstrap up to date.
+    client.adapter.post(f"/v1/{m.pki}/roles/{SERVER_ROLE}", json=server_role())
+    client.adapter.post(f"/v1/{m.pki}/roles/{CLIENT_ROLE}", json=client_role(opts.trust_domain))
     result.changed.append("pki roles (written every run)")
+
+
+# Both roles: P-256 keys, a digital-signature key usage, 30 days at most, stored (so revocable).
+_LEAF = {
+    "key_type": "ec",
+    "key_bits": 256,
+    "key_usage": ["DigitalSignature"],
+    "max_ttl": "720h",
+    "ttl": "720h",
+    "no_store": False,
+    "require_cn": True,
+    "allow_glob_domains": False,
+    "allow_wildcard_certificates": False,
+    "enforce_hostnames": True,
+    "cn_validations": ["hostname"],
+    "allowed_other_sans": [],
+    "allowed_serial_numbers": [],
+    "allowed_user_ids": [],
+    "allow_token_displayname": False,
+    "basic_constraints_valid_for_non_ca": False,
+    "code_signing_flag": False,
+    "email_protection_flag": False,
+    "ext_key_usage": [],
+    "ext_key_usage_oids": [],
+}
+
+
+def server_role() -> dict[str, Any]:
+    """Broker server certificates: ``localhost`` and loopback IP SANs only (the dev stack's listener)."""
+    return {
+        **_LEAF,
+        "allowed_domains": ["localhost"],
+        "allow_localhost": True,
+        "allow_bare_domains": True,
+        "allow_subdomains": False,
+        "allow_any_name": False,
+        "allow_ip_sans": True,
+        "allowed_ip_sans_cidr": ["127.0.0.1/32", "::1/128"],
+        "allowed_uri_sans": [],
+        "server_flag": True,
+        "client_flag": False,
+    }
+
+
+def client_role(trust_domain: str) -> dict[str, Any]:
+    """Client certificates: one identity of this trust domain, client authentication only.
+
+    The CN must be a host-style name under the trust domain (``<name>.<kind>.<domain>``:
+    letters, digits and hyphens, no ``*``, no bare domain; it is also the one DNS SAN, as
+    Vault copies it there), so a certificate from this role
+    that carries no SPIFFE ID can only ever be ``cn:<something>.<domain>``, never a short
+    ``cn:admin``. URI SANs must start ``spiffe://<domain>/``; the glob Vault applies
+    there cannot say "exactly two segments without ``*``", which the broker's own SPIFFE
+    parser enforces at every handshake (another shape is refused, not ignored).
+    """
+    return {
+        **_LEAF,
+        "allowed_domains": [trust_domain],
+        "allow_bare_domains": False,
+        "allow_subdomains": True,
+        "allow_localhost": False,
+        "allow_any_name": False,
+        "allow_ip_sans": False,
+        "allowed_uri_sans": [f"spiffe://{trust_domain}/*"],
+        "allowed_uri_sans_template": False,
+        "server_flag": False,
+        "client_flag": True,
+    }
 
 
 def _audit_header(client: hvac.Client, result: BootstrapResult, progress: Progress) -> None:

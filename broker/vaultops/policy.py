@@ -26,53 +26,54 @@ CLIENT_ROLE = "broker-client"
 def render_broker_policy(m: Mounts) -> str:
     return f"""\
 # Vault ACL policy for the keybroker daemon (AppRole "{POLICY_NAME}").
-# Least privilege: the broker's transit mount, its KV v2 state, issuing from
-# its PKI roles, and its own token. No sys/, no other mounts, no root paths.
+# Least privilege: exactly the transit and KV v2 calls the broker makes, and its own
+# token. No PKI (the broker mints no identities: certificates come from the operator),
+# no sys/, no other mounts, no root paths.
 
-# Transit keys the broker brokers: create, configure, rotate, read, destroy.
-path "{m.transit}/keys" {{
-  capabilities = ["list"]
-}}
-path "{m.transit}/keys/*" {{
+# Transit keys the broker brokers: create, read and delete one key ("+" is one path
+# segment, so a name can never reach keys/<name>/trim, /import or deeper).
+path "{m.transit}/keys/+" {{
   capabilities = ["create", "read", "update", "delete"]
+}}
+# Rotate, and config (min_decryption_version; deletion_allowed just before a destroy).
+path "{m.transit}/keys/+/rotate" {{
+  capabilities = ["update"]
+}}
+path "{m.transit}/keys/+/config" {{
+  capabilities = ["update"]
 }}
 # Cryptographic operations on those keys.
-path "{m.transit}/encrypt/*" {{
+path "{m.transit}/encrypt/+" {{
   capabilities = ["update"]
 }}
-path "{m.transit}/decrypt/*" {{
+path "{m.transit}/decrypt/+" {{
   capabilities = ["update"]
 }}
-path "{m.transit}/rewrap/*" {{
+path "{m.transit}/rewrap/+" {{
   capabilities = ["update"]
 }}
-path "{m.transit}/datakey/*" {{
+path "{m.transit}/datakey/plaintext/+" {{
   capabilities = ["update"]
 }}
-path "{m.transit}/sign/*" {{
+path "{m.transit}/sign/+" {{
   capabilities = ["update"]
 }}
-path "{m.transit}/verify/*" {{
-  capabilities = ["update"]
-}}
-path "{m.transit}/hmac/*" {{
+path "{m.transit}/verify/+" {{
   capabilities = ["update"]
 }}
 
-# The broker's durable state (key registry, policies, bindings, grants), KV v2.
+# The broker's durable state (key registry, policies, bindings, grants, audit anchors), KV v2.
+# Written with check-and-set, never soft-deleted, destroyed or undeleted: a stolen broker
+# identity cannot erase an audit anchor's or the policy document's version history.
 path "{m.kv}/data/*" {{
-  capabilities = ["create", "read", "update", "delete"]
+  capabilities = ["create", "read", "update"]
 }}
 path "{m.kv}/metadata/*" {{
+  capabilities = ["read", "list"]
+}}
+# The one erasure the broker makes: a registry entry whose key creation failed.
+path "{m.kv}/metadata/keys/+" {{
   capabilities = ["read", "list", "delete"]
-}}
-
-# Certificates for brokers and their clients, only through the two roles.
-path "{m.pki}/issue/{SERVER_ROLE}" {{
-  capabilities = ["update"]
-}}
-path "{m.pki}/issue/{CLIENT_ROLE}" {{
-  capabilities = ["update"]
 }}
 
 # Its own token: look up, renew, revoke (the policy is attached without "default").

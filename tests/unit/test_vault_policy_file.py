@@ -23,3 +23,13 @@ def test_policy_is_least_privilege() -> None:
     assert 'path "sys/' not in text
     assert 'path "*' not in text
     assert "sudo" not in text
+
+
+def test_policy_grants_no_pki_and_one_key_segment_in_transit() -> None:
+    """The broker mints no certificates, and a transit grant never spans more than one key name."""
+    text = render_broker_policy(Mounts())
+
+    assert "kb-pki" not in text
+    transit_paths = [line for line in text.splitlines() if line.startswith('path "kb-transit/')]
+    assert transit_paths
+    assert all("*" not in line for line in transit_paths)

@@ -58,7 +58,15 @@ async def verify(request: web.Request) -> web.Response:
     head = sink.head()
     loop = asyncio.get_running_loop()
     files = await loop.run_in_executor(sink.executor, sink.read_files)
-    check = signature_checker(load_public_key(der))
+    checks = [signature_checker(load_public_key(der))]
+    retired = getattr(sink.signer, "retired_public_keys_der", None)
+    if retired is not None:
+        # Logs written before each node had its own key were signed with the one shared key.
+        checks += [signature_checker(load_public_key(k)) for k in await retired()]
+
+    def check(digest: bytes, signature: bytes) -> bool:
+        return any(c(digest, signature) for c in checks)
+
     report = await loop.run_in_executor(
         None, lambda: chain.verify(files, check, anchor=anchor, live_head=head if head.seq else None)
     )

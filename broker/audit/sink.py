@@ -508,8 +508,9 @@ class AuditSink:
         self._conflict = doc
         self._fork_guard = (
             f"{problem}, but Vault's anchor for node {self.node} names record {mark.seq} of epoch "
-            f"{self.epoch}: the audit log was wiped, truncated or replaced. Restore the files, or have "
-            f"an administrator start a new epoch: {NEW_EPOCH_HINT}"
+            f"{self.epoch}: the audit log was wiped, truncated or replaced (or another broker uses node "
+            f"name {self.node}: give each replica its own audit.node). Restore the files, or have an "
+            f"administrator start a new epoch: {NEW_EPOCH_HINT}"
         )
         log.error("audit_history_missing", reason=self._fork_guard)
 

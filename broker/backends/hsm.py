@@ -419,11 +419,11 @@ class HsmAuditSigner:
             raise Unavailable("hsm: the audit checkpoint key could not be created", backend=BACKEND)
         return pairs[min(pairs)]
 
-    def _pairs(self, session: Any) -> dict[bytes, tuple[Any, Any]]:
-        """Every complete (private, public) pair under this node's label, by CKA_ID."""
+    def _pairs(self, session: Any, label: str | None = None) -> dict[bytes, tuple[Any, Any]]:
+        """Every complete (private, public) pair under this node's label (or ``label``), by CKA_ID."""
 
         def by_id(kind: ObjectClass) -> dict[bytes, Any]:
-            found = session.get_objects({Attribute.LABEL: self._label, Attribute.CLASS: kind})
+            found = session.get_objects({Attribute.LABEL: label or self._label, Attribute.CLASS: kind})
             return {bytes(o[Attribute.ID]): o for o in found}
 
         privates, publics = by_id(ObjectClass.PRIVATE_KEY), by_id(ObjectClass.PUBLIC_KEY)
@@ -442,3 +442,12 @@ class HsmAuditSigner:
             return bytes(encode_ec_public_key(public))
 
         return await self._hsm.run(run, what="read audit public key")
+
+    async def retired_public_keys_der(self) -> list[bytes]:
+        """Keys older logs were signed with: before per-node keys every node shared one label."""
+
+        def run(session: Any) -> list[bytes]:
+            pairs = self._pairs(session, AUDIT_KEY_LABEL)
+            return [bytes(encode_ec_public_key(pairs[i][1])) for i in sorted(pairs)]
+
+        return await self._hsm.run(run, what="read retired audit public keys")

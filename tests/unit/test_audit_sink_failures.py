@@ -338,3 +338,14 @@ def test_the_anchor_never_moves_back(tmp_path: Path) -> None:
 
     assert "moved elsewhere" in detail
     assert (anchors.doc or {})["seq"] == 10_000
+
+
+def test_context_hmacs_never_fail_on_surrogates() -> None:
+    """A context value or key that is not valid Unicode still gets its own, stable HMAC."""
+    from broker.audit.events import hmac_context, hmac_value
+
+    key = b"k" * 32
+
+    assert hmac_value(key, "\ud800") == hmac_value(key, "\ud800")
+    assert hmac_value(key, "\ud800") != hmac_value(key, "\udfff")
+    assert list(hmac_context(key, {"\ud800": "a\udfffb"})) == ["\ud800"]

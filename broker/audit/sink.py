@@ -149,6 +149,7 @@ class AuditSink:
         self._anchor_checked = anchors is None
         # Set after too many failed checkpoints: requests are refused until a checkpoint succeeds.
         self._checkpoint_halt: str | None = None
+        self._batch_started: float | None = None
         self._anchor_lock = asyncio.Lock()
         self._anchored_seq = 0
         self.epoch = INITIAL_EPOCH
@@ -240,6 +241,12 @@ class AuditSink:
         for reason in (self._fork_guard, self._checkpoint_halt):
             if reason is not None:
                 raise Unavailable(f"audit log unavailable: {reason}", backend="audit")
+        if self._batch_started is not None and time.monotonic() - self._batch_started > self._write_timeout:
+            raise Unavailable(
+                f"audit log unavailable: the writer has been stuck on one batch for more than "
+                f"{self._write_timeout:g} s (checkpoint signing or the disk does not answer)",
+                backend="audit",
+            )
         if self._broken is not None:
             if time.monotonic() - self._last_repair < 0.5:
                 raise Unavailable(f"audit log unavailable: {self._broken}", backend="audit")
@@ -362,6 +369,7 @@ class AuditSink:
             due = False  # a failing HSM or Vault is retried once per interval, not on every batch
         if not batch and not due:
             return
+        self._batch_started = time.monotonic()
         try:
             await self._commit(batch, checkpoint=due)
         except Exception as exc:
@@ -371,6 +379,8 @@ class AuditSink:
             for _, future in batch:
                 if not future.done():
                     future.set_exception(error)
+        finally:
+            self._batch_started = None
 
     @staticmethod
     def _orphan_future() -> asyncio.Future[int]:

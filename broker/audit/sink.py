@@ -231,6 +231,11 @@ class AuditSink:
         if discarded:
             self._resume_note = f"discarded {discarded} bytes of an unfinished record at restart"
 
+    def _reopen_directory(self) -> None:
+        self._open_directory()
+        if self._lock_fh is not None:
+            self._broken = None
+
     def files_on_disk(self) -> list[Path]:
         return sorted(self.directory.glob(f"{FILE_PREFIX}*{FILE_SUFFIX}"))
 
@@ -331,8 +336,7 @@ class AuditSink:
         try:
             return await asyncio.wait_for(asyncio.shield(future), self._write_timeout)
         except TimeoutError:
-            if entry in self._pending:
-                self._pending.remove(entry)
+            self._pending = [e for e in self._pending if e is not entry]
             raise Unavailable(
                 f"audit log unavailable: the record was not on disk within {self._write_timeout:g} s",
                 backend="audit",
@@ -354,6 +358,9 @@ class AuditSink:
                 await self._wake.wait()
         self._wake.clear()
         if not self._anchor_checked:
+            if self._lock_fh is None:
+                # The directory could not be opened at start: its chain end is still unknown.
+                await asyncio.get_running_loop().run_in_executor(self._io, self._reopen_directory)
             await self._check_anchor()
             if self._fork_guard is None:
                 self._pending.insert(0, ({"type": "start", "node": self.node}, self._orphan_future()))
@@ -498,6 +505,12 @@ class AuditSink:
         """Refuse to write (and so to fork history) unless the local chain holds Vault's anchor."""
         if self._anchors is None:
             return
+        if self._lock_fh is None:
+            self._fork_guard = (
+                f"cannot open the audit directory to check it against Vault's anchor ({self._broken}); "
+                "retrying"
+            )
+            return
         try:
             doc = await self._anchors.read()
         except Exception as exc:  # noqa: BLE001 - unread means unchecked: keep the log closed
@@ -512,7 +525,12 @@ class AuditSink:
         mark = Anchor(int(doc["seq"]), str(doc["hash"]))
         self._anchored_seq = mark.seq
         loop = asyncio.get_running_loop()
-        problem = await loop.run_in_executor(self._io, self._find_anchor, mark)
+        try:
+            problem = await loop.run_in_executor(self._io, self._find_anchor, mark)
+        except OSError as exc:
+            self._anchor_checked = False
+            self._fork_guard = f"cannot read the audit files to check Vault's anchor ({exc.strerror}); retry"
+            return
         if problem is None:
             return
         self._conflict = doc

@@ -351,3 +351,33 @@ def test_context_hmacs_never_fail_on_surrogates() -> None:
     assert hmac_value(key, "\ud800") == hmac_value(key, "\ud800")
     assert hmac_value(key, "\ud800") != hmac_value(key, "\udfff")
     assert list(hmac_context(key, {"\ud800": "a\udfffb"})) == ["\ud800"]
+
+
+def test_a_directory_that_cannot_be_opened_at_start_is_not_taken_for_a_wiped_one(tmp_path: Path) -> None:
+    """Unopenable at start (its chain end unknown): refused with that reason, never "awaiting an epoch";
+    once it can be opened the sink checks the anchor, writes its start record and serves."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    directory = blocker / "audit"
+
+    async def run() -> tuple[dict[str, Any], bool, dict[str, Any]]:
+        sink = AuditSink(directory, signer=SoftSigner(), anchors=MemoryAnchors(), checkpoint_seconds=0.1)
+        await sink.start()
+        during, awaiting = sink.status(), sink.awaiting_epoch
+        blocker.unlink()
+        blocker.mkdir()
+        for _ in range(50):
+            await asyncio.sleep(0.05)
+            if sink.status()["ok"]:
+                break
+        after = sink.status()
+        await sink.close()
+        return during, awaiting, after
+
+    during, awaiting, after = asyncio.run(run())
+
+    assert during["ok"] is False
+    assert "cannot open the audit directory" in during["error"]
+    assert awaiting is False
+    assert after["ok"] is True, after
+    assert [json.loads(x)["type"] for _, c in files(directory) for x in c.splitlines()][:1] == ["start"]

@@ -1,7 +1,13 @@
-"""``keybroker audit verify|query|merge|report|hmac``: the auditor's commands.
+"""``keybroker audit verify|query|merge|report|hmac|new-epoch``: the auditor's commands.
 
 ``verify``, ``query``, ``report`` and ``hmac`` ask a running broker (audit roles
 needed); ``verify --dir`` and ``merge`` work offline on copied log files.
+``new-epoch`` is the administrator's way out of a log whose history was lost.
+
+``verify`` exits 0 when the log is intact, 1 when it is broken (names the first bad
+record) and 3 when nothing was found wrong but completeness is not proven (no
+public key, no Vault anchor, or an unsigned tail); ``--allow-unanchored`` accepts
+that explicitly.
 """
 
 from __future__ import annotations
@@ -26,22 +32,33 @@ examples:
   keybroker audit query --outcome denied --limit 50                 # only the newest 50 (says if cut)
   keybroker audit report --out report.html       # self-contained HTML for auditors
   keybroker audit hmac acme                      # find records whose context carried 'acme'
+  keybroker audit new-epoch --name restore-2026-11 --reason "disk lost, see INC-42"
 offline, on copied files:
-  keybroker audit verify --dir ./audit --public-key audit-key.pem
+  keybroker audit verify --dir ./audit --public-key audit-key.pem --anchor SEQ:HASH
   keybroker audit merge --dir ./audit --vault-log vault-audit.log --format jsonl > timeline.jsonl
 """
 # Each command gets its arguments and a way to connect (used only by the online ones).
 AuditCommand = Callable[[argparse.Namespace, Callable[[], BrokerClient]], int]
 FILTERS = ("since", "until", "principal", "key", "operation", "outcome", "source")
+EXIT_BROKEN, EXIT_UNVERIFIED = 1, 3
 
 
-def _print_report(report: dict[str, Any], as_json: bool) -> int:
+def _print_report(report: dict[str, Any], as_json: bool, *, allow_unanchored: bool = False) -> int:
+    verdict = report.get("verdict") or ("intact" if report["ok"] else "broken")
+    if verdict == "unverified" and allow_unanchored:
+        verdict = "intact"
+        report = {
+            **report,
+            "verdict": verdict,
+            "notes": [*report.get("notes", []), *(f"accepted: {u}" for u in report.get("unverified", []))],
+            "unverified": [],
+        }
     if as_json:
         print(json.dumps(report))
     else:
-        verdict = "intact" if report["ok"] else "BROKEN"
+        label = {"intact": "intact", "broken": "BROKEN", "unverified": "UNVERIFIED"}[verdict]
         print(
-            f"audit log {verdict}: {report['records']} records in {report['files']} files, "
+            f"audit log {label}: {report['records']} records in {report['files']} files, "
             f"{report['checkpoints']} signed checkpoints, last record {report['last_seq']}"
         )
         problem = report.get("first_problem")
@@ -51,9 +68,13 @@ def _print_report(report: dict[str, Any], as_json: bool) -> int:
                 f"first problem: {problem['kind']} — record {problem['seq']} ({where}): {problem['detail']}"
             )
             print(f"({report['problems']} problems in all)")
+        for reason in report.get("unverified", []):
+            print(f"not verified: {reason}")
+        if verdict == "unverified":
+            print("(pass --allow-unanchored to accept a log that cannot be proven complete)")
         for note in report.get("notes", []):
             print(f"note: {note}")
-    return 0 if report["ok"] else 1
+    return {"intact": 0, "broken": EXIT_BROKEN}.get(verdict, EXIT_UNVERIFIED)
 
 
 def _local_files(directory: str) -> list[tuple[str, bytes]]:
@@ -69,8 +90,9 @@ def _local_files(directory: str) -> list[tuple[str, bytes]]:
 
 
 def cmd_verify(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
+    allow = bool(args.allow_unanchored)
     if args.dir is None:
-        return _print_report(connect().call("GET", "/v1/audit/verify"), args.json)
+        return _print_report(connect().call("GET", "/v1/audit/verify"), args.json, allow_unanchored=allow)
     from broker.audit.chain import Anchor, verify
     from broker.audit.signing import load_public_key, signature_checker
 
@@ -86,7 +108,8 @@ def cmd_verify(args: argparse.Namespace, connect: Callable[[], BrokerClient]) ->
         if not seq.isdigit() or len(digest) != 64:
             raise ConfigError("--anchor takes SEQ:SHA256HEX (from Vault's kb-kv/audit/anchor-<node>)")
         anchor = Anchor(int(seq), digest)
-    return _print_report(verify(_local_files(args.dir), check, anchor=anchor).to_json(), args.json)
+    report = verify(_local_files(args.dir), check, anchor=anchor).to_json()
+    return _print_report(report, args.json, allow_unanchored=allow)
 
 
 MAX_PAGE = 10_000  # the broker's largest page (GET /v1/audit/events 'limit')
@@ -235,6 +258,18 @@ def cmd_report(args: argparse.Namespace, connect: Callable[[], BrokerClient]) ->
     return 0 if verification["ok"] else 1
 
 
+def cmd_new_epoch(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
+    out = connect().call("POST", "/v1/audit/epoch", {"name": args.name, "reason": args.reason})
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(
+            f"node {out['node']}: audit epoch {out['epoch']} started at record {out['anchor']['seq']}; "
+            f"{len(out['epochs'])} epoch(s) recorded in Vault's anchor"
+        )
+    return 0
+
+
 def cmd_hmac(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
     out = connect().call("POST", "/v1/audit/hmac", {"value": args.value})
     print(json.dumps(out) if args.json else out["hmac"])
@@ -268,6 +303,12 @@ def add_audit_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], 
         "--public-key", metavar="PEM", help="offline: the checkpoint key (GET /v1/audit/public-key)"
     )
     p.add_argument("--anchor", metavar="SEQ:HASH", help="offline: the last checkpoint recorded in Vault")
+    p.add_argument(
+        "--allow-unanchored",
+        action="store_true",
+        help="accept a log that cannot be proven complete (no public key or anchor, unsigned tail): exit 0, "
+        "not 3",
+    )
 
     def filters(p: argparse.ArgumentParser) -> None:
         p.add_argument("--since", metavar="TIME", help="ISO 8601, e.g. 2026-11-23T00:00:00Z")
@@ -307,6 +348,13 @@ def add_audit_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], 
     command("hmac", "the HMAC a context value has in records (to search for it)", cmd_hmac).add_argument(
         "value"
     )
+    p = command(
+        "new-epoch",
+        "after lost audit history (broker refuses with 503): continue in a named new epoch (administrators)",
+        cmd_new_epoch,
+    )
+    p.add_argument("--name", required=True, help="a new name for the epoch, e.g. restore-2026-11-29")
+    p.add_argument("--reason", required=True, help="why: recorded in the log and in Vault's anchor")
 
 
 def run_audit(args: argparse.Namespace, connect: Callable[[argparse.Namespace], BrokerClient]) -> int:

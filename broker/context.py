@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import uuid
 from contextvars import ContextVar
 
-# The request id of the API call being served; sent to Vault as X-Request-Id so the
-# broker's and Vault's audit logs join on it.
+# The broker-generated id of the API call being served (never the caller's); sent to
+# Vault as X-Request-Id so the broker's and Vault's audit logs join on it.
 request_id_var: ContextVar[str] = ContextVar("request_id", default="")
+
+# Vault calls made outside any request (policy refresh, token renewal, the key scheduler,
+# audit anchors) carry a request id with this prefix, so the merged timeline tells the
+# broker's own upkeep from unexplained use of its identity.
+BACKGROUND_PREFIX = "kb-bg-"
+
+
+def outgoing_request_id() -> str:
+    """The X-Request-Id for a backend call now: the request's own id, or a fresh background one."""
+    return request_id_var.get() or f"{BACKGROUND_PREFIX}{uuid.uuid4()}"
+
 
 # Backend calls made while serving the current request, for the audit record:
 # (backend, operation, the backend's own call id). None outside a request.

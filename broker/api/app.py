@@ -20,7 +20,7 @@ from broker.api.metrics import Metrics
 from broker.api.middleware import audit_trail, identity, problem_details, request_context
 from broker.api.policy_routes import add_policy_routes
 from broker.api.routes import add_routes
-from broker.audit.chain import Anchor
+from broker.audit.anchor import VaultAnchors
 from broker.audit.sink import AuditSink
 from broker.backends.base import Backend
 from broker.backends.hsm import HsmAuditSigner, HsmClient, HsmKeys
@@ -70,15 +70,9 @@ def create_app(config: Config, *, clock: Clock = now_utc) -> web.Application:
         max_stale_seconds=config.policy.max_stale_seconds,
     )
     app[GRANTS] = GrantStore(app[VAULT], config.vault.kv_mount, clock=clock)
-    anchors = KvDocuments(app[VAULT], config.vault.kv_mount, "audit")
-
-    async def anchor(mark: Anchor) -> None:
-        """Keep each checkpoint's position in Vault, so a truncated log is noticed."""
-        try:
-            await anchors.write_latest(f"anchor-{config.audit.node}", {"seq": mark.seq, "hash": mark.hash})
-        except BrokerError as exc:
-            log.warning("audit_anchor_failed", error=exc.detail, seq=mark.seq)
-
+    # Each checkpoint's position goes to Vault (check-and-set, only forward), so a truncated or
+    # wiped log is noticed, at verify and at this node's next start.
+    anchors = VaultAnchors(KvDocuments(app[VAULT], config.vault.kv_mount, "audit"), config.audit.node)
     audit = config.audit
     app[AUDIT] = AuditSink(
         audit.directory,
@@ -88,8 +82,10 @@ def create_app(config: Config, *, clock: Clock = now_utc) -> web.Application:
         checkpoint_every=audit.checkpoint_every,
         checkpoint_seconds=audit.checkpoint_seconds,
         min_free_bytes=audit.min_free_bytes,
-        signer=HsmAuditSigner(app[HSM]),
-        on_checkpoint=anchor,
+        signer=HsmAuditSigner(app[HSM], node=audit.node),
+        anchors=anchors,
+        checkpoint_max_failures=audit.checkpoint_max_failures,
+        write_timeout_seconds=audit.write_timeout_seconds,
     )
     app[AUDIT_HMAC_KEY] = b""
     app.cleanup_ctx.append(_backends)

@@ -1,4 +1,5 @@
-"""``/v1/audit``: verify the chain, read the merged timeline, HMAC a value to look for.
+"""``/v1/audit``: verify the chain, read the merged timeline, HMAC a value to look for,
+start a new epoch after lost history.
 
 Reading and verifying the log happens on the audit thread, off the event loop.
 """
@@ -9,6 +10,7 @@ import asyncio
 import base64
 import binascii
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,14 +19,16 @@ from aiohttp import web
 
 from broker.api import schemas
 from broker.api.authz import authorize
-from broker.api.keys import AUDIT, AUDIT_HMAC_KEY, SETTINGS, VAULT
+from broker.api.keys import AUDIT, AUDIT_HMAC_KEY, PRINCIPAL, SETTINGS, VAULT
 from broker.audit import chain, merge
 from broker.audit.events import hmac_value
 from broker.audit.signing import load_public_key, signature_checker, to_pem
-from broker.errors import BadRequest
+from broker.errors import BadRequest, Forbidden
 from broker.state.kv import KvDocuments
 
 MAX_EVENTS = 10_000
+EPOCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_REASON = 1000
 
 
 async def public_key(request: web.Request) -> web.Response:
@@ -40,14 +44,12 @@ async def _public_der(request: web.Request) -> bytes:
     return await signer.public_key_der()
 
 
-async def _anchor(request: web.Request) -> chain.Anchor | None:
+async def _anchor_document(request: web.Request) -> dict[str, Any] | None:
     node = request.app[SETTINGS].audit.node
     found = await KvDocuments(request.app[VAULT], request.app[SETTINGS].vault.kv_mount, "audit").read(
         f"anchor-{node}"
     )
-    if found is None:
-        return None
-    return chain.Anchor(int(found[0]["seq"]), str(found[0]["hash"]))
+    return None if found is None else found[0]
 
 
 async def verify(request: web.Request) -> web.Response:
@@ -55,15 +57,69 @@ async def verify(request: web.Request) -> web.Response:
     await authorize(request, "audit.verify")
     sink = request.app[AUDIT]
     der = await _public_der(request)
-    anchor = await _anchor(request)
+    document = await _anchor_document(request)
+    anchor = None if document is None else chain.Anchor(int(document["seq"]), str(document["hash"]))
     head = sink.head()
     loop = asyncio.get_running_loop()
     files = await loop.run_in_executor(sink.executor, sink.read_files)
-    check = signature_checker(load_public_key(der))
+    checks = [signature_checker(load_public_key(der))]
+    retired = getattr(sink.signer, "retired_public_keys_der", None)
+    if retired is not None:
+        # Logs written before each node had its own key were signed with the one shared key.
+        checks += [signature_checker(load_public_key(k)) for k in await retired()]
+
+    def check(digest: bytes, signature: bytes) -> bool:
+        return any(c(digest, signature) for c in checks)
+
     report = await loop.run_in_executor(
         None, lambda: chain.verify(files, check, anchor=anchor, live_head=head if head.seq else None)
     )
-    return web.json_response({**report.to_json(), "node": sink.node, "public_key": to_pem(der)})
+    epochs = list((document or {}).get("epochs") or [])
+    for epoch in epochs:
+        old = epoch.get("supersedes") or {}
+        report.notes.append(
+            f"epoch {epoch.get('epoch')} began at record {epoch.get('first_seq')} on {epoch.get('started')}, "
+            f"started by {epoch.get('by')} ({epoch.get('reason')}); it superseded epoch {old.get('epoch')}, "
+            f"whose anchored history ended at record {old.get('seq')}"
+        )
+    return web.json_response(
+        {
+            **report.to_json(),
+            "node": sink.node,
+            "epoch": sink.epoch,
+            "epochs": epochs,
+            "public_key": to_pem(der),
+        }
+    )
+
+
+async def new_epoch(request: web.Request) -> web.Response:
+    """POST /v1/audit/epoch: after lost history, continue the log in a named, recorded new epoch.
+
+    Only a break-glass administrator may, and only while the log is stopped because its
+    files do not hold Vault's anchor. The epoch's first record and Vault's anchor document
+    keep who, why and which anchor it supersedes.
+    """
+    principal = request[PRINCIPAL]
+    if principal.id not in request.app[SETTINGS].server.administrators:
+        raise Forbidden("only a break-glass administrator (server.administrators) may start an audit epoch")
+    body = await schemas.json_object(request)
+    name = schemas.string(body, "name", required=True)
+    reason = schemas.string(body, "reason", required=True).strip()
+    if EPOCH_NAME.fullmatch(name) is None:
+        raise BadRequest("'name' is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if not reason or len(reason) > MAX_REASON:
+        raise BadRequest(f"'reason' says why, in 1-{MAX_REASON} characters")
+    sink = request.app[AUDIT]
+    written = await sink.begin_epoch(name, by=principal.id, reason=reason)
+    return web.json_response(
+        {
+            "node": sink.node,
+            "epoch": name,
+            "anchor": {"seq": written["seq"], "hash": written["hash"]},
+            "epochs": written.get("epochs", []),
+        }
+    )
 
 
 def _filters(query: Any) -> merge.Filters:
@@ -191,3 +247,4 @@ def add_audit_routes(app: web.Application) -> None:
     r.add_get("/v1/audit/events", events)
     r.add_get("/v1/audit/public-key", public_key)
     r.add_post("/v1/audit/hmac", hmac_of)
+    r.add_post("/v1/audit/epoch", new_epoch)

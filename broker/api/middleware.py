@@ -1,8 +1,10 @@
 """Middlewares, outermost first: request id, audit record, errors as problem+json, identity.
 
-The request id is accepted from the caller's ``X-Request-Id`` only when it is
-well-formed (so a hostile value cannot be smuggled into logs or into Vault's
-audit log), otherwise a fresh one is generated; it is echoed on every response.
+Every request gets a request id the broker generates: it names the audit record and
+is what the broker sends to Vault, so no caller can choose the id that joins Vault's
+audit entries to a record. A caller's well-formed ``X-Request-Id`` is kept as the
+record's ``client_request_id`` and echoed back (a malformed one is ignored);
+``X-Broker-Request-Id`` carries the broker's own id on every response.
 """
 
 from __future__ import annotations
@@ -15,7 +17,15 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from broker.api.keys import AUDIT, AUDIT_FACTS, AUDIT_HMAC_KEY, METRICS, PRINCIPAL, REQUEST_ID, SETTINGS
+from broker.api.keys import (
+    AUDIT,
+    AUDIT_FACTS,
+    AUDIT_HMAC_KEY,
+    METRICS,
+    PRINCIPAL,
+    REQUEST_ID,
+    SETTINGS,
+)
 from broker.api.problem import problem_response
 from broker.audit.events import RequestFacts, build_event
 from broker.context import backend_calls_var, request_id_var
@@ -34,6 +44,10 @@ log = get_logger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REQUEST_ID_HEADER = "X-Request-Id"
+BROKER_REQUEST_ID_HEADER = "X-Broker-Request-Id"
+EPOCH_PATH = "/v1/audit/epoch"
+# The caller's X-Request-Id, when well-formed (request-scoped key).
+CLIENT_REQUEST_ID = "keybroker.client_request_id"
 HEALTH_PATH = "/v1/sys/health"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{7,127}$")
 
@@ -46,16 +60,19 @@ def valid_request_id(value: str | None) -> bool:
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Assign the request id, bind it for logs and backend calls, log one line per request."""
     offered = request.headers.get(REQUEST_ID_HEADER)
-    request_id = offered if offered is not None and valid_request_id(offered) else str(uuid.uuid4())
+    client_id = offered if offered is not None and valid_request_id(offered) else None
+    request_id = str(uuid.uuid4())
     request[REQUEST_ID] = request_id
+    request[CLIENT_REQUEST_ID] = client_id
     token = request_id_var.set(request_id)
-    structlog.contextvars.bind_contextvars(request_id=request_id)
+    structlog.contextvars.bind_contextvars(request_id=request_id, client_request_id=client_id)
     started = time.perf_counter()
     status = 500
     try:
         response = await handler(request)
         status = response.status
-        response.headers[REQUEST_ID_HEADER] = request_id
+        response.headers[REQUEST_ID_HEADER] = client_id or request_id
+        response.headers[BROKER_REQUEST_ID_HEADER] = request_id
         return response
     finally:
         elapsed = time.perf_counter() - started
@@ -70,7 +87,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             latency_ms=round(elapsed * 1000, 3),
             principal=str(principal) if principal else None,
         )
-        structlog.contextvars.unbind_contextvars("request_id")
+        structlog.contextvars.unbind_contextvars("request_id", "client_request_id")
         request_id_var.reset(token)
 
 
@@ -85,10 +102,12 @@ async def audit_trail(request: web.Request, handler: Handler) -> web.StreamRespo
     sink = request.app[AUDIT]
     # Health is the one answer given without a durable record: it reports that very failure.
     reports_health = request.path == HEALTH_PATH
+    # Starting a new epoch is the one way out of a log that lost its history, so it must get through.
+    starts_epoch = request.path == EPOCH_PATH and sink.awaiting_epoch
     try:
         sink.check_ready()
     except BrokerError as exc:
-        if not reports_health:
+        if not (reports_health or starts_epoch):
             log.error("request_refused_audit_unavailable", detail=exc.detail)  # noqa: TRY400 - no traceback helps
             return problem_response(exc, request[REQUEST_ID])
     facts = request[AUDIT_FACTS] = RequestFacts()
@@ -102,6 +121,7 @@ async def audit_trail(request: web.Request, handler: Handler) -> web.StreamRespo
     principal = request.get(PRINCIPAL)
     event = build_event(
         request_id=request[REQUEST_ID],
+        client_request_id=request.get(CLIENT_REQUEST_ID),
         principal=str(principal) if principal else None,
         method=request.method,
         route=_route(request),

@@ -27,7 +27,32 @@ FILE_PREFIX, FILE_SUFFIX = "audit-", ".jsonl"
 
 
 def canonical(record: Mapping[str, Any]) -> bytes:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """The one byte form of a record: sorted keys, no spaces, UTF-8; it cannot fail on any str.
+
+    A Python str may hold UTF-16 surrogates (``json.loads`` accepts ``"\\ud800"``), which
+    UTF-8 cannot encode. Such strings are written, not dropped: surrogate pairs are joined
+    into the character they spell, and a lone surrogate is written as its JSON escape
+    (``\\ud800``). Reading the line back gives the same string, so a re-encoding for
+    verification yields the same bytes.
+    """
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        text = json.dumps(_scalar_strings(record), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        # Only lone surrogates remain unencodable; backslashreplace spells them \\udXXX, a JSON escape.
+        return text.encode("utf-8", "backslashreplace")
+
+
+def _scalar_strings(value: Any) -> Any:
+    """``value`` with every surrogate pair in its strings (keys too) joined into one character."""
+    if isinstance(value, str):
+        return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+    if isinstance(value, Mapping):
+        return {_scalar_strings(k): _scalar_strings(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scalar_strings(v) for v in value]
+    return value
 
 
 def line_hash(line: bytes) -> str:
@@ -83,6 +108,15 @@ class Report:
     first_problem: Problem | None = None
     problems: int = 0
     notes: list[str] = field(default_factory=list)
+    # Why an intact-looking log is not proven complete (no key, no anchor, an unsigned tail).
+    unverified: list[str] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        """broken (a problem was found) | unverified (nothing found, but not proven) | intact."""
+        if not self.ok:
+            return "broken"
+        return "unverified" if self.unverified else "intact"
 
     def fail(self, problem: Problem) -> None:
         self.ok = False
@@ -102,6 +136,8 @@ class Report:
             "problems": self.problems,
             "first_problem": self.first_problem.to_json() if self.first_problem else None,
             "notes": self.notes,
+            "unverified": self.unverified,
+            "verdict": self.verdict,
         }
 
 
@@ -118,13 +154,16 @@ def verify(
 ) -> Report:
     """Check the chain over ``files`` (name, content) in name order; name the first bad record.
 
-    ``check_signature`` None skips signature checks (and says so in the notes).
-    ``anchor``: the last checkpoint recorded in Vault; ``live_head``: the running
-    broker's last written record. Either catches a truncated tail.
+    ``check_signature`` None skips signature checks. ``anchor``: the last checkpoint
+    recorded in Vault; ``live_head``: the running broker's last written record. Either
+    catches a truncated tail. What could not be checked makes the verdict
+    ``unverified`` rather than ``intact``: no public key, no anchor (a wiped or
+    truncated log cannot be told from a short one), or records after the last signed
+    checkpoint that no live head vouches for.
     """
     report = Report()
     if check_signature is None:
-        report.notes.append("checkpoint signatures were not checked (no public key given)")
+        report.unverified.append("checkpoint signatures were not checked (no public key given)")
     prev_hash, prev_seq = GENESIS, 0
     prev_at = ("", 0)
     seen: dict[int, str] = {}
@@ -171,6 +210,15 @@ def verify(
             prev_hash, prev_seq, prev_at = this_hash, max(seq, prev_seq), (name, number)
             report.records += 1
     report.last_seq, report.head = prev_seq, prev_hash
+    if anchor is None:
+        report.unverified.append(
+            "no anchor from Vault: a wiped, truncated or replaced log cannot be told from a short one"
+        )
+    if live_head is None and report.last_seq > report.last_checkpoint_seq:
+        report.unverified.append(
+            f"records {report.last_checkpoint_seq + 1}..{report.last_seq} come after the last signed "
+            "checkpoint: nothing vouches for them"
+        )
     for what, mark in (("anchored in Vault", anchor), ("written by the running broker", live_head)):
         if mark is None:
             continue

@@ -18,7 +18,8 @@ from broker.policy.model import Decision
 
 
 def hmac_value(key: bytes, value: str) -> str:
-    return "hmac-sha256:" + hmac.new(key, value.encode(), hashlib.sha256).hexdigest()
+    """``surrogatepass``: a str that is not valid Unicode still gets its own HMAC, never an exception."""
+    return "hmac-sha256:" + hmac.new(key, value.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
 
 
 def hmac_context(key: bytes, context: Mapping[str, str]) -> dict[str, str]:
@@ -54,6 +55,7 @@ def build_event(
     *,
     request_id: str,
     principal: str | None,
+    client_request_id: str | None = None,
     method: str,
     route: str,
     status: int,
@@ -67,6 +69,7 @@ def build_event(
     event: dict[str, Any] = {
         "type": "event",
         "request_id": request_id,
+        "client_request_id": client_request_id,
         "principal": principal,
         "roles": list(deciding.roles) if deciding else [],
         "operation": deciding.operation if deciding else f"{method} {route}",

@@ -1,12 +1,20 @@
 """One timeline from the broker's audit log and Vault's file audit log, joined on request id.
 
-Each broker record keeps its backend evidence nested: the Vault audit entries that
-carry its ``X-Request-Id`` (with Vault's own request id), and the KMS request ids
-and HSM operations the broker noted while serving it. A Vault entry that no broker
-request explains is kept as its own row: when it was made by the broker's own
-identity (policy refresh, token renewal, scheduled work) it is ``broker-background``;
-anything else — someone using Vault directly, say with a root token — is flagged
-``bypass``, which is what an auditor looks for first.
+Each broker record keeps its backend evidence nested: the Vault audit entries made
+for it, and the KMS request ids and HSM operations the broker noted while serving
+it. A Vault entry joins a record only when it was made under the broker's own Vault
+identity (a token from its AppRole login, with the broker policy and an identity
+entity; a root or hand-made token never qualifies) and either carries the record's
+broker-generated request id (``X-Request-Id``; no caller can choose it) or is a
+Vault request id the record noted. Every other Vault entry is its own row:
+
+* ``bypass`` (flagged): made under any other identity — someone using Vault
+  directly, say with a root token, even when reusing a broker request id;
+* ``unexplained`` (flagged): made under the broker's identity but explained by no
+  broker record and not one of the broker's own background calls — a stolen
+  AppRole credential used directly looks like this;
+* ``broker-background``: the broker's own upkeep (policy refresh, token renewal,
+  the key scheduler, audit anchors), which carries a ``kb-bg-`` request id.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 BROKER_VAULT_POLICY = "keybroker-broker"
+BACKGROUND_PREFIX = "kb-bg-"  # broker.context.BACKGROUND_PREFIX (kept import-free for offline use)
 CSV_COLUMNS = (
     "time",
     "source",
@@ -34,6 +43,7 @@ CSV_COLUMNS = (
     "outcome",
     "status",
     "reason",
+    "client_request_id",
     "vault_request_ids",
     "backend_call_ids",
 )
@@ -89,6 +99,23 @@ def _key_of(path: str) -> str | None:
     return None
 
 
+def is_broker_identity(auth: Mapping[str, Any], broker_policy: str = BROKER_VAULT_POLICY) -> bool:
+    """Whether a Vault audit entry's ``auth`` is a token the broker's AppRole login made.
+
+    The policy alone is not enough (root can mint a token with any policy): the token must
+    also come from the AppRole method (a token made with ``token create`` is named
+    ``token-...``, whatever display name was asked for) and belong to an identity entity,
+    which tokens minted by root do not.
+    """
+    policies = set(auth.get("token_policies") or auth.get("policies") or [])
+    return (
+        broker_policy in policies
+        and "root" not in policies
+        and auth.get("display_name") == "approle"
+        and bool(auth.get("entity_id"))
+    )
+
+
 def vault_entries(
     lines: Iterable[bytes | str], broker_policy: str = BROKER_VAULT_POLICY
 ) -> list[dict[str, Any]]:
@@ -111,7 +138,6 @@ def vault_entries(
         path = str(request.get("path", ""))
         row = by_id.get(vid)
         if row is None:
-            policies = list(auth.get("policies") or [])
             row = {
                 "source": "vault",
                 "time": str(entry.get("time", "")),
@@ -120,14 +146,16 @@ def vault_entries(
                 "operation": f"vault.{request.get('operation', '?')}",
                 "path": path,
                 "key": _key_of(path),
-                "principal": f"vault:{auth.get('display_name') or 'unauthenticated'}",
-                "policies": policies,
                 "remote_address": request.get("remote_address"),
-                "broker_identity": broker_policy in policies,
                 "outcome": "success",
             }
             by_id[vid] = row
             order.append(vid)
+        if auth or "principal" not in row:
+            # The response's view wins: a login's request carries no token, its response the new one.
+            row["principal"] = f"vault:{auth.get('display_name') or 'unauthenticated'}"
+            row["policies"] = list(auth.get("policies") or [])
+            row["broker_identity"] = is_broker_identity(auth, broker_policy)
         if entry.get("type") == "response" and entry.get("error"):
             row["outcome"] = "error"
             row["error"] = str(entry["error"])
@@ -137,13 +165,15 @@ def vault_entries(
 def merge(broker: Sequence[Mapping[str, Any]], vault: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Broker records with their Vault evidence nested, plus unexplained Vault rows, in time order.
 
-    A Vault entry belongs to a broker record when it carries the record's request id
-    (X-Request-Id) or when the record noted that Vault request id among its backend
-    calls (a micro-batch serving several requests belongs to each of them).
+    A Vault entry belongs to a broker record only when the broker's own identity made it
+    and it carries the record's request id, or the record noted its Vault request id among
+    its backend calls (a micro-batch serving several requests belongs to each of them).
     """
     by_request: dict[str, list[Mapping[str, Any]]] = {}
     by_vault_id: dict[str, Mapping[str, Any]] = {}
     for row in vault:
+        if not row.get("broker_identity"):
+            continue  # never joined, whatever request id it carries
         by_vault_id[str(row["vault_request_id"])] = row
         if row.get("request_id"):
             by_request.setdefault(str(row["request_id"]), []).append(row)
@@ -162,10 +192,19 @@ def merge(broker: Sequence[Mapping[str, Any]], vault: Sequence[Mapping[str, Any]
     for row in vault:
         if str(row["vault_request_id"]) in claimed:
             continue
-        kind = "broker-background" if row.get("broker_identity") else "bypass"
-        timeline.append({**row, "kind": kind, "bypass": kind == "bypass"})
+        kind = _unclaimed_kind(row)
+        flags = {"bypass": kind == "bypass", "unexplained": kind == "unexplained"}
+        timeline.append({**row, "kind": kind, **flags})
     timeline.sort(key=time_of)
     return timeline
+
+
+def _unclaimed_kind(row: Mapping[str, Any]) -> str:
+    if not row.get("broker_identity"):
+        return "bypass"
+    if str(row.get("request_id") or "").startswith(BACKGROUND_PREFIX):
+        return "broker-background"
+    return "unexplained"
 
 
 def _evidence(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -194,7 +233,7 @@ class Filters:
         if self.until and moment > self.until:
             return False
         if self.source == "bypass":
-            if not row.get("bypass"):
+            if not (row.get("bypass") or row.get("unexplained")):
                 return False
         elif self.source and row.get("source") != self.source:
             return False
@@ -240,6 +279,7 @@ def flat(row: Mapping[str, Any]) -> dict[str, str]:
         "outcome": row.get("outcome"),
         "status": row.get("status"),
         "reason": reason,
+        "client_request_id": row.get("client_request_id"),
         "vault_request_ids": ";".join(vault_ids),
         "backend_call_ids": ";".join(calls),
     }
@@ -265,6 +305,8 @@ def to_table(rows: Iterable[Mapping[str, Any]]) -> str:
         source = str(row.get("kind") if row.get("source") == "vault" else "broker")
         if row.get("bypass"):
             source = "VAULT BYPASS"
+        elif row.get("unexplained"):
+            source = "UNEXPLAINED"
         principal = str(row.get("principal") or "-")[-38:]
         outcome = str(row.get("outcome") or "")
         if row.get("source") == "broker" and row.get("vault"):

@@ -172,10 +172,12 @@ def render(
     inventory = key_rows(keys, events, now)
     ok = bool(verification.get("ok"))
     problem = verification.get("first_problem") or {}
+    unproven = [str(u) for u in verification.get("unverified") or []]
+    word = '<span class="bad">UNVERIFIED</span>' if unproven else '<span class="ok">intact</span>'
     status = (
-        f'<span class="ok">intact</span> — {verification.get("records")} records, '
+        f"{word} — {verification.get('records')} records, "
         f"{verification.get('checkpoints')} HSM-signed checkpoints, "
-        f"last record {verification.get('last_seq')}"
+        f"last record {verification.get('last_seq')}" + "".join(f"; not verified: {_e(u)}" for u in unproven)
         if ok
         else f'<span class="bad">BROKEN</span> — first problem: {_e(problem.get("kind"))} at record '
         f"{_e(problem.get('seq'))} ({_e(problem.get('file'))} line {_e(problem.get('line'))}): "

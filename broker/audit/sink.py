@@ -17,8 +17,20 @@ Rotation: a file is closed once it passes ``max_file_bytes`` or is older than
 ``max_file_seconds``, at a batch boundary; the next file, named after its first
 record, continues the same chain.
 Checkpoints: every ``checkpoint_every`` records or ``checkpoint_seconds`` a
-checkpoint record signed by the HSM joins the chain and its position is handed to
-``on_checkpoint`` (the broker anchors it in Vault).
+checkpoint record signed by the HSM joins the chain and its position is anchored in
+Vault (:class:`AnchorStore`). ``checkpoint_max_failures`` checkpoints in a row that
+cannot be signed or anchored make the log unavailable until one succeeds.
+
+The writer never dies: any error while building, signing or writing a batch fails
+that batch's requests with 503, marks the log unavailable (health says why) and the
+next request after a short pause starts a new file continuing the chain. No request
+waits longer than ``write_timeout_seconds`` for its record.
+
+History cannot be restarted silently: at start the local chain must contain the
+record Vault's anchor names. A wiped, truncated or replaced directory keeps the log
+unavailable (nothing is written, so no second chain begins) until an administrator
+starts a new, named epoch (:meth:`AuditSink.begin_epoch`), whose first record says
+who, why and which anchor it supersedes.
 """
 
 from __future__ import annotations
@@ -31,7 +43,6 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -46,11 +57,37 @@ from broker.audit.chain import (
     file_name,
     line_hash,
 )
-from broker.errors import BrokerError, ConfigError, Unavailable
+from broker.errors import BrokerError, ConfigError, Conflict, Unavailable
 from broker.keys.model import iso, now_utc
 from broker.log import get_logger
 
 log = get_logger(__name__)
+
+
+INITIAL_EPOCH = "initial"
+NEW_EPOCH_HINT = "keybroker audit new-epoch --name NAME --reason TEXT"
+
+
+class AnchorConflict(Exception):
+    """Vault's anchor is not one this writer may move forward from (another epoch, or ahead)."""
+
+
+class AnchorStore(Protocol):
+    """Where checkpoint positions are kept outside the log (Vault KV, check-and-set)."""
+
+    async def read(self) -> dict[str, Any] | None:
+        """The anchor document (``seq``, ``hash``, ``epoch``, ``epochs``) or None."""
+        ...
+
+    async def advance(self, epoch: str, mark: Anchor) -> None:
+        """Move the anchor forward within ``epoch``; AnchorConflict if it is elsewhere or ahead."""
+        ...
+
+    async def begin_epoch(
+        self, expected: dict[str, Any] | None, entry: dict[str, Any], mark: Anchor
+    ) -> dict[str, Any]:
+        """Start epoch ``entry['epoch']`` at ``mark`` if the anchor is still ``expected``."""
+        ...
 
 
 class CheckpointSigner(Protocol):
@@ -87,7 +124,9 @@ class AuditSink:
         checkpoint_seconds: float = 10.0,
         min_free_bytes: int = 16 * 1024 * 1024,
         signer: CheckpointSigner | None = None,
-        on_checkpoint: Callable[[Anchor], Coroutine[Any, Any, None]] | None = None,
+        anchors: AnchorStore | None = None,
+        checkpoint_max_failures: int = 3,
+        write_timeout_seconds: float = 10.0,
     ) -> None:
         self.directory = directory
         self.node = node
@@ -98,7 +137,22 @@ class AuditSink:
         self._interval = checkpoint_seconds
         self._min_free = min_free_bytes
         self._signer = signer
-        self._on_checkpoint = on_checkpoint
+        self._anchors = anchors
+        self._max_failures = max(1, checkpoint_max_failures)
+        self._write_timeout = write_timeout_seconds
+        self._checkpoint_failures = 0
+        self._last_checkpoint_try = 0.0
+        # Set when the log cannot be written without forking history (Vault's anchor is not in the
+        # local chain, or could not be read): nothing is written until it clears.
+        self._fork_guard: str | None = None
+        self._conflict: dict[str, Any] | None = None
+        self._anchor_checked = anchors is None
+        # Set after too many failed checkpoints: requests are refused until a checkpoint succeeds.
+        self._checkpoint_halt: str | None = None
+        self._batch_started: float | None = None
+        self._anchor_lock = asyncio.Lock()
+        self._anchored_seq = 0
+        self.epoch = INITIAL_EPOCH
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-io")
         self._lock_fh: IO[str] | None = None
         self._fd: int | None = None
@@ -125,6 +179,9 @@ class AuditSink:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._io, self._open_directory)
         self._writer = asyncio.create_task(self._write_loop(), name="audit-writer")
+        await self._check_anchor()
+        if self._fork_guard is not None:
+            return
         try:
             await self.append({"type": "start", "node": self.node})
         except BrokerError as exc:
@@ -174,6 +231,11 @@ class AuditSink:
         if discarded:
             self._resume_note = f"discarded {discarded} bytes of an unfinished record at restart"
 
+    def _reopen_directory(self) -> None:
+        self._open_directory()
+        if self._lock_fh is not None:
+            self._broken = None
+
     def files_on_disk(self) -> list[Path]:
         return sorted(self.directory.glob(f"{FILE_PREFIX}*{FILE_SUFFIX}"))
 
@@ -181,6 +243,15 @@ class AuditSink:
 
     def check_ready(self) -> None:
         """Raise 503 unless a record could be written now. Cheap: a few system calls."""
+        for reason in (self._fork_guard, self._checkpoint_halt):
+            if reason is not None:
+                raise Unavailable(f"audit log unavailable: {reason}", backend="audit")
+        if self._batch_started is not None and time.monotonic() - self._batch_started > self._write_timeout:
+            raise Unavailable(
+                f"audit log unavailable: the writer has been stuck on one batch for more than "
+                f"{self._write_timeout:g} s (checkpoint signing or the disk does not answer)",
+                backend="audit",
+            )
         if self._broken is not None:
             if time.monotonic() - self._last_repair < 0.5:
                 raise Unavailable(f"audit log unavailable: {self._broken}", backend="audit")
@@ -224,16 +295,21 @@ class AuditSink:
         log.warning("audit_log_resumed", after=reason)
 
     def status(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {
+            "directory": str(self.directory),
+            "epoch": self.epoch,
+            "checkpoint_failures": self._checkpoint_failures,
+        }
         try:
             self.check_ready()
         except Unavailable as exc:
-            return {"ok": False, "directory": str(self.directory), "error": exc.detail}
-        return {
-            "ok": True,
-            "directory": str(self.directory),
-            "seq": self._seq,
-            "file": self._path.name if self._path else None,
-        }
+            return {"ok": False, **facts, "error": exc.detail}
+        return {"ok": True, **facts, "seq": self._seq, "file": self._path.name if self._path else None}
+
+    @property
+    def awaiting_epoch(self) -> bool:
+        """The local chain does not contain Vault's anchor: only a new epoch lets the log resume."""
+        return self._conflict is not None
 
     def head(self) -> Anchor:
         return Anchor(self._seq, self._head)
@@ -244,25 +320,81 @@ class AuditSink:
         """Queue one record and return its seq once it is on disk; 503 if it could not be written."""
         if self._writer is None:
             raise Unavailable("audit log unavailable: the sink is not started", backend="audit")
+        if self._fork_guard is not None:
+            raise Unavailable(f"audit log unavailable: {self._fork_guard}", backend="audit")
+        return await self._enqueue(record)
+
+    async def _enqueue(self, record: dict[str, Any]) -> int:
+        if self._writer is None or self._writer.done():
+            # Never expected (the loop catches everything), but a dead writer must not hang requests.
+            log.error("audit_writer_restarted")
+            self._writer = asyncio.create_task(self._write_loop(), name="audit-writer")
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append((record, future))
+        entry = (record, future)
+        self._pending.append(entry)
         self._wake.set()
-        return await future
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self._write_timeout)
+        except TimeoutError:
+            self._pending = [e for e in self._pending if e is not entry]
+            raise Unavailable(
+                f"audit log unavailable: the record was not on disk within {self._write_timeout:g} s",
+                backend="audit",
+            ) from None
 
     async def _write_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._interval):
-                    await self._wake.wait()
-            self._wake.clear()
-            batch, self._pending = self._pending, []
-            unsigned = self._since_checkpoint + len(batch)
-            due = unsigned >= self._every or (
-                unsigned > 0 and time.monotonic() - self._last_checkpoint >= self._interval
-            )
-            if not batch and not due:
-                continue
+            try:
+                await self._write_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the writer must outlive any single failure
+                log.exception("audit_writer_error")
+                await asyncio.sleep(0.1)
+
+    async def _write_once(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._interval):
+                await self._wake.wait()
+        self._wake.clear()
+        if not self._anchor_checked:
+            if self._lock_fh is None:
+                # The directory could not be opened at start: its chain end is still unknown.
+                await asyncio.get_running_loop().run_in_executor(self._io, self._reopen_directory)
+            await self._check_anchor()
+            if self._fork_guard is None:
+                self._pending.insert(0, ({"type": "start", "node": self.node}, self._orphan_future()))
+        batch, self._pending = self._pending, []
+        now = time.monotonic()
+        unsigned = self._since_checkpoint + len(batch)
+        due = self._fork_guard is None and (
+            unsigned >= self._every
+            or (unsigned > 0 and now - self._last_checkpoint >= self._interval)
+            or (self._checkpoint_failures > 0 and now - self._last_checkpoint_try >= self._interval)
+        )
+        if self._checkpoint_failures > 0 and now - self._last_checkpoint_try < self._interval:
+            due = False  # a failing HSM or Vault is retried once per interval, not on every batch
+        if not batch and not due:
+            return
+        self._batch_started = time.monotonic()
+        try:
             await self._commit(batch, checkpoint=due)
+        except Exception as exc:
+            log.exception("audit_batch_failed")
+            self._mark_broken(f"the audit writer could not write a batch ({type(exc).__name__}: {exc})")
+            error = Unavailable(f"audit log unavailable: {self._broken}", backend="audit")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+        finally:
+            self._batch_started = None
+
+    @staticmethod
+    def _orphan_future() -> asyncio.Future[int]:
+        """A future nobody awaits (a record the sink writes on its own); its error is only logged."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return future
 
     async def _commit(
         self, batch: list[tuple[dict[str, Any], asyncio.Future[int]]], *, checkpoint: bool
@@ -285,12 +417,16 @@ class AuditSink:
             add(record)
             numbers.append(seq)
         if checkpoint:
+            self._last_checkpoint_try = time.monotonic()
             try:
                 lines.append(await self._checkpoint_line(seq + 1, head, stamped))
             except BrokerError as exc:
-                # The records still go to disk; the next batch tries the checkpoint again.
-                log.warning("audit_checkpoint_failed", error=exc.detail)
+                # The records still go to disk; the next interval tries the checkpoint again.
+                self._checkpoint_failed(f"signing a checkpoint failed: {exc.detail}")
                 checkpoint = False
+            except Exception as exc:
+                self._checkpoint_failed(f"signing a checkpoint failed: {type(exc).__name__}")
+                raise
             else:
                 seq, head = seq + 1, line_hash(lines[-1])
         first = self._seq + 1
@@ -303,6 +439,7 @@ class AuditSink:
                 if not future.done():
                     future.set_exception(error)
             return
+        # From here on the lines are on disk: only bookkeeping that cannot fail.
         self._resume_note = None
         self._seq, self._head = seq, head
         self.records_written += len(lines)
@@ -314,6 +451,144 @@ class AuditSink:
         for (_, future), number in zip(batch, numbers, strict=True):
             if not future.done():
                 future.set_result(number)
+
+    # -- checkpoints and the Vault anchor ---------------------------------------------------
+
+    def _checkpoint_failed(self, reason: str) -> None:
+        self._checkpoint_failures += 1
+        log.warning("audit_checkpoint_failed", error=reason, in_a_row=self._checkpoint_failures)
+        if self._checkpoint_failures >= self._max_failures:
+            if self._checkpoint_halt is None:
+                log.error("audit_checkpoints_failing", reason=reason)
+            self._checkpoint_halt = (
+                f"{self._checkpoint_failures} checkpoints in a row could not be signed or anchored "
+                f"(last: {reason}); requests are refused until one succeeds"
+            )
+
+    def _checkpoint_succeeded(self) -> None:
+        if self._checkpoint_halt is not None:
+            log.warning("audit_checkpoints_resumed", after=self._checkpoint_halt)
+        self._checkpoint_failures = 0
+        self._checkpoint_halt = None
+
+    def _anchor(self, mark: Anchor) -> None:
+        if self._anchors is None:
+            self._checkpoint_succeeded()
+            return
+        task = asyncio.create_task(self._advance_anchor(mark))
+        self._anchor_tasks.add(task)
+        task.add_done_callback(self._anchor_tasks.discard)
+
+    async def _advance_anchor(self, mark: Anchor) -> None:
+        if self._anchors is None:
+            return
+        async with self._anchor_lock:  # in checkpoint order, so the anchor only moves forward
+            if mark.seq <= self._anchored_seq:
+                return
+            try:
+                await self._anchors.advance(self.epoch, mark)
+            except AnchorConflict as exc:
+                # Someone else moves this node's anchor: another writer with the same node name, or a
+                # replayed log. Stop at once rather than count.
+                self._checkpoint_failures = self._max_failures
+                self._checkpoint_halt = f"Vault's audit anchor for node {self.node} moved elsewhere: {exc}"
+                log.error("audit_anchor_conflict", reason=str(exc))  # noqa: TRY400 - no traceback helps
+                return
+            except Exception as exc:  # noqa: BLE001 - any failure counts toward stopping the log
+                detail = exc.detail if isinstance(exc, BrokerError) else type(exc).__name__
+                self._checkpoint_failed(f"anchoring record {mark.seq} in Vault failed: {detail}")
+                return
+            self._anchored_seq = mark.seq
+            self._checkpoint_succeeded()
+
+    async def _check_anchor(self) -> None:
+        """Refuse to write (and so to fork history) unless the local chain holds Vault's anchor."""
+        if self._anchors is None:
+            return
+        if self._lock_fh is None:
+            self._fork_guard = (
+                f"cannot open the audit directory to check it against Vault's anchor ({self._broken}); "
+                "retrying"
+            )
+            return
+        try:
+            doc = await self._anchors.read()
+        except Exception as exc:  # noqa: BLE001 - unread means unchecked: keep the log closed
+            detail = exc.detail if isinstance(exc, BrokerError) else type(exc).__name__
+            self._fork_guard = f"cannot read this node's audit anchor from Vault ({detail}); retrying"
+            return
+        self._anchor_checked = True
+        self._fork_guard, self._conflict = None, None
+        if doc is None:
+            return
+        self.epoch = str(doc.get("epoch") or INITIAL_EPOCH)
+        mark = Anchor(int(doc["seq"]), str(doc["hash"]))
+        self._anchored_seq = mark.seq
+        loop = asyncio.get_running_loop()
+        try:
+            problem = await loop.run_in_executor(self._io, self._find_anchor, mark)
+        except OSError as exc:
+            self._anchor_checked = False
+            self._fork_guard = f"cannot read the audit files to check Vault's anchor ({exc.strerror}); retry"
+            return
+        if problem is None:
+            return
+        self._conflict = doc
+        self._fork_guard = (
+            f"{problem}, but Vault's anchor for node {self.node} names record {mark.seq} of epoch "
+            f"{self.epoch}: the audit log was wiped, truncated or replaced (or another broker uses node "
+            f"name {self.node}: give each replica its own audit.node). Restore the files, or have an "
+            f"administrator start a new epoch: {NEW_EPOCH_HINT}"
+        )
+        log.error("audit_history_missing", reason=self._fork_guard)
+
+    def _find_anchor(self, mark: Anchor) -> str | None:
+        """Blocking: None if the local chain has record ``mark.seq`` with ``mark.hash``, else the flaw."""
+        if self._seq == 0:
+            return f"the audit directory {self.directory} holds no records"
+        if self._seq < mark.seq:
+            return f"the audit log in {self.directory} ends at record {self._seq}"
+        found = _hash_of_record(self.files_on_disk(), mark.seq)
+        if found != mark.hash:
+            return f"record {mark.seq} in {self.directory} is not the one anchored"
+        return None
+
+    async def begin_epoch(self, name: str, *, by: str, reason: str) -> dict[str, Any]:
+        """Start a named epoch after lost history: its record says who, why and what it supersedes."""
+        if self._anchors is None or self._conflict is None:
+            raise Conflict("the audit log agrees with Vault's anchor; there is no lost history to supersede")
+        previous = self._conflict
+        known = {str(e.get("epoch")) for e in previous.get("epochs") or []} | {self.epoch}
+        if name in known:
+            raise Conflict(f"epoch {name!r} was used before on node {self.node}; choose a new name")
+        supersedes = {"epoch": self.epoch, "seq": int(previous["seq"]), "hash": str(previous["hash"])}
+        record = {
+            "type": "epoch",
+            "node": self.node,
+            "epoch": name,
+            "by": by,
+            "reason": reason,
+            "supersedes": supersedes,
+            "found": self._fork_guard,
+        }
+        await self._enqueue(record)
+        entry = {
+            "epoch": name,
+            "started": str(iso(now_utc())),
+            "by": by,
+            "reason": reason,
+            "first_seq": self._seq,
+            "supersedes": supersedes,
+        }
+        try:
+            written = await self._anchors.begin_epoch(previous, entry, Anchor(self._seq, self._head))
+        except AnchorConflict as exc:
+            raise Conflict(f"Vault's audit anchor changed meanwhile ({exc}); check it and retry") from None
+        self.epoch, self._anchored_seq = name, self._seq
+        self._conflict, self._fork_guard = None, None
+        self._checkpoint_succeeded()
+        log.warning("audit_epoch_started", epoch=name, by=by, supersedes=supersedes)
+        return written
 
     async def _checkpoint_line(self, seq: int, head: str, stamped: str) -> bytes:
         if self._signer is None:
@@ -328,13 +603,6 @@ class AuditSink:
         }
         signature = await self._signer.sign_digest(checkpoint_digest(body))
         return canonical({**body, "signature": base64.b64encode(signature).decode()})
-
-    def _anchor(self, anchor: Anchor) -> None:
-        if self._on_checkpoint is None:
-            return
-        task = asyncio.create_task(self._on_checkpoint(anchor))
-        self._anchor_tasks.add(task)
-        task.add_done_callback(self._anchor_tasks.discard)
 
     def _write(self, lines: list[bytes], first_seq: int) -> None:
         """Blocking: append ``lines`` to the active file (a new one past the size limit) and fsync."""
@@ -412,3 +680,22 @@ def _chain_end(files: list[Path]) -> tuple[int, str, int]:
             last = lines[-1]
             return int(json.loads(last)["seq"]), line_hash(last), discarded
     return 0, GENESIS, discarded
+
+
+def _hash_of_record(files: list[Path], seq: int) -> str | None:
+    """The line hash of record ``seq`` (files are named by their first record), or None."""
+    candidates = [p for p in files if _first_seq(p) <= seq]
+    for path in reversed(candidates):
+        for line in path.read_bytes().splitlines():
+            try:
+                if int(json.loads(line)["seq"]) == seq:
+                    return line_hash(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        return None
+    return None
+
+
+def _first_seq(path: Path) -> int:
+    digits = path.name.removeprefix(FILE_PREFIX).removesuffix(FILE_SUFFIX)
+    return int(digits) if digits.isdigit() else 0

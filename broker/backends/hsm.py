@@ -527,21 +527,42 @@ class HsmKeys(PerItemBatches):
 AUDIT_KEY_LABEL = "kb-audit:checkpoint"
 
 
-class HsmAuditSigner:
-    """Signs audit checkpoints with a P-256 key pair made in the token on first use."""
+def audit_key_label(node: str) -> str:
+    """Each node signs with its own key: one writer per key, so replicas never race to create one."""
+    return f"{AUDIT_KEY_LABEL}:{node}"
 
-    def __init__(self, client: HsmClient, label: str = AUDIT_KEY_LABEL) -> None:
+
+class HsmAuditSigner:
+    """Signs audit checkpoints with this node's P-256 key pair, made in the token on first use.
+
+    Creation is race-free without a lock: a creator generates a pair with a random CKA_ID
+    under the node's label, then looks at every pair with that label, and every writer
+    picks the same one (the smallest CKA_ID). So two processes that both found no key end
+    up signing with one key, and a lookup never fails on "more than one object".
+    """
+
+    def __init__(self, client: HsmClient, node: str = "broker") -> None:
         self._hsm = client
-        self._label = label
+        self._label = audit_key_label(node)
 
     def _pair(self, session: Any) -> tuple[Any, Any]:
-        try:
-            private = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=self._label)
-        except p11err.NoSuchKey:
+        pairs = self._pairs(session)
+        if not pairs:
             generate_p256(session, self._label, os.urandom(16))
-            private = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=self._label)
-        public = session.get_key(object_class=ObjectClass.PUBLIC_KEY, label=self._label)
-        return private, public
+            pairs = self._pairs(session)
+        if not pairs:
+            raise Unavailable("hsm: the audit checkpoint key could not be created", backend=BACKEND)
+        return pairs[min(pairs)]
+
+    def _pairs(self, session: Any, label: str | None = None) -> dict[bytes, tuple[Any, Any]]:
+        """Every complete (private, public) pair under this node's label (or ``label``), by CKA_ID."""
+
+        def by_id(kind: ObjectClass) -> dict[bytes, Any]:
+            found = session.get_objects({Attribute.LABEL: label or self._label, Attribute.CLASS: kind})
+            return {bytes(o[Attribute.ID]): o for o in found}
+
+        privates, publics = by_id(ObjectClass.PRIVATE_KEY), by_id(ObjectClass.PUBLIC_KEY)
+        return {i: (privates[i], publics[i]) for i in privates.keys() & publics.keys()}
 
     async def sign_digest(self, digest: bytes) -> bytes:
         def run(session: Any) -> bytes:
@@ -556,3 +577,12 @@ class HsmAuditSigner:
             return bytes(encode_ec_public_key(public))
 
         return await self._hsm.run(run, what="read audit public key")
+
+    async def retired_public_keys_der(self) -> list[bytes]:
+        """Keys older logs were signed with: before per-node keys every node shared one label."""
+
+        def run(session: Any) -> list[bytes]:
+            pairs = self._pairs(session, AUDIT_KEY_LABEL)
+            return [bytes(encode_ec_public_key(pairs[i][1])) for i in sorted(pairs)]
+
+        return await self._hsm.run(run, what="read retired audit public keys")

@@ -2,8 +2,9 @@
 
 hvac is synchronous and used only for bootstrap and admin commands
 (``broker.vaultops``); the broker's own calls go through :class:`VaultClient`.
-Every call carries the current request id as ``X-Request-Id``, which Vault's file
-audit device records, so broker and Vault audit entries join on it.
+Every call carries the broker-generated request id as ``X-Request-Id`` (a
+``kb-bg-`` one outside a request), which Vault's file audit device records, so
+broker and Vault audit entries join on it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import aiohttp
 from broker.backends._coalesce import Coalescer
 from broker.backends.base import Backend, Context, KeyRef, KeyType, canonical_context
 from broker.config.model import VaultConfig
-from broker.context import note_backend_call, request_id_var
+from broker.context import note_backend_call, outgoing_request_id
 from broker.errors import (
     BackendTimeout,
     BadGateway,
@@ -298,9 +299,7 @@ class VaultClient:
         headers = {}
         if token is not None:
             headers["X-Vault-Token"] = token
-        request_id = request_id_var.get()
-        if request_id:
-            headers["X-Request-Id"] = request_id
+        headers["X-Request-Id"] = outgoing_request_id()
         with map_vault_errors(what):
             async with self._session.request(method, path, json=body, headers=headers) as resp:
                 if resp.status == 204:

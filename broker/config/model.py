@@ -83,6 +83,11 @@ class AuditConfig:
     # A checkpoint signed by the HSM every this many records or this many seconds.
     checkpoint_every: int = 1000
     checkpoint_seconds: float = 10.0
+    # This many checkpoints in a row that cannot be signed or anchored in Vault make the log
+    # unavailable (503) until one succeeds: an unsigned, unanchored tail is not tamper-evident.
+    checkpoint_max_failures: int = 3
+    # A request waits at most this long for its record to be on disk, then gets 503.
+    write_timeout_seconds: float = 10.0
     # Refuse requests (503) before the disk is this close to full, rather than lose records.
     min_free_bytes: int = 16 * 1024 * 1024
     # Vault's file audit device log, when this host can read it: merged into GET /v1/audit/events.

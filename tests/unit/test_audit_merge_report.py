@@ -18,10 +18,17 @@ def vault_line(
     request: dict[str, Any] = {"id": vid, "operation": "update", "path": path, "remote_address": "127.0.0.1"}
     if rid:
         request["headers"] = {"x-request-id": [rid]}
+    auth: dict[str, Any] = {"display_name": who, "policies": policies}
+    if who == "approle":  # what OpenBao writes for a token from the broker's AppRole login
+        auth |= {
+            "metadata": {"role_name": "keybroker-broker"},
+            "entity_id": "e-1",
+            "token_policies": policies,
+        }
     entry = {
         "time": (T0 + timedelta(seconds=t)).isoformat().replace("+00:00", "") + ".123456789Z",
         "type": kind,
-        "auth": {"display_name": who, "policies": policies},
+        "auth": auth,
         "request": request,
     }
     return json.dumps(entry).encode()
@@ -31,8 +38,15 @@ BROKER = ["keybroker-broker"]
 VAULT_LOG = [
     vault_line("request", "v1", "kb-transit/encrypt/pay", rid="r1", who="approle", policies=BROKER, t=1),
     vault_line("response", "v1", "kb-transit/encrypt/pay", rid="r1", who="approle", policies=BROKER, t=1),
-    vault_line("request", "v2", "kb-kv/data/policy/document", rid=None, who="approle", policies=BROKER, t=2),
+    vault_line(
+        "request", "v2", "kb-kv/data/policy/document", rid="kb-bg-1", who="approle", policies=BROKER, t=2
+    ),
     vault_line("request", "v3", "kb-transit/keys/pay", rid=None, who="root", policies=["root"], t=3),
+    # Reusing a broker request id does not join: root, and a hand-made token carrying the broker policy.
+    vault_line("request", "v5", "kb-transit/decrypt/pay", rid="r1", who="root", policies=["root"], t=5),
+    vault_line("request", "v6", "kb-transit/decrypt/pay", rid="r1", who="token", policies=BROKER, t=6),
+    # The broker's identity, explained by no record and not its background work: a stolen AppRole.
+    vault_line("request", "v7", "kb-transit/decrypt/pay", rid="r9", who="approle", policies=BROKER, t=7),
     b"not json",
     vault_line("request", "v4", "sys/health", rid=None, who="root", policies=["root"], t=4).replace(
         b"2026-", b"20x6-"
@@ -54,7 +68,8 @@ def timeline() -> list[dict[str, Any]]:
 
 
 def test_broker_records_carry_their_vault_evidence_and_root_access_is_flagged() -> None:
-    """r1 joins its Vault entry; the broker's own refresh is background; the root read is a bypass."""
+    """r1 joins only its own Vault entry; the broker's own refresh is background; the root read and
+    entries reusing r1 under another identity are bypasses; the broker's identity unexplained is flagged."""
     rows = timeline()
 
     assert [(r["source"], r.get("kind")) for r in rows] == [
@@ -62,7 +77,12 @@ def test_broker_records_carry_their_vault_evidence_and_root_access_is_flagged() 
         ("broker", "request"),
         ("vault", "broker-background"),
         ("vault", "bypass"),
+        ("vault", "bypass"),
+        ("vault", "bypass"),
+        ("vault", "unexplained"),
     ]
+    assert [r.get("vault_request_id") for r in rows[4:]] == ["v5", "v6", "v7"]
+    assert [r["unexplained"] for r in rows[4:]] == [False, False, True]
     assert rows[1]["vault"] == [
         {
             "vault_request_id": "v1",
@@ -76,7 +96,7 @@ def test_broker_records_carry_their_vault_evidence_and_root_access_is_flagged() 
 
 
 def test_filters_and_exports() -> None:
-    """Default hides the broker's upkeep; source=bypass only bypasses; CSV flattens evidence."""
+    """Default hides the broker's upkeep; source=bypass shows bypasses and unexplained use; CSV flattens."""
     rows = timeline()
 
     default = merge.query(rows, merge.Filters())
@@ -85,12 +105,12 @@ def test_filters_and_exports() -> None:
     by_principal = merge.query(rows, merge.Filters(principal="spiffe://bank/app/*", operation="crypto.*"))
     csv_text = merge.to_csv(default)
 
-    assert [r["source"] for r in default] == ["vault", "broker", "vault"]
-    assert [r["vault_request_id"] for r in bypass] == ["v4", "v3"]
-    assert [r.get("vault_request_id") for r in later] == ["v3"]
+    assert [r["source"] for r in default] == ["vault", "broker", "vault", "vault", "vault", "vault"]
+    assert [r["vault_request_id"] for r in bypass] == ["v4", "v3", "v5", "v6", "v7"]
+    assert [r.get("vault_request_id") for r in later] == ["v3", "v5", "v6", "v7"]
     assert [r["request_id"] for r in by_principal] == ["r1"]
     assert csv_text.splitlines()[0].startswith("time,source,kind,request_id,principal")
-    assert ",r1,spiffe://bank/app/pay,crypto.encrypt,pay,,,success,200,,v1,vault:v1" in csv_text
+    assert ",r1,spiffe://bank/app/pay,crypto.encrypt,pay,,,success,200,,,v1,vault:v1" in csv_text
 
 
 def test_vault_nanosecond_times_parse_and_sort() -> None:

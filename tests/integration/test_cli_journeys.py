@@ -58,7 +58,7 @@ def no_traceback(*done: subprocess.CompletedProcess[bytes]) -> bool:
 
 
 def _key_with_records(stack: DevStack, requests: int) -> tuple[str, list[str]]:
-    """A fresh key and the request ids of ``requests`` audited encryptions with it (after its create)."""
+    """A fresh key and the broker's request ids of ``requests`` audited encryptions (after its create)."""
     name = create_key(stack, "vault")
     ids = []
     for i in range(requests):
@@ -70,7 +70,8 @@ def _key_with_records(stack: DevStack, requests: int) -> tuple[str, list[str]]:
             headers={"X-Request-Id": rid},
         )
         assert reply.status == 200, reply.body
-        ids.append(rid)
+        assert reply.headers["X-Request-Id"] == rid  # the caller's id is echoed; the record has the broker's
+        ids.append(reply.headers["X-Broker-Request-Id"])
     return name, ids
 
 

@@ -7,6 +7,7 @@ audit log), otherwise a fresh one is generated; it is echoed on every response.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -15,8 +16,10 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
+from broker.api.edge import AUDITED
 from broker.api.keys import AUDIT, AUDIT_FACTS, AUDIT_HMAC_KEY, METRICS, PRINCIPAL, REQUEST_ID, SETTINGS
-from broker.api.problem import problem_response
+from broker.api.metrics import method_label, route_label
+from broker.api.problem import RequestTimeout, problem_response
 from broker.audit.events import RequestFacts, build_event
 from broker.context import backend_calls_var, request_id_var
 from broker.errors import (
@@ -59,12 +62,12 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         return response
     finally:
         elapsed = time.perf_counter() - started
-        route = _route(request)
+        route = route_label(request)
         request.app[METRICS].observe(request.method, route, status, elapsed)
         principal = request.get(PRINCIPAL)
         log.info(
             "request",
-            method=request.method,
+            method=method_label(request.method),
             route=route,
             status=status,
             latency_ms=round(elapsed * 1000, 3),
@@ -103,8 +106,8 @@ async def audit_trail(request: web.Request, handler: Handler) -> web.StreamRespo
     event = build_event(
         request_id=request[REQUEST_ID],
         principal=str(principal) if principal else None,
-        method=request.method,
-        route=_route(request),
+        method=method_label(request.method),
+        route=route_label(request),
         status=response.status,
         latency_ms=(time.perf_counter() - started) * 1000,
         facts=facts,
@@ -120,12 +123,8 @@ async def audit_trail(request: web.Request, handler: Handler) -> web.StreamRespo
             type(exc)(f"{exc.detail}; the operation's answer is withheld because it could not be recorded"),
             request[REQUEST_ID],
         )
+    request[AUDITED] = True
     return response
-
-
-def _route(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return resource.canonical if resource else "unmatched"
 
 
 @web.middleware
@@ -141,10 +140,11 @@ async def problem_details(request: web.Request, handler: Handler) -> web.StreamR
     except web.HTTPRequestEntityTooLarge:
         error = PayloadTooLarge("request body is too large")
     except web.HTTPNotFound:
-        error = NotFound(f"no such endpoint: {request.path}")
+        # The path and method are the client's: never echoed into answers, logs or records.
+        error = NotFound("no such endpoint")
     except web.HTTPMethodNotAllowed as exc:
         allow = ", ".join(sorted(exc.allowed_methods))
-        error = MethodNotAllowed(f"{request.method} is not allowed here (allowed: {allow})")
+        error = MethodNotAllowed(f"method not allowed here (allowed: {allow})")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -158,7 +158,31 @@ async def problem_details(request: web.Request, handler: Handler) -> web.StreamR
     response = problem_response(error, request[REQUEST_ID])
     if allow:
         response.headers["Allow"] = allow
+    if isinstance(error, RequestTimeout):
+        # The rest of a stalled body may never come: do not wait for it on this connection.
+        response.force_close()
     return response
+
+
+@web.middleware
+async def bounded_body(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Read the whole body before the handler, within server.max_body_bytes and body_timeout_seconds.
+
+    A client that declares a body and sends it slowly (or never) would otherwise hold a
+    handler, its connection and its buffers for as long as it likes.
+    """
+    if request.body_exists:
+        server = request.app[SETTINGS].server
+        declared = request.content_length
+        if declared is not None and declared > server.max_body_bytes:
+            raise PayloadTooLarge(f"request body is too large (at most {server.max_body_bytes} bytes)")
+        try:
+            async with asyncio.timeout(server.body_timeout_seconds):
+                # Cached by aiohttp: the handler's json()/read() use these bytes.
+                await request.read()
+        except TimeoutError:
+            raise RequestTimeout("the request body was not complete in time") from None
+    return await handler(request)
 
 
 @web.middleware

@@ -56,6 +56,9 @@ _PARSER_REFUSALS: tuple[tuple[type[BaseException], str], ...] = (
 )
 
 
+_LINGER_SECONDS = 2.0
+
+
 class HeaderTimeout(Exception):
     """A request's header was not complete within server.header_timeout_seconds."""
 
@@ -84,6 +87,9 @@ class Edge:
             # decompression: nothing needs it, and a small gzip body can inflate without bound.
             access_log=None,
             auto_decompress=False,
+            # After an answer sent before the body was read (413, 408), drain the rest this long
+            # (so the client can read the answer) instead of aiohttp's 10 s.
+            lingering_time=_LINGER_SECONDS,
         )
 
     def admit(self) -> bool:

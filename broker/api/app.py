@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from broker.api.audit_routes import add_audit_routes
-from broker.api.edge import EdgeSite
+from broker.api.edge import EdgeSite, bound_tls_read_buffer
 from broker.api.grant_routes import add_grant_routes
 from broker.api.key_routes import add_key_routes
 from broker.api.keys import AUDIT, AUDIT_HMAC_KEY, GRANTS, HSM, KEYS, KMS, METRICS, POLICIES, SETTINGS, VAULT
@@ -170,6 +170,7 @@ async def grant_purge_loop(grants: GrantStore, interval: float) -> None:
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     """Run until SIGTERM or SIGINT, then drain and close every backend client."""
     ssl_ctx = server_ssl_context(config.server)
+    bound_tls_read_buffer()
     runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
     # Not TCPSite: the edge site bounds handshakes, connections, idle and header time, and

@@ -9,18 +9,21 @@ rather than silently bringing back text/plain answers without audit records.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import contextlib
 import inspect
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import pytest
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
-from broker.api.edge import EdgeSite
+from broker.api.edge import TLS_READ_BUFFER_BYTES, EdgeSite, bound_tls_read_buffer
 from broker.api.keys import AUDIT, AUDIT_HMAC_KEY, METRICS
 from broker.api.metrics import Metrics
 from broker.config.model import ServerConfig
@@ -158,3 +161,19 @@ def test_connections_beyond_the_cap_are_closed() -> None:
                 w.close()
 
     asyncio.run(scenario())
+
+
+def test_the_tls_read_buffer_bound_reaches_new_connections(monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncio still sizes each TLS connection's read buffer from SSLProtocol.max_size, as the edge sets."""
+    monkeypatch.setattr(asyncio.sslproto.SSLProtocol, "max_size", asyncio.sslproto.SSLProtocol.max_size)
+    bound_tls_read_buffer()
+    loop = asyncio.new_event_loop()
+    try:
+        proto = asyncio.sslproto.SSLProtocol(
+            loop, asyncio.Protocol(), ssl.create_default_context(), loop.create_future(), server_side=False
+        )
+        assert len(proto.get_buffer(-1)) == TLS_READ_BUFFER_BYTES
+        assert len(proto._ssl_buffer) == TLS_READ_BUFFER_BYTES  # type: ignore[attr-defined]
+        proto._app_transport._closed = True  # never connected: nothing to close
+    finally:
+        loop.close()

@@ -50,6 +50,10 @@ async def _ok(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
+async def _broken(request: web.Request) -> web.Response:
+    raise RuntimeError("secret detail that must not be shown")
+
+
 @contextlib.asynccontextmanager
 async def serving() -> AsyncIterator[tuple[int, FakeSink, EdgeSite]]:
     """A real aiohttp server on loopback behind the edge, with small limits."""
@@ -62,6 +66,7 @@ async def serving() -> AsyncIterator[tuple[int, FakeSink, EdgeSite]]:
     app[AUDIT_HMAC_KEY] = b"k" * 32
     app[METRICS] = Metrics()
     app.router.add_get("/ok", _ok)
+    app.router.add_get("/broken", _broken)
     config = ServerConfig(
         cert_file=Path("unused"),
         key_file=Path("unused"),
@@ -177,3 +182,18 @@ def test_the_tls_read_buffer_bound_reaches_new_connections(monkeypatch: pytest.M
         proto._app_transport._closed = True  # never connected: nothing to close
     finally:
         loop.close()
+
+
+def test_an_error_escaping_every_middleware_is_problem_json_with_one_record() -> None:
+    """aiohttp's own 500 (an exception no middleware caught) is problem+json without the detail, audited."""
+
+    async def scenario() -> None:
+        async with serving() as (port, sink, _):
+            answer = await _exchange(port, b"GET /broken HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, headers, body = _split(answer)
+            assert (status, body["code"]) == (500, "internal_error")
+            assert headers["content-type"].startswith("application/problem+json")
+            assert "secret detail" not in answer.decode()
+            assert [(r["request_id"], r["status"]) for r in sink.records] == [(body["request_id"], 500)]
+
+    asyncio.run(scenario())

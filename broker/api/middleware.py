@@ -137,6 +137,8 @@ async def problem_details(request: web.Request, handler: Handler) -> web.StreamR
         if exc.status >= 500:
             log.warning("request_failed", code=exc.code, detail=exc.detail)
         error = exc
+    except BodyTimeout:
+        error = RequestTimeout("the request body was not complete in time")
     except web.HTTPRequestEntityTooLarge:
         error = PayloadTooLarge("request body is too large")
     except web.HTTPNotFound:
@@ -164,25 +166,40 @@ async def problem_details(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
+class BodyTimeout(TimeoutError):
+    """Raised by a body read past server.body_timeout_seconds; answered 408.
+
+    A TimeoutError so that aiohttp, draining the unread rest of the body after the
+    answer, stops quietly at it instead of logging an unhandled exception.
+    """
+
+
 @web.middleware
 async def bounded_body(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Read the whole body before the handler, within server.max_body_bytes and body_timeout_seconds.
+    """Bound the request body: server.max_body_bytes at once when declared, body_timeout_seconds to arrive.
 
     A client that declares a body and sends it slowly (or never) would otherwise hold a
-    handler, its connection and its buffers for as long as it likes.
+    handler, its connection and its buffers for as long as it likes. The handler reads the
+    body as usual; if it has not all arrived in time, that read raises RequestTimeout (408).
     """
-    if request.body_exists:
-        server = request.app[SETTINGS].server
-        declared = request.content_length
-        if declared is not None and declared > server.max_body_bytes:
-            raise PayloadTooLarge(f"request body is too large (at most {server.max_body_bytes} bytes)")
-        try:
-            async with asyncio.timeout(server.body_timeout_seconds):
-                # Cached by aiohttp: the handler's json()/read() use these bytes.
-                await request.read()
-        except TimeoutError:
-            raise RequestTimeout("the request body was not complete in time") from None
-    return await handler(request)
+    server = request.app[SETTINGS].server
+    declared = request.content_length
+    if declared is not None and declared > server.max_body_bytes:
+        raise PayloadTooLarge(f"request body is too large (at most {server.max_body_bytes} bytes)")
+    stream = request.content
+    if not request.body_exists or stream.is_eof():
+        return await handler(request)
+
+    def expire() -> None:
+        if not stream.is_eof():
+            stream.set_exception(BodyTimeout())
+
+    timer = asyncio.get_running_loop().call_later(server.body_timeout_seconds, expire)
+    stream.on_eof(timer.cancel)
+    try:
+        return await handler(request)
+    finally:
+        timer.cancel()
 
 
 @web.middleware

@@ -12,7 +12,8 @@ and counts connections against ``server.max_connections``.
 
 aiohttp internals relied on (aiohttp pinned to one minor in pyproject.toml; the unit test
 ``tests/unit/test_edge_hook.py`` fails if any of them changes): ``handle_error`` is what the
-parser-error path calls; ``_ErrInfo``, ``_messages`` and ``_waiter`` queue the 408.
+parser-error path calls; ``_ErrInfo``, ``_messages``, ``_waiter`` and ``_request_in_progress``
+time the header and queue the 408.
 """
 
 from __future__ import annotations
@@ -169,11 +170,14 @@ class EdgeHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        # Bytes that arrive while a request is being served are its body (bounded by the body
+        # timeout) or a pipelined next request (bounded by the idle timeout once this one ends).
+        starts_request = not self._request_in_progress and not self._messages
         super().data_received(data)
         if self._messages or self._force_close or self._close:
             # A whole request header arrived (or the connection is ending): stop the clock.
             self._cancel_header_timer()
-        elif data and self._header_timer is None:
+        elif data and starts_request and self._header_timer is None:
             self._header_timer = self._loop.call_later(
                 self._edge.config.header_timeout_seconds, self._header_timed_out
             )

@@ -50,6 +50,10 @@ async def _ok(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
+async def _echo(request: web.Request) -> web.Response:
+    return web.Response(body=await request.read())
+
+
 async def _broken(request: web.Request) -> web.Response:
     raise RuntimeError("secret detail that must not be shown")
 
@@ -67,6 +71,7 @@ async def serving() -> AsyncIterator[tuple[int, FakeSink, EdgeSite]]:
     app[METRICS] = Metrics()
     app.router.add_get("/ok", _ok)
     app.router.add_get("/broken", _broken)
+    app.router.add_post("/echo", _echo)
     config = ServerConfig(
         cert_file=Path("unused"),
         key_file=Path("unused"),
@@ -195,5 +200,29 @@ def test_an_error_escaping_every_middleware_is_problem_json_with_one_record() ->
             assert headers["content-type"].startswith("application/problem+json")
             assert "secret detail" not in answer.decode()
             assert [(r["request_id"], r["status"]) for r in sink.records] == [(body["request_id"], 500)]
+
+    asyncio.run(scenario())
+
+
+def test_a_body_arriving_after_its_header_does_not_start_the_header_clock() -> None:
+    """A POST whose body comes in a later packet, then an idle keep-alive: no spurious 408."""
+
+    async def scenario() -> None:
+        async with serving() as (port, sink, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.write(b"hello")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+            assert await asyncio.wait_for(reader.readexactly(5), 5) == b"hello"
+            # Well past header_timeout_seconds (0.5 s), well before idle_timeout_seconds (30 s).
+            with contextlib.suppress(TimeoutError):
+                late = await asyncio.wait_for(reader.read(100), 1.5)
+                raise AssertionError(f"unexpected answer on an idle connection: {late!r}")
+            assert sink.records == []
+            writer.close()
+            await writer.wait_closed()
 
     asyncio.run(scenario())

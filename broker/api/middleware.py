@@ -1,4 +1,5 @@
-"""Middlewares, outermost first: request id, audit record, errors as problem+json, identity.
+"""Middlewares, outermost first: request id, audit record, errors as problem+json, identity,
+body bounds. What aiohttp answers itself (malformed HTTP, header timeout) is in broker.api.edge.
 
 The request id is accepted from the caller's ``X-Request-Id`` only when it is
 well-formed (so a hostile value cannot be smuggled into logs or into Vault's
@@ -180,7 +181,7 @@ async def bounded_body(request: web.Request, handler: Handler) -> web.StreamResp
 
     A client that declares a body and sends it slowly (or never) would otherwise hold a
     handler, its connection and its buffers for as long as it likes. The handler reads the
-    body as usual; if it has not all arrived in time, that read raises RequestTimeout (408).
+    body as usual; if it has not all arrived in time, that read raises BodyTimeout (408).
     """
     server = request.app[SETTINGS].server
     declared = request.content_length

@@ -96,6 +96,7 @@ def test_the_overridden_aiohttp_surfaces_are_still_there() -> None:
     params = list(inspect.signature(RequestHandler.handle_error).parameters)
     assert params == ["self", "request", "status", "exc", "message"]
     assert [a.name for a in _ErrInfo.__attrs_attrs__] == ["status", "exc", "message"]
+    assert {"_messages", "_waiter", "_request_in_progress", "_close"} <= set(RequestHandler.__slots__)
 
 
 async def _exchange(port: int, data: bytes, *, wait: float = 5.0) -> bytes:

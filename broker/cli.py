@@ -162,6 +162,12 @@ def cmd_vault_bootstrap(args: argparse.Namespace) -> int:
     address = args.address or os.environ.get("VAULT_ADDR") or os.environ.get("BAO_ADDR")
     if not address:
         return _fail("give the Vault address with --address or VAULT_ADDR", EXIT_USAGE)
+    if not _safe_vault_address(address):
+        return _fail(
+            f"refusing plain http to {address}: the root token and the AppRole secret would cross the "
+            "network unencrypted; use https:// (plain http is accepted only to a loopback address)",
+            EXIT_USAGE,
+        )
     opts = BootstrapOptions(
         address=address,
         approle_dir=Path(args.approle_dir),
@@ -179,6 +185,16 @@ def cmd_vault_bootstrap(args: argparse.Namespace) -> int:
     print(f"unchanged: {', '.join(result.unchanged) or 'nothing'}")
     print(f"AppRole credentials for the broker: {result.role_id_file}, {result.secret_id_file}")
     return 0
+
+
+def _safe_vault_address(address: str) -> bool:
+    """https://, or plain http only to this host (the dev stack's Vault)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address)
+    if parts.scheme == "https":
+        return True
+    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1")
 
 
 # -- health -----------------------------------------------------------------------------

@@ -13,11 +13,12 @@ from typing import Any
 from aiohttp import web
 
 from broker.api.audit_routes import add_audit_routes
+from broker.api.edge import EdgeSite, bound_tls_read_buffer
 from broker.api.grant_routes import add_grant_routes
 from broker.api.key_routes import add_key_routes
 from broker.api.keys import AUDIT, AUDIT_HMAC_KEY, GRANTS, HSM, KEYS, KMS, METRICS, POLICIES, SETTINGS, VAULT
 from broker.api.metrics import Metrics
-from broker.api.middleware import audit_trail, identity, problem_details, request_context
+from broker.api.middleware import audit_trail, bounded_body, identity, problem_details, request_context
 from broker.api.policy_routes import add_policy_routes
 from broker.api.routes import add_routes
 from broker.audit.anchor import VaultAnchors
@@ -42,7 +43,7 @@ log = get_logger(__name__)
 
 def create_app(config: Config, *, clock: Clock = now_utc) -> web.Application:
     app = web.Application(
-        middlewares=[request_context, audit_trail, problem_details, identity],
+        middlewares=[request_context, audit_trail, problem_details, identity, bounded_body],
         client_max_size=config.server.max_body_bytes,
     )
     app[SETTINGS] = config
@@ -165,11 +166,12 @@ async def grant_purge_loop(grants: GrantStore, interval: float) -> None:
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     """Run until SIGTERM or SIGINT, then drain and close every backend client."""
     ssl_ctx = server_ssl_context(config.server)
-    runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False)
+    bound_tls_read_buffer()
+    runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
-    site = web.TCPSite(
-        runner, config.server.host, config.server.port, ssl_context=ssl_ctx, shutdown_timeout=5
-    )
+    # Not TCPSite: the edge site bounds handshakes, connections, idle and header time, and
+    # answers aiohttp's own refusals as problem+json with an audit record (broker.api.edge).
+    site = EdgeSite(runner, config.server, ssl_ctx)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     debug_ms = os.environ.get("KEYBROKER_ASYNCIO_DEBUG_MS")

@@ -1,4 +1,5 @@
-"""Middlewares, outermost first: request id, audit record, errors as problem+json, identity.
+"""Middlewares, outermost first: request id, audit record, errors as problem+json, identity,
+body bounds. What aiohttp answers itself (malformed HTTP, header timeout) is in broker.api.edge.
 
 Every request gets a request id the broker generates: it names the audit record and
 is what the broker sends to Vault, so no caller can choose the id that joins Vault's
@@ -9,6 +10,7 @@ record's ``client_request_id`` and echoed back (a malformed one is ignored);
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -17,16 +19,10 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from broker.api.keys import (
-    AUDIT,
-    AUDIT_FACTS,
-    AUDIT_HMAC_KEY,
-    METRICS,
-    PRINCIPAL,
-    REQUEST_ID,
-    SETTINGS,
-)
-from broker.api.problem import problem_response
+from broker.api.edge import AUDITED
+from broker.api.keys import AUDIT, AUDIT_FACTS, AUDIT_HMAC_KEY, METRICS, PRINCIPAL, REQUEST_ID, SETTINGS
+from broker.api.metrics import method_label, route_label
+from broker.api.problem import RequestTimeout, problem_response
 from broker.audit.events import RequestFacts, build_event
 from broker.context import backend_calls_var, request_id_var
 from broker.errors import (
@@ -76,12 +72,12 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         return response
     finally:
         elapsed = time.perf_counter() - started
-        route = _route(request)
+        route = route_label(request)
         request.app[METRICS].observe(request.method, route, status, elapsed)
         principal = request.get(PRINCIPAL)
         log.info(
             "request",
-            method=request.method,
+            method=method_label(request.method),
             route=route,
             status=status,
             latency_ms=round(elapsed * 1000, 3),
@@ -123,8 +119,8 @@ async def audit_trail(request: web.Request, handler: Handler) -> web.StreamRespo
         request_id=request[REQUEST_ID],
         client_request_id=request.get(CLIENT_REQUEST_ID),
         principal=str(principal) if principal else None,
-        method=request.method,
-        route=_route(request),
+        method=method_label(request.method),
+        route=route_label(request),
         status=response.status,
         latency_ms=(time.perf_counter() - started) * 1000,
         facts=facts,
@@ -140,12 +136,8 @@ async def audit_trail(request: web.Request, handler: Handler) -> web.StreamRespo
             type(exc)(f"{exc.detail}; the operation's answer is withheld because it could not be recorded"),
             request[REQUEST_ID],
         )
+    request[AUDITED] = True
     return response
-
-
-def _route(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return resource.canonical if resource else "unmatched"
 
 
 @web.middleware
@@ -158,13 +150,16 @@ async def problem_details(request: web.Request, handler: Handler) -> web.StreamR
         if exc.status >= 500:
             log.warning("request_failed", code=exc.code, detail=exc.detail)
         error = exc
+    except BodyTimeout:
+        error = RequestTimeout("the request body was not complete in time")
     except web.HTTPRequestEntityTooLarge:
         error = PayloadTooLarge("request body is too large")
     except web.HTTPNotFound:
-        error = NotFound(f"no such endpoint: {request.path}")
+        # The path and method are the client's: never echoed into answers, logs or records.
+        error = NotFound("no such endpoint")
     except web.HTTPMethodNotAllowed as exc:
         allow = ", ".join(sorted(exc.allowed_methods))
-        error = MethodNotAllowed(f"{request.method} is not allowed here (allowed: {allow})")
+        error = MethodNotAllowed(f"method not allowed here (allowed: {allow})")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -178,7 +173,46 @@ async def problem_details(request: web.Request, handler: Handler) -> web.StreamR
     response = problem_response(error, request[REQUEST_ID])
     if allow:
         response.headers["Allow"] = allow
+    if isinstance(error, RequestTimeout):
+        # The rest of a stalled body may never come: do not wait for it on this connection.
+        response.force_close()
     return response
+
+
+class BodyTimeout(TimeoutError):
+    """Raised by a body read past server.body_timeout_seconds; answered 408.
+
+    A TimeoutError so that aiohttp, draining the unread rest of the body after the
+    answer, stops quietly at it instead of logging an unhandled exception.
+    """
+
+
+@web.middleware
+async def bounded_body(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bound the request body: server.max_body_bytes at once when declared, body_timeout_seconds to arrive.
+
+    A client that declares a body and sends it slowly (or never) would otherwise hold a
+    handler, its connection and its buffers for as long as it likes. The handler reads the
+    body as usual; if it has not all arrived in time, that read raises BodyTimeout (408).
+    """
+    server = request.app[SETTINGS].server
+    declared = request.content_length
+    if declared is not None and declared > server.max_body_bytes:
+        raise PayloadTooLarge(f"request body is too large (at most {server.max_body_bytes} bytes)")
+    stream = request.content
+    if not request.body_exists or stream.is_eof():
+        return await handler(request)
+
+    def expire() -> None:
+        if not stream.is_eof():
+            stream.set_exception(BodyTimeout())
+
+    timer = asyncio.get_running_loop().call_later(server.body_timeout_seconds, expire)
+    stream.on_eof(timer.cancel)
+    try:
+        return await handler(request)
+    finally:
+        timer.cancel()
 
 
 @web.middleware

@@ -6,12 +6,20 @@ import json
 
 from aiohttp import web
 
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ClientError
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
 
-def problem_response(error: BrokerError, request_id: str) -> web.Response:
+class RequestTimeout(ClientError):
+    """The client did not send its request header or body within the server's timeout (408)."""
+
+    status = 408
+    code = "request_timeout"
+    title = "Request timeout"
+
+
+def problem_body(error: BrokerError, request_id: str) -> bytes:
     body = {
         "type": error.type_uri,
         "title": error.title,
@@ -20,8 +28,12 @@ def problem_response(error: BrokerError, request_id: str) -> web.Response:
         "code": error.code,
         "request_id": request_id,
     }
+    return json.dumps(body).encode()
+
+
+def problem_response(error: BrokerError, request_id: str) -> web.Response:
     return web.Response(
         status=error.status,
-        body=json.dumps(body).encode(),
+        body=problem_body(error, request_id),
         content_type=PROBLEM_CONTENT_TYPE,
     )

@@ -205,12 +205,10 @@ def _check_semantics(config: Config) -> None:
     src = config.source
     if not 0 < config.server.port < 65536:
         raise ConfigError("expected a TCP port 1..65535", source=src, key="server.port")
-    if not config.vault.address.startswith(("http://", "https://")):
-        raise ConfigError(
-            f"expected an http(s):// URL, got {config.vault.address!r}",
-            source=src,
-            key="vault.address",
-        )
+    _check_transport_url(config.vault.address, config.vault.allow_insecure_http, src, "vault")
+    if config.kms.endpoint:
+        _check_transport_url(config.kms.endpoint, config.kms.allow_insecure_http, src, "kms")
+    _check_server_limits(config)
     if not 0.1 <= config.vault.renew_fraction <= 0.9:
         raise ConfigError("expected a fraction between 0.1 and 0.9", source=src, key="vault.renew_fraction")
     hsm = config.hsm
@@ -242,3 +240,43 @@ def _check_semantics(config: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(config, section), name) <= 0:
             raise ConfigError("expected a positive number of seconds", source=src, key=key)
+
+
+def _check_transport_url(url: str, allow_http: bool, src: str, section: str) -> None:
+    """https:// only: a plain-http backend would carry secrets and plaintexts in the clear."""
+    key = "vault.address" if section == "vault" else "kms.endpoint"
+    if url.startswith("https://"):
+        return
+    if not url.startswith("http://"):
+        raise ConfigError(f"expected an https:// URL, got {url!r}", source=src, key=key)
+    if not allow_http:
+        raise ConfigError(
+            f"refusing plain http ({url!r}): it would carry credentials and plaintexts unencrypted; "
+            f"use https://, or set {section}.allow_insecure_http = true for a local development stand-in",
+            source=src,
+            key=key,
+        )
+
+
+# (key, smallest allowed, largest allowed): outside these the broker either refuses ordinary
+# requests or stops bounding what one client may hold.
+_SERVER_LIMITS = (
+    ("max_body_bytes", 1024, 64 * 1024 * 1024),
+    ("max_request_line_bytes", 256, 65536),
+    ("max_header_bytes", 256, 65536),
+    ("max_headers", 8, 256),
+    ("max_connections", 1, 1_000_000),
+    ("idle_timeout_seconds", 0.1, 3600),
+    ("header_timeout_seconds", 0.1, 600),
+    ("body_timeout_seconds", 0.1, 600),
+    ("tls_handshake_timeout_seconds", 0.1, 600),
+)
+
+
+def _check_server_limits(config: Config) -> None:
+    for name, low, high in _SERVER_LIMITS:
+        value = getattr(config.server, name)
+        if not low <= value <= high:
+            raise ConfigError(
+                f"expected {low} to {high}, got {value}", source=config.source, key=f"server.{name}"
+            )

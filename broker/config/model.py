@@ -22,7 +22,25 @@ class ServerConfig:
     port: int = 8443
     # SPIFFE trust domain whose URI SANs name principals; other URI SANs are ignored.
     trust_domain: str = "keybroker.dev"
+    # Transport limits: every request and connection a client can open costs memory, so each
+    # one is bounded (README "Limits"). A request body larger than this answers 413.
     max_body_bytes: int = 1024 * 1024
+    # The request line and each header line: longer answers 400. At most max_headers header
+    # lines (more answers 400), so one request's header is at most about max_headers * max_header_bytes.
+    max_request_line_bytes: int = 8190
+    max_header_bytes: int = 8190
+    max_headers: int = 64
+    # Open client connections (after the TLS handshake): one more is closed at once, unanswered.
+    max_connections: int = 1000
+    # A connection with no request in progress (before the first one, or between keep-alive
+    # requests) is closed after this long. It also bounds the time to send a complete header.
+    idle_timeout_seconds: float = 30.0
+    # From a request's first byte to the end of its header: past this, 408 and the connection closes.
+    header_timeout_seconds: float = 10.0
+    # Reading a request's body: past this, 408 and the connection closes.
+    body_timeout_seconds: float = 30.0
+    # A TCP connection that has not completed its TLS handshake is closed after this long.
+    tls_handshake_timeout_seconds: float = 10.0
     # Break-glass administrators (SPIFFE IDs or "cn:<name>"): always hold every right,
     # whatever the stored policy says, so a bad policy cannot lock every custodian out
     # and a fresh Vault can be given its first bindings. Keep it short; empty is allowed.
@@ -43,6 +61,9 @@ class VaultConfig:
     renew_fraction: float = 0.5
     # Concurrent transit encryptions (decryptions) with one key share one batch_input call.
     coalesce: bool = True
+    # An http:// address sends the AppRole secret, tokens and every plaintext unencrypted:
+    # refused at load unless set (the dev stack on loopback only).
+    allow_insecure_http: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,6 +73,9 @@ class KmsConfig:
     endpoint: str = ""
     timeout_seconds: float = 5.0
     max_attempts: int = 3
+    # An http:// endpoint carries data keys and plaintexts unencrypted: refused at load
+    # unless set (the dev stack's KMS stand-in on loopback only).
+    allow_insecure_http: bool = False
 
 
 @dataclass(frozen=True)

@@ -454,6 +454,10 @@ class DevStack:
     def _vault_ca_line(self) -> str:
         return f'\nca_file = "{self.layout.vault_dir / "tls" / "ca.pem"}"' if self.vault_tls else ""
 
+    def _vault_insecure_line(self) -> str:
+        # Plain http only to the loopback dev Vault; the broker refuses it unless told so.
+        return "" if self.vault_tls else "\nallow_insecure_http = true"
+
     def root_token(self) -> str:
         return str(json.loads(self.layout.vault_init.read_text())["root_token"])
 
@@ -670,13 +674,15 @@ trust_domain = "{TRUST_DOMAIN}"
 administrators = ["spiffe://{TRUST_DOMAIN}/user/admin"]
 
 [vault]
-address = "{self.broker_vault_addr}"{self._vault_ca_line()}
+address = "{self.broker_vault_addr}"{self._vault_ca_line()}{self._vault_insecure_line()}
 role_id_file = "{approle / "role-id"}"
 secret_id_file = "{approle / "secret-id"}"
 
 [kms]
 region = "{KMS_REGION}"
 endpoint = "{self.kms_endpoint}"
+# The moto stand-in speaks plain http, on loopback only; production KMS is https.
+allow_insecure_http = true
 
 [hsm]
 library = "{find_softhsm_library()}"

@@ -91,10 +91,15 @@ def test_environment_overrides_and_converts(tmp_path: Path) -> None:
     """KEYBROKER__SECTION__KEY overrides the file, converted to the field's type."""
     config = load_config(
         write(tmp_path, VALID),
-        environ={"KEYBROKER__SERVER__PORT": "10443", "KEYBROKER__KMS__ENDPOINT": "http://127.0.0.1:1"},
+        environ={
+            "KEYBROKER__SERVER__PORT": "10443",
+            "KEYBROKER__KMS__ENDPOINT": "http://127.0.0.1:1",
+            "KEYBROKER__KMS__ALLOW_INSECURE_HTTP": "true",
+        },
     )
 
     assert (config.server.port, config.kms.endpoint) == (10443, "http://127.0.0.1:1")
+    assert config.kms.allow_insecure_http is True
 
 
 def test_bad_environment_value_names_the_environment(tmp_path: Path) -> None:
@@ -123,8 +128,49 @@ def test_vault_address_must_be_a_url(tmp_path: Path) -> None:
     """A bare host is refused with the expected form."""
     path = write(tmp_path, VALID.replace("https://vault.internal:8200", "vault.internal:8200"))
 
-    with pytest.raises(ConfigError, match=r"vault\.address: expected an http\(s\):// URL"):
+    with pytest.raises(ConfigError, match=r"vault\.address: expected an https:// URL"):
         load_config(path, environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (VALID.replace("https://vault.internal:8200", "http://vault.internal:8200"), "vault.address"),
+        (VALID + '\n[kms]\nendpoint = "http://kms.internal"\n', "kms.endpoint"),
+    ],
+)
+def test_plain_http_backends_are_refused_without_the_explicit_flag(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    """http:// to Vault or KMS would carry secrets in the clear: refused, naming the key and the flag."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), environ={})
+
+    message = str(info.value)
+    assert f"{key}: refusing plain http" in message
+    assert f"{key.split('.')[0]}.allow_insecure_http = true" in message
+
+    section = key.split(".")[0].upper()
+    allowed = load_config(
+        write(tmp_path, text), environ={f"KEYBROKER__{section}__ALLOW_INSECURE_HTTP": "true"}
+    )
+    assert getattr(allowed, section.lower()).allow_insecure_http is True
+
+
+def test_transport_limits_have_bounded_defaults_and_are_checked(tmp_path: Path) -> None:
+    """Every transport limit has a finite default, and a value that disables it is refused."""
+    server = load_config(write(tmp_path, VALID), environ={}).server
+    assert (server.max_connections, server.idle_timeout_seconds, server.header_timeout_seconds) == (
+        1000,
+        30.0,
+        10.0,
+    )
+    assert (server.max_headers, server.max_header_bytes, server.max_request_line_bytes) == (64, 8190, 8190)
+    assert (server.body_timeout_seconds, server.tls_handshake_timeout_seconds) == (30.0, 10.0)
+
+    for key, value in [("MAX_CONNECTIONS", "0"), ("IDLE_TIMEOUT_SECONDS", "0"), ("MAX_HEADERS", "100000")]:
+        with pytest.raises(ConfigError, match=f"server\\.{key.lower()}: expected"):
+            load_config(write(tmp_path, VALID), environ={f"KEYBROKER__SERVER__{key}": value})
 
 
 def test_example_config_in_the_repository_loads(tmp_path: Path) -> None:

@@ -1,0 +1,306 @@
+"""The transport edge: per-connection limits, and problem+json with an audit record for the
+answers aiohttp gives itself.
+
+aiohttp's HTTP parser refuses malformed requests (an over-long line, too many headers, a bad
+method, a bad Content-Length or chunk size...) inside its connection protocol, before any
+application code runs: ``RequestHandler.handle_error`` answers text/plain and no middleware
+sees it. :class:`EdgeHandler` overrides that method, so such a refusal (and any error that
+escapes the middlewares) is answered like every other one: RFC 9457 problem+json with a
+request id, and exactly one audit record naming the principal of the verified client
+certificate. It also closes a connection whose request header is not complete in time (408)
+and counts connections against ``server.max_connections``.
+
+aiohttp internals relied on (aiohttp pinned to one minor in pyproject.toml; the unit test
+``tests/unit/test_edge_hook.py`` fails if any of them changes): ``handle_error`` is what the
+parser-error path calls; ``_ErrInfo``, ``_messages``, ``_waiter`` and ``_request_in_progress``
+time the header and queue the 408.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import asyncio.sslproto
+import time
+import uuid
+from typing import Any
+
+from aiohttp import http_exceptions, web
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
+
+from broker.api.keys import AUDIT, AUDIT_HMAC_KEY, METRICS, PRINCIPAL, REQUEST_ID
+from broker.api.metrics import UNPARSED_ROUTE, method_label, route_label
+from broker.api.problem import PROBLEM_CONTENT_TYPE, RequestTimeout, problem_body
+from broker.audit.events import RequestFacts, build_event
+from broker.config.model import ServerConfig
+from broker.errors import BackendTimeout, BadRequest, BrokerError, PayloadTooLarge
+from broker.log import get_logger
+from broker.policy.model import principal_from_peercert
+
+log = get_logger(__name__)
+
+# Set by the audit middleware once a request's record is on disk; an error answered here
+# for a request without it gets its record here.
+AUDITED = "keybroker.audited"
+
+# Fixed texts per parser refusal: aiohttp's own messages quote the client's bytes, which must
+# reach neither the answer nor the log nor the audit record. Most specific class first.
+_PARSER_REFUSALS: tuple[tuple[type[BaseException], str], ...] = (
+    (http_exceptions.BadHttpMethod, "invalid request method"),
+    (http_exceptions.LineTooLong, "request line or a header line is too long"),
+    (http_exceptions.InvalidHeader, "invalid header"),
+    (http_exceptions.InvalidURLError, "invalid request target"),
+    (http_exceptions.BadStatusLine, "malformed request line"),
+    (http_exceptions.ContentLengthError, "invalid Content-Length or body length"),
+    (http_exceptions.TransferEncodingError, "invalid Transfer-Encoding or chunk"),
+    (http_exceptions.ContentEncodingError, "invalid Content-Encoding"),
+    (http_exceptions.BadHttpMessage, "malformed HTTP request"),
+)
+
+
+_LINGER_SECONDS = 2.0
+
+# asyncio gives every TLS connection a 256 KiB read buffer, allocated and zeroed up front: with
+# 700 connections held open that alone was ~180 MB of the broker's RSS (and glibc kept it after
+# they closed). A TLS record carries at most 16 KiB, so 32 KiB reads lose nothing.
+TLS_READ_BUFFER_BYTES = 32 * 1024
+
+
+def bound_tls_read_buffer() -> None:
+    """Shrink asyncio's per-connection TLS read buffer (process-wide: server and client sides)."""
+    asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER_BYTES
+
+
+class HeaderTimeout(Exception):
+    """A request's header was not complete within server.header_timeout_seconds."""
+
+
+class Edge:
+    """One listening socket's shared state: the application, the limits, the open connections."""
+
+    def __init__(self, app: web.Application, server: web.Server, config: ServerConfig) -> None:
+        self.app = app
+        self.server = server
+        self.config = config
+        self.open = 0
+
+    def __call__(self) -> EdgeHandler:
+        """The protocol factory for ``loop.create_server``: one handler per accepted connection."""
+        c = self.config
+        return EdgeHandler(
+            self,
+            self.server,
+            loop=asyncio.get_running_loop(),
+            keepalive_timeout=c.idle_timeout_seconds,
+            max_line_size=c.max_request_line_bytes,
+            max_field_size=c.max_header_bytes,
+            max_headers=c.max_headers,
+            # No access log (the broker logs one line per request itself); no request-body
+            # decompression: nothing needs it, and a small gzip body can inflate without bound.
+            access_log=None,
+            auto_decompress=False,
+            # After an answer sent before the body was read (413, 408), drain the rest this long
+            # (so the client can read the answer) instead of aiohttp's 10 s.
+            lingering_time=_LINGER_SECONDS,
+        )
+
+    def admit(self) -> bool:
+        if self.open >= self.config.max_connections:
+            self.app[METRICS].connections_closed.labels("max_connections").inc()
+            return False
+        self.open += 1
+        self.app[METRICS].connections_open.set(self.open)
+        return True
+
+    def release(self) -> None:
+        self.open -= 1
+        self.app[METRICS].connections_open.set(self.open)
+
+    async def record(
+        self, request: web.BaseRequest, error: BrokerError, request_id: str, started: float
+    ) -> None:
+        """Write the audit record of an answer given here; raises BrokerError if it cannot."""
+        sink = self.app[AUDIT]
+        known = request.get(PRINCIPAL)
+        principal = str(known) if known else _peer_principal(request, self.config.trust_domain)
+        # A request the parser refused never reached the middlewares, which count the others.
+        unparsed = request.get(REQUEST_ID) is None
+        route = UNPARSED_ROUTE if unparsed else route_label(request)
+        method = method_label(request.method)
+        elapsed = time.perf_counter() - started
+        if unparsed:
+            self.app[METRICS].observe(method, route, error.status, elapsed)
+        event = build_event(
+            request_id=request_id,
+            principal=principal,
+            method=method,
+            route=route,
+            status=error.status,
+            latency_ms=elapsed * 1000,
+            facts=RequestFacts(error=(error.code, error.detail)),
+            calls=[],
+            hmac_key=self.app[AUDIT_HMAC_KEY],
+        )
+        sink.check_ready()
+        await sink.append(event)
+
+
+class EdgeHandler(RequestHandler):
+    """aiohttp's connection protocol with the broker's limits and error answers."""
+
+    def __init__(self, edge: Edge, server: web.Server, **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        self._edge = edge
+        self._admitted = False
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._admitted = self._edge.admit()
+        if not self._admitted:
+            # Reading a request to answer it would spend what the cap protects; close unanswered.
+            log.warning("connection_refused", reason="server.max_connections reached", open=self._edge.open)
+            self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_header_timer()
+        if self._admitted:
+            self._admitted = False
+            self._edge.release()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        # Bytes that arrive while a request is being served are its body (bounded by the body
+        # timeout) or a pipelined next request (bounded by the idle timeout once this one ends).
+        starts_request = not self._request_in_progress and not self._messages
+        super().data_received(data)
+        if self._messages or self._force_close or self._close:
+            # A whole request header arrived (or the connection is ending): stop the clock.
+            self._cancel_header_timer()
+        elif data and starts_request and self._header_timer is None:
+            self._header_timer = self._loop.call_later(
+                self._edge.config.header_timeout_seconds, self._header_timed_out
+            )
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timed_out(self) -> None:
+        self._header_timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done() or self._messages:
+            # A request is being served (these bytes were its body, or the next request
+            # pipelined behind it): the idle timeout bounds the next header once it is done.
+            return
+        self._edge.app[METRICS].connections_closed.labels("header_timeout").inc()
+        # Answered through the same path as a parser refusal (handle_error below): 408, then close.
+        self._messages.append((_ErrInfo(status=408, exc=HeaderTimeout(), message=""), EMPTY_PAYLOAD))
+        self._close = True
+        waiter.set_result(None)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Every answer aiohttp makes itself: problem+json, a request id, one audit record."""
+        del message  # aiohttp's text quotes the client's bytes
+        if request.writer.output_size > 0:
+            # Part of an answer is already on the wire: nothing can be sent, as aiohttp does.
+            raise ConnectionError("an answer was already partly sent; closing the connection")
+        error = _error_for(status, exc)
+        if error.status >= 500:
+            log.error("unhandled_error", exc_info=exc)
+        else:
+            log.info("request_refused", status=error.status, code=error.code, detail=error.detail)
+        request_id = request.get(REQUEST_ID) or str(uuid.uuid4())
+        needs_record = not request.get(AUDITED)
+        return _EdgeAnswer(self._edge, request, error, request_id, needs_record=needs_record)
+
+
+class _EdgeAnswer(web.Response):
+    """A problem answer whose audit record is written before it is sent (fail closed: 503 if not)."""
+
+    def __init__(
+        self, edge: Edge, request: web.BaseRequest, error: BrokerError, request_id: str, *, needs_record: bool
+    ) -> None:
+        super().__init__(
+            status=error.status, body=problem_body(error, request_id), content_type=PROBLEM_CONTENT_TYPE
+        )
+        self.headers["X-Request-Id"] = request_id
+        self.force_close()
+        self._edge = edge
+        self._error = error
+        self._request_id = request_id
+        self._needs_record = needs_record
+        self._started = time.perf_counter()
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        if self._needs_record and not self.prepared:
+            self._needs_record = False
+            try:
+                await self._edge.record(request, self._error, self._request_id, self._started)
+            except BrokerError as exc:
+                log.error("request_refused_audit_unavailable", detail=exc.detail)  # noqa: TRY400 - no traceback helps
+                withheld = type(exc)(f"{exc.detail}; the answer is withheld because it could not be recorded")
+                self.set_status(withheld.status)
+                self.body = problem_body(withheld, self._request_id)
+        return await super().prepare(request)
+
+
+class EdgeSite(web.BaseSite):
+    """A TLS listener whose connections are :class:`EdgeHandler` and whose handshakes are bounded."""
+
+    def __init__(self, runner: web.AppRunner, config: ServerConfig, ssl_context: Any) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=1024)
+        server = runner.server
+        if server is None:  # BaseSite already refuses this; kept for the type
+            raise RuntimeError("call runner.setup() before making a site")
+        self.edge = Edge(runner.app, server, config)
+        self._config = config
+
+    @property
+    def name(self) -> str:
+        return f"https://{self._config.host}:{self._config.port}"
+
+    async def start(self) -> None:
+        await super().start()
+        self._server = await asyncio.get_running_loop().create_server(
+            self.edge,
+            self._config.host,
+            self._config.port,
+            ssl=self._ssl_context,
+            ssl_handshake_timeout=self._config.tls_handshake_timeout_seconds if self._ssl_context else None,
+            backlog=self._backlog,
+            reuse_address=True,
+        )
+
+
+def _error_for(status: int, exc: BaseException | None) -> BrokerError:
+    if isinstance(exc, HeaderTimeout):
+        return RequestTimeout("the request header was not complete in time")
+    if status == 413:
+        return PayloadTooLarge("request body is too large")
+    if status == 504:
+        return BackendTimeout("the request took too long")
+    if status >= 500 or exc is None:
+        return BrokerError("internal error; see the broker log")
+    detail = next(
+        (text for kind, text in _PARSER_REFUSALS if isinstance(exc, kind)), "malformed HTTP request"
+    )
+    return BadRequest(detail)
+
+
+def _peer_principal(request: web.BaseRequest, trust_domain: str) -> str | None:
+    """The verified client certificate's principal, when the handshake gave one that names one."""
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    try:
+        return str(principal_from_peercert(cert, trust_domain))
+    except BrokerError:
+        return None

@@ -1,9 +1,14 @@
 """Property-based fuzzing of every endpoint in docs/openapi.yaml (which the unit test keeps equal
 to the router) with the administrator, application and a zero-role certificate.
 
-For every request: an answer within the per-request timeout; no 5xx but a backend's real 503/504;
-every error an ``application/problem+json`` document with the documented fields; a success that
-matches its documented schema; exactly one audit record, found by the answer's ``X-Request-Id``.
+Each endpoint first gets the catalogue of tricks the security review named (every hostile
+encoding of a key name in its path, every malformed body, lone surrogates in names and contexts,
+ciphertext versions spelt with other digits: those must be refused), then Hypothesis draws
+requests from the spec: real and hostile names, wrong types in every documented field, odd
+content types and request ids. For every request: an answer within the per-request timeout; no
+5xx but a backend's real 503/504; every error an ``application/problem+json`` document with the
+documented fields; a success that matches its documented schema; exactly one audit record, found
+by the answer's ``X-Request-Id``.
 Over the whole run: the broker stays healthy, its RSS bounded, its metric labels a fixed set.
 
 The fuzz broker is a replica of its own (its own process and audit log, sharing Vault, KMS and
@@ -55,11 +60,11 @@ def budget(op: Operation) -> int:
     elif op.method == "get" and not op.query_params and not op.path_params:
         n = 3
     elif op.path.endswith(("/encrypt", "/decrypt", "/rewrap", "/datakey", "/sign", "/verify")):
-        n = 14
+        n = 12
     elif op.method == "get":
-        n = 6
+        n = 5
     else:
-        n = 9
+        n = 8
     return max(1, round(n * SCALE))
 
 
@@ -75,6 +80,7 @@ class FuzzBroker:
         self.log = fuzzkit.LogTail(self.child.log_path)
         self.restarts = 0
         self.baseline_rss: int | None = None
+        self.warm_requests: list[Request] = []
         self.policy_changed = False
 
     @staticmethod
@@ -94,8 +100,16 @@ class FuzzBroker:
         self.child.stop(timeout=5)
         self.child = self._spawn()
         self.restarts += 1
-        self.baseline_rss = None  # a new process: its growth is measured from here
+        self.warm_up()  # a new process: its growth is measured from here
         self.tail.read_new()
+
+    def warm_up(self) -> None:
+        """Serve each kind of request a few times, so RSS growth is measured from a warm process."""
+        for request in self.warm_requests * 3:
+            reply = self.send(request, "admin")
+            assert reply is not None
+            assert reply.status == 200, reply.body
+        self.baseline_rss = fuzzkit.rss_kib(self.child.pid)
 
     def alive(self) -> bool:
         return self.restarts <= MAX_RESTARTS
@@ -176,6 +190,17 @@ def pools(stack: DevStack, target: FuzzBroker) -> Pools:
         {"grantee": app_id, "operations": ["crypto.decrypt"], "expires_in": "1h"},
     )
     document = _admin(stack, "/v1/policies")["document"]
+    headers = [(b"Content-Type", b"application/json")]
+    encrypt = json.dumps({"plaintext": fuzzkit.b64(b"warm")}).encode()
+    target.warm_requests = [
+        *(Request("POST", f"/v1/keys/{k}/encrypt", headers, encrypt, "warm-up") for k in keys),
+        *(Request("POST", f"/v1/keys/{k}/sign", headers, b'{"message": "bQ=="}', "warm-up") for k in signing),
+        *(
+            Request("GET", path, [], None, "warm-up")
+            for path in ("/v1/keys", "/v1/policies", "/v1/audit/verify")
+        ),
+    ]
+    target.warm_up()
     return Pools(
         keys=keys,
         signing_keys=signing,
@@ -258,8 +283,6 @@ def fuzz_one(
 @pytest.mark.parametrize("op", OPS, ids=[op.id for op in OPS])
 def test_fuzz_endpoint(stack: DevStack, target: FuzzBroker, pools: Pools, op: Operation, who: str) -> None:
     """Hostile requests to one endpoint with one certificate: every answer keeps every property."""
-    if target.baseline_rss is None:
-        target.baseline_rss = fuzzkit.rss_kib(target.child.pid)
     found: list[Violation] = []
     mine = WHO.index(who)
     for i, request in enumerate(fuzzkit.catalogue(op, pools)):
@@ -288,6 +311,8 @@ def _raw(start: bytes, headers: bytes = b"", body: bytes = b"") -> bytes:
 
 
 HMAC = b"POST /v1/audit/hmac HTTP/1.1"
+# Methods outside RFC 9110: each must not become a metric label of its own.
+ODD_METHODS = ("PROPFIND", "M-SEARCH", "FOO", "get", "X" * 60)
 # Requests aiohttp's own HTTP parser sees first: each must still get problem+json and its record.
 FRAMING: dict[str, bytes] = {
     "over-long path": _raw(b"GET /v1/sys/health?" + b"a" * 9000 + b" HTTP/1.1"),
@@ -327,7 +352,7 @@ def test_fuzz_methods_and_framing(stack: DevStack, target: FuzzBroker, pools: Po
         print_blob=False,
     )
     @given(
-        st.sampled_from(["OPTIONS", "TRACE", "CONNECT", "PROPFIND", "FOO", "get", "X" * 60, "M-SEARCH"]),
+        st.sampled_from(["OPTIONS", "TRACE", "CONNECT", *ODD_METHODS]),
         st.sampled_from(paths),
         st.sampled_from(pools.keys),
     )
@@ -342,18 +367,25 @@ def test_fuzz_methods_and_framing(stack: DevStack, target: FuzzBroker, pools: Po
 
 
 def test_fuzzed_broker_stays_healthy_and_bounded(target: FuzzBroker) -> None:
-    """After the run: health 200, no restart was needed, RSS bounded, request metrics a fixed label set."""
-    assert target.restarts == 0, f"the fuzz replica froze and was restarted {target.restarts} times"
+    """After the run: no restart was needed, health 200, RSS bounded, request metrics a fixed label set."""
+    problems = []
+    if target.restarts:
+        problems.append(f"the fuzz replica froze and was restarted {target.restarts} times")
     health = target.health()
-    assert health is not None
-    assert health.status == 200, health.body
-    assert target.baseline_rss is not None
-    grown = fuzzkit.rss_kib(target.child.pid) - target.baseline_rss
-    assert grown < RSS_GROWTH_KIB, f"broker RSS grew by {grown} KiB over the fuzz run"
+    if health is None or health.status != 200:
+        problems.append(f"health after the run: {health.body[:300]!r}" if health else "health: no answer")
+    if target.baseline_rss is not None:
+        grown = fuzzkit.rss_kib(target.child.pid) - target.baseline_rss
+        if grown >= RSS_GROWTH_KIB:
+            problems.append(f"broker RSS grew by {grown} KiB over the run (limit {RSS_GROWTH_KIB})")
+        elif problems:
+            problems.append(f"(broker RSS grew by {grown} KiB since its last start, within the limit)")
     probe = Request("GET", "/v1/metrics", [], None, "none")
     metrics = fuzzkit.exchange(target.port, target.contexts["admin"], probe.raw(), REQUEST_TIMEOUT)
     assert metrics is not None
     assert metrics.status == 200
-    methods = set(re.findall(r'keybroker_http_requests_total\{[^}]*method="([^"]*)"', metrics.body.decode()))
-    unbounded = methods - {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "other"}
-    assert not unbounded, f"client-chosen methods became metric labels: {sorted(unbounded)[:10]}"
+    labels = set(re.findall(r'keybroker_http_requests_total\{[^}]*method="([^"]*)"', metrics.body.decode()))
+    if labels & set(ODD_METHODS):
+        problems.append(f"client-chosen methods became metric labels: {sorted(labels & set(ODD_METHODS))}")
+
+    assert not problems, "\n".join(problems)

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import ssl
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from broker.devstack.processes import Child
 from broker.devstack.stack import TRUST_DOMAIN, DevStack, free_port
@@ -51,6 +53,8 @@ MAX_RESTARTS = int(os.environ.get("KEYBROKER_FUZZ_MAX_RESTARTS", "6"))
 RSS_GROWTH_KIB = 64 * 1024
 SCALE = float(os.environ.get("KEYBROKER_FUZZ_SCALE", "1"))
 OPS = fuzzkit.operations()
+# No example database (database=None below); Hypothesis's other caches stay out of the repository too.
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "keybroker-hypothesis")
 
 
 def budget(op: Operation) -> int:

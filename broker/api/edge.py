@@ -28,7 +28,7 @@ from aiohttp import http_exceptions, web
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
-from broker.api.keys import AUDIT, AUDIT_HMAC_KEY, METRICS, PRINCIPAL, REQUEST_ID
+from broker.api.keys import AUDIT, AUDIT_HMAC_KEY, CLIENT_REQUEST_ID, METRICS, PRINCIPAL, REQUEST_ID
 from broker.api.metrics import UNPARSED_ROUTE, method_label, route_label
 from broker.api.problem import PROBLEM_CONTENT_TYPE, RequestTimeout, problem_body
 from broker.audit.events import RequestFacts, build_event
@@ -231,7 +231,9 @@ class _EdgeAnswer(web.Response):
         super().__init__(
             status=error.status, body=problem_body(error, request_id), content_type=PROBLEM_CONTENT_TYPE
         )
-        self.headers["X-Request-Id"] = request_id
+        # As on every answer: the caller's own id echoed (when it sent a valid one), the broker's beside it.
+        self.headers["X-Request-Id"] = request.get(CLIENT_REQUEST_ID) or request_id
+        self.headers["X-Broker-Request-Id"] = request_id
         self.force_close()
         self._edge = edge
         self._error = error

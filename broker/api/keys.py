@@ -31,6 +31,8 @@ AUDIT_HMAC_KEY: web.AppKey[bytes] = web.AppKey("audit_hmac_key")
 # Request-scoped keys (aiohttp's request mapping takes plain strings).
 REQUEST_ID = "keybroker.request_id"
 PRINCIPAL = "keybroker.principal"
+# The caller's X-Request-Id, when well-formed; the broker's own id is REQUEST_ID.
+CLIENT_REQUEST_ID = "keybroker.client_request_id"
 # What the request's audit record will say (broker.audit.events.RequestFacts), filled as it goes.
 AUDIT_FACTS = "keybroker.audit_facts"
 
@@ -38,6 +40,7 @@ __all__ = [
     "AUDIT",
     "AUDIT_FACTS",
     "AUDIT_HMAC_KEY",
+    "CLIENT_REQUEST_ID",
     "GRANTS",
     "HSM",
     "KEYS",

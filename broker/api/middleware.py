@@ -20,7 +20,16 @@ import structlog
 from aiohttp import web
 
 from broker.api.edge import AUDITED
-from broker.api.keys import AUDIT, AUDIT_FACTS, AUDIT_HMAC_KEY, METRICS, PRINCIPAL, REQUEST_ID, SETTINGS
+from broker.api.keys import (
+    AUDIT,
+    AUDIT_FACTS,
+    AUDIT_HMAC_KEY,
+    CLIENT_REQUEST_ID,
+    METRICS,
+    PRINCIPAL,
+    REQUEST_ID,
+    SETTINGS,
+)
 from broker.api.metrics import method_label, route_label
 from broker.api.problem import RequestTimeout, problem_response
 from broker.audit.events import RequestFacts, build_event
@@ -42,8 +51,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID_HEADER = "X-Request-Id"
 BROKER_REQUEST_ID_HEADER = "X-Broker-Request-Id"
 EPOCH_PATH = "/v1/audit/epoch"
-# The caller's X-Request-Id, when well-formed (request-scoped key).
-CLIENT_REQUEST_ID = "keybroker.client_request_id"
 HEALTH_PATH = "/v1/sys/health"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{7,127}$")
 

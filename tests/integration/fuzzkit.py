@@ -61,7 +61,7 @@ class Operation:
 
     @property
     def body_fields(self) -> list[str]:
-        body = self.spec.get("requestBody")
+        body = resolve(self.spec.get("requestBody"))
         if body is None:
             return []
         schema = body["content"]["application/json"]["schema"]
@@ -744,7 +744,8 @@ def check_answer(
     """Every property one answer must have; (kind, detail) for each that does not hold."""
     problems: list[tuple[str, str]] = []
     status = reply.status
-    rid = reply.header("x-request-id")
+    # The broker's own id names the record and the problem document; X-Request-Id echoes the caller's.
+    rid = reply.header("x-broker-request-id")
     text = reply.body[:400].decode("utf-8", "backslashreplace")
     summary = f"{status} {reply.media_type} {text}"
     if status >= 500:
@@ -759,6 +760,8 @@ def check_answer(
     elif op is not None and request.method != "HEAD":
         problems += [(kind, summary) for kind in _success_issues(op, reply)]
     if not rid:
+        problems.append(("no X-Broker-Request-Id on the answer", summary))
+    if not reply.header("x-request-id"):
         problems.append(("no X-Request-Id on the answer", summary))
     mine = [r for r in new_records if rid is not None and r.get("request_id") == rid]
     if len(new_records) != 1 or len(mine) != 1:
@@ -822,7 +825,7 @@ def _problem_issues(reply: RawReply, rid: str | None, method: str) -> list[str]:
     if body["type"] != PROBLEM_TYPE_BASE + str(body["code"]):
         issues.append("problem type is not the code's URI")
     if body["request_id"] != rid:
-        issues.append("problem request_id differs from X-Request-Id")
+        issues.append("problem request_id differs from X-Broker-Request-Id")
     return issues
 
 

@@ -8,7 +8,7 @@ requests from the spec: real and hostile names, wrong types in every documented 
 content types and request ids. For every request: an answer within the per-request timeout; no
 5xx but a backend's real 503/504; every error an ``application/problem+json`` document with the
 documented fields; a success that matches its documented schema; exactly one audit record, found
-by the answer's ``X-Request-Id``.
+by the answer's ``X-Broker-Request-Id`` (the broker's own id; ``X-Request-Id`` echoes the caller's).
 Over the whole run: the broker stays healthy, its RSS bounded, its metric labels a fixed set.
 
 The fuzz broker is a replica of its own (its own process and audit log, sharing Vault, KMS and
@@ -270,7 +270,7 @@ def fuzz_one(
     elapsed = time.monotonic() - started
     records = target.tail.read_new()
     checks = fuzzkit.check_answer(op, request, reply, records, target.tail.seen, target.backend_down)
-    cause = target.log.cause(reply.header("x-request-id")) if reply.status >= 500 else None
+    cause = target.log.cause(reply.header("x-broker-request-id")) if reply.status >= 500 else None
     for kind, detail in checks:
         # 5xx are grouped by what the broker logged as their cause.
         label = f"{kind}: {cause}" if cause and kind.startswith("5xx") else kind

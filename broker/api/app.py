@@ -26,8 +26,9 @@ from broker.audit.sink import AuditSink
 from broker.backends.base import Backend
 from broker.backends.hsm import HsmAuditSigner, HsmClient, HsmKeys
 from broker.backends.kms import KmsClient, KmsKeys
-from broker.backends.vault import VaultClient, VaultTransit, read_secret_file
+from broker.backends.vault import VaultClient, VaultTransit
 from broker.config.model import Config
+from broker.config.secrets import read_secret_file
 from broker.config.tls import server_ssl_context
 from broker.errors import BrokerError, ConfigError
 from broker.keys.lifecycle import Clock, KeyService, scheduler_loop

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from broker.backends.vault import VaultClient
     from broker.config.model import Config
     from broker.keys.lifecycle import KeyService
+    from broker.state.anchors import VaultAnchors
     from broker.state.grants import GrantStore
     from broker.state.policies import PolicyStore
 
@@ -27,6 +28,7 @@ POLICIES: web.AppKey[PolicyStore] = web.AppKey("policies")
 GRANTS: web.AppKey[GrantStore] = web.AppKey("grants")
 AUDIT: web.AppKey[AuditSink] = web.AppKey("audit")
 AUDIT_HMAC_KEY: web.AppKey[bytes] = web.AppKey("audit_hmac_key")
+ANCHORS: web.AppKey[VaultAnchors] = web.AppKey("anchors")
 
 # Request-scoped keys (aiohttp's request mapping takes plain strings).
 REQUEST_ID = "keybroker.request_id"
@@ -35,6 +37,7 @@ PRINCIPAL = "keybroker.principal"
 AUDIT_FACTS = "keybroker.audit_facts"
 
 __all__ = [
+    "ANCHORS",
     "AUDIT",
     "AUDIT_FACTS",
     "AUDIT_HMAC_KEY",

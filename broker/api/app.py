@@ -34,7 +34,6 @@ from broker.api.middleware import audit_trail, bounded_body, identity, problem_d
 from broker.api.policy_routes import add_policy_routes
 from broker.api.routes import add_routes
 from broker.audit.sink import AuditSink
-from broker.backends.base import Backend
 from broker.backends.hsm import HsmAuditSigner, HsmClient, HsmKeys
 from broker.backends.kms import KmsClient, KmsKeys
 from broker.backends.vault import VaultClient, VaultTransit
@@ -43,12 +42,13 @@ from broker.config.secrets import read_secret_file
 from broker.config.tls import server_ssl_context
 from broker.errors import BrokerError, ConfigError
 from broker.keys.lifecycle import Clock, KeyService, scheduler_loop
-from broker.keys.model import now_utc
 from broker.keys.registry import Registry
 from broker.log import get_logger
 from broker.state.anchors import VaultAnchors
 from broker.state.grants import GrantStore, grant_purge_loop
 from broker.state.policies import PolicyStore
+from broker.timeutil import now_utc
+from broker.vocab import Backend
 
 log = get_logger(__name__)
 

@@ -23,7 +23,6 @@ from broker.api.keys import GRANTS, KEYS, POLICIES
 from broker.errors import BadRequest, Forbidden, NotFound
 from broker.keys.model import check_name
 from broker.policy import engine
-from broker.policy.document import parse_duration
 from broker.policy.model import (
     GRANT_RETIRE,
     GRANTABLE,
@@ -33,6 +32,7 @@ from broker.policy.model import (
     principal_from_id,
 )
 from broker.state.grants import GrantAsk
+from broker.timeutil import parse_duration
 
 # What new_grant_id makes; checked before any lookup, so the answer tells nothing about keys.
 _GRANT_ID = re.compile(r"g-[0-9a-f]{20}")

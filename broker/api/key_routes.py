@@ -21,11 +21,11 @@ from aiohttp import web
 from broker.api import schemas
 from broker.api.authz import audit_facts, authorize, decide, find_key, key_for, principal
 from broker.api.keys import KEYS, SETTINGS
-from broker.backends.base import Backend, KeyType
 from broker.errors import BadRequest, BrokerError
 from broker.keys.lifecycle import KeyService, NewKey, digest_of
 from broker.keys.model import Key, check_name
 from broker.policy.model import KeyFacts
+from broker.vocab import Backend, KeyType
 
 T = TypeVar("T")
 R = TypeVar("R")

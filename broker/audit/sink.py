@@ -58,8 +58,8 @@ from broker.audit.chain import (
     line_hash,
 )
 from broker.errors import BrokerError, ConfigError, Conflict, Unavailable
-from broker.keys.model import iso, now_utc
 from broker.log import get_logger
+from broker.timeutil import iso, now_utc
 
 log = get_logger(__name__)
 
@@ -401,7 +401,7 @@ class AuditSink:
     ) -> None:
         seq, head = self._seq, self._head
         lines: list[bytes] = []
-        stamped = str(iso(now_utc()))
+        stamped = iso(now_utc())
 
         def add(record: dict[str, Any]) -> None:
             nonlocal seq, head
@@ -574,7 +574,7 @@ class AuditSink:
         await self._enqueue(record)
         entry = {
             "epoch": name,
-            "started": str(iso(now_utc())),
+            "started": iso(now_utc()),
             "by": by,
             "reason": reason,
             "first_seq": self._seq,

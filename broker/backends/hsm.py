@@ -43,11 +43,12 @@ from pkcs11.util.ec import (
 )
 
 from broker.backends._blocking import run_blocking
-from broker.backends.base import Backend, Context, KeyRef, KeyType, PerItemBatches, canonical_context
+from broker.backends.base import Context, KeyRef, PerItemBatches, canonical_context
 from broker.config.model import HsmConfig
 from broker.config.secrets import read_secret_file
 from broker.context import note_backend_call
 from broker.errors import BadGateway, ConfigError, DecryptionFailed, NotFound, Unavailable
+from broker.vocab import Backend, KeyType
 
 BACKEND = "hsm"
 T = TypeVar("T")

@@ -17,7 +17,7 @@ import botocore.config
 import botocore.exceptions
 
 from broker.backends._blocking import run_blocking
-from broker.backends.base import Backend, Context, KeyRef, KeyType, PerItemBatches
+from broker.backends.base import Context, KeyRef, PerItemBatches
 from broker.config.model import KmsConfig
 from broker.context import note_backend_call
 from broker.errors import (
@@ -29,6 +29,7 @@ from broker.errors import (
     NotFound,
     Unavailable,
 )
+from broker.vocab import Backend, KeyType
 
 if TYPE_CHECKING:
     from mypy_boto3_kms import KMSClient

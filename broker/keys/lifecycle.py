@@ -20,21 +20,21 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from broker.backends.base import Backend, Context, KeyBackend, KeyRef, KeyType
+from broker.backends.base import Context, KeyBackend, KeyRef
 from broker.errors import BadRequest, BrokerError, Conflict, DecryptionFailed
 from broker.keys import ciphertext
 from broker.keys.model import (
-    ENVIRONMENTS,
     MIN_ROTATION_SECONDS,
     Key,
     Op,
     State,
     Version,
     check_name,
-    now_utc,
 )
 from broker.keys.registry import Registry
 from broker.log import get_logger
+from broker.timeutil import now_utc
+from broker.vocab import ENVIRONMENTS, Backend, KeyType
 
 log = get_logger(__name__)
 Clock = Callable[[], datetime]

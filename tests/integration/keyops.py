@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from broker.backends.base import Backend
 from broker.backends.hsm import HsmClient, HsmKeys, object_label
 from broker.backends.kms import KmsClient, KmsKeys
 from broker.backends.vault import VaultClient, VaultTransit
@@ -19,6 +18,7 @@ from broker.config.load import load_config
 from broker.devstack.stack import DEV_AWS_ENV, DevStack
 from broker.keys.lifecycle import KeyService
 from broker.keys.registry import Registry
+from broker.vocab import Backend
 from tests.integration.conftest import Reply, https
 
 

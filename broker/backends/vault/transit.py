@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from broker.backends._coalesce import Coalescer
-from broker.backends.base import Backend, Context, KeyRef, KeyType, canonical_context
+from broker.backends.base import Context, KeyRef, canonical_context
 from broker.backends.vault.client import BACKEND, VaultClient, vault_path
 from broker.errors import (
     BadGateway,
@@ -19,6 +19,7 @@ from broker.errors import (
     Unavailable,
     UnsupportedOperation,
 )
+from broker.vocab import Backend, KeyType
 
 
 def _b64(data: bytes) -> str:

@@ -15,7 +15,9 @@ directory is writable again, continuing the chain in a new file.
 
 Rotation: a file is closed once it passes ``max_file_bytes`` or is older than
 ``max_file_seconds``, at a batch boundary; the next file, named after its first
-record, continues the same chain.
+record, continues the same chain. The files themselves (lock, rotation, fsync,
+repair, finding the chain's end) are :mod:`broker.audit.segments`; this module is
+the commit protocol, the fail-closed checks and the checkpoints.
 Checkpoints: every ``checkpoint_every`` records or ``checkpoint_seconds`` a
 checkpoint record signed by the HSM joins the chain and its position is anchored in
 Vault (:class:`AnchorStore`). ``checkpoint_max_failures`` checkpoints in a row that
@@ -38,26 +40,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import fcntl
-import json
-import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 from broker.audit.chain import (
-    FILE_PREFIX,
-    FILE_SUFFIX,
     GENESIS,
     Anchor,
     canonical,
     checkpoint_digest,
-    file_name,
     line_hash,
 )
-from broker.errors import BrokerError, ConfigError, Conflict, Unavailable
+from broker.audit.segments import Segments, probe_writable
+from broker.errors import BrokerError, Conflict, Unavailable
 from broker.log import get_logger
 from broker.timeutil import iso, now_utc
 
@@ -98,20 +94,6 @@ class CheckpointSigner(Protocol):
     async def public_key_der(self) -> bytes: ...
 
 
-def probe_writable(directory: Path) -> None:
-    """Write, fsync and remove a file in ``directory``; raise OSError if any step fails.
-
-    ``os.access`` is not enough: a full disk or a read-only remount pass it.
-    """
-    fd, name = tempfile.mkstemp(prefix=".probe-", dir=directory)
-    try:
-        os.write(fd, b"probe\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-        os.unlink(name)
-
-
 class AuditSink:
     def __init__(
         self,
@@ -130,9 +112,7 @@ class AuditSink:
     ) -> None:
         self.directory = directory
         self.node = node
-        self._max_bytes = max_file_bytes
-        self._max_age = max_file_seconds
-        self._opened_at = 0.0
+        self._files = Segments(directory, max_file_bytes=max_file_bytes, max_file_seconds=max_file_seconds)
         self._every = checkpoint_every
         self._interval = checkpoint_seconds
         self._min_free = min_free_bytes
@@ -154,10 +134,6 @@ class AuditSink:
         self._anchored_seq = 0
         self.epoch = INITIAL_EPOCH
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-io")
-        self._lock_fh: IO[str] | None = None
-        self._fd: int | None = None
-        self._path: Path | None = None
-        self._size = 0
         self._seq = 0
         self._head = GENESIS
         self._since_checkpoint = 0
@@ -196,48 +172,26 @@ class AuditSink:
             with contextlib.suppress(Exception):
                 await task
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._io, self._close_files)
+        await loop.run_in_executor(self._io, self._files.close)
         self._io.shutdown(wait=True)
-
-    def _close_files(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self._lock_fh is not None:
-            self._lock_fh.close()
-            self._lock_fh = None
 
     def _open_directory(self) -> None:
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._lock_fh = (self.directory / ".lock").open("a")
+            self._files.lock()
         except OSError as exc:
             self._broken = f"cannot open the audit directory {self.directory}: {exc.strerror}"
             return
-        try:
-            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_fh.close()
-            self._lock_fh = None
-            raise ConfigError(
-                f"another broker writes the audit log in {self.directory}; give each replica its own "
-                "audit.directory (one hash chain per writer)",
-                key="audit.directory",
-            ) from None
-        files = self.files_on_disk()
-        if not files:
-            return
-        self._seq, self._head, discarded = _chain_end(files)
+        self._seq, self._head, discarded = self._files.chain_end()
         if discarded:
             self._resume_note = f"discarded {discarded} bytes of an unfinished record at restart"
 
     def _reopen_directory(self) -> None:
         self._open_directory()
-        if self._lock_fh is not None:
+        if self._files.locked:
             self._broken = None
 
     def files_on_disk(self) -> list[Path]:
-        return sorted(self.directory.glob(f"{FILE_PREFIX}*{FILE_SUFFIX}"))
+        return self._files.files()
 
     # -- fail closed ------------------------------------------------------------------
 
@@ -258,11 +212,7 @@ class AuditSink:
             self._last_repair = time.monotonic()
             self._repair()
         try:
-            if self._path is not None:
-                os.close(os.open(self._path, os.O_WRONLY | os.O_APPEND))
-            else:
-                probe_writable(self.directory)
-            free = os.statvfs(self.directory)
+            free = self._files.check_writable()
         except OSError as exc:
             self._mark_broken(f"{exc.strerror}: {exc.filename or self.directory}")
             raise Unavailable(f"audit log unavailable: {self._broken}", backend="audit") from None
@@ -281,10 +231,7 @@ class AuditSink:
     def _repair(self) -> None:
         """Leave the old file behind; the next write starts a new one that continues the chain."""
         reason = self._broken
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-        self._fd, self._path, self._size = None, None, 0
+        self._files.abandon()
         try:
             probe_writable(self.directory)
         except OSError as exc:
@@ -304,7 +251,12 @@ class AuditSink:
             self.check_ready()
         except Unavailable as exc:
             return {"ok": False, **facts, "error": exc.detail}
-        return {"ok": True, **facts, "seq": self._seq, "file": self._path.name if self._path else None}
+        return {
+            "ok": True,
+            **facts,
+            "seq": self._seq,
+            "file": active.name if (active := self._files.active) else None,
+        }
 
     @property
     def awaiting_epoch(self) -> bool:
@@ -358,7 +310,7 @@ class AuditSink:
                 await self._wake.wait()
         self._wake.clear()
         if not self._anchor_checked:
-            if self._lock_fh is None:
+            if not self._files.locked:
                 # The directory could not be opened at start: its chain end is still unknown.
                 await asyncio.get_running_loop().run_in_executor(self._io, self._reopen_directory)
             await self._check_anchor()
@@ -431,9 +383,9 @@ class AuditSink:
                 seq, head = seq + 1, line_hash(lines[-1])
         first = self._seq + 1
         try:
-            await asyncio.get_running_loop().run_in_executor(self._io, self._write, lines, first)
+            await asyncio.get_running_loop().run_in_executor(self._io, self._files.append, lines, first)
         except OSError as exc:
-            self._mark_broken(f"{exc.strerror}: {exc.filename or self._path}")
+            self._mark_broken(f"{exc.strerror}: {exc.filename or self._files.active}")
             error = Unavailable(f"audit log unavailable: {self._broken}", backend="audit")
             for _, future in batch:
                 if not future.done():
@@ -505,7 +457,7 @@ class AuditSink:
         """Refuse to write (and so to fork history) unless the local chain holds Vault's anchor."""
         if self._anchors is None:
             return
-        if self._lock_fh is None:
+        if not self._files.locked:
             self._fork_guard = (
                 f"cannot open the audit directory to check it against Vault's anchor ({self._broken}); "
                 "retrying"
@@ -548,7 +500,7 @@ class AuditSink:
             return f"the audit directory {self.directory} holds no records"
         if self._seq < mark.seq:
             return f"the audit log in {self.directory} ends at record {self._seq}"
-        found = _hash_of_record(self.files_on_disk(), mark.seq)
+        found = self._files.hash_of_record(mark.seq)
         if found != mark.hash:
             return f"record {mark.seq} in {self.directory} is not the one anchored"
         return None
@@ -604,45 +556,11 @@ class AuditSink:
         signature = await self._signer.sign_digest(checkpoint_digest(body))
         return canonical({**body, "signature": base64.b64encode(signature).decode()})
 
-    def _write(self, lines: list[bytes], first_seq: int) -> None:
-        """Blocking: append ``lines`` to the active file (a new one past the size limit) and fsync."""
-        data = b"".join(line + b"\n" for line in lines)
-        too_old = time.monotonic() - self._opened_at >= self._max_age
-        if self._fd is not None and (
-            self._size >= self._max_bytes or too_old or os.fstat(self._fd).st_nlink == 0
-        ):
-            # Rotated by size or age, or the active file was removed under us: never write into an
-            # unlinked inode.
-            os.close(self._fd)
-            self._fd = None
-        if self._fd is None:
-            path = self.directory / file_name(first_seq)
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
-            self._path, self._size, self._opened_at = path, 0, time.monotonic()
-            _fsync_directory(self.directory)
-        try:
-            written = os.write(self._fd, data)
-            if written == len(data):
-                os.fsync(self._fd)
-        except OSError:
-            self._cut_back()
-            raise
-        if written != len(data):
-            self._cut_back()
-            raise OSError(28, "short write to the audit log", str(self._path))
-        self._size += len(data)
-
-    def _cut_back(self) -> None:
-        """Leave no half record behind after a failed write."""
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self._size)
-
     # -- reading ----------------------------------------------------------------------
 
     def read_files(self) -> list[tuple[str, bytes]]:
         """Every log file's name and content, oldest first (blocking; call off the loop)."""
-        return [(p.name, p.read_bytes()) for p in self.files_on_disk()]
+        return self._files.read_all()
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -651,51 +569,3 @@ class AuditSink:
     @property
     def signer(self) -> CheckpointSigner | None:
         return self._signer
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _chain_end(files: list[Path]) -> tuple[int, str, int]:
-    """(last seq, hash of the last complete record, bytes of an unfinished record cut off)."""
-    discarded = 0
-    for path in reversed(files):
-        data = path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            # A crash mid-write: that record was never acknowledged; cut it so the file stays valid.
-            discarded += len(data) - end
-            with path.open("r+b") as fh:
-                fh.truncate(end)
-                fh.flush()
-                os.fsync(fh.fileno())
-            data = data[:end]
-        lines = data.split(b"\n")[:-1]
-        if lines:
-            last = lines[-1]
-            return int(json.loads(last)["seq"]), line_hash(last), discarded
-    return 0, GENESIS, discarded
-
-
-def _hash_of_record(files: list[Path], seq: int) -> str | None:
-    """The line hash of record ``seq`` (files are named by their first record), or None."""
-    candidates = [p for p in files if _first_seq(p) <= seq]
-    for path in reversed(candidates):
-        for line in path.read_bytes().splitlines():
-            try:
-                if int(json.loads(line)["seq"]) == seq:
-                    return line_hash(line)
-            except (ValueError, KeyError, TypeError):
-                continue
-        return None
-    return None
-
-
-def _first_seq(path: Path) -> int:
-    digits = path.name.removeprefix(FILE_PREFIX).removesuffix(FILE_SUFFIX)
-    return int(digits) if digits.isdigit() else 0

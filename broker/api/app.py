@@ -16,7 +16,11 @@ from broker.api.audit_routes import add_audit_routes
 from broker.api.edge import EdgeSite, bound_tls_read_buffer
 from broker.api.grant_routes import add_grant_routes
 from broker.api.key_routes import add_key_routes
-from broker.api.keys import (
+from broker.api.metrics import Metrics
+from broker.api.middleware import audit_trail, bounded_body, identity, problem_details, request_context
+from broker.api.policy_routes import add_policy_routes
+from broker.api.routes import add_routes
+from broker.api.state import (
     ANCHORS,
     AUDIT,
     AUDIT_HMAC_KEY,
@@ -29,10 +33,6 @@ from broker.api.keys import (
     SETTINGS,
     VAULT,
 )
-from broker.api.metrics import Metrics
-from broker.api.middleware import audit_trail, bounded_body, identity, problem_details, request_context
-from broker.api.policy_routes import add_policy_routes
-from broker.api.routes import add_routes
 from broker.audit.sink import AuditSink
 from broker.backends.hsm import HsmAuditSigner, HsmClient, HsmKeys
 from broker.backends.kms import KmsClient, KmsKeys
@@ -41,12 +41,12 @@ from broker.config.model import Config
 from broker.config.secrets import read_secret_file
 from broker.config.tls import server_ssl_context
 from broker.errors import BrokerError, ConfigError
-from broker.keys.lifecycle import Clock, KeyService, scheduler_loop
-from broker.keys.registry import Registry
+from broker.keys.service import Clock, KeyService, scheduler_loop
 from broker.log import get_logger
 from broker.state.anchors import VaultAnchors
 from broker.state.grants import GrantStore, grant_purge_loop
 from broker.state.policies import PolicyStore
+from broker.state.registry import Registry
 from broker.timeutil import now_utc
 from broker.vocab import Backend
 

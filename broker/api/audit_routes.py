@@ -19,7 +19,7 @@ from aiohttp import web
 
 from broker.api import schemas
 from broker.api.authz import authorize
-from broker.api.keys import ANCHORS, AUDIT, AUDIT_HMAC_KEY, PRINCIPAL, SETTINGS
+from broker.api.state import ANCHORS, AUDIT, AUDIT_HMAC_KEY, PRINCIPAL, SETTINGS
 from broker.audit import chain, merge
 from broker.audit.events import hmac_value
 from broker.audit.signing import load_public_key, signature_checker, to_pem

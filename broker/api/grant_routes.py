@@ -19,7 +19,7 @@ from aiohttp import web
 
 from broker.api import schemas
 from broker.api.authz import facts, find_key, key_for, principal, record
-from broker.api.keys import GRANTS, KEYS, POLICIES
+from broker.api.state import GRANTS, KEYS, POLICIES
 from broker.errors import BadRequest, Forbidden, NotFound
 from broker.keys.model import check_name
 from broker.policy import engine

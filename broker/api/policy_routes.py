@@ -17,7 +17,7 @@ from aiohttp import web
 
 from broker.api import schemas
 from broker.api.authz import authorize, facts, policy_invalid_reason
-from broker.api.keys import GRANTS, KEYS, POLICIES
+from broker.api.state import GRANTS, KEYS, POLICIES
 from broker.errors import BadRequest, Conflict, NotFound
 from broker.policy import engine
 from broker.policy.document import (

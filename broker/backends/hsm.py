@@ -46,8 +46,8 @@ from broker.backends._blocking import run_blocking
 from broker.backends.base import Context, KeyRef, PerItemBatches, canonical_context
 from broker.config.model import HsmConfig
 from broker.config.secrets import read_secret_file
-from broker.context import note_backend_call
 from broker.errors import BadGateway, ConfigError, DecryptionFailed, NotFound, Unavailable
+from broker.requestvars import note_backend_call
 from broker.vocab import Backend, KeyType
 
 BACKEND = "hsm"

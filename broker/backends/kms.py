@@ -19,7 +19,6 @@ import botocore.exceptions
 from broker.backends._blocking import run_blocking
 from broker.backends.base import Context, KeyRef, PerItemBatches
 from broker.config.model import KmsConfig
-from broker.context import note_backend_call
 from broker.errors import (
     BackendError,
     BackendTimeout,
@@ -29,6 +28,7 @@ from broker.errors import (
     NotFound,
     Unavailable,
 )
+from broker.requestvars import note_backend_call
 from broker.vocab import Backend, KeyType
 
 if TYPE_CHECKING:

@@ -23,7 +23,6 @@ import aiohttp
 
 from broker.config.model import VaultConfig
 from broker.config.secrets import read_secret_file
-from broker.context import note_backend_call, outgoing_request_id
 from broker.errors import (
     BackendTimeout,
     BadGateway,
@@ -33,6 +32,7 @@ from broker.errors import (
     Unavailable,
 )
 from broker.log import get_logger
+from broker.requestvars import note_backend_call, outgoing_request_id
 
 log = get_logger(__name__)
 BACKEND = "vault"

@@ -1,4 +1,4 @@
-"""Typed keys for application and request state."""
+"""Typed keys of aiohttp application and request state (the stores, clients and settings a handler reads)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from broker.backends.kms import KmsClient
     from broker.backends.vault import VaultClient
     from broker.config.model import Config
-    from broker.keys.lifecycle import KeyService
+    from broker.keys.service import KeyService
     from broker.state.anchors import VaultAnchors
     from broker.state.grants import GrantStore
     from broker.state.policies import PolicyStore

@@ -147,10 +147,6 @@ class DevStack:
     # -- KMS ----------------------------------------------------------------------
 
     @property
-    def kms_port(self) -> int:
-        return self.kms.port
-
-    @property
     def kms_endpoint(self) -> str:
         return self.kms.endpoint
 
@@ -161,10 +157,6 @@ class DevStack:
         return self.kms.client()
 
     # -- Vault --------------------------------------------------------------------
-
-    @property
-    def vault_port(self) -> int:
-        return self.vault.port
 
     @property
     def vault_tls(self) -> bool:
@@ -184,9 +176,6 @@ class DevStack:
     def restart_vault(self) -> None:
         self.children.pop("vault").stop()
         self.start_vault()
-
-    def vault_seal_status(self) -> dict[str, Any]:
-        return self.vault.seal_status()
 
     def root_token(self) -> str:
         return self.vault.root_token()

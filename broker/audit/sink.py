@@ -17,7 +17,8 @@ Rotation: a file is closed once it passes ``max_file_bytes`` or is older than
 ``max_file_seconds``, at a batch boundary; the next file, named after its first
 record, continues the same chain. The files themselves (lock, rotation, fsync,
 repair, finding the chain's end) are :mod:`broker.audit.segments`; this module is
-the commit protocol, the fail-closed checks and the checkpoints.
+the commit protocol and the fail-closed checks; :mod:`broker.audit.checkpoints` decides,
+signs and anchors checkpoints.
 Checkpoints: every ``checkpoint_every`` records or ``checkpoint_seconds`` a
 checkpoint record signed by the HSM joins the chain and its position is anchored in
 Vault (:class:`AnchorStore`). ``checkpoint_max_failures`` checkpoints in a row that
@@ -38,20 +39,19 @@ who, why and which anchor it supersedes.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from broker.audit.chain import (
     GENESIS,
     Anchor,
     canonical,
-    checkpoint_digest,
     line_hash,
 )
+from broker.audit.checkpoints import AnchorConflict, AnchorStore, Checkpoints, CheckpointSigner
 from broker.audit.segments import Segments, probe_writable
 from broker.errors import BrokerError, Conflict, Unavailable
 from broker.log import get_logger
@@ -62,36 +62,6 @@ log = get_logger(__name__)
 
 INITIAL_EPOCH = "initial"
 NEW_EPOCH_HINT = "keybroker audit new-epoch --name NAME --reason TEXT"
-
-
-class AnchorConflict(Exception):
-    """Vault's anchor is not one this writer may move forward from (another epoch, or ahead)."""
-
-
-class AnchorStore(Protocol):
-    """Where checkpoint positions are kept outside the log (Vault KV, check-and-set)."""
-
-    async def read(self) -> dict[str, Any] | None:
-        """The anchor document (``seq``, ``hash``, ``epoch``, ``epochs``) or None."""
-        ...
-
-    async def advance(self, epoch: str, mark: Anchor) -> None:
-        """Move the anchor forward within ``epoch``; AnchorConflict if it is elsewhere or ahead."""
-        ...
-
-    async def begin_epoch(
-        self, expected: dict[str, Any] | None, entry: dict[str, Any], mark: Anchor
-    ) -> dict[str, Any]:
-        """Start epoch ``entry['epoch']`` at ``mark`` if the anchor is still ``expected``."""
-        ...
-
-
-class CheckpointSigner(Protocol):
-    async def sign_digest(self, digest: bytes) -> bytes:
-        """A raw r||s ECDSA P-256 signature of a SHA-256 digest, made in the HSM."""
-        ...
-
-    async def public_key_der(self) -> bytes: ...
 
 
 class AuditSink:
@@ -113,38 +83,33 @@ class AuditSink:
         self.directory = directory
         self.node = node
         self._files = Segments(directory, max_file_bytes=max_file_bytes, max_file_seconds=max_file_seconds)
-        self._every = checkpoint_every
-        self._interval = checkpoint_seconds
+        self._checkpoints = Checkpoints(
+            node,
+            signer=signer,
+            anchors=anchors,
+            every=checkpoint_every,
+            interval=checkpoint_seconds,
+            max_failures=checkpoint_max_failures,
+        )
         self._min_free = min_free_bytes
-        self._signer = signer
         self._anchors = anchors
-        self._max_failures = max(1, checkpoint_max_failures)
         self._write_timeout = write_timeout_seconds
-        self._checkpoint_failures = 0
-        self._last_checkpoint_try = 0.0
         # Set when the log cannot be written without forking history (Vault's anchor is not in the
         # local chain, or could not be read): nothing is written until it clears.
         self._fork_guard: str | None = None
         self._conflict: dict[str, Any] | None = None
         self._anchor_checked = anchors is None
-        # Set after too many failed checkpoints: requests are refused until a checkpoint succeeds.
-        self._checkpoint_halt: str | None = None
         self._batch_started: float | None = None
-        self._anchor_lock = asyncio.Lock()
-        self._anchored_seq = 0
         self.epoch = INITIAL_EPOCH
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-io")
         self._seq = 0
         self._head = GENESIS
-        self._since_checkpoint = 0
-        self._last_checkpoint = time.monotonic()
         self._pending: list[tuple[dict[str, Any], asyncio.Future[int]]] = []
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._broken: str | None = None
         self._resume_note: str | None = None
         self._last_repair = 0.0
-        self._anchor_tasks: set[asyncio.Task[None]] = set()
         self.records_written = 0
         self.batches_written = 0
 
@@ -168,9 +133,7 @@ class AuditSink:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
-        for task in list(self._anchor_tasks):
-            with contextlib.suppress(Exception):
-                await task
+        await self._checkpoints.drain()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._io, self._files.close)
         self._io.shutdown(wait=True)
@@ -197,7 +160,7 @@ class AuditSink:
 
     def check_ready(self) -> None:
         """Raise 503 unless a record could be written now. Cheap: a few system calls."""
-        for reason in (self._fork_guard, self._checkpoint_halt):
+        for reason in (self._fork_guard, self._checkpoints.halt):
             if reason is not None:
                 raise Unavailable(f"audit log unavailable: {reason}", backend="audit")
         if self._batch_started is not None and time.monotonic() - self._batch_started > self._write_timeout:
@@ -245,7 +208,7 @@ class AuditSink:
         facts: dict[str, Any] = {
             "directory": str(self.directory),
             "epoch": self.epoch,
-            "checkpoint_failures": self._checkpoint_failures,
+            "checkpoint_failures": self._checkpoints.failures,
         }
         try:
             self.check_ready()
@@ -306,7 +269,7 @@ class AuditSink:
 
     async def _write_once(self) -> None:
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._interval):
+            async with asyncio.timeout(self._checkpoints.interval):
                 await self._wake.wait()
         self._wake.clear()
         if not self._anchor_checked:
@@ -317,15 +280,7 @@ class AuditSink:
             if self._fork_guard is None:
                 self._pending.insert(0, ({"type": "start", "node": self.node}, self._orphan_future()))
         batch, self._pending = self._pending, []
-        now = time.monotonic()
-        unsigned = self._since_checkpoint + len(batch)
-        due = self._fork_guard is None and (
-            unsigned >= self._every
-            or (unsigned > 0 and now - self._last_checkpoint >= self._interval)
-            or (self._checkpoint_failures > 0 and now - self._last_checkpoint_try >= self._interval)
-        )
-        if self._checkpoint_failures > 0 and now - self._last_checkpoint_try < self._interval:
-            due = False  # a failing HSM or Vault is retried once per interval, not on every batch
+        due = self._fork_guard is None and self._checkpoints.due(len(batch))
         if not batch and not due:
             return
         self._batch_started = time.monotonic()
@@ -369,16 +324,11 @@ class AuditSink:
             add(record)
             numbers.append(seq)
         if checkpoint:
-            self._last_checkpoint_try = time.monotonic()
             try:
-                lines.append(await self._checkpoint_line(seq + 1, head, stamped))
-            except BrokerError as exc:
-                # The records still go to disk; the next interval tries the checkpoint again.
-                self._checkpoint_failed(f"signing a checkpoint failed: {exc.detail}")
+                lines.append(await self._checkpoints.line(seq + 1, head, stamped))
+            except BrokerError:
+                # Counted as a failure; the records still go to disk and the next interval tries again.
                 checkpoint = False
-            except Exception as exc:
-                self._checkpoint_failed(f"signing a checkpoint failed: {type(exc).__name__}")
-                raise
             else:
                 seq, head = seq + 1, line_hash(lines[-1])
         first = self._seq + 1
@@ -396,62 +346,10 @@ class AuditSink:
         self._seq, self._head = seq, head
         self.records_written += len(lines)
         self.batches_written += 1
-        self._since_checkpoint = 0 if checkpoint else self._since_checkpoint + len(lines)
-        if checkpoint:
-            self._last_checkpoint = time.monotonic()
-            self._anchor(Anchor(seq, head))
+        self._checkpoints.written(len(lines), Anchor(seq, head) if checkpoint else None, self.epoch)
         for (_, future), number in zip(batch, numbers, strict=True):
             if not future.done():
                 future.set_result(number)
-
-    # -- checkpoints and the Vault anchor ---------------------------------------------------
-
-    def _checkpoint_failed(self, reason: str) -> None:
-        self._checkpoint_failures += 1
-        log.warning("audit_checkpoint_failed", error=reason, in_a_row=self._checkpoint_failures)
-        if self._checkpoint_failures >= self._max_failures:
-            if self._checkpoint_halt is None:
-                log.error("audit_checkpoints_failing", reason=reason)
-            self._checkpoint_halt = (
-                f"{self._checkpoint_failures} checkpoints in a row could not be signed or anchored "
-                f"(last: {reason}); requests are refused until one succeeds"
-            )
-
-    def _checkpoint_succeeded(self) -> None:
-        if self._checkpoint_halt is not None:
-            log.warning("audit_checkpoints_resumed", after=self._checkpoint_halt)
-        self._checkpoint_failures = 0
-        self._checkpoint_halt = None
-
-    def _anchor(self, mark: Anchor) -> None:
-        if self._anchors is None:
-            self._checkpoint_succeeded()
-            return
-        task = asyncio.create_task(self._advance_anchor(mark))
-        self._anchor_tasks.add(task)
-        task.add_done_callback(self._anchor_tasks.discard)
-
-    async def _advance_anchor(self, mark: Anchor) -> None:
-        if self._anchors is None:
-            return
-        async with self._anchor_lock:  # in checkpoint order, so the anchor only moves forward
-            if mark.seq <= self._anchored_seq:
-                return
-            try:
-                await self._anchors.advance(self.epoch, mark)
-            except AnchorConflict as exc:
-                # Someone else moves this node's anchor: another writer with the same node name, or a
-                # replayed log. Stop at once rather than count.
-                self._checkpoint_failures = self._max_failures
-                self._checkpoint_halt = f"Vault's audit anchor for node {self.node} moved elsewhere: {exc}"
-                log.error("audit_anchor_conflict", reason=str(exc))  # noqa: TRY400 - no traceback helps
-                return
-            except Exception as exc:  # noqa: BLE001 - any failure counts toward stopping the log
-                detail = exc.detail if isinstance(exc, BrokerError) else type(exc).__name__
-                self._checkpoint_failed(f"anchoring record {mark.seq} in Vault failed: {detail}")
-                return
-            self._anchored_seq = mark.seq
-            self._checkpoint_succeeded()
 
     async def _check_anchor(self) -> None:
         """Refuse to write (and so to fork history) unless the local chain holds Vault's anchor."""
@@ -475,7 +373,7 @@ class AuditSink:
             return
         self.epoch = str(doc.get("epoch") or INITIAL_EPOCH)
         mark = Anchor(int(doc["seq"]), str(doc["hash"]))
-        self._anchored_seq = mark.seq
+        self._checkpoints.anchored_seq = mark.seq
         loop = asyncio.get_running_loop()
         try:
             problem = await loop.run_in_executor(self._io, self._find_anchor, mark)
@@ -536,25 +434,11 @@ class AuditSink:
             written = await self._anchors.begin_epoch(previous, entry, Anchor(self._seq, self._head))
         except AnchorConflict as exc:
             raise Conflict(f"Vault's audit anchor changed meanwhile ({exc}); check it and retry") from None
-        self.epoch, self._anchored_seq = name, self._seq
+        self.epoch, self._checkpoints.anchored_seq = name, self._seq
         self._conflict, self._fork_guard = None, None
-        self._checkpoint_succeeded()
+        self._checkpoints.succeeded()
         log.warning("audit_epoch_started", epoch=name, by=by, supersedes=supersedes)
         return written
-
-    async def _checkpoint_line(self, seq: int, head: str, stamped: str) -> bytes:
-        if self._signer is None:
-            raise Unavailable("no checkpoint signer", backend="audit")
-        body: dict[str, Any] = {
-            "type": "checkpoint",
-            "node": self.node,
-            "time": stamped,
-            "seq": seq,
-            "prev": head,
-            "head": head,
-        }
-        signature = await self._signer.sign_digest(checkpoint_digest(body))
-        return canonical({**body, "signature": base64.b64encode(signature).decode()})
 
     # -- reading ----------------------------------------------------------------------
 
@@ -568,4 +452,4 @@ class AuditSink:
 
     @property
     def signer(self) -> CheckpointSigner | None:
-        return self._signer
+        return self._checkpoints.signer

@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from broker.audit.chain import Anchor
-from broker.audit.sink import INITIAL_EPOCH, AnchorConflict
+from broker.audit.checkpoints import AnchorConflict
+from broker.audit.sink import INITIAL_EPOCH
 from broker.backends.vault import VaultClient
 from broker.state.kv import KvDocuments
 

@@ -46,3 +46,12 @@ def parse_duration(value: Any) -> int | None:
 
 def parse_iso_or_none(value: str | None) -> datetime | None:
     return parse_iso(value) if value else None
+
+
+def format_duration(seconds: int) -> str:
+    """The shortest exact spelling :func:`duration_seconds` reads back: ``90d``, ``12h``, ``90m``, ``45s``."""
+    for unit in ("d", "h", "m"):
+        size = _UNIT_SECONDS[unit]
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

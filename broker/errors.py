@@ -22,6 +22,10 @@
 ``UnsupportedOperation`` (a ``ClientError``, 400) is raised by a backend asked
 for something its key type or product cannot do.
 
+A ``BackendError`` carries what the backend said as fields (``upstream_status``,
+``upstream_code``, ``reasons``), set once where the SDK error is translated, so
+no caller reads ``__cause__`` to decide what happened.
+
 One aiohttp middleware (``broker.api.middleware``) renders each as
 ``application/problem+json`` (RFC 9457). Anything else that escapes a handler is
 rendered as an opaque 500 and logged with its traceback, never shown.
@@ -124,9 +128,27 @@ class BackendError(BrokerError):
     code = "backend_error"
     title = "Backend error"
 
-    def __init__(self, detail: str = "", *, backend: str = "") -> None:
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        backend: str = "",
+        upstream_status: int | None = None,
+        upstream_code: str = "",
+        reasons: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(detail)
         self.backend = backend
+        # The HTTP status the backend answered (Vault, KMS), if it answered at all.
+        self.upstream_status = upstream_status
+        # The backend's own name for the failure: a KMS error code, a PKCS#11 exception class.
+        self.upstream_code = upstream_code
+        # The backend's error messages (Vault's ``errors`` list), for callers that match on them.
+        self.reasons = reasons
+
+    def says(self, status: int, text: str = "") -> bool:
+        """Whether the backend answered ``status`` with a reason containing ``text``."""
+        return self.upstream_status == status and (not text or any(text in r for r in self.reasons))
 
 
 class BadGateway(BackendError):

@@ -16,27 +16,39 @@ from broker.api.audit_routes import add_audit_routes
 from broker.api.edge import EdgeSite, bound_tls_read_buffer
 from broker.api.grant_routes import add_grant_routes
 from broker.api.key_routes import add_key_routes
-from broker.api.keys import AUDIT, AUDIT_HMAC_KEY, GRANTS, HSM, KEYS, KMS, METRICS, POLICIES, SETTINGS, VAULT
 from broker.api.metrics import Metrics
 from broker.api.middleware import audit_trail, bounded_body, identity, problem_details, request_context
 from broker.api.policy_routes import add_policy_routes
 from broker.api.routes import add_routes
-from broker.audit.anchor import VaultAnchors
+from broker.api.state import (
+    ANCHORS,
+    AUDIT,
+    AUDIT_HMAC_KEY,
+    GRANTS,
+    HSM,
+    KEYS,
+    KMS,
+    METRICS,
+    POLICIES,
+    SETTINGS,
+    VAULT,
+)
 from broker.audit.sink import AuditSink
-from broker.backends.base import Backend
 from broker.backends.hsm import HsmAuditSigner, HsmClient, HsmKeys
 from broker.backends.kms import KmsClient, KmsKeys
-from broker.backends.vault import VaultClient, VaultTransit, read_secret_file
+from broker.backends.vault import VaultClient, VaultTransit
 from broker.config.model import Config
+from broker.config.secrets import read_secret_file
 from broker.config.tls import server_ssl_context
 from broker.errors import BrokerError, ConfigError
-from broker.keys.lifecycle import Clock, KeyService, scheduler_loop
-from broker.keys.model import now_utc
-from broker.keys.registry import Registry
+from broker.keys.service import Clock, KeyService, scheduler_loop
 from broker.log import get_logger
-from broker.state.grants import GrantStore
-from broker.state.kv import KvDocuments
+from broker.state.anchors import VaultAnchors
+from broker.state.grants import GrantStore, grant_purge_loop
 from broker.state.policies import PolicyStore
+from broker.state.registry import Registry
+from broker.timeutil import now_utc
+from broker.vocab import Backend
 
 log = get_logger(__name__)
 
@@ -73,7 +85,7 @@ def create_app(config: Config, *, clock: Clock = now_utc) -> web.Application:
     app[GRANTS] = GrantStore(app[VAULT], config.vault.kv_mount, clock=clock)
     # Each checkpoint's position goes to Vault (check-and-set, only forward), so a truncated or
     # wiped log is noticed, at verify and at this node's next start.
-    anchors = VaultAnchors(KvDocuments(app[VAULT], config.vault.kv_mount, "audit"), config.audit.node)
+    app[ANCHORS] = VaultAnchors(app[VAULT], config.vault.kv_mount, config.audit.node)
     audit = config.audit
     app[AUDIT] = AuditSink(
         audit.directory,
@@ -84,7 +96,7 @@ def create_app(config: Config, *, clock: Clock = now_utc) -> web.Application:
         checkpoint_seconds=audit.checkpoint_seconds,
         min_free_bytes=audit.min_free_bytes,
         signer=HsmAuditSigner(app[HSM], node=audit.node),
-        anchors=anchors,
+        anchors=app[ANCHORS],
         checkpoint_max_failures=audit.checkpoint_max_failures,
         write_timeout_seconds=audit.write_timeout_seconds,
     )
@@ -152,15 +164,6 @@ async def _background(work: Coroutine[Any, Any, None], name: str) -> AsyncIterat
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-async def grant_purge_loop(grants: GrantStore, interval: float) -> None:
-    while True:
-        try:
-            await grants.purge_expired()
-        except BrokerError as exc:
-            log.warning("grant_purge_failed", error=exc.detail)
-        await asyncio.sleep(interval)
 
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:

@@ -19,12 +19,12 @@ from aiohttp import web
 
 from broker.api import schemas
 from broker.api.authz import authorize
-from broker.api.keys import AUDIT, AUDIT_HMAC_KEY, PRINCIPAL, SETTINGS, VAULT
+from broker.api.state import ANCHORS, AUDIT, AUDIT_HMAC_KEY, PRINCIPAL, SETTINGS
 from broker.audit import chain, merge
 from broker.audit.events import hmac_value
 from broker.audit.signing import load_public_key, signature_checker, to_pem
 from broker.errors import BadRequest, Forbidden
-from broker.state.kv import KvDocuments
+from broker.state.anchors import anchored, epoch_notes, epochs
 
 MAX_EVENTS = 10_000
 EPOCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -44,21 +44,12 @@ async def _public_der(request: web.Request) -> bytes:
     return await signer.public_key_der()
 
 
-async def _anchor_document(request: web.Request) -> dict[str, Any] | None:
-    node = request.app[SETTINGS].audit.node
-    found = await KvDocuments(request.app[VAULT], request.app[SETTINGS].vault.kv_mount, "audit").read(
-        f"anchor-{node}"
-    )
-    return None if found is None else found[0]
-
-
 async def verify(request: web.Request) -> web.Response:
     """GET /v1/audit/verify: chain, signatures, Vault anchor and live head; names the first bad record."""
     await authorize(request, "audit.verify")
     sink = request.app[AUDIT]
     der = await _public_der(request)
-    document = await _anchor_document(request)
-    anchor = None if document is None else chain.Anchor(int(document["seq"]), str(document["hash"]))
+    document = await request.app[ANCHORS].read()
     head = sink.head()
     loop = asyncio.get_running_loop()
     files = await loop.run_in_executor(sink.executor, sink.read_files)
@@ -72,22 +63,16 @@ async def verify(request: web.Request) -> web.Response:
         return any(c(digest, signature) for c in checks)
 
     report = await loop.run_in_executor(
-        None, lambda: chain.verify(files, check, anchor=anchor, live_head=head if head.seq else None)
+        None,
+        lambda: chain.verify(files, check, anchor=anchored(document), live_head=head if head.seq else None),
     )
-    epochs = list((document or {}).get("epochs") or [])
-    for epoch in epochs:
-        old = epoch.get("supersedes") or {}
-        report.notes.append(
-            f"epoch {epoch.get('epoch')} began at record {epoch.get('first_seq')} on {epoch.get('started')}, "
-            f"started by {epoch.get('by')} ({epoch.get('reason')}); it superseded epoch {old.get('epoch')}, "
-            f"whose anchored history ended at record {old.get('seq')}"
-        )
+    report.notes.extend(epoch_notes(document))
     return web.json_response(
         {
             **report.to_json(),
             "node": sink.node,
             "epoch": sink.epoch,
-            "epochs": epochs,
+            "epochs": epochs(document),
             "public_key": to_pem(der),
         }
     )

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from broker.api.keys import AUDIT_FACTS, GRANTS, KEYS, POLICIES, PRINCIPAL
+from broker.api.state import AUDIT_FACTS, GRANTS, KEYS, POLICIES, PRINCIPAL
 from broker.audit.events import RequestFacts
 from broker.errors import Forbidden, NotFound, Unavailable
 from broker.keys.model import Key

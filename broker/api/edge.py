@@ -28,9 +28,9 @@ from aiohttp import http_exceptions, web
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
-from broker.api.keys import AUDIT, AUDIT_HMAC_KEY, CLIENT_REQUEST_ID, METRICS, PRINCIPAL, REQUEST_ID
 from broker.api.metrics import UNPARSED_ROUTE, method_label, route_label
 from broker.api.problem import PROBLEM_CONTENT_TYPE, RequestTimeout, problem_body
+from broker.api.state import AUDIT, AUDIT_HMAC_KEY, CLIENT_REQUEST_ID, METRICS, PRINCIPAL, REQUEST_ID
 from broker.audit.events import RequestFacts, build_event
 from broker.config.model import ServerConfig
 from broker.errors import BackendTimeout, BadRequest, BrokerError, PayloadTooLarge

@@ -12,7 +12,6 @@ replica honours them immediately.
 from __future__ import annotations
 
 import re
-from datetime import timedelta
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -20,11 +19,10 @@ from aiohttp import web
 
 from broker.api import schemas
 from broker.api.authz import facts, find_key, key_for, principal, record
-from broker.api.keys import GRANTS, KEYS, POLICIES
+from broker.api.state import GRANTS, KEYS, POLICIES
 from broker.errors import BadRequest, Forbidden, NotFound
 from broker.keys.model import check_name
 from broker.policy import engine
-from broker.policy.document import parse_duration
 from broker.policy.model import (
     GRANT_RETIRE,
     GRANTABLE,
@@ -33,7 +31,8 @@ from broker.policy.model import (
     grant_token,
     principal_from_id,
 )
-from broker.state.grants import new_grant_id
+from broker.state.grants import GrantAsk
+from broker.timeutil import parse_duration
 
 # What new_grant_id makes; checked before any lookup, so the answer tells nothing about keys.
 _GRANT_ID = re.compile(r"g-[0-9a-f]{20}")
@@ -74,38 +73,16 @@ async def create_grant(request: web.Request) -> web.Response:
         grantee = principal_from_id(schemas.string(body, "grantee", required=True)).id
     except ValueError as exc:
         raise BadRequest(f"'grantee': {exc}") from None
-    operations = _operations(body)
-    equals, subset = _constraint(body, "context_equals"), _constraint(body, "context_subset")
-    if equals is not None and subset is not None:
-        raise BadRequest("give at most one of context_equals and context_subset")
-    # From Vault, not this replica's cache: a grant outlives the refresh interval, so a granter
-    # whose role was just removed through another replica must not mint one here.
-    snapshot = await request.app[POLICIES].fresh()
-    limit = snapshot.policy.settings.grant_max_seconds
-    seconds = parse_duration(body.get("expires_in"))
-    if seconds is None or not 1 <= seconds <= limit:
-        raise BadRequest(f"'expires_in' is required: a duration from 1s to {limit}s (e.g. 3600, 90m, 12h)")
-    now = request.app[KEYS].now()
-    me = principal(request)
-    beyond = engine.exceeds_granter(snapshot.effective, me, facts(key), operations, equals, subset, now=now)
-    if beyond:
-        scope = "" if equals is None and subset is None else " within that context constraint"
-        raise Forbidden(
-            f"a grant cannot give more than its granter holds: you may not {', '.join(beyond)} "
-            f"on key {key.name}{scope}"
-        )
-    grant = Grant(
-        id=new_grant_id(),
-        key=key.name,
+    ask = GrantAsk(
         grantee=grantee,
-        operations=operations,
-        created_at=now,
-        expires_at=now + timedelta(seconds=seconds),
-        granter=me.id,
-        context_equals=equals,
-        context_subset=subset,
+        operations=_operations(body),
+        expires_in=parse_duration(body.get("expires_in")),
+        context_equals=_constraint(body, "context_equals"),
+        context_subset=_constraint(body, "context_subset"),
     )
-    await request.app[GRANTS].add(grant)
+    grant = await request.app[GRANTS].issue(
+        ask, granter=principal(request), key=facts(key), policy=await request.app[POLICIES].fresh()
+    )
     return web.json_response(
         {"grant_id": grant.id, "grant_token": grant_token(grant), **grant.to_json()}, status=201
     )

@@ -3,7 +3,7 @@
 Each handler checks the key name in the path against the name rule (400
 ``invalid_key_name`` before any lookup), authorizes (:mod:`broker.api.authz`, before any
 backend call), reads and checks its input, then calls
-:class:`broker.keys.lifecycle.KeyService`. Crypto endpoints take ``{"batch": [...]}`` and
+:class:`broker.keys.service.KeyService`. Crypto endpoints take ``{"batch": [...]}`` and
 answer per item, so one bad item does not fail the rest. A crypto caller learns what is
 wrong with its body only once it is known to have some right on the key: anyone else
 gets the same 403 whether the key exists or not, whatever it sends.
@@ -20,12 +20,12 @@ from aiohttp import web
 
 from broker.api import schemas
 from broker.api.authz import audit_facts, authorize, decide, find_key, key_for, principal
-from broker.api.keys import KEYS, SETTINGS
-from broker.backends.base import Backend, KeyType
+from broker.api.state import KEYS, SETTINGS
 from broker.errors import BadRequest, BrokerError
-from broker.keys.lifecycle import KeyService, NewKey, digest_of
 from broker.keys.model import Key, check_name
+from broker.keys.service import KeyService, NewKey, digest_of
 from broker.policy.model import KeyFacts
+from broker.vocab import Backend, KeyType
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -144,7 +144,7 @@ def _lifecycle(operation: str) -> Callable[[web.Request], Awaitable[web.Response
 
 async def _encrypt(request: web.Request, key: Key, item: dict[str, Any]) -> dict[str, Any]:
     sealed = await _service(request).encrypt(key, schemas.plaintext(item), schemas.context(item))
-    return {"ciphertext": sealed.ciphertext, "key_version": sealed.version}
+    return {"ciphertext": sealed.encoded, "key_version": sealed.version}
 
 
 async def _decrypt(request: web.Request, key: Key, item: dict[str, Any]) -> dict[str, Any]:
@@ -159,7 +159,7 @@ async def _datakey(request: web.Request, key: Key, item: dict[str, Any]) -> dict
     data, sealed = await _service(request).data_key(
         key, 32 if nbytes is None else nbytes, schemas.context(item)
     )
-    out: dict[str, Any] = {"ciphertext": sealed.ciphertext, "key_version": sealed.version}
+    out: dict[str, Any] = {"ciphertext": sealed.encoded, "key_version": sealed.version}
     if include:
         out["plaintext"] = _b64(data)
     return out
@@ -178,7 +178,7 @@ async def _rewrap(request: web.Request, key: Key, item: dict[str, Any]) -> dict[
     # Whoever may revoke the key is its custodian: the one allowed to move data off a compromised key.
     custodian = (await decide(request, "key.revoke", key, with_grants=False)).allowed
     sealed = await _service(request).rewrap(key, text, context, to_key=target, admin=custodian)
-    return {"ciphertext": sealed.ciphertext, "key_version": sealed.version, "key": (target or key).name}
+    return {"ciphertext": sealed.encoded, "key_version": sealed.version, "key": (target or key).name}
 
 
 def _digest(item: dict[str, Any]) -> bytes:
@@ -192,7 +192,7 @@ def _digest(item: dict[str, Any]) -> bytes:
 
 async def _sign(request: web.Request, key: Key, item: dict[str, Any]) -> dict[str, Any]:
     sealed = await _service(request).sign(key, _digest(item))
-    return {"signature": sealed.ciphertext, "key_version": sealed.version}
+    return {"signature": sealed.encoded, "key_version": sealed.version}
 
 
 async def _verify(request: web.Request, key: Key, item: dict[str, Any]) -> dict[str, Any]:
@@ -232,7 +232,7 @@ async def _batch_encrypt(request: web.Request, key: Key, items: list[dict[str, A
         items,
         lambda item: (schemas.plaintext(item), schemas.context(item)),
         lambda valid: _service(request).encrypt_batch(key, valid),
-        lambda r: {"ciphertext": r.ciphertext, "key_version": r.version},
+        lambda r: {"ciphertext": r.encoded, "key_version": r.version},
     )
 
 

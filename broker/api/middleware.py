@@ -20,7 +20,9 @@ import structlog
 from aiohttp import web
 
 from broker.api.edge import AUDITED
-from broker.api.keys import (
+from broker.api.metrics import method_label, route_label
+from broker.api.problem import RequestTimeout, problem_response
+from broker.api.state import (
     AUDIT,
     AUDIT_FACTS,
     AUDIT_HMAC_KEY,
@@ -30,10 +32,7 @@ from broker.api.keys import (
     REQUEST_ID,
     SETTINGS,
 )
-from broker.api.metrics import method_label, route_label
-from broker.api.problem import RequestTimeout, problem_response
 from broker.audit.events import RequestFacts, build_event
-from broker.context import backend_calls_var, request_id_var
 from broker.errors import (
     BadRequest,
     BrokerError,
@@ -44,6 +43,7 @@ from broker.errors import (
 )
 from broker.log import get_logger
 from broker.policy.model import principal_from_peercert
+from broker.requestvars import backend_calls_var, request_id_var
 
 log = get_logger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

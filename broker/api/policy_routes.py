@@ -10,14 +10,14 @@ invalid. Changing bindings needs ``binding.write`` on top of ``policy.write``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
 
 from broker.api import schemas
 from broker.api.authz import authorize, facts, policy_invalid_reason
-from broker.api.keys import GRANTS, KEYS, POLICIES
+from broker.api.state import GRANTS, KEYS, POLICIES
 from broker.errors import BadRequest, Conflict, NotFound
 from broker.policy import engine
 from broker.policy.document import (
@@ -147,24 +147,7 @@ async def put_role(request: web.Request) -> web.Response:
 async def delete_role(request: web.Request) -> web.Response:
     await authorize(request, "policy.write")
     name = _role_name(request)
-
-    def build(stored: Stored) -> dict[str, Any]:
-        doc = stored.base(request.app[POLICIES].defaults)
-        roles = _mapping(doc.get("roles"))
-        if name not in roles:
-            raise NotFound(f"no role named {name!r}")
-        bound = sorted(
-            str(p)
-            for p, names in _mapping(doc.get("bindings")).items()
-            if isinstance(names, list) and name in names
-        )
-        if bound:
-            raise Conflict(f"role {name} is still bound to {', '.join(bound)}; change those bindings first")
-        if len(roles) == 1:
-            raise Conflict(f"role {name} is the last role; a policy needs at least one")
-        return {**doc, "roles": {k: v for k, v in roles.items() if k != name}}
-
-    snap = await _write(request, build)
+    snap = await _validated(request.app[POLICIES].delete_role(name))
     return web.json_response({"deleted": name, "version": snap.version})
 
 
@@ -197,8 +180,13 @@ async def _write(
     request: web.Request, build: Callable[[Stored], Mapping[str, Any]], version: int | None = None
 ) -> Snapshot:
     """Merge into the document as stored now (re-read, validated whole, check-and-set, retried)."""
+    return await _validated(request.app[POLICIES].write(build, version))
+
+
+async def _validated(write: Awaitable[Snapshot]) -> Snapshot:
+    """A policy write whose result does not validate is the caller's 400, naming every problem."""
     try:
-        return await request.app[POLICIES].write(build, version)
+        return await write
     except PolicyInvalid as exc:
         raise InvalidPolicy("; ".join(str(p) for p in exc.problems)) from None
 

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from broker.api.authz import authorize
-from broker.api.keys import AUDIT, HSM, KMS, METRICS, POLICIES, VAULT
+from broker.api.state import AUDIT, HSM, KMS, METRICS, POLICIES, VAULT
 from broker.errors import BrokerError
 
 # A health check must answer quickly even when a backend hangs.

@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from broker.errors import BadRequest, PayloadTooLarge
+from broker.timeutil import duration_seconds
 
 MAX_JSON_DEPTH = 32
 MAX_PLAINTEXT = 4096
@@ -31,8 +32,6 @@ MAX_TAG_VALUE = 256
 MAX_DESCRIPTION = 1024
 # Integers in bodies stay within what every JSON implementation reads exactly (2^53 - 1).
 MAX_INTEGER = 2**53 - 1
-_DURATION = re.compile(r"([0-9]{1,10})([smhd]?)")
-_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 # A JSON string literal, unrolled so matching is linear; brackets inside strings do not nest.
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _BRACKETS = re.compile(r"[\[\]{}]")
@@ -267,10 +266,10 @@ def duration(body: dict[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
-        seconds = value
-    elif isinstance(value, str) and (m := _DURATION.fullmatch(value)):
-        seconds = int(m.group(1)) * _UNIT[m.group(2)]
+        seconds: int | None = value
     else:
+        seconds = duration_seconds(value) if isinstance(value, str) else None
+    if seconds is None:
         raise BadRequest(f"'{name}' must be seconds or a duration like '90d', '12h', '3600s'")
     if not 0 < seconds <= MAX_INTEGER:
         raise BadRequest(f"'{name}' must be positive (and below 2^53 seconds)")

@@ -15,7 +15,10 @@ directory is writable again, continuing the chain in a new file.
 
 Rotation: a file is closed once it passes ``max_file_bytes`` or is older than
 ``max_file_seconds``, at a batch boundary; the next file, named after its first
-record, continues the same chain.
+record, continues the same chain. The files themselves (lock, rotation, fsync,
+repair, finding the chain's end) are :mod:`broker.audit.segments`; this module is
+the commit protocol and the fail-closed checks; :mod:`broker.audit.checkpoints` decides,
+signs and anchors checkpoints.
 Checkpoints: every ``checkpoint_every`` records or ``checkpoint_seconds`` a
 checkpoint record signed by the HSM joins the chain and its position is anchored in
 Vault (:class:`AnchorStore`). ``checkpoint_max_failures`` checkpoints in a row that
@@ -36,80 +39,29 @@ who, why and which anchor it supersedes.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import fcntl
-import json
-import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any
 
 from broker.audit.chain import (
-    FILE_PREFIX,
-    FILE_SUFFIX,
     GENESIS,
     Anchor,
     canonical,
-    checkpoint_digest,
-    file_name,
     line_hash,
 )
-from broker.errors import BrokerError, ConfigError, Conflict, Unavailable
-from broker.keys.model import iso, now_utc
+from broker.audit.checkpoints import AnchorConflict, AnchorStore, Checkpoints, CheckpointSigner
+from broker.audit.segments import Segments, probe_writable
+from broker.errors import BrokerError, Conflict, Unavailable
 from broker.log import get_logger
+from broker.timeutil import iso, now_utc
 
 log = get_logger(__name__)
 
 
 INITIAL_EPOCH = "initial"
 NEW_EPOCH_HINT = "keybroker audit new-epoch --name NAME --reason TEXT"
-
-
-class AnchorConflict(Exception):
-    """Vault's anchor is not one this writer may move forward from (another epoch, or ahead)."""
-
-
-class AnchorStore(Protocol):
-    """Where checkpoint positions are kept outside the log (Vault KV, check-and-set)."""
-
-    async def read(self) -> dict[str, Any] | None:
-        """The anchor document (``seq``, ``hash``, ``epoch``, ``epochs``) or None."""
-        ...
-
-    async def advance(self, epoch: str, mark: Anchor) -> None:
-        """Move the anchor forward within ``epoch``; AnchorConflict if it is elsewhere or ahead."""
-        ...
-
-    async def begin_epoch(
-        self, expected: dict[str, Any] | None, entry: dict[str, Any], mark: Anchor
-    ) -> dict[str, Any]:
-        """Start epoch ``entry['epoch']`` at ``mark`` if the anchor is still ``expected``."""
-        ...
-
-
-class CheckpointSigner(Protocol):
-    async def sign_digest(self, digest: bytes) -> bytes:
-        """A raw r||s ECDSA P-256 signature of a SHA-256 digest, made in the HSM."""
-        ...
-
-    async def public_key_der(self) -> bytes: ...
-
-
-def probe_writable(directory: Path) -> None:
-    """Write, fsync and remove a file in ``directory``; raise OSError if any step fails.
-
-    ``os.access`` is not enough: a full disk or a read-only remount pass it.
-    """
-    fd, name = tempfile.mkstemp(prefix=".probe-", dir=directory)
-    try:
-        os.write(fd, b"probe\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-        os.unlink(name)
 
 
 class AuditSink:
@@ -130,45 +82,34 @@ class AuditSink:
     ) -> None:
         self.directory = directory
         self.node = node
-        self._max_bytes = max_file_bytes
-        self._max_age = max_file_seconds
-        self._opened_at = 0.0
-        self._every = checkpoint_every
-        self._interval = checkpoint_seconds
+        self._files = Segments(directory, max_file_bytes=max_file_bytes, max_file_seconds=max_file_seconds)
+        self._checkpoints = Checkpoints(
+            node,
+            signer=signer,
+            anchors=anchors,
+            every=checkpoint_every,
+            interval=checkpoint_seconds,
+            max_failures=checkpoint_max_failures,
+        )
         self._min_free = min_free_bytes
-        self._signer = signer
         self._anchors = anchors
-        self._max_failures = max(1, checkpoint_max_failures)
         self._write_timeout = write_timeout_seconds
-        self._checkpoint_failures = 0
-        self._last_checkpoint_try = 0.0
         # Set when the log cannot be written without forking history (Vault's anchor is not in the
         # local chain, or could not be read): nothing is written until it clears.
         self._fork_guard: str | None = None
         self._conflict: dict[str, Any] | None = None
         self._anchor_checked = anchors is None
-        # Set after too many failed checkpoints: requests are refused until a checkpoint succeeds.
-        self._checkpoint_halt: str | None = None
         self._batch_started: float | None = None
-        self._anchor_lock = asyncio.Lock()
-        self._anchored_seq = 0
         self.epoch = INITIAL_EPOCH
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-io")
-        self._lock_fh: IO[str] | None = None
-        self._fd: int | None = None
-        self._path: Path | None = None
-        self._size = 0
         self._seq = 0
         self._head = GENESIS
-        self._since_checkpoint = 0
-        self._last_checkpoint = time.monotonic()
         self._pending: list[tuple[dict[str, Any], asyncio.Future[int]]] = []
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._broken: str | None = None
         self._resume_note: str | None = None
         self._last_repair = 0.0
-        self._anchor_tasks: set[asyncio.Task[None]] = set()
         self.records_written = 0
         self.batches_written = 0
 
@@ -192,58 +133,34 @@ class AuditSink:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
-        for task in list(self._anchor_tasks):
-            with contextlib.suppress(Exception):
-                await task
+        await self._checkpoints.drain()
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._io, self._close_files)
+        await loop.run_in_executor(self._io, self._files.close)
         self._io.shutdown(wait=True)
-
-    def _close_files(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self._lock_fh is not None:
-            self._lock_fh.close()
-            self._lock_fh = None
 
     def _open_directory(self) -> None:
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._lock_fh = (self.directory / ".lock").open("a")
+            self._files.lock()
         except OSError as exc:
             self._broken = f"cannot open the audit directory {self.directory}: {exc.strerror}"
             return
-        try:
-            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_fh.close()
-            self._lock_fh = None
-            raise ConfigError(
-                f"another broker writes the audit log in {self.directory}; give each replica its own "
-                "audit.directory (one hash chain per writer)",
-                key="audit.directory",
-            ) from None
-        files = self.files_on_disk()
-        if not files:
-            return
-        self._seq, self._head, discarded = _chain_end(files)
+        self._seq, self._head, discarded = self._files.chain_end()
         if discarded:
             self._resume_note = f"discarded {discarded} bytes of an unfinished record at restart"
 
     def _reopen_directory(self) -> None:
         self._open_directory()
-        if self._lock_fh is not None:
+        if self._files.locked:
             self._broken = None
 
     def files_on_disk(self) -> list[Path]:
-        return sorted(self.directory.glob(f"{FILE_PREFIX}*{FILE_SUFFIX}"))
+        return self._files.files()
 
     # -- fail closed ------------------------------------------------------------------
 
     def check_ready(self) -> None:
         """Raise 503 unless a record could be written now. Cheap: a few system calls."""
-        for reason in (self._fork_guard, self._checkpoint_halt):
+        for reason in (self._fork_guard, self._checkpoints.halt):
             if reason is not None:
                 raise Unavailable(f"audit log unavailable: {reason}", backend="audit")
         if self._batch_started is not None and time.monotonic() - self._batch_started > self._write_timeout:
@@ -258,11 +175,7 @@ class AuditSink:
             self._last_repair = time.monotonic()
             self._repair()
         try:
-            if self._path is not None:
-                os.close(os.open(self._path, os.O_WRONLY | os.O_APPEND))
-            else:
-                probe_writable(self.directory)
-            free = os.statvfs(self.directory)
+            free = self._files.check_writable()
         except OSError as exc:
             self._mark_broken(f"{exc.strerror}: {exc.filename or self.directory}")
             raise Unavailable(f"audit log unavailable: {self._broken}", backend="audit") from None
@@ -281,10 +194,7 @@ class AuditSink:
     def _repair(self) -> None:
         """Leave the old file behind; the next write starts a new one that continues the chain."""
         reason = self._broken
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-        self._fd, self._path, self._size = None, None, 0
+        self._files.abandon()
         try:
             probe_writable(self.directory)
         except OSError as exc:
@@ -298,13 +208,18 @@ class AuditSink:
         facts: dict[str, Any] = {
             "directory": str(self.directory),
             "epoch": self.epoch,
-            "checkpoint_failures": self._checkpoint_failures,
+            "checkpoint_failures": self._checkpoints.failures,
         }
         try:
             self.check_ready()
         except Unavailable as exc:
             return {"ok": False, **facts, "error": exc.detail}
-        return {"ok": True, **facts, "seq": self._seq, "file": self._path.name if self._path else None}
+        return {
+            "ok": True,
+            **facts,
+            "seq": self._seq,
+            "file": active.name if (active := self._files.active) else None,
+        }
 
     @property
     def awaiting_epoch(self) -> bool:
@@ -354,26 +269,18 @@ class AuditSink:
 
     async def _write_once(self) -> None:
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._interval):
+            async with asyncio.timeout(self._checkpoints.interval):
                 await self._wake.wait()
         self._wake.clear()
         if not self._anchor_checked:
-            if self._lock_fh is None:
+            if not self._files.locked:
                 # The directory could not be opened at start: its chain end is still unknown.
                 await asyncio.get_running_loop().run_in_executor(self._io, self._reopen_directory)
             await self._check_anchor()
             if self._fork_guard is None:
                 self._pending.insert(0, ({"type": "start", "node": self.node}, self._orphan_future()))
         batch, self._pending = self._pending, []
-        now = time.monotonic()
-        unsigned = self._since_checkpoint + len(batch)
-        due = self._fork_guard is None and (
-            unsigned >= self._every
-            or (unsigned > 0 and now - self._last_checkpoint >= self._interval)
-            or (self._checkpoint_failures > 0 and now - self._last_checkpoint_try >= self._interval)
-        )
-        if self._checkpoint_failures > 0 and now - self._last_checkpoint_try < self._interval:
-            due = False  # a failing HSM or Vault is retried once per interval, not on every batch
+        due = self._fork_guard is None and self._checkpoints.due(len(batch))
         if not batch and not due:
             return
         self._batch_started = time.monotonic()
@@ -401,7 +308,7 @@ class AuditSink:
     ) -> None:
         seq, head = self._seq, self._head
         lines: list[bytes] = []
-        stamped = str(iso(now_utc()))
+        stamped = iso(now_utc())
 
         def add(record: dict[str, Any]) -> None:
             nonlocal seq, head
@@ -417,23 +324,18 @@ class AuditSink:
             add(record)
             numbers.append(seq)
         if checkpoint:
-            self._last_checkpoint_try = time.monotonic()
             try:
-                lines.append(await self._checkpoint_line(seq + 1, head, stamped))
-            except BrokerError as exc:
-                # The records still go to disk; the next interval tries the checkpoint again.
-                self._checkpoint_failed(f"signing a checkpoint failed: {exc.detail}")
+                lines.append(await self._checkpoints.line(seq + 1, head, stamped))
+            except BrokerError:
+                # Counted as a failure; the records still go to disk and the next interval tries again.
                 checkpoint = False
-            except Exception as exc:
-                self._checkpoint_failed(f"signing a checkpoint failed: {type(exc).__name__}")
-                raise
             else:
                 seq, head = seq + 1, line_hash(lines[-1])
         first = self._seq + 1
         try:
-            await asyncio.get_running_loop().run_in_executor(self._io, self._write, lines, first)
+            await asyncio.get_running_loop().run_in_executor(self._io, self._files.append, lines, first)
         except OSError as exc:
-            self._mark_broken(f"{exc.strerror}: {exc.filename or self._path}")
+            self._mark_broken(f"{exc.strerror}: {exc.filename or self._files.active}")
             error = Unavailable(f"audit log unavailable: {self._broken}", backend="audit")
             for _, future in batch:
                 if not future.done():
@@ -444,68 +346,16 @@ class AuditSink:
         self._seq, self._head = seq, head
         self.records_written += len(lines)
         self.batches_written += 1
-        self._since_checkpoint = 0 if checkpoint else self._since_checkpoint + len(lines)
-        if checkpoint:
-            self._last_checkpoint = time.monotonic()
-            self._anchor(Anchor(seq, head))
+        self._checkpoints.written(len(lines), Anchor(seq, head) if checkpoint else None, self.epoch)
         for (_, future), number in zip(batch, numbers, strict=True):
             if not future.done():
                 future.set_result(number)
-
-    # -- checkpoints and the Vault anchor ---------------------------------------------------
-
-    def _checkpoint_failed(self, reason: str) -> None:
-        self._checkpoint_failures += 1
-        log.warning("audit_checkpoint_failed", error=reason, in_a_row=self._checkpoint_failures)
-        if self._checkpoint_failures >= self._max_failures:
-            if self._checkpoint_halt is None:
-                log.error("audit_checkpoints_failing", reason=reason)
-            self._checkpoint_halt = (
-                f"{self._checkpoint_failures} checkpoints in a row could not be signed or anchored "
-                f"(last: {reason}); requests are refused until one succeeds"
-            )
-
-    def _checkpoint_succeeded(self) -> None:
-        if self._checkpoint_halt is not None:
-            log.warning("audit_checkpoints_resumed", after=self._checkpoint_halt)
-        self._checkpoint_failures = 0
-        self._checkpoint_halt = None
-
-    def _anchor(self, mark: Anchor) -> None:
-        if self._anchors is None:
-            self._checkpoint_succeeded()
-            return
-        task = asyncio.create_task(self._advance_anchor(mark))
-        self._anchor_tasks.add(task)
-        task.add_done_callback(self._anchor_tasks.discard)
-
-    async def _advance_anchor(self, mark: Anchor) -> None:
-        if self._anchors is None:
-            return
-        async with self._anchor_lock:  # in checkpoint order, so the anchor only moves forward
-            if mark.seq <= self._anchored_seq:
-                return
-            try:
-                await self._anchors.advance(self.epoch, mark)
-            except AnchorConflict as exc:
-                # Someone else moves this node's anchor: another writer with the same node name, or a
-                # replayed log. Stop at once rather than count.
-                self._checkpoint_failures = self._max_failures
-                self._checkpoint_halt = f"Vault's audit anchor for node {self.node} moved elsewhere: {exc}"
-                log.error("audit_anchor_conflict", reason=str(exc))  # noqa: TRY400 - no traceback helps
-                return
-            except Exception as exc:  # noqa: BLE001 - any failure counts toward stopping the log
-                detail = exc.detail if isinstance(exc, BrokerError) else type(exc).__name__
-                self._checkpoint_failed(f"anchoring record {mark.seq} in Vault failed: {detail}")
-                return
-            self._anchored_seq = mark.seq
-            self._checkpoint_succeeded()
 
     async def _check_anchor(self) -> None:
         """Refuse to write (and so to fork history) unless the local chain holds Vault's anchor."""
         if self._anchors is None:
             return
-        if self._lock_fh is None:
+        if not self._files.locked:
             self._fork_guard = (
                 f"cannot open the audit directory to check it against Vault's anchor ({self._broken}); "
                 "retrying"
@@ -523,7 +373,7 @@ class AuditSink:
             return
         self.epoch = str(doc.get("epoch") or INITIAL_EPOCH)
         mark = Anchor(int(doc["seq"]), str(doc["hash"]))
-        self._anchored_seq = mark.seq
+        self._checkpoints.anchored_seq = mark.seq
         loop = asyncio.get_running_loop()
         try:
             problem = await loop.run_in_executor(self._io, self._find_anchor, mark)
@@ -548,7 +398,7 @@ class AuditSink:
             return f"the audit directory {self.directory} holds no records"
         if self._seq < mark.seq:
             return f"the audit log in {self.directory} ends at record {self._seq}"
-        found = _hash_of_record(self.files_on_disk(), mark.seq)
+        found = self._files.hash_of_record(mark.seq)
         if found != mark.hash:
             return f"record {mark.seq} in {self.directory} is not the one anchored"
         return None
@@ -574,7 +424,7 @@ class AuditSink:
         await self._enqueue(record)
         entry = {
             "epoch": name,
-            "started": str(iso(now_utc())),
+            "started": iso(now_utc()),
             "by": by,
             "reason": reason,
             "first_seq": self._seq,
@@ -584,65 +434,17 @@ class AuditSink:
             written = await self._anchors.begin_epoch(previous, entry, Anchor(self._seq, self._head))
         except AnchorConflict as exc:
             raise Conflict(f"Vault's audit anchor changed meanwhile ({exc}); check it and retry") from None
-        self.epoch, self._anchored_seq = name, self._seq
+        self.epoch, self._checkpoints.anchored_seq = name, self._seq
         self._conflict, self._fork_guard = None, None
-        self._checkpoint_succeeded()
+        self._checkpoints.succeeded()
         log.warning("audit_epoch_started", epoch=name, by=by, supersedes=supersedes)
         return written
-
-    async def _checkpoint_line(self, seq: int, head: str, stamped: str) -> bytes:
-        if self._signer is None:
-            raise Unavailable("no checkpoint signer", backend="audit")
-        body: dict[str, Any] = {
-            "type": "checkpoint",
-            "node": self.node,
-            "time": stamped,
-            "seq": seq,
-            "prev": head,
-            "head": head,
-        }
-        signature = await self._signer.sign_digest(checkpoint_digest(body))
-        return canonical({**body, "signature": base64.b64encode(signature).decode()})
-
-    def _write(self, lines: list[bytes], first_seq: int) -> None:
-        """Blocking: append ``lines`` to the active file (a new one past the size limit) and fsync."""
-        data = b"".join(line + b"\n" for line in lines)
-        too_old = time.monotonic() - self._opened_at >= self._max_age
-        if self._fd is not None and (
-            self._size >= self._max_bytes or too_old or os.fstat(self._fd).st_nlink == 0
-        ):
-            # Rotated by size or age, or the active file was removed under us: never write into an
-            # unlinked inode.
-            os.close(self._fd)
-            self._fd = None
-        if self._fd is None:
-            path = self.directory / file_name(first_seq)
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
-            self._path, self._size, self._opened_at = path, 0, time.monotonic()
-            _fsync_directory(self.directory)
-        try:
-            written = os.write(self._fd, data)
-            if written == len(data):
-                os.fsync(self._fd)
-        except OSError:
-            self._cut_back()
-            raise
-        if written != len(data):
-            self._cut_back()
-            raise OSError(28, "short write to the audit log", str(self._path))
-        self._size += len(data)
-
-    def _cut_back(self) -> None:
-        """Leave no half record behind after a failed write."""
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self._size)
 
     # -- reading ----------------------------------------------------------------------
 
     def read_files(self) -> list[tuple[str, bytes]]:
         """Every log file's name and content, oldest first (blocking; call off the loop)."""
-        return [(p.name, p.read_bytes()) for p in self.files_on_disk()]
+        return self._files.read_all()
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -650,52 +452,4 @@ class AuditSink:
 
     @property
     def signer(self) -> CheckpointSigner | None:
-        return self._signer
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _chain_end(files: list[Path]) -> tuple[int, str, int]:
-    """(last seq, hash of the last complete record, bytes of an unfinished record cut off)."""
-    discarded = 0
-    for path in reversed(files):
-        data = path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            # A crash mid-write: that record was never acknowledged; cut it so the file stays valid.
-            discarded += len(data) - end
-            with path.open("r+b") as fh:
-                fh.truncate(end)
-                fh.flush()
-                os.fsync(fh.fileno())
-            data = data[:end]
-        lines = data.split(b"\n")[:-1]
-        if lines:
-            last = lines[-1]
-            return int(json.loads(last)["seq"]), line_hash(last), discarded
-    return 0, GENESIS, discarded
-
-
-def _hash_of_record(files: list[Path], seq: int) -> str | None:
-    """The line hash of record ``seq`` (files are named by their first record), or None."""
-    candidates = [p for p in files if _first_seq(p) <= seq]
-    for path in reversed(candidates):
-        for line in path.read_bytes().splitlines():
-            try:
-                if int(json.loads(line)["seq"]) == seq:
-                    return line_hash(line)
-            except (ValueError, KeyError, TypeError):
-                continue
-        return None
-    return None
-
-
-def _first_seq(path: Path) -> int:
-    digits = path.name.removeprefix(FILE_PREFIX).removesuffix(FILE_SUFFIX)
-    return int(digits) if digits.isdigit() else 0
+        return self._checkpoints.signer

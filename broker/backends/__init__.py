@@ -1,1 +1,7 @@
-"""The only package that imports hvac, boto3/botocore or pkcs11: SDK types stop here."""
+"""The key backends behind one seam; SDK types and SDK errors stop here.
+
+boto3/botocore and pkcs11 are imported here and, for operator and dev tooling only,
+in ``broker.vaultops`` and ``broker.devstack`` (hvac); nowhere else
+(``tests/unit/test_import_boundaries.py`` checks it). Vault is reached over its
+HTTP API with aiohttp.
+"""

@@ -18,8 +18,8 @@ import uuid
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
-from broker.context import backend_calls_var, request_id_var
 from broker.errors import BrokerError
+from broker.requestvars import backend_calls_var, request_id_var
 
 K = TypeVar("K", bound=Hashable)
 I = TypeVar("I")  # noqa: E741 - the item type, as in the batch call's signature

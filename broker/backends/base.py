@@ -24,27 +24,12 @@ import asyncio
 import json
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Protocol, TypeVar
 
 from broker.errors import BrokerError
+from broker.vocab import Backend, KeyType
 
 T = TypeVar("T")
-
-
-class KeyType(StrEnum):
-    AES256_GCM = "aes256-gcm"
-    ECDSA_P256 = "ecdsa-p256"
-
-    @property
-    def symmetric(self) -> bool:
-        return self is KeyType.AES256_GCM
-
-
-class Backend(StrEnum):
-    VAULT = "vault"
-    KMS = "kms"
-    HSM = "hsm"
 
 
 @dataclass(frozen=True)

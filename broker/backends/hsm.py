@@ -43,11 +43,12 @@ from pkcs11.util.ec import (
 )
 
 from broker.backends._blocking import run_blocking
-from broker.backends.base import Backend, Context, KeyRef, KeyType, PerItemBatches, canonical_context
-from broker.backends.vault import read_secret_file
+from broker.backends.base import Context, KeyRef, PerItemBatches, canonical_context
 from broker.config.model import HsmConfig
-from broker.context import note_backend_call
+from broker.config.secrets import read_secret_file
 from broker.errors import BadGateway, ConfigError, DecryptionFailed, NotFound, Unavailable
+from broker.requestvars import note_backend_call
+from broker.vocab import Backend, KeyType
 
 BACKEND = "hsm"
 T = TypeVar("T")
@@ -82,6 +83,9 @@ _SESSION_BROKEN = (
     p11err.UserNotLoggedIn,
 )
 
+# The mapped error names the exception class (``upstream_code``); decided on by name after mapping.
+_SESSION_BROKEN_CODES = frozenset(cls.__name__ for cls in _SESSION_BROKEN)
+
 
 @contextlib.contextmanager
 def map_pkcs11_errors(what: str) -> Iterator[None]:
@@ -91,9 +95,11 @@ def map_pkcs11_errors(what: str) -> Iterator[None]:
     except p11err.NoSuchKey as exc:
         raise NotFound(f"hsm: {what}: no such key object") from exc
     except _UNAVAILABLE as exc:
-        raise Unavailable(f"hsm: {what}: {exc.__class__.__name__}", backend=BACKEND) from exc
+        name = exc.__class__.__name__
+        raise Unavailable(f"hsm: {what}: {name}", backend=BACKEND, upstream_code=name) from exc
     except p11err.PKCS11Error as exc:
-        raise BadGateway(f"hsm: {what}: {exc.__class__.__name__}", backend=BACKEND) from exc
+        name = exc.__class__.__name__
+        raise BadGateway(f"hsm: {what}: {name}", backend=BACKEND, upstream_code=name) from exc
 
 
 def read_pin(config: HsmConfig) -> str:
@@ -185,7 +191,7 @@ class HsmClient:
                     with map_pkcs11_errors(what):
                         result = fn(worker.session)
                 except Unavailable as exc:
-                    if isinstance(exc.__cause__, _SESSION_BROKEN):
+                    if exc.upstream_code in _SESSION_BROKEN_CODES:
                         worker.session = None
                         self._forget_login()
                     raise

@@ -10,17 +10,17 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 import boto3
 import botocore.config
 import botocore.exceptions
 
 from broker.backends._blocking import run_blocking
-from broker.backends.base import Backend, Context, KeyRef, KeyType, PerItemBatches
+from broker.backends.base import Context, KeyRef, PerItemBatches
 from broker.config.model import KmsConfig
-from broker.context import note_backend_call
 from broker.errors import (
+    BackendError,
     BackendTimeout,
     BadGateway,
     BrokerError,
@@ -28,6 +28,8 @@ from broker.errors import (
     NotFound,
     Unavailable,
 )
+from broker.requestvars import note_backend_call
+from broker.vocab import Backend, KeyType
 
 if TYPE_CHECKING:
     from mypy_boto3_kms import KMSClient
@@ -45,23 +47,41 @@ _DENIED_CODES = {
 }
 
 
+class _Said(TypedDict):
+    backend: str
+    upstream_status: int | None
+    upstream_code: str
+    reasons: tuple[str, ...]
+
+
+def _said(exc: botocore.exceptions.ClientError, code: str) -> _Said:
+    """What KMS answered, kept on the broker error so nobody reads the botocore one again."""
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    message = str(exc.response.get("Error", {}).get("Message", ""))
+    return {
+        "backend": BACKEND,
+        "upstream_status": status if isinstance(status, int) else None,
+        "upstream_code": code,
+        "reasons": (message,) if message else (),
+    }
+
+
 @contextlib.contextmanager
 def map_botocore_errors(what: str) -> Iterator[None]:
     """Translate botocore failures into broker errors at the seam."""
     try:
         yield
     except botocore.exceptions.ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
+        code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in _NOT_FOUND_CODES:
             raise NotFound(f"kms: {what}: not found") from exc
+        said = _said(exc, code)
         if code in _UNAVAILABLE_CODES:
-            raise Unavailable(f"kms: {what}: {code}", backend=BACKEND) from exc
+            raise Unavailable(f"kms: {what}: {code}", **said) from exc
         if code in _DENIED_CODES:
             # The broker's own AWS identity was refused: a deployment fault, not the caller's.
-            raise Unavailable(
-                f"kms: {what}: the broker's credentials were refused ({code})", backend=BACKEND
-            ) from exc
-        raise BadGateway(f"kms: {what}: {code or 'error'}", backend=BACKEND) from exc
+            raise Unavailable(f"kms: {what}: the broker's credentials were refused ({code})", **said) from exc
+        raise BadGateway(f"kms: {what}: {code or 'error'}", **said) from exc
     except (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError) as exc:
         raise BackendTimeout(f"kms: {what}: timed out", backend=BACKEND) from exc
     except (
@@ -151,13 +171,6 @@ _KMS_SPECS = {
 _DECRYPT_FAILURES = {"InvalidCiphertextException", "IncorrectKeyException"}
 
 
-def _error_code(exc: BaseException) -> str:
-    cause = exc.__cause__
-    if isinstance(cause, botocore.exceptions.ClientError):
-        return str(cause.response.get("Error", {}).get("Code", ""))
-    return ""
-
-
 class KmsKeys(PerItemBatches):
     """Keys in AWS KMS, one KMS key per broker version; the material reference is the KeyId.
 
@@ -173,14 +186,14 @@ class KmsKeys(PerItemBatches):
     def __init__(self, client: KmsClient) -> None:
         self._kms = client
 
-    async def _is_decrypt_failure(self, exc: BaseException, ref: str) -> bool:
+    async def _is_decrypt_failure(self, exc: BackendError, ref: str) -> bool:
         """Whether a failed decrypt was about the ciphertext, not about the broker's access.
 
         KMS answers a blob whose embedded key reference was altered with
         AccessDeniedException, the same code as an IAM refusal. If the broker can
         still describe the key, its access is fine and the ciphertext was at fault.
         """
-        code = _error_code(exc)
+        code = exc.upstream_code
         if code in _DECRYPT_FAILURES:
             return True
         if code != "AccessDeniedException":
@@ -272,7 +285,7 @@ class KmsKeys(PerItemBatches):
                 ),
             )
         except BadGateway as exc:
-            if _error_code(exc) in ("KMSInvalidSignatureException", "ValidationException"):
+            if exc.upstream_code in ("KMSInvalidSignatureException", "ValidationException"):
                 return False
             raise
         return bool(out["SignatureValid"])

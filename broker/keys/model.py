@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from broker.backends.base import Backend, KeyType
 from broker.errors import BadRequest, Conflict, UnsupportedOperation
+from broker.timeutil import iso, iso_or_none, parse_iso, parse_iso_or_none
+from broker.vocab import Backend, KeyType
 
 # The one name rule. ASCII only and used with fullmatch (``$`` would let a trailing newline
 # through with match()): no "/", "?", "%", "\\", NUL or look-alike letter can ever be part of
 # a key name, so a name is always exactly one safe path segment.
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 NAME_RULE = "1-63 characters of a-z, 0-9, '-', '_', '.', starting with a letter or digit"
-ENVIRONMENTS = ("dev", "staging", "prod")
 MIN_PENDING_DAYS, MAX_PENDING_DAYS = 7, 30
 # The shortest scheduled-rotation period accepted: rotating faster only grows version lists.
 MIN_ROTATION_SECONDS = 3600
@@ -84,27 +84,6 @@ _SYMMETRIC_OPS = {Op.ENCRYPT, Op.DECRYPT, Op.DATAKEY, Op.REWRAP_FROM}
 _SIGNING_OPS = {Op.SIGN, Op.VERIFY}
 
 
-def now_utc() -> datetime:
-    return datetime.now(UTC)
-
-
-def iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def parse_iso(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def parse_iso_required(value: str) -> datetime:
-    moment = parse_iso(value)
-    if moment is None:
-        raise ValueError("a timestamp is required")
-    return moment
-
-
 @dataclass(frozen=True)
 class Version:
     number: int
@@ -117,7 +96,7 @@ class Version:
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Version:
-        return cls(int(raw["version"]), str(raw["material"]), parse_iso_required(raw["created_at"]))
+        return cls(int(raw["version"]), str(raw["material"]), parse_iso(raw["created_at"]))
 
 
 @dataclass(frozen=True)
@@ -298,15 +277,15 @@ class Key:
             "state_before_destruction": None
             if self.state_before_destruction is None
             else str(self.state_before_destruction),
-            "destroy_after": iso(self.destroy_after),
-            "destroyed_at": iso(self.destroyed_at),
+            "destroy_after": iso_or_none(self.destroy_after),
+            "destroyed_at": iso_or_none(self.destroyed_at),
             "revoked_reason": self.revoked_reason,
-            "last_rotated_at": iso(self.last_rotated_at),
+            "last_rotated_at": iso_or_none(self.last_rotated_at),
         }
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Key:
-        created, updated = parse_iso_required(raw["created_at"]), parse_iso_required(raw["updated_at"])
+        created, updated = parse_iso(raw["created_at"]), parse_iso(raw["updated_at"])
         before = raw.get("state_before_destruction")
         return cls(
             name=raw["name"],
@@ -324,10 +303,10 @@ class Key:
             description=str(raw.get("description", "")),
             owner=str(raw.get("owner", "")),
             state_before_destruction=None if before is None else State(before),
-            destroy_after=parse_iso(raw.get("destroy_after")),
-            destroyed_at=parse_iso(raw.get("destroyed_at")),
+            destroy_after=parse_iso_or_none(raw.get("destroy_after")),
+            destroyed_at=parse_iso_or_none(raw.get("destroyed_at")),
             revoked_reason=raw.get("revoked_reason"),
-            last_rotated_at=parse_iso(raw.get("last_rotated_at")),
+            last_rotated_at=parse_iso_or_none(raw.get("last_rotated_at")),
         )
 
     def public(self) -> dict[str, Any]:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from fnmatch import fnmatchcase
 from typing import Any
 
 from broker.errors import Unauthenticated
+from broker.timeutil import iso, parse_iso
 
 SPIFFE_SCHEME = "spiffe://"
 # The role the config's break-glass administrators hold; not a valid stored role name,
@@ -252,8 +253,8 @@ class Grant:
             "key": self.key,
             "grantee": self.grantee,
             "operations": list(self.operations),
-            "created_at": _iso(self.created_at),
-            "expires_at": _iso(self.expires_at),
+            "created_at": iso(self.created_at),
+            "expires_at": iso(self.expires_at),
             "granter": self.granter,
             "context_equals": dict(self.context_equals) if self.context_equals is not None else None,
             "context_subset": dict(self.context_subset) if self.context_subset is not None else None,
@@ -267,8 +268,8 @@ class Grant:
             key=str(data["key"]),
             grantee=str(data["grantee"]),
             operations=tuple(str(op) for op in data["operations"]),
-            created_at=_parse_iso(str(data["created_at"])),
-            expires_at=_parse_iso(str(data["expires_at"])),
+            created_at=parse_iso(str(data["created_at"])),
+            expires_at=parse_iso(str(data["expires_at"])),
             granter=str(data["granter"]),
             context_equals=dict(equals) if equals is not None else None,
             context_subset=dict(subset) if subset is not None else None,
@@ -292,14 +293,6 @@ def parse_grant_token(token: str) -> tuple[str, str]:
     if not token.startswith(GRANT_TOKEN_PREFIX) or not dot or not key or not grant_id:
         raise ValueError(f"not a grant token ({GRANT_TOKEN_PREFIX}<key>.<grant id>): {token!r}")
     return key, grant_id
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def _parse_iso(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 # -- decisions --------------------------------------------------------------------------

@@ -9,22 +9,75 @@ the scheduler and by every write.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from broker.backends.vault import VaultClient
-from broker.errors import NotFound
+from broker.errors import BadRequest, BrokerError, Forbidden, NotFound
 from broker.log import get_logger
-from broker.policy.model import Grant
+from broker.policy import engine
+from broker.policy.model import Grant, KeyFacts, Principal
 from broker.state.kv import KvDocuments
+from broker.state.policies import Snapshot
 
 log = get_logger(__name__)
 
 
 def new_grant_id() -> str:
     return "g-" + secrets.token_hex(10)
+
+
+@dataclass(frozen=True)
+class GrantAsk:
+    """What a granter asked for, parsed: the rules about it are :func:`build_grant`'s."""
+
+    grantee: str
+    operations: tuple[str, ...]
+    expires_in: int | None  # seconds; None when missing or not a duration
+    context_equals: Mapping[str, str] | None = None
+    context_subset: Mapping[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.context_equals is not None and self.context_subset is not None:
+            raise BadRequest("give at most one of context_equals and context_subset")
+
+
+def build_grant(
+    ask: GrantAsk, *, granter: Principal, key: KeyFacts, policy: Snapshot, now: datetime, grant_id: str
+) -> Grant:
+    """The grant ``granter`` may issue for ``ask`` under ``policy``, or the reason it may not.
+
+    The expiry is required and capped by the policy's ``grant_max_expires_in``; the grant
+    gives no operation the granter's own rules would not allow within its context
+    constraint, now.
+    """
+    equals, subset = ask.context_equals, ask.context_subset
+    limit = policy.policy.settings.grant_max_seconds
+    seconds = ask.expires_in
+    if seconds is None or not 1 <= seconds <= limit:
+        raise BadRequest(f"'expires_in' is required: a duration from 1s to {limit}s (e.g. 3600, 90m, 12h)")
+    beyond = engine.exceeds_granter(policy.effective, granter, key, ask.operations, equals, subset, now=now)
+    if beyond:
+        scope = "" if equals is None and subset is None else " within that context constraint"
+        raise Forbidden(
+            f"a grant cannot give more than its granter holds: you may not {', '.join(beyond)} "
+            f"on key {key.name}{scope}"
+        )
+    return Grant(
+        id=grant_id,
+        key=key.name,
+        grantee=ask.grantee,
+        operations=ask.operations,
+        created_at=now,
+        expires_at=now + timedelta(seconds=seconds),
+        granter=granter.id,
+        context_equals=None if equals is None else dict(equals),
+        context_subset=None if subset is None else dict(subset),
+    )
 
 
 class GrantStore:
@@ -45,6 +98,19 @@ class GrantStore:
             if grant.id == grant_id:
                 return grant
         raise NotFound(f"key {key} has no grant {grant_id} (it may have expired)")
+
+    async def issue(self, ask: GrantAsk, *, granter: Principal, key: KeyFacts, policy: Snapshot) -> Grant:
+        """Build the grant by :func:`build_grant`'s rules and store it.
+
+        ``policy`` must be read fresh from Vault, not a replica's cache: a grant outlives
+        the refresh interval, so a granter whose role was just removed through another
+        replica must not mint one here.
+        """
+        grant = build_grant(
+            ask, granter=granter, key=key, policy=policy, now=self._clock(), grant_id=new_grant_id()
+        )
+        await self.add(grant)
+        return grant
 
     async def add(self, grant: Grant) -> None:
         def change(current: dict[str, Any] | None) -> dict[str, Any]:
@@ -97,3 +163,13 @@ class GrantStore:
 
 def _grants(document: dict[str, Any] | None) -> list[Grant]:
     return [Grant.from_json(g) for g in (document or {}).get("grants", [])]
+
+
+async def grant_purge_loop(grants: GrantStore, interval: float) -> None:
+    """Purge expired grants every ``interval`` seconds until cancelled; a failure waits for the next round."""
+    while True:
+        try:
+            await grants.purge_expired()
+        except BrokerError as exc:
+            log.warning("grant_purge_failed", error=exc.detail)
+        await asyncio.sleep(interval)

@@ -13,7 +13,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from broker.backends.vault import VaultClient, vault_path, vault_status
+from broker.backends.vault import VaultClient, vault_path
 from broker.errors import BadGateway, NotFound, Unavailable
 
 # Enough for dozens of writers on one entry; each attempt is two short Vault calls.
@@ -56,7 +56,7 @@ class KvDocuments:
                 what=f"{self._prefix} write",
             )
         except BadGateway as exc:
-            if vault_status(exc) == 400 and "check-and-set" in str(exc.__cause__):
+            if exc.says(400, "check-and-set"):
                 raise CasConflict(name) from exc
             raise
         return int((out.get("data") or {}).get("version", cas + 1))

@@ -29,7 +29,7 @@ from importlib import resources
 from typing import Any
 
 from broker.backends.vault import VaultClient
-from broker.errors import BrokerError, Conflict, Unavailable
+from broker.errors import BrokerError, Conflict, NotFound, Unavailable
 from broker.log import get_logger
 from broker.policy.document import PolicyInvalid, load_file_text, parse_document, to_document
 from broker.policy.model import BREAK_GLASS_ROLE, PolicySet, Role, Rule, principal_from_id
@@ -222,6 +222,10 @@ class PolicyStore:
 
     # -- writing ---------------------------------------------------------------------
 
+    async def delete_role(self, name: str) -> Snapshot:
+        """Remove a role from the document as stored now (see :func:`without_role` for when not)."""
+        return await self.write(lambda stored: without_role(stored.base(self.defaults), name))
+
     async def write(
         self, build: Callable[[Stored], Mapping[str, Any]], expected_version: int | None = None
     ) -> Snapshot:
@@ -276,3 +280,24 @@ def _canonical_id(principal_id: str) -> str:
         return principal_from_id(principal_id).id
     except ValueError:
         return principal_id
+
+
+def without_role(document: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """``document`` minus role ``name``: refused while a principal is bound to it or it is the last one."""
+    roles = _mapping(document.get("roles"))
+    if name not in roles:
+        raise NotFound(f"no role named {name!r}")
+    bound = sorted(
+        str(p)
+        for p, names in _mapping(document.get("bindings")).items()
+        if isinstance(names, list) and name in names
+    )
+    if bound:
+        raise Conflict(f"role {name} is still bound to {', '.join(bound)}; change those bindings first")
+    if len(roles) == 1:
+        raise Conflict(f"role {name} is the last role; a policy needs at least one")
+    return {**document, "roles": {k: v for k, v in roles.items() if k != name}}
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, dict) else {}

@@ -11,14 +11,14 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from broker.backends.base import Backend
 from broker.backends.hsm import HsmClient, HsmKeys, object_label
 from broker.backends.kms import KmsClient, KmsKeys
 from broker.backends.vault import VaultClient, VaultTransit
 from broker.config.load import load_config
 from broker.devstack.stack import DEV_AWS_ENV, DevStack
-from broker.keys.lifecycle import KeyService
-from broker.keys.registry import Registry
+from broker.keys.service import KeyService
+from broker.state.registry import Registry
+from broker.vocab import Backend
 from tests.integration.conftest import Reply, https
 
 

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from broker.audit.chain import Anchor, canonical, verify
-from broker.audit.sink import INITIAL_EPOCH, AnchorConflict, AuditSink
+from broker.audit.checkpoints import AnchorConflict
+from broker.audit.sink import INITIAL_EPOCH, AuditSink
 from broker.errors import BrokerError, Conflict, Unavailable
 from tests.unit.test_audit_chain import SoftSigner, files
 

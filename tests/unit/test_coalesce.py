@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from broker.backends._coalesce import Coalescer
-from broker.context import backend_calls_var, note_backend_call, request_id_var
 from broker.errors import DecryptionFailed, Unavailable
+from broker.requestvars import backend_calls_var, note_backend_call, request_id_var
 
 
 class Backend:

@@ -24,8 +24,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from broker.api.edge import TLS_READ_BUFFER_BYTES, EdgeSite, bound_tls_read_buffer
-from broker.api.keys import AUDIT, AUDIT_HMAC_KEY, METRICS
 from broker.api.metrics import Metrics
+from broker.api.state import AUDIT, AUDIT_HMAC_KEY, METRICS
 from broker.config.model import ServerConfig
 
 if TYPE_CHECKING:

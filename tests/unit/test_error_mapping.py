@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import aiohttp
 import botocore.exceptions
@@ -106,3 +107,42 @@ def test_vault_http_statuses(status: int, expected: type[BrokerError]) -> None:
     """Vault's sealed (503) and rate-limited (429) answers mean unavailable."""
     with pytest.raises(expected), map_vault_errors("op"):
         raise VaultHTTPError(status, ["e"])
+
+
+def test_vault_error_keeps_status_and_reasons() -> None:
+    """A mapped Vault error carries the upstream status and Vault's messages as fields."""
+    with pytest.raises(BadGateway) as caught, map_vault_errors("kv write"):
+        raise VaultHTTPError(400, ["check-and-set parameter did not match the current version"])
+
+    assert (
+        caught.value.upstream_status,
+        caught.value.reasons,
+    ) == (400, ("check-and-set parameter did not match the current version",))
+    assert caught.value.says(400, "check-and-set")
+    assert not caught.value.says(500, "check-and-set")
+    assert not caught.value.says(400, "transaction commit failed")
+
+
+def test_kms_error_keeps_code_and_status() -> None:
+    """A mapped KMS error carries the KMS error code and HTTP status as fields."""
+    response: Any = {
+        "Error": {"Code": "InvalidCiphertextException", "Message": "m"},
+        "ResponseMetadata": {"HTTPStatusCode": 400},
+    }
+    error = botocore.exceptions.ClientError(response, "Decrypt")
+    with pytest.raises(BadGateway) as caught, map_botocore_errors("decrypt"):
+        raise error
+
+    assert (
+        caught.value.upstream_code,
+        caught.value.upstream_status,
+        caught.value.reasons,
+    ) == ("InvalidCiphertextException", 400, ("m",))
+
+
+def test_pkcs11_error_keeps_exception_name() -> None:
+    """A mapped PKCS#11 error names the library's exception class, which decides session reuse."""
+    with pytest.raises(Unavailable) as caught, map_pkcs11_errors("sign"):
+        raise p11err.SessionClosed()
+
+    assert caught.value.upstream_code == "SessionClosed"

@@ -15,11 +15,12 @@ from typing import Any, cast
 
 import pytest
 
-from broker.backends.base import KeyRef, KeyType
+from broker.backends.base import KeyRef
 from broker.backends.hsm import GcmParams, HsmClient, HsmKeys, _CkGcmParams
 from broker.config.load import load_config
 from broker.config.model import HsmConfig
 from broker.errors import BadGateway, ConfigError
+from broker.vocab import KeyType
 
 KEY = KeyRef(name="k", type=KeyType.AES256_GCM)
 

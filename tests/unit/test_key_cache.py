@@ -6,8 +6,8 @@ import asyncio
 from dataclasses import replace
 from typing import Any
 
-from broker.keys.lifecycle import KeyService
 from broker.keys.model import Key, State
+from broker.keys.service import KeyService
 from tests.unit.test_key_model import active_key
 
 

@@ -6,10 +6,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from broker.backends.base import Backend, KeyType, canonical_context
+from broker.backends.base import canonical_context
 from broker.errors import BadRequest, Conflict, DecryptionFailed, UnsupportedOperation
 from broker.keys import ciphertext
 from broker.keys.model import Key, Op, State, Version
+from broker.vocab import Backend, KeyType
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -9,9 +9,9 @@ import string
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from broker.api.keys import METRICS
 from broker.api.metrics import KNOWN_METHODS, Metrics, method_label, status_label
 from broker.api.middleware import problem_details, request_context
+from broker.api.state import METRICS
 
 _EXOTIC_METHODS = [
     "PROPFIND",

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from broker.backends.vault import VaultHTTPError
 from broker.errors import BadGateway, Conflict, NotFound
 from broker.policy.document import to_document
 from broker.state.policies import PolicyStore, Stored, default_policy
@@ -41,11 +40,11 @@ class CasVault:
             hook, self.before_write = self.before_write, None
             hook()
         if body["options"]["cas"] != self.version:
-            error = BadGateway("vault: 400")
-            error.__cause__ = VaultHTTPError(
-                400, ["check-and-set parameter did not match the current version"]
+            raise BadGateway(
+                "vault: 400",
+                upstream_status=400,
+                reasons=("check-and-set parameter did not match the current version",),
             )
-            raise error
         self.document, self.version, self.writes = (
             copy.deepcopy(body["data"]),
             self.version + 1,

@@ -1,4 +1,7 @@
-"""Per-request context that follows work into threads and backend calls."""
+"""Request-scoped context variables (request id, backend call ids) that follow work into threads.
+
+Not the encryption context: that is the caller's string map bound to ciphertexts.
+"""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ The broker enforces the state machine itself before any backend is asked (moto,
 for one, lets a disabled KMS key encrypt), then mirrors what a backend can hold
 natively: KMS enable/disable and deletion windows, transit's
 ``min_decryption_version``. Registry writes are check-and-set
-(:class:`broker.keys.registry.Registry`), so replicas never lose a change.
+(:class:`broker.state.registry.Registry`), so replicas never lose a change.
 
 Time comes from an injected clock, so tests move through rotation periods and
 destruction windows without sleeping.
@@ -20,21 +20,21 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from broker.backends.base import Backend, Context, KeyBackend, KeyRef, KeyType
+from broker.backends.base import Context, KeyBackend, KeyRef
 from broker.errors import BadRequest, BrokerError, Conflict, DecryptionFailed
 from broker.keys import ciphertext
 from broker.keys.model import (
-    ENVIRONMENTS,
     MIN_ROTATION_SECONDS,
     Key,
     Op,
     State,
     Version,
     check_name,
-    now_utc,
 )
-from broker.keys.registry import Registry
 from broker.log import get_logger
+from broker.state.registry import Registry
+from broker.timeutil import now_utc
+from broker.vocab import ENVIRONMENTS, Backend, KeyType
 
 log = get_logger(__name__)
 Clock = Callable[[], datetime]
@@ -60,7 +60,9 @@ def check_rotation_period(seconds: int | None) -> None:
 
 @dataclass(frozen=True)
 class Sealed:
-    ciphertext: str
+    """What the broker hands back: its encoded envelope (of a ciphertext or a signature) and the version."""
+
+    encoded: str
     version: int
 
 

@@ -13,13 +13,40 @@ from __future__ import annotations
 from typing import Any
 
 from broker.audit.chain import Anchor
-from broker.audit.sink import INITIAL_EPOCH, AnchorConflict
+from broker.audit.checkpoints import AnchorConflict
+from broker.audit.sink import INITIAL_EPOCH
+from broker.backends.vault import VaultClient
 from broker.state.kv import KvDocuments
 
 
+def anchored(document: dict[str, Any] | None) -> Anchor | None:
+    """The checkpoint position an anchor document holds, if there is one."""
+    return None if document is None else Anchor(int(document["seq"]), str(document["hash"]))
+
+
+def epoch_notes(document: dict[str, Any] | None) -> list[str]:
+    """One sentence per recorded epoch: when it began, who started it and why, what it superseded."""
+    notes = []
+    for epoch in epochs(document):
+        old = epoch.get("supersedes") or {}
+        notes.append(
+            f"epoch {epoch.get('epoch')} began at record {epoch.get('first_seq')} on {epoch.get('started')}, "
+            f"started by {epoch.get('by')} ({epoch.get('reason')}); it superseded epoch {old.get('epoch')}, "
+            f"whose anchored history ended at record {old.get('seq')}"
+        )
+    return notes
+
+
+def epochs(document: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The epoch history an anchor document records, oldest first."""
+    return list((document or {}).get("epochs") or [])
+
+
 class VaultAnchors:
-    def __init__(self, documents: KvDocuments, node: str) -> None:
-        self._docs = documents
+    """This node's anchor document: the one place that reads and writes it."""
+
+    def __init__(self, vault: VaultClient, kv_mount: str, node: str) -> None:
+        self._docs = KvDocuments(vault, kv_mount, "audit")
         self._name = f"anchor-{node}"
 
     async def read(self) -> dict[str, Any] | None:
@@ -46,7 +73,7 @@ class VaultAnchors:
         def change(current: dict[str, Any] | None) -> dict[str, Any]:
             if current != expected:
                 raise AnchorConflict("the anchor is not the one this broker found at start")
-            history = list((current or {}).get("epochs") or [])
+            history = epochs(current)
             return {"seq": mark.seq, "hash": mark.hash, "epoch": entry["epoch"], "epochs": [*history, entry]}
 
         written, _ = await self._docs.update(self._name, change)

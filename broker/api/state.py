@@ -1,4 +1,4 @@
-"""Typed keys for application and request state."""
+"""Typed keys of aiohttp application and request state (the stores, clients and settings a handler reads)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from broker.backends.kms import KmsClient
     from broker.backends.vault import VaultClient
     from broker.config.model import Config
-    from broker.keys.lifecycle import KeyService
+    from broker.keys.service import KeyService
+    from broker.state.anchors import VaultAnchors
     from broker.state.grants import GrantStore
     from broker.state.policies import PolicyStore
 
@@ -27,6 +28,7 @@ POLICIES: web.AppKey[PolicyStore] = web.AppKey("policies")
 GRANTS: web.AppKey[GrantStore] = web.AppKey("grants")
 AUDIT: web.AppKey[AuditSink] = web.AppKey("audit")
 AUDIT_HMAC_KEY: web.AppKey[bytes] = web.AppKey("audit_hmac_key")
+ANCHORS: web.AppKey[VaultAnchors] = web.AppKey("anchors")
 
 # Request-scoped keys (aiohttp's request mapping takes plain strings).
 REQUEST_ID = "keybroker.request_id"
@@ -37,6 +39,7 @@ CLIENT_REQUEST_ID = "keybroker.client_request_id"
 AUDIT_FACTS = "keybroker.audit_facts"
 
 __all__ = [
+    "ANCHORS",
     "AUDIT",
     "AUDIT_FACTS",
     "AUDIT_HMAC_KEY",

@@ -1,0 +1,314 @@
+"""Vault's HTTP API: one pooled aiohttp session, AppRole login, token renewal, errors mapped once.
+
+hvac is synchronous and used only for bootstrap and admin commands
+(``broker.vaultops``); the broker's own calls go through :class:`VaultClient`.
+Every call carries the broker-generated request id as ``X-Request-Id`` (a
+``kb-bg-`` one outside a request), which Vault's file audit device records, so
+broker and Vault audit entries join on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import ssl
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from broker.config.model import VaultConfig
+from broker.config.secrets import read_secret_file
+from broker.errors import (
+    BackendTimeout,
+    BadGateway,
+    BadRequest,
+    ConfigError,
+    NotFound,
+    Unavailable,
+)
+from broker.log import get_logger
+from broker.requestvars import note_backend_call, outgoing_request_id
+
+log = get_logger(__name__)
+BACKEND = "vault"
+# How long to wait before retrying a failed login, growing to the cap.
+_LOGIN_RETRY = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+# A fixed part of a Vault path (a mount, an endpoint word): configuration or code, never a caller.
+_FIXED_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def vault_path(base: str, *segments: str) -> str:
+    """The one way to build a Vault API path: ``v1/<base>/<segment>/...``.
+
+    ``base`` is a fixed "/"-separated path (mount and endpoint, e.g. ``kv/data/keys``).
+    Each of ``segments`` is ONE path segment that may come from a caller (a key name):
+    it is percent-encoded whole, so ``?``, ``#`` and ``%`` cannot add a query or a
+    fragment. Some things no encoding makes safe, so they are refused outright: dot
+    segments (the HTTP client and Vault normalise ``..``, even as ``%2E%2E``), ``/`` and
+    ``\\`` (Vault routes on the decoded path, where ``%2F`` is a separator again),
+    control characters and lone surrogates. Names are validated against their own rule
+    earlier; this is the last line, not the first.
+    """
+    fixed = base.strip("/").split("/")
+    if not all(_FIXED_SEGMENT.fullmatch(part) for part in fixed):
+        raise ValueError(f"not a fixed Vault path: {base!r}")
+    encoded = []
+    for segment in segments:
+        if segment in ("", ".", "..") or "/" in segment or "\\" in segment or not segment.isprintable():
+            raise BadRequest("a name is not usable as a Vault path segment")
+        try:
+            segment.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("a name is not usable as a Vault path segment") from None
+        encoded.append(urllib.parse.quote(segment, safe=""))
+    return "/".join(("v1", *fixed, *encoded))
+
+
+class VaultHTTPError(Exception):
+    """Vault answered with an error status; translated at the boundary."""
+
+    def __init__(self, status: int, errors: list[str]) -> None:
+        super().__init__(f"HTTP {status}: {'; '.join(errors) or 'no detail'}")
+        self.status = status
+        self.errors = errors
+
+
+@contextlib.contextmanager
+def map_vault_errors(what: str) -> Iterator[None]:
+    """Translate transport and HTTP failures talking to Vault into broker errors."""
+    try:
+        yield
+    except VaultHTTPError as exc:
+        if exc.status == 404:
+            raise NotFound(f"vault: {what}: not found") from exc
+        kind = Unavailable if exc.status in (429, 503) else BadGateway
+        raise kind(
+            f"vault: {what}: {exc}", backend=BACKEND, upstream_status=exc.status, reasons=tuple(exc.errors)
+        ) from exc
+    except TimeoutError as exc:
+        raise BackendTimeout(f"vault: {what}: timed out", backend=BACKEND) from exc
+    except aiohttp.ClientConnectionError as exc:
+        raise Unavailable(
+            f"vault: {what}: cannot connect ({exc.__class__.__name__})", backend=BACKEND
+        ) from exc
+    except aiohttp.ClientError as exc:
+        raise BadGateway(f"vault: {what}: {exc.__class__.__name__}", backend=BACKEND) from exc
+    except ValueError as exc:  # a body that is not JSON
+        raise BadGateway(f"vault: {what}: unreadable response", backend=BACKEND) from exc
+
+
+@dataclass
+class _Token:
+    value: str
+    accessor: str
+    ttl: float
+    renewable: bool
+    obtained_at: float
+
+
+class VaultClient:
+    """Authenticated access to Vault for the broker's hot path and health checks."""
+
+    def __init__(self, config: VaultConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._config = config
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self._token: _Token | None = None
+        self._login_lock = asyncio.Lock()
+        self._renewer: asyncio.Task[None] | None = None
+        self.logins = 0
+        self.renewals = 0
+
+    async def start(self) -> None:
+        ssl_ctx: ssl.SSLContext | bool = True
+        if self._config.ca_file is not None:
+            ssl_ctx = ssl.create_default_context(cafile=str(self._config.ca_file))
+        connector = aiohttp.TCPConnector(limit=128, ssl=ssl_ctx, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(
+            base_url=self._config.address.rstrip("/") + "/",
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self._config.timeout_seconds),
+        )
+        # Credentials are checked now so a missing file stops start-up with a clear error.
+        self._credentials()
+        try:
+            await self.login()
+        except (Unavailable, BadGateway, BackendTimeout) as exc:
+            log.warning("vault_login_failed_at_start", error=str(exc))
+        self._renewer = asyncio.create_task(self._renew_loop(), name="vault-token-renewer")
+
+    async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        if self._session is not None:
+            await self._session.close()
+
+    def _credentials(self) -> tuple[str, str]:
+        return (
+            read_secret_file(self._config.role_id_file, "vault.role_id_file"),
+            read_secret_file(self._config.secret_id_file, "vault.secret_id_file"),
+        )
+
+    @property
+    def token_age(self) -> float | None:
+        return None if self._token is None else self._clock() - self._token.obtained_at
+
+    async def login(self) -> None:
+        """Log in with AppRole and replace the current token; revoke the old one."""
+        async with self._login_lock:
+            role_id, secret_id = self._credentials()
+            body = await self._raw(
+                "POST",
+                vault_path(f"auth/{self._config.approle_mount}", "login"),
+                {"role_id": role_id, "secret_id": secret_id},
+                token=None,
+                what="approle login",
+            )
+            old = self._token
+            self._token = self._token_from(body)
+            self.logins += 1
+            log.info("vault_login", ttl=self._token.ttl, renewable=self._token.renewable)
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await self._raw(
+                    "POST",
+                    "v1/auth/token/revoke-self",
+                    None,
+                    token=old.value,
+                    what="revoke old token",
+                )
+
+    def _token_from(self, body: dict[str, Any]) -> _Token:
+        auth = body.get("auth") or {}
+        if not auth.get("client_token"):
+            raise BadGateway("vault: login answered without a token", backend=BACKEND)
+        return _Token(
+            value=str(auth["client_token"]),
+            accessor=str(auth.get("accessor", "")),
+            ttl=float(auth.get("lease_duration") or 0),
+            renewable=bool(auth.get("renewable")),
+            obtained_at=self._clock(),
+        )
+
+    async def renew(self) -> None:
+        """Renew the token; log in afresh when it cannot be renewed or nears its max TTL."""
+        token = self._token
+        if token is None or not token.renewable or token.ttl <= 0:
+            await self.login()
+            return
+        try:
+            body = await self._raw(
+                "POST", "v1/auth/token/renew-self", {}, token=token.value, what="token renew"
+            )
+        except (Unavailable, BadGateway, BackendTimeout, NotFound) as exc:
+            log.info("vault_renew_failed_relogin", error=str(exc))
+            await self.login()
+            return
+        renewed = self._token_from(body)
+        self.renewals += 1
+        if renewed.ttl < token.ttl * self._config.renew_fraction:
+            # Max TTL is close: renewals only shrink from here, so start a fresh token.
+            log.info("vault_token_near_max_ttl_relogin", remaining=renewed.ttl)
+            await self.login()
+            return
+        self._token = renewed
+        log.info("vault_token_renewed", ttl=renewed.ttl)
+
+    async def _renew_loop(self) -> None:
+        attempt = 0
+        while True:
+            token = self._token
+            if token is None:
+                await asyncio.sleep(_LOGIN_RETRY[min(attempt, len(_LOGIN_RETRY) - 1)])
+            else:
+                due = token.obtained_at + token.ttl * self._config.renew_fraction
+                await asyncio.sleep(max(due - self._clock(), 0.05))
+            try:
+                await (self.login() if self._token is None else self.renew())
+                attempt = 0
+            except (Unavailable, BadGateway, BackendTimeout, NotFound, ConfigError) as exc:
+                log.warning("vault_token_refresh_failed", error=str(exc), attempt=attempt)
+                await asyncio.sleep(_LOGIN_RETRY[min(attempt, len(_LOGIN_RETRY) - 1)])
+                attempt += 1
+
+    async def request(
+        self, method: str, path: str, body: dict[str, Any] | None = None, *, what: str
+    ) -> dict[str, Any]:
+        """An authenticated call; a 403 (expired or revoked token) triggers one re-login and retry."""
+        token = self._token or await self._login_and_get()
+        try:
+            return await self._raw(method, path, body, token=token.value, what=what)
+        except BadGateway as exc:
+            if exc.upstream_status != 403:
+                raise
+        token = await self._login_and_get()
+        return await self._raw(method, path, body, token=token.value, what=what)
+
+    async def _login_and_get(self) -> _Token:
+        await self.login()
+        if self._token is None:
+            raise Unavailable("vault: login produced no token", backend=BACKEND)
+        return self._token
+
+    async def unauthenticated(
+        self, path: str, *, what: str, ok_statuses: tuple[int, ...] = ()
+    ) -> dict[str, Any]:
+        return await self._raw("GET", path, None, token=None, what=what, ok_statuses=ok_statuses)
+
+    async def _raw(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        *,
+        token: str | None,
+        what: str,
+        ok_statuses: tuple[int, ...] = (),
+    ) -> dict[str, Any]:
+        if self._session is None:
+            raise Unavailable("vault client is not started", backend=BACKEND)
+        headers = {}
+        if token is not None:
+            headers["X-Vault-Token"] = token
+        headers["X-Request-Id"] = outgoing_request_id()
+        with map_vault_errors(what):
+            async with self._session.request(method, path, json=body, headers=headers) as resp:
+                if resp.status == 204:
+                    return {}
+                data = await resp.json(content_type=None) if resp.content_length != 0 else {}
+                if resp.status >= 400 and resp.status not in ok_statuses:
+                    errors = data.get("errors", []) if isinstance(data, dict) else []
+                    raise VaultHTTPError(resp.status, [str(e) for e in errors])
+                if not isinstance(data, dict):
+                    return {}
+                if data.get("request_id"):
+                    note_backend_call(BACKEND, what, str(data["request_id"]))
+                return data
+
+    async def health(self) -> dict[str, Any]:
+        """Seal state, HA leadership and whether the broker's token works."""
+        seal = await self.unauthenticated("v1/sys/seal-status", what="seal status")
+        report: dict[str, Any] = {
+            "initialized": bool(seal.get("initialized")),
+            "sealed": bool(seal.get("sealed", True)),
+            "seal_type": seal.get("type", ""),
+            "version": seal.get("version", ""),
+        }
+        if report["initialized"] and not report["sealed"]:
+            leader = await self.unauthenticated("v1/sys/leader", what="leader status", ok_statuses=(503,))
+            report["ha_enabled"] = bool(leader.get("ha_enabled"))
+            report["is_leader"] = bool(leader.get("is_self"))
+            report["leader_address"] = leader.get("leader_address", "")
+            await self.request("GET", "v1/auth/token/lookup-self", what="token lookup")
+            report["auth"] = "ok"
+        report["ok"] = report["initialized"] and not report["sealed"] and report.get("auth") == "ok"
+        return report

@@ -1,0 +1,281 @@
+"""Keys in Vault's transit engine, over the broker's authenticated :class:`VaultClient`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from broker.backends._coalesce import Coalescer
+from broker.backends.base import Context, KeyRef, canonical_context
+from broker.backends.vault.client import BACKEND, VaultClient, vault_path
+from broker.errors import (
+    BadGateway,
+    BrokerError,
+    DecryptionFailed,
+    NotFound,
+    Unavailable,
+    UnsupportedOperation,
+)
+from broker.vocab import Backend, KeyType
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _transit_ciphertext(ref: str, payload: bytes) -> str:
+    return f"vault:v{ref}:{_b64(payload)}"
+
+
+def _transit_payload(ciphertext: str) -> bytes:
+    # "vault:v<N>:<base64>": the version lives in the broker's ciphertext, so only the bytes are kept.
+    prefix, _, encoded = ciphertext.rpartition(":")
+    if not prefix.startswith("vault:v"):
+        raise BadGateway("vault: transit answered an unexpected ciphertext format", backend=BACKEND)
+    return base64.b64decode(encoded)
+
+
+_TRANSIT_TYPES = {KeyType.AES256_GCM: "aes256-gcm96", KeyType.ECDSA_P256: "ecdsa-p256"}
+_DATAKEY_BITS = {16: 128, 32: 256, 64: 512}
+_ROTATE_ATTEMPTS = 100
+
+
+def _batch_results(out: dict[str, Any], expected: int) -> list[dict[str, Any]]:
+    results = (out.get("data") or {}).get("batch_results")
+    if not isinstance(results, list) or len(results) != expected:
+        raise BadGateway("vault: transit answered a batch with the wrong number of results", backend=BACKEND)
+    return [r if isinstance(r, dict) else {} for r in results]
+
+
+def _only(results: list[bytes | BrokerError]) -> bytes:
+    result = results[0]
+    if isinstance(result, BrokerError):
+        raise result
+    return result
+
+
+class VaultTransit:
+    """Keys in Vault's transit engine. A material reference is the transit version number.
+
+    Versions are native: a rotation is a transit rotation. The context is sent as
+    ``associated_data`` (AES-GCM AAD); the broker always names the version so its
+    registry, not transit's "latest", decides which version encrypts.
+    """
+
+    name = Backend.VAULT
+    key_types = frozenset(_TRANSIT_TYPES)
+
+    def __init__(self, client: VaultClient, mount: str, *, coalesce: bool = True) -> None:
+        self._client = client
+        self._mount = mount
+        self._rotation_locks: dict[str, asyncio.Lock] = {}
+        self._encrypts: Coalescer[tuple[KeyRef, str], tuple[bytes, Context], bytes] = Coalescer(
+            lambda target, items: self.encrypt_batch(target[0], target[1], items)
+        )
+        self._decrypts: Coalescer[KeyRef, tuple[str, bytes, Context], bytes] = Coalescer(self.decrypt_batch)
+        self._coalesce = coalesce
+
+    def _path(self, endpoint: str, name: str, *more: str) -> str:
+        """``<mount>/<endpoint>/<key name>[/more]``, the name encoded as one segment."""
+        return vault_path(f"{self._mount}/{endpoint}", name, *more)
+
+    async def create_version(self, key: KeyRef) -> str:
+        path = self._path("keys", key.name)
+        try:
+            info = await self._client.request("GET", path, what="transit read key")
+        except NotFound:
+            info = None
+        if info is None:
+            body = {"type": _TRANSIT_TYPES[key.type], "exportable": False, "allow_plaintext_backup": False}
+            await self._client.request("POST", path, body, what="transit create key")
+            # Creation answers 204 on some versions; the read is the authority on the first version.
+            info = await self._client.request("GET", path, what="transit read key")
+            return str(info["data"]["latest_version"])
+        # One rotation of a key at a time from this replica; other replicas are handled below.
+        lock = self._rotation_locks.setdefault(key.name, asyncio.Lock())
+        async with lock:
+            data = await self._rotate(self._path("keys", key.name, "rotate"))
+        return str(data["latest_version"])
+
+    async def _rotate(self, path: str) -> dict[str, Any]:
+        # OpenBao commits storage transactions optimistically: two rotations of one key at
+        # the same moment (from two replicas) make one fail with "transaction commit
+        # failed" and nothing written, so retrying it is safe.
+        for attempt in range(_ROTATE_ATTEMPTS):
+            try:
+                rotated = await self._client.request("POST", path, {}, what="transit rotate")
+            except BadGateway as exc:
+                if exc.says(500, "transaction commit failed"):
+                    await asyncio.sleep(random.uniform(0, min(0.005 * (attempt + 1), 0.1)))  # noqa: S311
+                    continue
+                raise
+            data: dict[str, Any] = rotated.get("data") or {}
+            return data
+        raise Unavailable(
+            f"vault: transit rotate kept conflicting ({_ROTATE_ATTEMPTS} attempts)", backend=BACKEND
+        )
+
+    async def encrypt(self, key: KeyRef, ref: str, plaintext: bytes, context: Context) -> bytes:
+        """Concurrent encryptions under one key version share a transit batch_input call."""
+        if not self._coalesce:
+            return _only(await self.encrypt_batch(key, ref, [(plaintext, context)]))
+        return await self._encrypts.submit((key, ref), (plaintext, context))
+
+    async def decrypt(self, key: KeyRef, ref: str, payload: bytes, context: Context) -> bytes:
+        """Concurrent decryptions with one key share a transit batch_input call."""
+        if not self._coalesce:
+            return _only(await self.decrypt_batch(key, [(ref, payload, context)]))
+        return await self._decrypts.submit(key, (ref, payload, context))
+
+    async def encrypt_batch(
+        self, key: KeyRef, ref: str, items: Sequence[tuple[bytes, Context]]
+    ) -> list[bytes | BrokerError]:
+        batch = []
+        for plaintext, context in items:
+            entry: dict[str, Any] = {"plaintext": _b64(plaintext), "key_version": int(ref)}
+            aad = canonical_context(context)
+            if aad:
+                entry["associated_data"] = _b64(aad)
+            batch.append(entry)
+        out = await self._client.request(
+            "POST",
+            self._path("encrypt", key.name),
+            # A partial failure would otherwise be a 400 for the whole batch.
+            {"batch_input": batch, "partial_failure_response_code": 200},
+            what="transit encrypt batch",
+        )
+        results: list[bytes | BrokerError] = []
+        for item in _batch_results(out, len(items)):
+            if item.get("error") or not item.get("ciphertext"):
+                results.append(BadGateway(f"vault: transit encrypt: {item.get('error')}", backend=BACKEND))
+            else:
+                results.append(_transit_payload(item["ciphertext"]))
+        return results
+
+    async def decrypt_batch(
+        self, key: KeyRef, items: Sequence[tuple[str, bytes, Context]]
+    ) -> list[bytes | BrokerError]:
+        batch = []
+        for ref, payload, context in items:
+            entry: dict[str, Any] = {"ciphertext": _transit_ciphertext(ref, payload)}
+            aad = canonical_context(context)
+            if aad:
+                entry["associated_data"] = _b64(aad)
+            batch.append(entry)
+        try:
+            out = await self._client.request(
+                "POST",
+                self._path("decrypt", key.name),
+                {"batch_input": batch, "partial_failure_response_code": 200},
+                what="transit decrypt batch",
+            )
+        except BadGateway as exc:
+            # Transit still answers 400 when every item failed; each was a decryption failure.
+            if exc.upstream_status == 400:
+                return [DecryptionFailed() for _ in items]
+            raise
+        results: list[bytes | BrokerError] = []
+        for item in _batch_results(out, len(items)):
+            if item.get("error") or "plaintext" not in item:
+                results.append(DecryptionFailed())
+            else:
+                results.append(base64.b64decode(item["plaintext"]))
+        return results
+
+    async def reencrypt(
+        self, key: KeyRef, src_ref: str, dst_ref: str, payload: bytes, context: Context
+    ) -> bytes:
+        if canonical_context(context):
+            # Transit's rewrap takes no associated_data: with a context the broker
+            # decrypts and encrypts itself; the plaintext stays in this process.
+            plaintext = await self.decrypt(key, src_ref, payload, context)
+            return await self.encrypt(key, dst_ref, plaintext, context)
+        body = {"ciphertext": _transit_ciphertext(src_ref, payload), "key_version": int(dst_ref)}
+        try:
+            out = await self._client.request(
+                "POST", self._path("rewrap", key.name), body, what="transit rewrap"
+            )
+        except BadGateway as exc:
+            if exc.upstream_status == 400:
+                raise DecryptionFailed() from exc
+            raise
+        return _transit_payload(out["data"]["ciphertext"])
+
+    async def data_key(self, key: KeyRef, ref: str, nbytes: int, context: Context) -> tuple[bytes, bytes]:
+        if nbytes not in _DATAKEY_BITS:
+            raise UnsupportedOperation(f"vault: data keys are 16, 32 or 64 bytes, not {nbytes}")
+        body: dict[str, Any] = {"bits": _DATAKEY_BITS[nbytes], "key_version": int(ref)}
+        aad = canonical_context(context)
+        if aad:
+            body["associated_data"] = _b64(aad)
+        out = await self._client.request(
+            "POST", vault_path(f"{self._mount}/datakey/plaintext", key.name), body, what="transit datakey"
+        )
+        data = out["data"]
+        return base64.b64decode(data["plaintext"]), _transit_payload(data["ciphertext"])
+
+    async def sign(self, key: KeyRef, ref: str, digest: bytes) -> bytes:
+        body = {
+            "input": _b64(digest),
+            "prehashed": True,
+            "hash_algorithm": "sha2-256",
+            "key_version": int(ref),
+            "marshaling_algorithm": "asn1",
+        }
+        out = await self._client.request("POST", self._path("sign", key.name), body, what="transit sign")
+        return _transit_payload(out["data"]["signature"])
+
+    async def verify(self, key: KeyRef, ref: str, digest: bytes, signature: bytes) -> bool:
+        body = {
+            "input": _b64(digest),
+            "prehashed": True,
+            "hash_algorithm": "sha2-256",
+            "signature": _transit_ciphertext(ref, signature),
+            "marshaling_algorithm": "asn1",
+        }
+        try:
+            out = await self._client.request(
+                "POST", self._path("verify", key.name), body, what="transit verify"
+            )
+        except BadGateway as exc:
+            if exc.upstream_status == 400:  # a malformed signature is an invalid one
+                return False
+            raise
+        return bool(out["data"]["valid"])
+
+    async def set_enabled(self, key: KeyRef, refs: Sequence[str], enabled: bool) -> None:
+        # Transit has no disable switch; the broker refuses operations on a suspended key itself.
+        return None
+
+    async def set_min_decryption(self, key: KeyRef, refs: Sequence[str]) -> None:
+        if not refs:
+            return
+        await self._client.request(
+            "POST",
+            self._path("keys", key.name, "config"),
+            {"min_decryption_version": min(int(r) for r in refs)},
+            what="transit config",
+        )
+
+    async def schedule_destruction(self, key: KeyRef, refs: Sequence[str], pending_days: int) -> None:
+        # Transit deletes at once; the broker keeps the window and calls destroy() when it ends.
+        return None
+
+    async def cancel_destruction(self, key: KeyRef, refs: Sequence[str]) -> None:
+        return None
+
+    async def destroy(self, key: KeyRef, refs: Sequence[str]) -> None:
+        path = self._path("keys", key.name)
+        try:
+            await self._client.request(
+                "POST",
+                self._path("keys", key.name, "config"),
+                {"deletion_allowed": True},
+                what="transit config",
+            )
+        except NotFound:
+            return
+        await self._client.request("DELETE", path, what="transit delete key")

@@ -68,8 +68,17 @@ class KeyBackend(Protocol):
     name: Backend
     key_types: frozenset[KeyType]
 
+    async def create_key(self, key: KeyRef) -> str:
+        """Create a new key's first material and return its reference.
+
+        Refuses (:class:`Conflict`) material that already exists under the key's name: the
+        broker never adopts a key it did not make (its type, export or backup settings could
+        be anyone's).
+        """
+        ...
+
     async def create_version(self, key: KeyRef) -> str:
-        """Create new key material (the first version or a rotation) and return its reference."""
+        """Create new material for an existing key (a rotation) and return its reference."""
         ...
 
     async def encrypt(self, key: KeyRef, ref: str, plaintext: bytes, context: Context) -> bytes:

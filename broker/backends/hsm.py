@@ -399,6 +399,10 @@ class HsmKeys(PerItemBatches):
         self._token_iv = client.config.gcm_iv == "token"
         self._iv_check = TokenIvCheck()
 
+    async def create_key(self, key: KeyRef) -> str:
+        # Every version is fresh material under a new id: nothing to adopt by name.
+        return await self.create_version(key)
+
     async def create_version(self, key: KeyRef) -> str:
         object_id = os.urandom(16)
         label = object_label(key.name)

@@ -204,6 +204,10 @@ class KmsKeys(PerItemBatches):
             return False
         return True
 
+    async def create_key(self, key: KeyRef) -> str:
+        # Every version is fresh material under a new id: nothing to adopt by name.
+        return await self.create_version(key)
+
     async def create_version(self, key: KeyRef) -> str:
         spec, usage = _KMS_SPECS[key.type]
         out = await self._kms.call(

@@ -166,7 +166,7 @@ class KeyService:
         # Claim the name first: a second creator gets 409 before any material exists.
         await self._registry.create(key)
         try:
-            material = await backend.create_version(self.ref(key))
+            material = await backend.create_key(self.ref(key))
         except BrokerError:
             await self._registry.delete(key.name)
             self._cache.pop(key.name, None)

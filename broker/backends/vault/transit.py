@@ -14,6 +14,7 @@ from broker.backends.vault.client import BACKEND, VaultClient, vault_path
 from broker.errors import (
     BadGateway,
     BrokerError,
+    Conflict,
     DecryptionFailed,
     NotFound,
     Unavailable,
@@ -38,6 +39,11 @@ def _transit_payload(ciphertext: str) -> bytes:
     return base64.b64decode(encoded)
 
 
+_SQUATTED = (
+    "transit already holds a key named {name} that the broker did not create; it is not adopted "
+    "(its settings and copies could be anyone's). Choose another name, or have a Vault operator "
+    "find out who made it"
+)
 _TRANSIT_TYPES = {KeyType.AES256_GCM: "aes256-gcm96", KeyType.ECDSA_P256: "ecdsa-p256"}
 _DATAKEY_BITS = {16: 128, 32: 256, 64: 512}
 _ROTATE_ATTEMPTS = 100
@@ -82,18 +88,32 @@ class VaultTransit:
         """``<mount>/<endpoint>/<key name>[/more]``, the name encoded as one segment."""
         return vault_path(f"{self._mount}/{endpoint}", name, *more)
 
-    async def create_version(self, key: KeyRef) -> str:
+    async def create_key(self, key: KeyRef) -> str:
+        """Create the transit key; never adopt one that exists (someone else's settings and copies)."""
         path = self._path("keys", key.name)
         try:
-            info = await self._client.request("GET", path, what="transit read key")
+            await self._client.request("GET", path, what="transit read key")
         except NotFound:
-            info = None
-        if info is None:
-            body = {"type": _TRANSIT_TYPES[key.type], "exportable": False, "allow_plaintext_backup": False}
-            await self._client.request("POST", path, body, what="transit create key")
-            # Creation answers 204 on some versions; the read is the authority on the first version.
-            info = await self._client.request("GET", path, what="transit read key")
-            return str(info["data"]["latest_version"])
+            pass
+        else:
+            raise Conflict(_SQUATTED.format(name=key.name))
+        wanted = {"type": _TRANSIT_TYPES[key.type], "exportable": False, "allow_plaintext_backup": False}
+        created = await self._client.request("POST", path, wanted, what="transit create key")
+        # Transit's create is an upsert that only warns when the key existed: someone won a race.
+        if any("already exist" in str(w) for w in created.get("warnings") or ()):
+            raise Conflict(_SQUATTED.format(name=key.name))
+        # The read is the authority on what was made (creation answers 204 on some versions).
+        info = (await self._client.request("GET", path, what="transit read key")).get("data") or {}
+        made = {
+            "type": info.get("type"),
+            "exportable": info.get("exportable"),
+            "allow_plaintext_backup": info.get("allow_plaintext_backup"),
+        }
+        if made != wanted or info.get("latest_version") != 1:
+            raise Conflict(_SQUATTED.format(name=key.name))
+        return "1"
+
+    async def create_version(self, key: KeyRef) -> str:
         # One rotation of a key at a time from this replica; other replicas are handled below.
         lock = self._rotation_locks.setdefault(key.name, asyncio.Lock())
         async with lock:

@@ -16,12 +16,13 @@ import argparse
 import json
 import sys
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from broker.client import BrokerClient
+from broker.cli.client import BrokerClient
+from broker.cli.common import Command, Session, add_command, add_group
 from broker.errors import BrokerError, ConfigError
 
 EPILOG = """\
@@ -37,8 +38,6 @@ offline, on copied files:
   keybroker audit verify --dir ./audit --public-key audit-key.pem --anchor SEQ:HASH
   keybroker audit merge --dir ./audit --vault-log vault-audit.log --format jsonl > timeline.jsonl
 """
-# Each command gets its arguments and a way to connect (used only by the online ones).
-AuditCommand = Callable[[argparse.Namespace, Callable[[], BrokerClient]], int]
 FILTERS = ("since", "until", "principal", "key", "operation", "outcome", "source")
 EXIT_BROKEN, EXIT_UNVERIFIED = 1, 3
 
@@ -89,10 +88,12 @@ def _local_files(directory: str) -> list[tuple[str, bytes]]:
     return [(p.name, p.read_bytes()) for p in files]
 
 
-def cmd_verify(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
+def cmd_verify(args: argparse.Namespace, session: Session) -> int:
     allow = bool(args.allow_unanchored)
     if args.dir is None:
-        return _print_report(connect().call("GET", "/v1/audit/verify"), args.json, allow_unanchored=allow)
+        return _print_report(
+            session.client().call("GET", "/v1/audit/verify"), args.json, allow_unanchored=allow
+        )
     from broker.audit.chain import Anchor, verify
     from broker.audit.signing import load_public_key, signature_checker
 
@@ -178,7 +179,7 @@ def _filter_params(args: argparse.Namespace) -> dict[str, str]:
     return {f: str(getattr(args, f)) for f in FILTERS if getattr(args, f, None) is not None}
 
 
-def cmd_query(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
+def cmd_query(args: argparse.Namespace, session: Session) -> int:
     params = _filter_params(args)
     fmt = "jsonl" if args.json else args.format
     output = _Output(fmt)
@@ -186,20 +187,20 @@ def cmd_query(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> 
         if not 1 <= args.limit <= MAX_PAGE:
             raise ConfigError(f"--limit takes 1..{MAX_PAGE}; leave it out to export every matching row")
         query = urllib.parse.urlencode({**params, "limit": str(args.limit)})
-        out = connect().call("GET", "/v1/audit/events?" + query)
+        out = session.client().call("GET", "/v1/audit/events?" + query)
         output.write(out["events"])
         output.close()
         _note_cut(len(out["events"]), int(out.get("matched", len(out["events"]))))
         return 0
     if not 1 <= args.page_size <= MAX_PAGE:
         raise ConfigError(f"--page-size takes 1..{MAX_PAGE}")
-    for page in event_pages(connect(), params, args.page_size):
+    for page in event_pages(session.client(), params, args.page_size):
         output.write(page)
     output.close()
     return 0
 
 
-def cmd_merge(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
+def cmd_merge(args: argparse.Namespace, session: Session) -> int:
     from broker.audit import merge
 
     vault: list[dict[str, Any]] = []
@@ -233,10 +234,10 @@ def cmd_merge(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> 
     return 0
 
 
-def cmd_report(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
+def cmd_report(args: argparse.Namespace, session: Session) -> int:
     from broker.audit.report import render
 
-    client = connect()
+    client = session.client()
     print("verifying the audit chain ...", file=sys.stderr, flush=True)
     verification = client.call("GET", "/v1/audit/verify")
     print("reading the merged timeline and the key inventory ...", file=sys.stderr, flush=True)
@@ -258,8 +259,8 @@ def cmd_report(args: argparse.Namespace, connect: Callable[[], BrokerClient]) ->
     return 0 if verification["ok"] else 1
 
 
-def cmd_new_epoch(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
-    out = connect().call("POST", "/v1/audit/epoch", {"name": args.name, "reason": args.reason})
+def cmd_new_epoch(args: argparse.Namespace, session: Session) -> int:
+    out = session.client().call("POST", "/v1/audit/epoch", {"name": args.name, "reason": args.reason})
     if args.json:
         print(json.dumps(out))
     else:
@@ -270,32 +271,24 @@ def cmd_new_epoch(args: argparse.Namespace, connect: Callable[[], BrokerClient])
     return 0
 
 
-def cmd_hmac(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
-    out = connect().call("POST", "/v1/audit/hmac", {"value": args.value})
+def cmd_hmac(args: argparse.Namespace, session: Session) -> int:
+    out = session.client().call("POST", "/v1/audit/hmac", {"value": args.value})
     print(json.dumps(out) if args.json else out["hmac"])
     return 0
 
 
-def add_audit_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], None]) -> None:
-    audit = sub.add_parser(
+def add_parsers(sub: Any) -> None:
+    asub = add_group(
+        sub,
         "audit",
-        help="verify, query, merge and report on the tamper-evident audit trail",
-        description="The broker writes one hash-chained, HSM-checkpointed record per request. These commands "
+        "verify, query, merge and report on the tamper-evident audit trail",
+        "The broker writes one hash-chained, HSM-checkpointed record per request. These commands "
         "verify it, merge it with Vault's audit log (joined on request id), query it and render a report.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        EPILOG,
     )
-    asub = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
 
-    def command(name: str, help_: str, fn: AuditCommand, *, online: bool = True) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = asub.add_parser(
-            name, help=help_, description=help_[0].upper() + help_[1:] + "."
-        )
-        if online:
-            client_args(p)
-        p.add_argument("--json", action="store_true", help="machine-readable JSON output")
-        p.set_defaults(audit_func=fn)
-        return p
+    def command(name: str, help_: str, fn: Command, *, online: bool = True) -> argparse.ArgumentParser:
+        return add_command(asub, name, help_, fn, online=online)
 
     p = command("verify", "check the chain and signatures; name the first bad record", cmd_verify)
     p.add_argument("--dir", help="verify these files offline instead of asking the broker")
@@ -355,8 +348,3 @@ def add_audit_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], 
     )
     p.add_argument("--name", required=True, help="a new name for the epoch, e.g. restore-2026-11-29")
     p.add_argument("--reason", required=True, help="why: recorded in the log and in Vault's anchor")
-
-
-def run_audit(args: argparse.Namespace, connect: Callable[[argparse.Namespace], BrokerClient]) -> int:
-    fn: AuditCommand = args.audit_func
-    return fn(args, lambda: connect(args))

@@ -42,7 +42,8 @@ examples:
 
 
 def _yaml(data: Any) -> str:
-    return str(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    # Lists of plain values on one line (operations: [crypto.encrypt, crypto.decrypt]): easy to edit.
+    return str(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100, default_flow_style=None))
 
 
 # -- policy -------------------------------------------------------------------------------
@@ -152,13 +153,28 @@ def cmd_policy_apply(args: argparse.Namespace, session: Session) -> int:
 
 
 def cmd_policy_show(args: argparse.Namespace, session: Session) -> int:
+    """The stored document as a policy file: what ``policy apply`` takes back after an edit."""
     client = session.client()
     if args.role:
         out = client.call("GET", f"/v1/policies/{quote(args.role)}")
     else:
         out = client.call("GET", "/v1/policies")
     _warn_invalid(out)
-    print(json.dumps(out, indent=2) if args.json else _yaml(out).rstrip())
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    if args.role:
+        role = {k: v for k, v in out.items() if k not in ("name", "invalid", "problems")}
+        print(f"# role {args.role} as stored in Vault. To change it, edit the whole document")
+        print("# (`keybroker policy show > policy.yaml`) and `keybroker policy apply policy.yaml`.")
+        print(_yaml(role).rstrip())
+        return 0
+    # Comments only above the document, so the output is itself a valid policy file.
+    print(f"# keybroker policy document, version {out['version']} as stored in Vault (KV policy/document).")
+    print("# Edit, then: keybroker policy apply FILE --dry-run   (the changes), and without --dry-run.")
+    if out.get("invalid"):
+        print("# INVALID as stored: fix the problems printed on stderr before applying.")
+    print(_yaml(out["document"]).rstrip())
     return 0
 
 

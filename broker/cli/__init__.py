@@ -87,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _report_error(as_json, EXIT_FAILED, str(exc), code=exc.code)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`keybroker audit query | head`): stop quietly, as cat does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:
         if os.environ.get("KEYBROKER_DEBUG"):
             raise

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import urllib.parse
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,12 @@ from broker.errors import BrokerError, ConfigError
 EPILOG = """\
 examples:
   keybroker audit verify                         # chain, HSM signatures, Vault anchor, live head
-  keybroker audit query --since 2026-11-23T00:00:00Z --outcome denied
+  keybroker audit query --since 7d --outcome denied            # or --since 2026-11-23, or a full ISO time
+  keybroker audit query --source bypass --hide-setup            # Vault used around the broker, not its setup
   keybroker audit query --source bypass --format csv > bypass.csv   # every matching row, paged
   keybroker audit query --outcome denied --limit 50                 # only the newest 50 (says if cut)
   keybroker audit report --out report.html       # self-contained HTML for auditors
+  keybroker audit report --since 2026-11-01 --until 2026-11-30 --hide-setup --out november.html
   keybroker audit hmac acme                      # find records whose context carried 'acme'
   keybroker audit new-epoch --name restore-2026-11 --reason "disk lost, see INC-42"
 offline, on copied files:
@@ -175,28 +178,113 @@ def event_pages(
         cursor = str(following)
 
 
-def _filter_params(args: argparse.Namespace) -> dict[str, str]:
-    return {f: str(getattr(args, f)) for f in FILTERS if getattr(args, f, None) is not None}
+# Relative times count back from now: 7d, 12h, 30m, 90s, 2w.
+_AGO = re.compile(r"^([0-9]{1,9})([smhdw])$")
+_DAY = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+TIME_HELP = "7d, 12h, 30m (that long ago), a date 2026-11-01 (UTC) or an ISO 8601 time 2026-11-01T09:00:00Z"
+
+
+def parse_moment(value: str, flag: str, now: datetime, *, end_of_day: bool = False) -> datetime:
+    """A --since/--until value as an aware datetime.
+
+    A date alone is that day in UTC: its first instant for --since, its last for --until,
+    so ``--since 2026-11-01 --until 2026-11-30`` covers the whole of November's first 30 days.
+    """
+    text = value.strip()
+    if found := _AGO.fullmatch(text):
+        return now - timedelta(seconds=int(found.group(1)) * _SECONDS[found.group(2)])
+    try:
+        if _DAY.fullmatch(text):
+            day = date.fromisoformat(text)
+            start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+            return start + timedelta(days=1, microseconds=-1) if end_of_day else start
+        from broker.audit.merge import parse_time
+
+        return parse_time(text)
+    except ValueError:
+        raise ConfigError(f"{flag}: {value!r} is not a time; give {TIME_HELP}") from None
+
+
+def parse_period(value: str, flag: str) -> int:
+    """A duration like 365d, 52w or 12h, in seconds (at least one)."""
+    found = _AGO.fullmatch(value.strip())
+    seconds = int(found.group(1)) * _SECONDS[found.group(2)] if found else 0
+    if seconds < 1:
+        raise ConfigError(f"{flag}: {value!r} is not a duration; give e.g. 365d, 52w or 12h")
+    return seconds
+
+
+def _window(args: argparse.Namespace, now: datetime) -> tuple[datetime | None, datetime | None]:
+    since = parse_moment(args.since, "--since", now) if getattr(args, "since", None) else None
+    until = (
+        parse_moment(args.until, "--until", now, end_of_day=True) if getattr(args, "until", None) else None
+    )
+    if since and until and since > until:
+        raise ConfigError(f"--since ({since.isoformat()}) is after --until ({until.isoformat()})")
+    return since, until
+
+
+def _filter_params(args: argparse.Namespace, now: datetime) -> dict[str, str]:
+    params = {f: str(getattr(args, f)) for f in FILTERS if getattr(args, f, None) is not None}
+    since, until = _window(args, now)
+    for name, moment in (("since", since), ("until", until)):
+        if moment is not None:
+            params[name] = moment.isoformat()
+    return params
+
+
+def trail_start(client: BrokerClient) -> datetime | None:
+    """When the broker's audit trail begins: its oldest request record (one row, oldest first)."""
+    from broker.audit.merge import time_of
+
+    for page in event_pages(client, {"source": "broker"}, page_size=1):
+        return time_of(page[0]) if page else None
+    return None
+
+
+def _note_setup(hidden: int, start: datetime | None) -> None:
+    if hidden:
+        when = start.isoformat() if start else "?"
+        print(
+            f"keybroker: note: --hide-setup: left out {hidden} Vault bypass rows from before the broker's "
+            f"audit trail began ({when}): the stack's own setup",
+            file=sys.stderr,
+        )
 
 
 def cmd_query(args: argparse.Namespace, session: Session) -> int:
-    params = _filter_params(args)
+    from broker.audit.merge import is_setup
+
+    params = _filter_params(args, datetime.now(UTC))
     fmt = "jsonl" if args.json else args.format
     output = _Output(fmt)
+    client = session.client()
+    start = trail_start(client) if args.hide_setup else None
+    hidden = 0
+
+    def shown(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        nonlocal hidden
+        kept = [row for row in rows if not is_setup(row, start)]
+        hidden += len(rows) - len(kept)
+        return kept
+
     if args.limit is not None:
         if not 1 <= args.limit <= MAX_PAGE:
             raise ConfigError(f"--limit takes 1..{MAX_PAGE}; leave it out to export every matching row")
         query = urllib.parse.urlencode({**params, "limit": str(args.limit)})
-        out = session.client().call("GET", "/v1/audit/events?" + query)
-        output.write(out["events"])
+        out = client.call("GET", "/v1/audit/events?" + query)
+        output.write(shown(out["events"]))
         output.close()
         _note_cut(len(out["events"]), int(out.get("matched", len(out["events"]))))
+        _note_setup(hidden, start)
         return 0
     if not 1 <= args.page_size <= MAX_PAGE:
         raise ConfigError(f"--page-size takes 1..{MAX_PAGE}")
-    for page in event_pages(session.client(), params, args.page_size):
-        output.write(page)
+    for page in event_pages(client, params, args.page_size):
+        output.write(shown(page))
     output.close()
+    _note_setup(hidden, start)
     return 0
 
 
@@ -211,49 +299,72 @@ def cmd_merge(args: argparse.Namespace, session: Session) -> int:
         except OSError as exc:
             raise ConfigError(f"--vault-log: {exc.strerror}: {args.vault_log}") from None
     timeline = merge.merge(merge.broker_records(_local_files(args.dir)), vault)
-    try:
-        filters = merge.Filters(
-            since=merge.parse_time(args.since) if args.since else None,
-            until=merge.parse_time(args.until) if args.until else None,
-            principal=args.principal,
-            key=args.key,
-            operation=args.operation,
-            outcome=args.outcome,
-            source=args.source,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"--since/--until take ISO 8601 times: {exc}") from None
+    since, until = _window(args, datetime.now(UTC))
+    start = merge.trail_start(timeline)
+    filters = merge.Filters(
+        since=since,
+        until=until,
+        principal=args.principal,
+        key=args.key,
+        operation=args.operation,
+        outcome=args.outcome,
+        source=args.source,
+    )
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit takes a positive number; leave it out for every matching row")
     rows = merge.query(timeline, filters)
+    hidden = 0
+    if args.hide_setup:
+        kept = [row for row in rows if not merge.is_setup(row, start)]
+        hidden, rows = len(rows) - len(kept), kept
     shown = rows[-args.limit :] if args.limit else rows
     output = _Output(args.format)
     output.write(shown)
     output.close()
     _note_cut(len(shown), len(rows))
+    _note_setup(hidden, start)
     return 0
 
 
 def cmd_report(args: argparse.Namespace, session: Session) -> int:
+    from broker.audit.merge import is_setup
     from broker.audit.report import render
 
+    now = datetime.now(UTC)
+    since, until = _window(args, now)
+    max_period = parse_period(args.max_cryptoperiod, "--max-cryptoperiod")
     client = session.client()
     print("verifying the audit chain ...", file=sys.stderr, flush=True)
     verification = client.call("GET", "/v1/audit/verify")
     print("reading the merged timeline and the key inventory ...", file=sys.stderr, flush=True)
-    params = {"since": args.since} if args.since else {}
+    params = {name: moment.isoformat() for name, moment in (("since", since), ("until", until)) if moment}
     events = [row for page in event_pages(client, params) for row in page]
+    start = trail_start(client)
+    hidden = None
+    if args.hide_setup:
+        kept = [row for row in events if not is_setup(row, start)]
+        hidden, events = len(events) - len(kept), kept
     keys = client.call("GET", "/v1/keys")["keys"]
     html = render(
-        verification=verification, keys=keys, events=events, now=datetime.now(UTC), source=client.address
+        verification=verification,
+        keys=keys,
+        events=events,
+        now=now,
+        source=client.address,
+        since=since,
+        until=until,
+        max_cryptoperiod=max_period,
+        setup_hidden=hidden,
+        trail_start=start,
     )
     out = Path(args.out)
     try:
         out.write_text(html)
     except OSError as exc:
         raise ConfigError(f"--out: {exc.strerror}: {out}") from None
+    setup = f", {hidden} setup rows left out" if hidden else ""
     print(
-        f"wrote {out} ({len(events)} timeline rows, {len(keys)} keys; chain "
+        f"wrote {out} ({len(events)} timeline rows{setup}, {len(keys)} keys; chain "
         f"{'intact' if verification['ok'] else 'BROKEN'})"
     )
     return 0 if verification["ok"] else 1
@@ -303,9 +414,18 @@ def add_parsers(sub: Any) -> None:
         "not 3",
     )
 
+    def window(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--since", metavar="TIME", help=f"from then on: {TIME_HELP}")
+        p.add_argument("--until", metavar="TIME", help="up to then (a date alone: the end of that day)")
+        p.add_argument(
+            "--hide-setup",
+            action="store_true",
+            help="leave out Vault bypass rows from before the broker's audit trail began (the stack's "
+            "own bootstrap with the root token); later root use is always shown",
+        )
+
     def filters(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--since", metavar="TIME", help="ISO 8601, e.g. 2026-11-23T00:00:00Z")
-        p.add_argument("--until", metavar="TIME")
+        window(p)
         p.add_argument("--principal", help="principal id (globs work)")
         p.add_argument("--key")
         p.add_argument("--operation", help="e.g. crypto.decrypt, key.* (globs work)")
@@ -337,7 +457,14 @@ def add_parsers(sub: Any) -> None:
     filters(p)
     p = command("report", "write a self-contained HTML report for auditors", cmd_report)
     p.add_argument("--out", required=True, metavar="FILE")
-    p.add_argument("--since", metavar="TIME", help="only the timeline since then (default: all)")
+    window(p)
+    p.add_argument(
+        "--max-cryptoperiod",
+        default="365d",
+        metavar="DURATION",
+        help="a key with no rotation period (or a longer one) is overdue once its current version is "
+        "older than this (default: %(default)s, rotate at least yearly)",
+    )
     command("hmac", "the HMAC a context value has in records (to search for it)", cmd_hmac).add_argument(
         "value"
     )

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from broker.cli import audit, health, keys, policy, server, vault
+from broker.cli import audit, certs, health, keys, policy, server, vault
 from broker.cli.client import RemoteError, Unreachable
 from broker.cli.common import EXIT_FAILED, EXIT_USAGE, Session, fail
 from broker.errors import BrokerError, ConfigError
@@ -31,6 +31,7 @@ common tasks:
   keybroker policy apply|show|list|explain ...          role policies (who may do what)
   keybroker bindings set|show                           which principal holds which roles
   keybroker grants create|list|revoke|retire ...        time-limited rights on one key
+  keybroker certs issue SPIFFE_ID ...                   a client certificate from Vault PKI (operators)
   keybroker audit verify|query|merge|report             the tamper-evident audit trail
   keybroker serve --config FILE       run the broker daemon
   keybroker vault bootstrap ...       prepare a Vault (init, mounts, PKI, policy, AppRole)
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # In the order `keybroker --help` lists them.
-    for module in (server, vault, health, keys, policy, audit):
+    for module in (server, vault, certs, health, keys, policy, audit):
         module.add_parsers(sub)
     return parser
 

@@ -161,3 +161,18 @@ def context_pairs(pairs: Sequence[str] | None, flag: str = "--context") -> dict[
             raise ConfigError(f"{flag} takes KEY=VALUE, got {pair!r}")
         out[key] = value
     return out
+
+
+def create_private(path: str, data: bytes, flag: str) -> None:
+    """Write a secret to a new file, mode 0600 from the start; never replace or follow a symlink."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{flag}: {path} already exists; refusing to overwrite it") from None
+    except OSError as exc:
+        raise ConfigError(f"{flag}: {exc.strerror}: {path}") from None
+    with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fh.fileno(), 0o600)  # whatever the umask left
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())

@@ -10,7 +10,6 @@ import argparse
 import base64
 import hashlib
 import json
-import os
 import re
 import sys
 import textwrap
@@ -18,7 +17,16 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from broker.cli.common import Command, Session, add_command, add_group, context_pairs, key_name_arg, quote
+from broker.cli.common import (
+    Command,
+    Session,
+    add_command,
+    add_group,
+    context_pairs,
+    create_private,
+    key_name_arg,
+    quote,
+)
 from broker.errors import BrokerError, ConfigError
 
 EPILOG = """\
@@ -263,21 +271,6 @@ def cmd_rewrap(args: argparse.Namespace, session: Session) -> int:
     return 0
 
 
-def _create_private(path: str, data: bytes) -> None:
-    """Write a secret to a new file, mode 0600 from the start; never replace or follow a symlink."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    except FileExistsError:
-        raise ConfigError(f"--plaintext-out: {path} already exists; refusing to overwrite it") from None
-    except OSError as exc:
-        raise ConfigError(f"--plaintext-out: {exc.strerror}: {path}") from None
-    with os.fdopen(fd, "wb") as fh:
-        os.fchmod(fh.fileno(), 0o600)  # whatever the umask left
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def cmd_datakey(args: argparse.Namespace, session: Session) -> int:
     client = session.client()
     wanted = bool(args.with_plaintext or args.plaintext_out)
@@ -289,7 +282,7 @@ def cmd_datakey(args: argparse.Namespace, session: Session) -> int:
     if wanted and "plaintext" not in out:
         raise BrokerError("the broker answered without the plaintext data key it was asked for")
     if args.plaintext_out:
-        _create_private(args.plaintext_out, base64.b64decode(out.pop("plaintext")))
+        create_private(args.plaintext_out, base64.b64decode(out.pop("plaintext")), "--plaintext-out")
         out["plaintext_out"] = args.plaintext_out
     if args.json:
         print(json.dumps(out))

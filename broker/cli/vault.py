@@ -31,7 +31,7 @@ def cmd_vault_bootstrap(args: argparse.Namespace, session: Session) -> int:
     address = args.address or os.environ.get("VAULT_ADDR") or os.environ.get("BAO_ADDR")
     if not address:
         return fail("give the Vault address with --address or VAULT_ADDR", EXIT_USAGE)
-    if not _safe_vault_address(address):
+    if not safe_vault_address(address):
         return fail(
             f"refusing plain http to {address}: the root token and the AppRole secret would cross the "
             "network unencrypted; use https:// (plain http is accepted only to a loopback address)",
@@ -56,7 +56,7 @@ def cmd_vault_bootstrap(args: argparse.Namespace, session: Session) -> int:
     return 0
 
 
-def _safe_vault_address(address: str) -> bool:
+def safe_vault_address(address: str) -> bool:
     """https://, or plain http only to this host (the dev stack's Vault)."""
     from urllib.parse import urlsplit
 

@@ -147,3 +147,22 @@ def test_a_name_the_client_role_cannot_take_is_refused_before_vault(stack: DevSt
     assert cn.returncode == 2
     assert "certs issue takes a SPIFFE id" in cn.stderr.decode()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_principal_is_issued_bound_and_works(stack: DevStack, tmp_path: Path) -> None:
+    """certs issue for a new user: refused (no role) until `bindings set`, then its role's work succeeds."""
+    name = fresh("erin")
+    principal = f"spiffe://keybroker.dev/user/{name}"
+    crt, pem = tmp_path / "erin.crt", tmp_path / "erin.key"
+
+    issued = run(stack, "certs", "issue", principal, "--cert-out", str(crt), "--key-out", str(pem))
+    unbound = run(stack, "keys", "list", "--json", cert=crt, key=pem)
+    bound = run(stack, "bindings", "set", principal, "developer")
+    listed = run(stack, "keys", "list", "--json", cert=crt, key=pem)
+
+    assert issued.returncode == 0, issued.stderr
+    assert unbound.returncode == 1
+    assert json.loads(unbound.stderr)["error"]["status"] == 403
+    assert bound.returncode == 0, bound.stderr
+    assert listed.returncode == 0, listed.stderr
+    assert isinstance(json.loads(listed.stdout), list)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import shlex
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -125,3 +129,22 @@ def test_report_until_and_the_maximum_cryptoperiod(stack: DevStack, tmp_path: Pa
     assert unrotated in _section(relaxed, "Operations per key and principal")
     assert unrotated not in _section(relaxed, "Keys overdue for rotation")
     assert "Maximum cryptoperiod: 365.0 d" in relaxed
+
+
+def test_a_reader_that_stops_early_ends_the_query_quietly(stack: DevStack) -> None:
+    """`keybroker audit query | true` (a reader gone before any row): no 'unexpected BrokenPipeError'."""
+    tls = stack.layout.tls
+    env = {
+        **os.environ,
+        "KEYBROKER_ADDR": stack.broker_url,
+        "KEYBROKER_CACERT": str(tls / "ca.pem"),
+        "KEYBROKER_CLIENT_CERT": str(tls / "admin.crt"),
+        "KEYBROKER_CLIENT_KEY": str(tls / "admin.key"),
+    }
+    command = f"({shlex.quote(sys.executable)} -m broker audit query; echo exit $? >&2) | true"
+
+    ran = subprocess.run(
+        ["bash", "-c", command], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+    assert ran.stderr == "exit 141\n"

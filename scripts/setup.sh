@@ -67,6 +67,8 @@ install_test_tools() {
     command -v chattr >/dev/null 2>&1 || missing+=(e2fsprogs)
     # The HSM IV tests build a small PKCS#11 module (tests/integration/p11shim) with cc.
     command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+    # The README's commands use jq (tests/integration/test_readme.py runs them).
+    command -v jq >/dev/null 2>&1 || missing+=(jq)
     [ ${#missing[@]} -eq 0 ] && return 0
     apt_install "test tools" "${missing[@]}"
 }

@@ -46,6 +46,8 @@ CSV_COLUMNS = (
     "client_request_id",
     "vault_request_ids",
     "backend_call_ids",
+    # Last, so readers that go by position keep working: the Vault path of a Vault row.
+    "vault_path",
 )
 
 
@@ -215,6 +217,23 @@ def _evidence(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def trail_start(timeline: Iterable[Mapping[str, Any]]) -> datetime | None:
+    """When the broker's audit trail begins: the time of its first request record, if any."""
+    times = [time_of(row) for row in timeline if row.get("source") == "broker"]
+    return min(times) if times else None
+
+
+def is_setup(row: Mapping[str, Any], trail_start: datetime | None) -> bool:
+    """A bypass row from before the broker's audit trail began: the stack's own setup.
+
+    Bootstrap (init, mounts, PKI, policies), the first certificates and the first policy
+    document are written with the root token before any broker runs; with no broker to go
+    around, they are not a bypass of it. The boundary is Vault's own time of the broker's
+    first record, so root use at any later moment stays a bypass whatever it claims to be.
+    """
+    return bool(row.get("bypass")) and trail_start is not None and time_of(row) < trail_start
+
+
 @dataclass(frozen=True)
 class Filters:
     since: datetime | None = None
@@ -225,9 +244,13 @@ class Filters:
     outcome: str | None = None
     # broker | vault (every Vault row, the broker's own upkeep too) | bypass; None: all but that upkeep
     source: str | None = None
+    # Hide bypass rows from before this moment (the broker's trail start): see :func:`is_setup`.
+    hide_setup_before: datetime | None = None
 
     def match(self, row: Mapping[str, Any]) -> bool:
         moment = time_of(row)
+        if is_setup(row, self.hide_setup_before):
+            return False
         if self.since and moment < self.since:
             return False
         if self.until and moment > self.until:
@@ -256,12 +279,7 @@ def query(
 
 def flat(row: Mapping[str, Any]) -> dict[str, str]:
     """One CSV row: nested evidence becomes ';'-joined ids."""
-    reason = ""
-    if row.get("error"):
-        error = row["error"]
-        reason = f"{error.get('code')}: {error.get('detail')}" if isinstance(error, dict) else str(error)
-    elif isinstance(row.get("decision"), dict):
-        reason = str(row["decision"].get("reason", ""))
+    reason = full_reason(row)
     vault_ids = [str(v.get("vault_request_id")) for v in row.get("vault") or []]
     if row.get("source") == "vault":
         vault_ids = [str(row.get("vault_request_id"))]
@@ -282,8 +300,28 @@ def flat(row: Mapping[str, Any]) -> dict[str, str]:
         "client_request_id": row.get("client_request_id"),
         "vault_request_ids": ";".join(vault_ids),
         "backend_call_ids": ";".join(calls),
+        "vault_path": row.get("path") if row.get("source") == "vault" else None,
     }
     return {k: "" if v is None else str(v) for k, v in values.items()}
+
+
+def full_reason(row: Mapping[str, Any]) -> str:
+    """Why a row ended as it did: the whole decision reason, and the error the caller got.
+
+    The error's detail is what the caller was told, which for a denial is deliberately
+    short; the decision's reason is what the policy engine actually found.
+    """
+    decision = row.get("decision")
+    why = str(decision.get("reason") or "") if isinstance(decision, dict) else ""
+    error = row.get("error")
+    if not error:
+        return why
+    if not isinstance(error, dict):
+        return f"{why}; {error}" if why else str(error)
+    code, detail = str(error.get("code") or "error"), str(error.get("detail") or "")
+    if why and (not detail or why.startswith(detail)):
+        return f"{code}: {why}"
+    return f"{code}: {detail}; decision: {why}" if why else f"{code}: {detail}"
 
 
 def to_csv(rows: Iterable[Mapping[str, Any]]) -> str:
@@ -300,7 +338,10 @@ def to_jsonl(rows: Iterable[Mapping[str, Any]]) -> str:
 
 
 def to_table(rows: Iterable[Mapping[str, Any]]) -> str:
-    lines = [f"{'TIME':<27} {'SOURCE':<17} {'PRINCIPAL':<38} {'OPERATION':<24} {'KEY':<24} OUTCOME"]
+    """A fixed-width table; a Vault row ends with its path (in full: it says what was touched)."""
+    lines = [
+        f"{'TIME':<27} {'SOURCE':<17} {'PRINCIPAL':<38} {'OPERATION':<24} {'KEY':<24} OUTCOME / VAULT PATH"
+    ]
     for row in rows:
         source = str(row.get("kind") if row.get("source") == "vault" else "broker")
         if row.get("bypass"):
@@ -311,6 +352,8 @@ def to_table(rows: Iterable[Mapping[str, Any]]) -> str:
         outcome = str(row.get("outcome") or "")
         if row.get("source") == "broker" and row.get("vault"):
             outcome += f" (+{len(row['vault'])} vault)"
+        if row.get("source") == "vault" and row.get("path"):
+            outcome += f"  {row['path']}"
         lines.append(
             f"{str(row.get('time', ''))[:26]:<27} {source:<17} {principal:<38} "
             f"{str(row.get('operation') or '-')[:24]:<24} {str(row.get('key') or '-')[:24]:<24} {outcome}"

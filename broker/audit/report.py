@@ -1,9 +1,11 @@
 """The auditor's report: one self-contained HTML page (inline CSS and SVG, no scripts, no fetches).
 
 Sections: chain verification, key inventory (state, age of the current version
-against its rotation period, last use), keys overdue for rotation, operations over
-time per principal (a chart) and per key and principal (a table), denials, and
-Vault access that bypassed the broker. Every value is HTML-escaped.
+against its rotation period, last use), keys overdue for rotation (past their own
+period, or — with no period, or a longer one — past the maximum cryptoperiod, a year
+by default), operations over time per principal (a chart) and per key and principal
+(a table), denials, and Vault access that bypassed the broker. The period covered and
+any setup rows left out are stated at the top. Every value is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ from datetime import datetime, timedelta
 from html import escape
 from typing import Any
 
+from broker.audit import merge
 from broker.audit.merge import parse_time
 
+# The seeds' guidance: rotate at least yearly. A key with no rotation period (or a longer
+# one) is overdue once its current version is older than this.
+DEFAULT_MAX_CRYPTOPERIOD = 365 * 86400
 PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#6b7280")
 CRYPTO_PREFIX = "crypto."
 
@@ -45,15 +51,28 @@ def _why(row: Mapping[str, Any]) -> Any:
     return (row.get("decision") or {}).get("reason") or (row.get("error") or {}).get("detail")
 
 
+def _when(moment: datetime | None) -> str:
+    return moment.isoformat(timespec="seconds") if moment is not None else ""
+
+
 def _age(seconds: float) -> str:
     days = seconds / 86400
-    return f"{days:.1f} d" if days >= 1 else f"{seconds / 3600:.1f} h"
+    if days >= 1:
+        return f"{days:.1f} d"
+    return f"{seconds / 3600:.1f} h" if seconds >= 360 else f"{seconds:.0f} s"
 
 
 def key_rows(
-    keys: Sequence[Mapping[str, Any]], events: Sequence[Mapping[str, Any]], now: datetime
+    keys: Sequence[Mapping[str, Any]],
+    events: Sequence[Mapping[str, Any]],
+    now: datetime,
+    max_cryptoperiod: int = DEFAULT_MAX_CRYPTOPERIOD,
 ) -> list[dict[str, Any]]:
-    """Inventory rows: current version age vs rotation period, overdue flag, last use."""
+    """Inventory rows: current version age vs its limit, overdue flag and why, last use.
+
+    The limit is the key's rotation period, or the maximum cryptoperiod when it has none
+    or a longer one: a key nobody rotates is exactly what an auditor must see.
+    """
     last_use: dict[str, str] = {}
     for row in events:
         used = str(row.get("operation", "")).startswith(CRYPTO_PREFIX) and row.get("outcome") == "success"
@@ -65,9 +84,18 @@ def key_rows(
         created = parse_time(versions[-1]["created_at"]) if versions else None
         age = (now - created).total_seconds() if created else None
         period = key.get("rotation_period_seconds")
-        overdue = bool(
-            period and age is not None and age > period and key.get("state") in ("active", "suspended")
-        )
+        limit = min(int(period), max_cryptoperiod) if period else max_cryptoperiod
+        in_use = key.get("state") in ("active", "suspended")
+        overdue = bool(in_use and age is not None and age > limit)
+        if not period:
+            why = f"no rotation period; older than the maximum cryptoperiod ({_age(max_cryptoperiod)})"
+        elif limit < int(period):
+            why = (
+                f"rotation period {_age(int(period))} is longer than the maximum cryptoperiod "
+                f"({_age(max_cryptoperiod)}), which it exceeds"
+            )
+        else:
+            why = f"past its rotation period ({_age(int(period))})"
         out.append(
             {
                 "name": key.get("name"),
@@ -79,6 +107,8 @@ def key_rows(
                 "age_seconds": age,
                 "rotation_period_seconds": period,
                 "overdue": overdue,
+                "overdue_why": why if overdue else "",
+                "limit_seconds": limit,
                 "last_use": last_use.get(str(key.get("name"))),
             }
         )
@@ -168,8 +198,14 @@ def render(
     events: Sequence[Mapping[str, Any]],
     now: datetime,
     source: str,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    max_cryptoperiod: int = DEFAULT_MAX_CRYPTOPERIOD,
+    setup_hidden: int | None = None,
+    trail_start: datetime | None = None,
 ) -> str:
-    inventory = key_rows(keys, events, now)
+    """The page. ``setup_hidden`` is how many setup rows were left out (None: none were)."""
+    inventory = key_rows(keys, events, now, max_cryptoperiod)
     ok = bool(verification.get("ok"))
     problem = verification.get("first_problem") or {}
     unproven = [str(u) for u in verification.get("unverified") or []]
@@ -214,12 +250,13 @@ def render(
     )
     overdue = [k for k in inventory if k["overdue"]]
     overdue_table = _table(
-        ["key", "current version age", "rotation period"],
+        ["key", "current version age", "rotation period", "why"],
         [
             [
                 f"<td><code>{_e(k['name'])}</code></td>",
                 f'<td class="num overdue">{_age(k["age_seconds"])}</td>',
-                f'<td class="num">{_age(k["rotation_period_seconds"])}</td>',
+                f'<td class="num">{_period(k["rotation_period_seconds"])}</td>',
+                f"<td>{_e(k['overdue_why'])}</td>",
             ]
             for k in overdue
         ],
@@ -269,11 +306,29 @@ def render(
         "No Vault access bypassed the broker.",
     )
     total = sum(1 for r in events if r.get("source") == "broker")
+    period = f"from {_e(_when(since) or 'the beginning of the log')} until {_e(_when(until) or 'now')}"
+    start = _e(_when(trail_start) or "unknown")
+    if setup_hidden is not None:
+        setup = (
+            f'<p id="setup">Setup traffic hidden (--hide-setup): {setup_hidden} Vault calls made '
+            f"before the broker's audit trail began ({start}) — the stack's bootstrap, first "
+            "certificates and policy, with no broker yet to go around — are not listed.</p>"
+        )
+    else:
+        before = sum(1 for r in bypass if merge.is_setup(r, trail_start))
+        setup = (
+            f'<p id="setup">{before} of these were made before the broker\'s audit trail began '
+            f"({start}): the stack's own setup; <code>keybroker audit report --hide-setup</code> "
+            "leaves them out.</p>"
+            if before
+            else ""
+        )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>keybroker audit report</title>
 <style>{CSS}</style></head><body>
 <h1>keybroker audit report</h1>
 <p class="meta">Generated {_e(now.isoformat(timespec="seconds"))} from {_e(source)}.
+Period: <span id="period">{period}</span>. Maximum cryptoperiod: {_age(max_cryptoperiod)}.
 {total} broker requests, {len(denials)} denied, {len(bypass)} Vault calls bypassing the broker.</p>
 <h2>Chain verification</h2><p id="verification">{status}</p>
 <h2>Key inventory</h2>{key_table}
@@ -281,6 +336,6 @@ def render(
 <h2>Operations over time, by principal</h2>{chart(events)}
 <h2>Operations per key and principal</h2>{usage_table}
 <h2>Denials</h2>{denial_table}
-<h2>Vault access that bypassed the broker</h2>{bypass_table}
+<h2>Vault access that bypassed the broker</h2>{setup}{bypass_table}
 </body></html>
 """

@@ -42,7 +42,10 @@ from broker.policy.model import (
 )
 
 Path = tuple[str | int, ...]
+# Role names and rule names follow one rule.
 ROLE_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+NAME_RULE = "1-63 characters of a-z, 0-9 and '-', starting with a letter"
+RULE_FIELDS = ("name", "id", "description", "effect", "operations", "keys", "context")
 _BRACES = re.compile(r"\{[^}]*\}")
 _TEMPLATES = {"{principal.name}", "{principal.kind}", "{principal.id}"}
 _BACKENDS = ("vault", "kms", "hsm")
@@ -175,7 +178,7 @@ def parse_bindings_json(body: Any, roles: Mapping[str, Role]) -> dict[str, tuple
 
 def parse_role(name: str, body: Any, c: _Checker, path: Path) -> Role | None:
     if not ROLE_NAME_RE.fullmatch(name):
-        c.fail(path, "a role name is 1-63 characters of a-z, 0-9 and '-', starting with a letter")
+        c.fail(path, f"a role name is {NAME_RULE}")
     data = c.mapping(body, path, ("description", "rules"))
     description = data.get("description", "")
     if not isinstance(description, str):
@@ -188,18 +191,32 @@ def parse_role(name: str, body: Any, c: _Checker, path: Path) -> Role | None:
     rules = []
     ids: set[str] = set()
     for i, raw in enumerate(rules_raw):
-        rule = _rule(raw, c, (*path, "rules", i), default_id=f"{name}[{i}]")
+        rule = _rule(raw, c, (*path, "rules", i), role=name, index=i)
         if rule.id in ids:
-            c.fail((*path, "rules", i, "id"), f"rule id {rule.id!r} is used twice in this role")
+            field_ = "name" if rule.name else "id"
+            c.fail((*path, "rules", i, field_), f"rule {field_} {rule.id!r} is used twice in this role")
         ids.add(rule.id)
         rules.append(rule)
     return Role(name=name, rules=tuple(rules), description=description)
 
 
-def _rule(raw: Any, c: _Checker, path: Path, default_id: str) -> Rule:
-    data = c.mapping(raw, path, ("id", "description", "effect", "operations", "keys", "context"))
+def rule_label(role: str, name: str, index: int) -> str:
+    """How a rule is called in decisions, explanations and diffs: ``role/name``, or ``role[index]``."""
+    return f"{role}/{name}" if name else f"{role}[{index}]"
+
+
+def _rule(raw: Any, c: _Checker, path: Path, *, role: str, index: int) -> Rule:
+    data = c.mapping(raw, path, RULE_FIELDS)
+    name = data.get("name", "")
+    if "name" in data and (not isinstance(name, str) or not ROLE_NAME_RE.fullmatch(name)):
+        c.fail((*path, "name"), f"a rule name is {NAME_RULE}")
+        name = ""
+    default_id = rule_label(role, name, index)
+    # ``id`` predates ``name`` (a free label kept so stored documents stay valid); one or the other.
     rule_id = data.get("id", default_id)
-    if not isinstance(rule_id, str) or not rule_id:
+    if "id" in data and "name" in data:
+        c.fail((*path, "id"), "give the rule a name or an id, not both (name is preferred)")
+    elif not isinstance(rule_id, str) or not rule_id:
         c.fail((*path, "id"), "expected a non-empty string")
         rule_id = default_id
     effect = data.get("effect", "allow")
@@ -227,6 +244,7 @@ def _rule(raw: Any, c: _Checker, path: Path, default_id: str) -> Rule:
         keys=_keys(data.get("keys"), c, (*path, "keys")),
         context=_context(data.get("context"), c, (*path, "context")),
         description=description,
+        name=name if isinstance(name, str) else "",
     )
 
 
@@ -308,7 +326,9 @@ def role_to_json(role: Role) -> dict[str, Any]:
     rules = []
     for i, rule in enumerate(role.rules):
         out: dict[str, Any] = {}
-        if rule.id != f"{role.name}[{i}]":
+        if rule.name:
+            out["name"] = rule.name
+        elif rule.id != rule_label(role.name, "", i):
             out["id"] = rule.id
         if rule.description:
             out["description"] = rule.description
@@ -407,34 +427,102 @@ def canonical_json(data: Any) -> str:
 
 
 def diff_documents(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """What applying ``new`` over ``old`` changes, one line per role, binding or setting.
+    """What applying ``new`` over ``old`` changes: roles, each of their rules, bindings, settings.
 
-    Both are canonical documents (:func:`to_document`). A changed role is followed by
-    a unified diff of its YAML, indented.
+    Rules are matched by name (``role/name``), unnamed ones by position (``role[i]``), so a
+    diff says ``+ rule billing-app/read-invoices`` and shows that rule's fields. ``old`` may
+    be a stored document that does not validate: anything unreadable in it is shown as is.
     """
+    lines: list[str] = []
+    old_roles, new_roles = _as_map(old.get("roles")), _as_map(new.get("roles"))
+    for name in sorted(set(old_roles) | set(new_roles)):
+        was, now = _as_map(old_roles.get(name)), _as_map(new_roles.get(name))
+        if name not in new_roles:
+            lines.append(f"- role {name} (removed)")
+            for label, rule in _rules_of(name, was).items():
+                lines.extend(_rule_block("-", label, rule))
+        elif name not in old_roles:
+            rules = _rules_of(name, now)
+            lines.append(f"+ role {name} (added, {len(rules)} rules)")
+            if now.get("description"):
+                lines.append(f"    + description: {now['description']}")
+            for label, rule in rules.items():
+                lines.extend(_rule_block("+", label, rule))
+        elif canonical_json(was) != canonical_json(now):
+            lines.append(f"~ role {name} (changed)")
+            lines.extend(_role_changes(name, was, now))
+    old_b, new_b = _as_map(old.get("bindings")), _as_map(new.get("bindings"))
+    for principal in sorted(set(old_b) | set(new_b)):
+        before, after = _names(old_b.get(principal)), _names(new_b.get(principal))
+        if before != after:
+            mark = "+" if not before else "-" if not after else "~"
+            lines.append(f"{mark} binding {principal}: [{', '.join(before)}] -> [{', '.join(after)}]")
+    old_s, new_s = _as_map(old.get("settings")), _as_map(new.get("settings"))
+    for setting in sorted(set(old_s) | set(new_s)):
+        if old_s.get(setting) != new_s.get(setting):
+            lines.append(f"~ setting {setting}: {old_s.get(setting)} -> {new_s.get(setting)}")
+    return lines
+
+
+def _as_map(value: Any) -> dict[str, Any]:
+    return {str(k): v for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _names(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def _rules_of(role: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """A role's rules by label (``role/name`` or ``role[i]``), in document order."""
+    raw = body.get("rules")
+    out: dict[str, Any] = {}
+    for i, rule in enumerate(raw if isinstance(raw, list) else []):
+        fields = rule if isinstance(rule, dict) else {}
+        name, legacy_id = fields.get("name"), fields.get("id")
+        if isinstance(name, str) and name:
+            label = rule_label(role, name, i)
+        elif isinstance(legacy_id, str) and legacy_id:
+            label = legacy_id
+        else:
+            label = rule_label(role, "", i)
+        while label in out:  # a stored (invalid) document may repeat a name: keep both
+            label += "'"
+        out[label] = rule
+    return out
+
+
+def _rule_yaml(rule: Any) -> list[str]:
+    body = {k: v for k, v in rule.items() if k != "name"} if isinstance(rule, dict) else rule
+    text = yaml.safe_dump(body, sort_keys=False, allow_unicode=True, width=1000, default_flow_style=None)
+    return str(text).splitlines()
+
+
+def _rule_block(mark: str, label: str, rule: Any) -> list[str]:
+    return [f"    {mark} rule {label}", *(f"    {mark}     {row}" for row in _rule_yaml(rule))]
+
+
+def _role_changes(name: str, was: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     import difflib
 
     lines: list[str] = []
-    old_roles, new_roles = old.get("roles", {}), new.get("roles", {})
-    for name in sorted(set(old_roles) | set(new_roles)):
-        if name not in new_roles:
-            lines.append(f"- role {name} (removed)")
-        elif name not in old_roles:
-            lines.append(f"+ role {name} (added, {len(new_roles[name]['rules'])} rules)")
-        elif old_roles[name] != new_roles[name]:
-            lines.append(f"~ role {name} (changed)")
-            before = yaml.safe_dump(old_roles[name], sort_keys=False).splitlines()
-            after = yaml.safe_dump(new_roles[name], sort_keys=False).splitlines()
-            for row in difflib.unified_diff(before, after, "current", "new", lineterm="", n=1):
-                lines.append(f"    {row}")
-    old_b, new_b = old.get("bindings", {}), new.get("bindings", {})
-    for principal in sorted(set(old_b) | set(new_b)):
-        was, now = old_b.get(principal, []), new_b.get(principal, [])
-        if was != now:
-            mark = "+" if not was else "-" if not now else "~"
-            lines.append(f"{mark} binding {principal}: [{', '.join(was)}] -> [{', '.join(now)}]")
-    for name in sorted(set(old.get("settings", {})) | set(new.get("settings", {}))):
-        was, now = old.get("settings", {}).get(name), new.get("settings", {}).get(name)
-        if was != now:
-            lines.append(f"~ setting {name}: {was} -> {now}")
+    if was.get("description") != now.get("description"):
+        lines.append(f"    ~ description: {was.get('description', '')!r} -> {now.get('description', '')!r}")
+    before, after = _rules_of(name, was), _rules_of(name, now)
+    for label, rule in after.items():
+        if label not in before:
+            lines.extend(_rule_block("+", label, rule))
+        elif canonical_json(before[label]) != canonical_json(rule):
+            lines.append(f"    ~ rule {label}")
+            # The whole rule with its changed lines marked; no ---/+++/@@ headers (the label says it).
+            diff = difflib.unified_diff(_rule_yaml(before[label]), _rule_yaml(rule), lineterm="", n=1000)
+            rows = [row for row in diff if not row.startswith(("---", "+++", "@@"))]
+            lines.extend(f"    {row[0]}     {row[1:]}" for row in rows)
+    for label, rule in before.items():
+        if label not in after:
+            lines.extend(_rule_block("-", label, rule))
+    common = [label for label in after if label in before]
+    if not lines and common != [label for label in before if label in after]:
+        lines.append(f"    ~ rule order: {', '.join(common)}")
     return lines

@@ -177,12 +177,15 @@ class ContextCondition:
 class Rule:
     """Allow (or, with ``effect: deny``, forbid) ``operations`` on the selected keys and contexts."""
 
+    # How decisions, explanations and diffs name the rule: ``<role>/<name>`` for a named rule,
+    # else ``<role>[<index>]`` (or a legacy explicit ``id``).
     id: str
     operations: tuple[str, ...]
     effect: str = "allow"
     keys: KeySelector = field(default_factory=KeySelector)
     context: ContextCondition = field(default_factory=ContextCondition)
     description: str = ""
+    name: str = ""  # the rule's own name within its role, as written in the document
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ def test_dry_run_shows_the_diff_then_apply_stores_it(stack: DevStack, tmp_path: 
     assert after["version"] > current["version"]
     assert after["document"]["roles"][role]["rules"] == [{"operations": ["audit.read"]}]
     assert after["document"]["bindings"] == unchanged["document"]["bindings"]
-    assert "- operations:\n  - audit.read" in shown.stdout.decode()
+    assert "- operations: [audit.read]" in shown.stdout.decode()
     assert role in listed.stdout.decode()
 
 
@@ -109,7 +109,10 @@ def test_explain_bindings_and_grants_from_the_cli(stack: DevStack) -> None:
     assert deny.stdout.decode().splitlines()[0] == (
         f"DENY  crypto.decrypt on key {key} is denied: no rule of the roles (developer) allows it"
     )
-    assert "not matched: developer[0]: environment prod is not one of [dev, staging]" in deny.stdout.decode()
+    assert (
+        "not matched: developer/crypto-dev-staging: environment prod is not one of [dev, staging]"
+        in deny.stdout.decode()
+    )
     assert allow.returncode == 0
     assert f"decided by grant {grant['grant_id']}" in allow.stdout.decode()
     assert used.returncode == 0, used.stderr

@@ -160,3 +160,83 @@ def test_report_flags_overdue_keys_and_escapes_everything() -> None:
     assert "old&lt;script&gt;" in html
     assert "&lt;b&gt;no&lt;/b&gt;" in html
     assert html.count('class="num overdue"') == 2  # the inventory cell and the overdue table
+
+
+def test_a_key_with_no_rotation_period_is_overdue_past_the_maximum_cryptoperiod() -> None:
+    """No period: the maximum (a year by default) applies; a longer period is capped by it."""
+
+    def key(name: str, period: int | None, age_days: float) -> dict[str, Any]:
+        created = (T0 - timedelta(days=age_days)).isoformat()
+        return {"name": name, "state": "active", "rotation_period_seconds": period, "versions": [
+            {"version": 1, "created_at": created}]}  # fmt: skip
+
+    keys = [
+        key("never", None, 400),
+        key("young", None, 30),
+        key("slow", 730 * 86400, 400),
+        key("ok", 86400 * 90, 30),
+    ]
+
+    rows = {r["name"]: r for r in key_rows(keys, [], T0)}
+    tight = {r["name"]: r for r in key_rows(keys, [], T0, max_cryptoperiod=7 * 86400)}
+
+    assert {n for n, r in rows.items() if r["overdue"]} == {"never", "slow"}
+    assert rows["never"]["overdue_why"] == "no rotation period; older than the maximum cryptoperiod (365.0 d)"
+    assert rows["slow"]["overdue_why"].startswith("rotation period 730.0 d is longer than the maximum")
+    assert {n for n, r in tight.items() if r["overdue"]} == {"never", "young", "slow", "ok"}
+
+
+def test_setup_rows_are_bypass_rows_before_the_trail_began() -> None:
+    """Only bypass rows older than the broker's first record are setup; later root use never is."""
+    rows = timeline()
+    start = merge.trail_start(rows)
+    assert start is not None
+
+    hidden = merge.query(rows, merge.Filters(source="bypass", hide_setup_before=start))
+
+    assert [r["vault_request_id"] for r in hidden] == [
+        r["vault_request_id"]
+        for r in merge.query(rows, merge.Filters(source="bypass"))
+        if merge.time_of(r) >= start
+    ]
+    assert all(not merge.is_setup(r, None) for r in rows)
+
+
+def test_full_reason_keeps_the_decision_and_the_error() -> None:
+    """The decision's reason in full, prefixed by the error code; a different detail is kept too."""
+    denied = {
+        "decision": {"reason": "key.rotate on key k is denied: no rule of the roles (app) allows it"},
+        "error": {"code": "forbidden", "detail": "key.rotate on key k is denied"},
+    }
+    failed = {
+        "decision": {"reason": "allowed by rule a/b"},
+        "error": {"code": "unavailable", "detail": "down"},
+    }
+
+    assert merge.full_reason(denied) == (
+        "forbidden: key.rotate on key k is denied: no rule of the roles (app) allows it"
+    )
+    assert merge.full_reason(failed) == "unavailable: down; decision: allowed by rule a/b"
+    assert merge.full_reason({"error": "permission denied"}) == "permission denied"
+    assert merge.flat({"source": "vault", "path": "kb-kv/data/x"})["vault_path"] == "kb-kv/data/x"
+
+
+def test_since_and_until_take_relative_times_dates_and_iso() -> None:
+    """7d counts back from now; a date is its first instant for --since and its last for --until."""
+    import pytest
+
+    from broker.cli.audit import parse_moment, parse_period
+    from broker.errors import ConfigError
+
+    assert parse_moment("7d", "--since", T0) == T0 - timedelta(days=7)
+    assert parse_moment("2026-11-01", "--since", T0) == datetime(2026, 11, 1, tzinfo=UTC)
+    assert parse_moment("2026-11-01", "--until", T0, end_of_day=True) == datetime(
+        2026, 11, 1, 23, 59, 59, 999999, tzinfo=UTC
+    )
+    assert parse_moment("2026-11-01T09:00:00Z", "--since", T0) == datetime(2026, 11, 1, 9, tzinfo=UTC)
+    assert parse_period("365d", "--max-cryptoperiod") == 365 * 86400
+    for bad in ("7x", "2026-02-30", "", "\u0667d"):  # the last: an Arabic-Indic seven
+        with pytest.raises(ConfigError):
+            parse_moment(bad, "--since", T0)
+    with pytest.raises(ConfigError):
+        parse_period("0d", "--max-cryptoperiod")

@@ -100,27 +100,91 @@ def test_canonical_document_parses_back_to_the_same_policy() -> None:
     assert parse_document(to_document(policy)) == policy
 
 
-def test_diff_names_roles_bindings_and_settings_that_change() -> None:
-    """Added, removed and changed roles, bindings and settings: one line each (changed roles with a diff)."""
+def test_diff_names_roles_rules_bindings_and_settings_that_change() -> None:
+    """Added, removed and changed roles with each rule by its name and fields; bindings and settings."""
     old = to_document(default_policy())
     new: dict[str, Any] = to_document(default_policy())
     del new["roles"]["compliance-officer"]
-    new["roles"]["auditor"] = {"rules": [{"operations": ["audit.read"]}]}
+    new["roles"]["auditor"] = {"rules": [{"name": "read-audit", "operations": ["audit.read"]}]}
     new["roles"]["developer"]["rules"][0]["keys"]["environment"] = ["dev"]
     new["bindings"]["cn:dana"] = ["developer"]
     new["settings"]["grant_max_expires_in"] = 3600
 
     lines = diff_documents(old, new)
 
-    assert lines[0] == "+ role auditor (added, 1 rules)"
-    assert lines[1] == "- role compliance-officer (removed)"
-    assert lines[2] == "~ role developer (changed)"
-    assert "    -    - staging" in lines
-    assert lines[-2:] == [
+    assert lines == [
+        "+ role auditor (added, 1 rules)",
+        "    + rule auditor/read-audit",
+        "    +     operations: [audit.read]",
+        "- role compliance-officer (removed)",
+        "    - rule compliance-officer/read-and-verify",
+        "    -     operations: [key.read, key.list, audit.read, audit.verify, sys.health]",
+        "~ role developer (changed)",
+        "    ~ rule developer/crypto-dev-staging",
+        "          operations: [crypto.*]",
+        "          keys:",
+        "    -       environment: [dev, staging]",
+        "    +       environment: [dev]",
         "+ binding cn:dana: [] -> [developer]",
         "~ setting grant_max_expires_in: 86400 -> 3600",
     ]
     assert diff_documents(old, old) == []
+
+
+def test_diff_matches_named_rules_by_name_and_unnamed_ones_by_position() -> None:
+    """Moving a named rule is an order change, not a remove and an add; a stored invalid role still diffs."""
+    old = {"roles": {"app": {"rules": [{"name": "a", "operations": ["key.read"]}, {"operations": ["x"]}]}}}
+    moved = {"roles": {"app": {"rules": [{"operations": ["x"]}, {"name": "a", "operations": ["key.read"]}]}}}
+    broken = {"roles": {"app": {"rules": "not a list"}}}
+
+    assert diff_documents(
+        {
+            "roles": {
+                "app": {
+                    "rules": [{"name": "a", "operations": ["key.read"]}, {"name": "b", "operations": ["x"]}]
+                }
+            }
+        },
+        {
+            "roles": {
+                "app": {
+                    "rules": [{"name": "b", "operations": ["x"]}, {"name": "a", "operations": ["key.read"]}]
+                }
+            }
+        },
+    ) == ["~ role app (changed)", "    ~ rule order: app/b, app/a"]
+    assert "    + rule app[0]" in diff_documents(old, moved)
+    assert diff_documents(broken, old)[:2] == ["~ role app (changed)", "    + rule app/a"]
+
+
+def test_a_rule_name_follows_the_role_name_rule_and_is_unique_in_its_role() -> None:
+    """Names label decisions as role/name; a bad, repeated or name-and-id rule is refused with its path."""
+    good = parse_document(
+        {"roles": {"billing-app": {"rules": [{"name": "read-invoices", "operations": ["key.read"]}]}}}
+    )
+    with pytest.raises(PolicyInvalid) as bad:
+        parse_document(
+            {
+                "roles": {
+                    "r": {
+                        "rules": [
+                            {"name": "Read Invoices", "operations": ["key.read"]},
+                            {"name": "twice", "operations": ["key.read"]},
+                            {"name": "twice", "operations": ["key.list"]},
+                            {"name": "both", "id": "legacy", "operations": ["key.read"]},
+                        ]
+                    }
+                }
+            }
+        )
+
+    assert good.roles["billing-app"].rules[0].id == "billing-app/read-invoices"
+    assert to_document(good)["roles"]["billing-app"]["rules"][0]["name"] == "read-invoices"
+    assert [str(p) for p in bad.value.problems] == [
+        "roles.r.rules[0].name: a rule name is 1-63 characters of a-z, 0-9 and '-', starting with a letter",
+        "roles.r.rules[2].name: rule name 'r/twice' is used twice in this role",
+        "roles.r.rules[3].id: give the rule a name or an id, not both (name is preferred)",
+    ]
 
 
 class FakeVault:

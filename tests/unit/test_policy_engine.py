@@ -417,3 +417,35 @@ def test_glob_escape_round_trips_every_special_character() -> None:
     for value in ("*", "?", "[", "]", "[!]", "a[b]*?c", "plain"):
         assert fnmatchcase(value, glob_escape(value))
         assert not fnmatchcase("z" * len(value), glob_escape(value)) or value == "z" * len(value)
+
+
+def test_a_named_rule_decides_and_misses_by_its_name() -> None:
+    """Decisions and near misses say billing-app/read-invoices, not billing-app[0]."""
+    p = policy(
+        {
+            "roles": {
+                "billing-app": {
+                    "rules": [
+                        {
+                            "name": "read-invoices",
+                            "operations": ["crypto.decrypt"],
+                            "keys": {"name": ["inv-*"]},
+                        },
+                    ]
+                }
+            },
+            "bindings": {f"{TD}/app/billing": ["billing-app"]},
+        }
+    )
+    billing = who("app", "billing")
+
+    allowed = decide(p, AccessRequest(billing, "crypto.decrypt", key(name="inv-1"), {}), now=NOW)
+    missed = decide(p, AccessRequest(billing, "crypto.decrypt", key(name="orders"), {}), now=NOW)
+
+    assert (allowed.allowed, allowed.rule, allowed.reason) == (
+        True,
+        "billing-app/read-invoices",
+        "allowed by rule billing-app/read-invoices",
+    )
+    assert not missed.allowed
+    assert missed.near_misses[0].startswith("billing-app/read-invoices: ")

@@ -14,31 +14,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import urllib.parse
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from broker.client import BrokerClient
+from broker.cli.client import BrokerClient
+from broker.cli.common import Command, Session, add_command, add_group
 from broker.errors import BrokerError, ConfigError
 
 EPILOG = """\
 examples:
   keybroker audit verify                         # chain, HSM signatures, Vault anchor, live head
-  keybroker audit query --since 2026-11-23T00:00:00Z --outcome denied
+  keybroker audit query --since 7d --outcome denied            # or --since 2026-11-23, or a full ISO time
+  keybroker audit query --source bypass --hide-setup            # Vault used around the broker, not its setup
   keybroker audit query --source bypass --format csv > bypass.csv   # every matching row, paged
   keybroker audit query --outcome denied --limit 50                 # only the newest 50 (says if cut)
   keybroker audit report --out report.html       # self-contained HTML for auditors
+  keybroker audit report --since 2026-11-01 --until 2026-11-30 --hide-setup --out november.html
   keybroker audit hmac acme                      # find records whose context carried 'acme'
   keybroker audit new-epoch --name restore-2026-11 --reason "disk lost, see INC-42"
 offline, on copied files:
   keybroker audit verify --dir ./audit --public-key audit-key.pem --anchor SEQ:HASH
   keybroker audit merge --dir ./audit --vault-log vault-audit.log --format jsonl > timeline.jsonl
 """
-# Each command gets its arguments and a way to connect (used only by the online ones).
-AuditCommand = Callable[[argparse.Namespace, Callable[[], BrokerClient]], int]
 FILTERS = ("since", "until", "principal", "key", "operation", "outcome", "source")
 EXIT_BROKEN, EXIT_UNVERIFIED = 1, 3
 
@@ -89,10 +91,12 @@ def _local_files(directory: str) -> list[tuple[str, bytes]]:
     return [(p.name, p.read_bytes()) for p in files]
 
 
-def cmd_verify(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
+def cmd_verify(args: argparse.Namespace, session: Session) -> int:
     allow = bool(args.allow_unanchored)
     if args.dir is None:
-        return _print_report(connect().call("GET", "/v1/audit/verify"), args.json, allow_unanchored=allow)
+        return _print_report(
+            session.client().call("GET", "/v1/audit/verify"), args.json, allow_unanchored=allow
+        )
     from broker.audit.chain import Anchor, verify
     from broker.audit.signing import load_public_key, signature_checker
 
@@ -174,32 +178,117 @@ def event_pages(
         cursor = str(following)
 
 
-def _filter_params(args: argparse.Namespace) -> dict[str, str]:
-    return {f: str(getattr(args, f)) for f in FILTERS if getattr(args, f, None) is not None}
+# Relative times count back from now: 7d, 12h, 30m, 90s, 2w.
+_AGO = re.compile(r"^([0-9]{1,9})([smhdw])$")
+_DAY = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+TIME_HELP = "7d, 12h, 30m (that long ago), a date 2026-11-01 (UTC) or an ISO 8601 time 2026-11-01T09:00:00Z"
 
 
-def cmd_query(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
-    params = _filter_params(args)
+def parse_moment(value: str, flag: str, now: datetime, *, end_of_day: bool = False) -> datetime:
+    """A --since/--until value as an aware datetime.
+
+    A date alone is that day in UTC: its first instant for --since, its last for --until,
+    so ``--since 2026-11-01 --until 2026-11-30`` covers the whole of November's first 30 days.
+    """
+    text = value.strip()
+    if found := _AGO.fullmatch(text):
+        return now - timedelta(seconds=int(found.group(1)) * _SECONDS[found.group(2)])
+    try:
+        if _DAY.fullmatch(text):
+            day = date.fromisoformat(text)
+            start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+            return start + timedelta(days=1, microseconds=-1) if end_of_day else start
+        from broker.audit.merge import parse_time
+
+        return parse_time(text)
+    except ValueError:
+        raise ConfigError(f"{flag}: {value!r} is not a time; give {TIME_HELP}") from None
+
+
+def parse_period(value: str, flag: str) -> int:
+    """A duration like 365d, 52w or 12h, in seconds (at least one)."""
+    found = _AGO.fullmatch(value.strip())
+    seconds = int(found.group(1)) * _SECONDS[found.group(2)] if found else 0
+    if seconds < 1:
+        raise ConfigError(f"{flag}: {value!r} is not a duration; give e.g. 365d, 52w or 12h")
+    return seconds
+
+
+def _window(args: argparse.Namespace, now: datetime) -> tuple[datetime | None, datetime | None]:
+    since = parse_moment(args.since, "--since", now) if getattr(args, "since", None) else None
+    until = (
+        parse_moment(args.until, "--until", now, end_of_day=True) if getattr(args, "until", None) else None
+    )
+    if since and until and since > until:
+        raise ConfigError(f"--since ({since.isoformat()}) is after --until ({until.isoformat()})")
+    return since, until
+
+
+def _filter_params(args: argparse.Namespace, now: datetime) -> dict[str, str]:
+    params = {f: str(getattr(args, f)) for f in FILTERS if getattr(args, f, None) is not None}
+    since, until = _window(args, now)
+    for name, moment in (("since", since), ("until", until)):
+        if moment is not None:
+            params[name] = moment.isoformat()
+    return params
+
+
+def trail_start(client: BrokerClient) -> datetime | None:
+    """When the broker's audit trail begins: its oldest request record (one row, oldest first)."""
+    from broker.audit.merge import time_of
+
+    for page in event_pages(client, {"source": "broker"}, page_size=1):
+        return time_of(page[0]) if page else None
+    return None
+
+
+def _note_setup(hidden: int, start: datetime | None) -> None:
+    if hidden:
+        when = start.isoformat() if start else "?"
+        print(
+            f"keybroker: note: --hide-setup: left out {hidden} Vault bypass rows from before the broker's "
+            f"audit trail began ({when}): the stack's own setup",
+            file=sys.stderr,
+        )
+
+
+def cmd_query(args: argparse.Namespace, session: Session) -> int:
+    from broker.audit.merge import is_setup
+
+    params = _filter_params(args, datetime.now(UTC))
     fmt = "jsonl" if args.json else args.format
     output = _Output(fmt)
+    client = session.client()
+    start = trail_start(client) if args.hide_setup else None
+    hidden = 0
+
+    def shown(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        nonlocal hidden
+        kept = [row for row in rows if not is_setup(row, start)]
+        hidden += len(rows) - len(kept)
+        return kept
+
     if args.limit is not None:
         if not 1 <= args.limit <= MAX_PAGE:
             raise ConfigError(f"--limit takes 1..{MAX_PAGE}; leave it out to export every matching row")
         query = urllib.parse.urlencode({**params, "limit": str(args.limit)})
-        out = connect().call("GET", "/v1/audit/events?" + query)
-        output.write(out["events"])
+        out = client.call("GET", "/v1/audit/events?" + query)
+        output.write(shown(out["events"]))
         output.close()
         _note_cut(len(out["events"]), int(out.get("matched", len(out["events"]))))
+        _note_setup(hidden, start)
         return 0
     if not 1 <= args.page_size <= MAX_PAGE:
         raise ConfigError(f"--page-size takes 1..{MAX_PAGE}")
-    for page in event_pages(connect(), params, args.page_size):
-        output.write(page)
+    for page in event_pages(client, params, args.page_size):
+        output.write(shown(page))
     output.close()
+    _note_setup(hidden, start)
     return 0
 
 
-def cmd_merge(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
+def cmd_merge(args: argparse.Namespace, session: Session) -> int:
     from broker.audit import merge
 
     vault: list[dict[str, Any]] = []
@@ -210,56 +299,79 @@ def cmd_merge(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> 
         except OSError as exc:
             raise ConfigError(f"--vault-log: {exc.strerror}: {args.vault_log}") from None
     timeline = merge.merge(merge.broker_records(_local_files(args.dir)), vault)
-    try:
-        filters = merge.Filters(
-            since=merge.parse_time(args.since) if args.since else None,
-            until=merge.parse_time(args.until) if args.until else None,
-            principal=args.principal,
-            key=args.key,
-            operation=args.operation,
-            outcome=args.outcome,
-            source=args.source,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"--since/--until take ISO 8601 times: {exc}") from None
+    since, until = _window(args, datetime.now(UTC))
+    start = merge.trail_start(timeline)
+    filters = merge.Filters(
+        since=since,
+        until=until,
+        principal=args.principal,
+        key=args.key,
+        operation=args.operation,
+        outcome=args.outcome,
+        source=args.source,
+    )
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit takes a positive number; leave it out for every matching row")
     rows = merge.query(timeline, filters)
+    hidden = 0
+    if args.hide_setup:
+        kept = [row for row in rows if not merge.is_setup(row, start)]
+        hidden, rows = len(rows) - len(kept), kept
     shown = rows[-args.limit :] if args.limit else rows
     output = _Output(args.format)
     output.write(shown)
     output.close()
     _note_cut(len(shown), len(rows))
+    _note_setup(hidden, start)
     return 0
 
 
-def cmd_report(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
+def cmd_report(args: argparse.Namespace, session: Session) -> int:
+    from broker.audit.merge import is_setup
     from broker.audit.report import render
 
-    client = connect()
+    now = datetime.now(UTC)
+    since, until = _window(args, now)
+    max_period = parse_period(args.max_cryptoperiod, "--max-cryptoperiod")
+    client = session.client()
     print("verifying the audit chain ...", file=sys.stderr, flush=True)
     verification = client.call("GET", "/v1/audit/verify")
     print("reading the merged timeline and the key inventory ...", file=sys.stderr, flush=True)
-    params = {"since": args.since} if args.since else {}
+    params = {name: moment.isoformat() for name, moment in (("since", since), ("until", until)) if moment}
     events = [row for page in event_pages(client, params) for row in page]
+    start = trail_start(client)
+    hidden = None
+    if args.hide_setup:
+        kept = [row for row in events if not is_setup(row, start)]
+        hidden, events = len(events) - len(kept), kept
     keys = client.call("GET", "/v1/keys")["keys"]
     html = render(
-        verification=verification, keys=keys, events=events, now=datetime.now(UTC), source=client.address
+        verification=verification,
+        keys=keys,
+        events=events,
+        now=now,
+        source=client.address,
+        since=since,
+        until=until,
+        max_cryptoperiod=max_period,
+        setup_hidden=hidden,
+        trail_start=start,
     )
     out = Path(args.out)
     try:
         out.write_text(html)
     except OSError as exc:
         raise ConfigError(f"--out: {exc.strerror}: {out}") from None
+    setup = f", {hidden} setup rows left out" if hidden else ""
     print(
-        f"wrote {out} ({len(events)} timeline rows, {len(keys)} keys; chain "
+        f"wrote {out} ({len(events)} timeline rows{setup}, {len(keys)} keys; chain "
         f"{'intact' if verification['ok'] else 'BROKEN'})"
     )
     return 0 if verification["ok"] else 1
 
 
-def cmd_new_epoch(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
-    out = connect().call("POST", "/v1/audit/epoch", {"name": args.name, "reason": args.reason})
+def cmd_new_epoch(args: argparse.Namespace, session: Session) -> int:
+    out = session.client().call("POST", "/v1/audit/epoch", {"name": args.name, "reason": args.reason})
     if args.json:
         print(json.dumps(out))
     else:
@@ -270,32 +382,24 @@ def cmd_new_epoch(args: argparse.Namespace, connect: Callable[[], BrokerClient])
     return 0
 
 
-def cmd_hmac(args: argparse.Namespace, connect: Callable[[], BrokerClient]) -> int:
-    out = connect().call("POST", "/v1/audit/hmac", {"value": args.value})
+def cmd_hmac(args: argparse.Namespace, session: Session) -> int:
+    out = session.client().call("POST", "/v1/audit/hmac", {"value": args.value})
     print(json.dumps(out) if args.json else out["hmac"])
     return 0
 
 
-def add_audit_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], None]) -> None:
-    audit = sub.add_parser(
+def add_parsers(sub: Any) -> None:
+    asub = add_group(
+        sub,
         "audit",
-        help="verify, query, merge and report on the tamper-evident audit trail",
-        description="The broker writes one hash-chained, HSM-checkpointed record per request. These commands "
+        "verify, query, merge and report on the tamper-evident audit trail",
+        "The broker writes one hash-chained, HSM-checkpointed record per request. These commands "
         "verify it, merge it with Vault's audit log (joined on request id), query it and render a report.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        EPILOG,
     )
-    asub = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
 
-    def command(name: str, help_: str, fn: AuditCommand, *, online: bool = True) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = asub.add_parser(
-            name, help=help_, description=help_[0].upper() + help_[1:] + "."
-        )
-        if online:
-            client_args(p)
-        p.add_argument("--json", action="store_true", help="machine-readable JSON output")
-        p.set_defaults(audit_func=fn)
-        return p
+    def command(name: str, help_: str, fn: Command, *, online: bool = True) -> argparse.ArgumentParser:
+        return add_command(asub, name, help_, fn, online=online)
 
     p = command("verify", "check the chain and signatures; name the first bad record", cmd_verify)
     p.add_argument("--dir", help="verify these files offline instead of asking the broker")
@@ -310,9 +414,18 @@ def add_audit_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], 
         "not 3",
     )
 
+    def window(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--since", metavar="TIME", help=f"from then on: {TIME_HELP}")
+        p.add_argument("--until", metavar="TIME", help="up to then (a date alone: the end of that day)")
+        p.add_argument(
+            "--hide-setup",
+            action="store_true",
+            help="leave out Vault bypass rows from before the broker's audit trail began (the stack's "
+            "own bootstrap with the root token); later root use is always shown",
+        )
+
     def filters(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--since", metavar="TIME", help="ISO 8601, e.g. 2026-11-23T00:00:00Z")
-        p.add_argument("--until", metavar="TIME")
+        window(p)
         p.add_argument("--principal", help="principal id (globs work)")
         p.add_argument("--key")
         p.add_argument("--operation", help="e.g. crypto.decrypt, key.* (globs work)")
@@ -344,7 +457,14 @@ def add_audit_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], 
     filters(p)
     p = command("report", "write a self-contained HTML report for auditors", cmd_report)
     p.add_argument("--out", required=True, metavar="FILE")
-    p.add_argument("--since", metavar="TIME", help="only the timeline since then (default: all)")
+    window(p)
+    p.add_argument(
+        "--max-cryptoperiod",
+        default="365d",
+        metavar="DURATION",
+        help="a key with no rotation period (or a longer one) is overdue once its current version is "
+        "older than this (default: %(default)s, rotate at least yearly)",
+    )
     command("hmac", "the HMAC a context value has in records (to search for it)", cmd_hmac).add_argument(
         "value"
     )
@@ -355,8 +475,3 @@ def add_audit_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], 
     )
     p.add_argument("--name", required=True, help="a new name for the epoch, e.g. restore-2026-11-29")
     p.add_argument("--reason", required=True, help="why: recorded in the log and in Vault's anchor")
-
-
-def run_audit(args: argparse.Namespace, connect: Callable[[argparse.Namespace], BrokerClient]) -> int:
-    fn: AuditCommand = args.audit_func
-    return fn(args, lambda: connect(args))

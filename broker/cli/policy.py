@@ -5,15 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import urllib.parse
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from broker.cli_keys import ClientCommand, _context, client_command, key_name_arg
-from broker.client import BrokerClient
+from broker.cli.common import Session, add_command, add_group, context_pairs, key_name_arg, quote
 from broker.errors import ConfigError
 from broker.policy.document import PolicyInvalid, diff_documents, load_yaml, parse_document, to_document
 from broker.policy.model import GRANTABLE, OPERATIONS, parse_grant_token
@@ -44,12 +41,9 @@ examples:
 """
 
 
-def _q(name: str) -> str:
-    return urllib.parse.quote(name, safe="")
-
-
 def _yaml(data: Any) -> str:
-    return str(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    # Lists of plain values on one line (operations: [crypto.encrypt, crypto.decrypt]): easy to edit.
+    return str(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100, default_flow_style=None))
 
 
 # -- policy -------------------------------------------------------------------------------
@@ -95,7 +89,8 @@ def _dropped_bindings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
-def cmd_policy_apply(args: argparse.Namespace, client: BrokerClient) -> int:
+def cmd_policy_apply(args: argparse.Namespace, session: Session) -> int:
+    client = session.client()
     path = Path(args.file)
     try:
         text = path.read_text()
@@ -157,17 +152,34 @@ def cmd_policy_apply(args: argparse.Namespace, client: BrokerClient) -> int:
     return 0
 
 
-def cmd_policy_show(args: argparse.Namespace, client: BrokerClient) -> int:
+def cmd_policy_show(args: argparse.Namespace, session: Session) -> int:
+    """The stored document as a policy file: what ``policy apply`` takes back after an edit."""
+    client = session.client()
     if args.role:
-        out = client.call("GET", f"/v1/policies/{_q(args.role)}")
+        out = client.call("GET", f"/v1/policies/{quote(args.role)}")
     else:
         out = client.call("GET", "/v1/policies")
     _warn_invalid(out)
-    print(json.dumps(out, indent=2) if args.json else _yaml(out).rstrip())
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    if args.role:
+        role = {k: v for k, v in out.items() if k not in ("name", "invalid", "problems")}
+        print(f"# role {args.role} as stored in Vault. To change it, edit the whole document")
+        print("# (`keybroker policy show > policy.yaml`) and `keybroker policy apply policy.yaml`.")
+        print(_yaml(role).rstrip())
+        return 0
+    # Comments only above the document, so the output is itself a valid policy file.
+    print(f"# keybroker policy document, version {out['version']} as stored in Vault (KV policy/document).")
+    print("# Edit, then: keybroker policy apply FILE --dry-run   (the changes), and without --dry-run.")
+    if out.get("invalid"):
+        print("# INVALID as stored: fix the problems printed on stderr before applying.")
+    print(_yaml(out["document"]).rstrip())
     return 0
 
 
-def cmd_policy_list(args: argparse.Namespace, client: BrokerClient) -> int:
+def cmd_policy_list(args: argparse.Namespace, session: Session) -> int:
+    client = session.client()
     out = client.call("GET", "/v1/policies")
     _warn_invalid(out)
     if args.json:
@@ -193,12 +205,13 @@ def cmd_policy_list(args: argparse.Namespace, client: BrokerClient) -> int:
     return 0
 
 
-def cmd_policy_explain(args: argparse.Namespace, client: BrokerClient) -> int:
+def cmd_policy_explain(args: argparse.Namespace, session: Session) -> int:
+    client = session.client()
     body: dict[str, Any] = {"principal": args.principal, "operation": args.operation}
     if args.key:
         body["key"] = args.key
     if args.context is not None:
-        body["context"] = _context(args.context)
+        body["context"] = context_pairs(args.context)
     out = client.call("POST", "/v1/policies/explain", body)
     if args.json:
         print(json.dumps(out))
@@ -219,7 +232,8 @@ def cmd_policy_explain(args: argparse.Namespace, client: BrokerClient) -> int:
 # -- bindings -----------------------------------------------------------------------------
 
 
-def cmd_bindings_show(args: argparse.Namespace, client: BrokerClient) -> int:
+def cmd_bindings_show(args: argparse.Namespace, session: Session) -> int:
+    client = session.client()
     out = client.call("GET", "/v1/bindings")
     _warn_invalid(out)
     if args.json:
@@ -235,7 +249,8 @@ def cmd_bindings_show(args: argparse.Namespace, client: BrokerClient) -> int:
     return 0
 
 
-def cmd_bindings_set(args: argparse.Namespace, client: BrokerClient) -> int:
+def cmd_bindings_set(args: argparse.Namespace, session: Session) -> int:
+    client = session.client()
     current = client.call("GET", "/v1/bindings")
     bindings = dict(current["bindings"])
     if args.roles:
@@ -263,7 +278,8 @@ def _grant_row(g: dict[str, Any]) -> str:
     return f"{g['id']}  {g['grantee']}  {','.join(g['operations'])}  until {g['expires_at']}  {constraint}"
 
 
-def cmd_grants_create(args: argparse.Namespace, client: BrokerClient) -> int:
+def cmd_grants_create(args: argparse.Namespace, session: Session) -> int:
+    client = session.client()
     if args.context_equals and args.context_subset:
         raise ConfigError("give --context-equals or --context-subset, not both")
     body: dict[str, Any] = {
@@ -272,10 +288,10 @@ def cmd_grants_create(args: argparse.Namespace, client: BrokerClient) -> int:
         "expires_in": args.expires_in,
     }
     if args.context_equals:
-        body["context_equals"] = _context(args.context_equals)
+        body["context_equals"] = context_pairs(args.context_equals, "--context-equals")
     if args.context_subset:
-        body["context_subset"] = _context(args.context_subset)
-    out = client.call("POST", f"/v1/keys/{_q(args.key)}/grants", body)
+        body["context_subset"] = context_pairs(args.context_subset, "--context-subset")
+    out = client.call("POST", f"/v1/keys/{quote(args.key)}/grants", body)
     if args.json:
         print(json.dumps(out))
     else:
@@ -284,8 +300,9 @@ def cmd_grants_create(args: argparse.Namespace, client: BrokerClient) -> int:
     return 0
 
 
-def cmd_grants_list(args: argparse.Namespace, client: BrokerClient) -> int:
-    out = client.call("GET", f"/v1/keys/{_q(args.key)}/grants")
+def cmd_grants_list(args: argparse.Namespace, session: Session) -> int:
+    client = session.client()
+    out = client.call("GET", f"/v1/keys/{quote(args.key)}/grants")
     if args.json:
         print(json.dumps(out))
     else:
@@ -293,13 +310,15 @@ def cmd_grants_list(args: argparse.Namespace, client: BrokerClient) -> int:
     return 0
 
 
-def cmd_grants_revoke(args: argparse.Namespace, client: BrokerClient) -> int:
-    out = client.call("DELETE", f"/v1/keys/{_q(args.key)}/grants/{_q(args.grant_id)}")
+def cmd_grants_revoke(args: argparse.Namespace, session: Session) -> int:
+    client = session.client()
+    out = client.call("DELETE", f"/v1/keys/{quote(args.key)}/grants/{quote(args.grant_id)}")
     print(json.dumps(out) if args.json else f"revoked {out['revoked']['id']}")
     return 0
 
 
-def cmd_grants_retire(args: argparse.Namespace, client: BrokerClient) -> int:
+def cmd_grants_retire(args: argparse.Namespace, session: Session) -> int:
+    client = session.client()
     key, grant_id = args.key, args.grant_id
     if args.token:
         try:
@@ -308,7 +327,7 @@ def cmd_grants_retire(args: argparse.Namespace, client: BrokerClient) -> int:
             raise ConfigError(f"--token: {exc}") from None
     if not key or not grant_id:
         raise ConfigError("give KEY GRANT_ID, or --token")
-    out = client.call("POST", f"/v1/keys/{_q(key)}/grants/{_q(grant_id)}/retire", {})
+    out = client.call("POST", f"/v1/keys/{quote(key)}/grants/{quote(grant_id)}/retire", {})
     print(json.dumps(out) if args.json else f"retired {out['retired']['id']}")
     return 0
 
@@ -316,22 +335,8 @@ def cmd_grants_retire(args: argparse.Namespace, client: BrokerClient) -> int:
 # -- parsers ------------------------------------------------------------------------------
 
 
-def _group(sub: Any, name: str, help_: str, description: str, epilog: str) -> Any:
-    parser = sub.add_parser(
-        name,
-        help=help_,
-        description=description,
-        epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    return parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
-
-
-def add_policy_parsers(sub: Any, client_args: Callable[[argparse.ArgumentParser], None]) -> None:
-    def command(group: Any, name: str, help_: str, fn: ClientCommand) -> argparse.ArgumentParser:
-        return client_command(group, name, help_, fn, client_args)
-
-    policy = _group(
+def add_parsers(sub: Any) -> None:
+    policy = add_group(
         sub,
         "policy",
         "role policies: apply a file, show, list, explain a decision",
@@ -340,7 +345,7 @@ def add_policy_parsers(sub: Any, client_args: Callable[[argparse.ArgumentParser]
         "every broker replica enforces a change within seconds.",
         POLICY_EPILOG,
     )
-    p = command(
+    p = add_command(
         policy,
         "apply",
         "validate a policy file, then store it atomically (or print the diff)",
@@ -348,10 +353,10 @@ def add_policy_parsers(sub: Any, client_args: Callable[[argparse.ArgumentParser]
     )
     p.add_argument("file", help="YAML (or JSON) with roles, optional bindings and settings")
     p.add_argument("--dry-run", action="store_true", help="validate and print the diff; change nothing")
-    p = command(policy, "show", "print the stored document, or one role, as YAML", cmd_policy_show)
+    p = add_command(policy, "show", "print the stored document, or one role, as YAML", cmd_policy_show)
     p.add_argument("role", nargs="?")
-    command(policy, "list", "list roles with their rule and binding counts", cmd_policy_list)
-    p = command(
+    add_command(policy, "list", "list roles with their rule and binding counts", cmd_policy_list)
+    p = add_command(
         policy,
         "explain",
         "say what the policy decides for a principal, and which rule or grant decides",
@@ -362,19 +367,19 @@ def add_policy_parsers(sub: Any, client_args: Callable[[argparse.ArgumentParser]
     p.add_argument("--key", type=key_name_arg, help="the key, for key operations")
     p.add_argument("--context", action="append", metavar="KEY=VALUE", help="encryption context (repeatable)")
 
-    bindings = _group(
+    bindings = add_group(
         sub,
         "bindings",
         "which principal holds which roles",
         "Bindings map a principal (SPIFFE ID, cn:<name>, or a glob of either) to role names.",
         BINDINGS_EPILOG,
     )
-    command(bindings, "show", "list every binding", cmd_bindings_show)
-    p = command(bindings, "set", "set a principal's roles (none: remove its binding)", cmd_bindings_set)
+    add_command(bindings, "show", "list every binding", cmd_bindings_show)
+    p = add_command(bindings, "set", "set a principal's roles (none: remove its binding)", cmd_bindings_set)
     p.add_argument("principal")
     p.add_argument("roles", nargs="*", metavar="ROLE")
 
-    grants = _group(
+    grants = add_group(
         sub,
         "grants",
         "time-limited rights for one principal on one key",
@@ -382,7 +387,7 @@ def add_policy_parsers(sub: Any, client_args: Callable[[argparse.ArgumentParser]
         f"for one encryption context. Grantable: {', '.join(sorted(GRANTABLE))}.",
         GRANTS_EPILOG,
     )
-    p = command(grants, "create", "grant operations on a key to a principal", cmd_grants_create)
+    p = add_command(grants, "create", "grant operations on a key to a principal", cmd_grants_create)
     p.add_argument("key", type=key_name_arg)
     p.add_argument("--grantee", required=True, help="principal id")
     p.add_argument(
@@ -395,15 +400,12 @@ def add_policy_parsers(sub: Any, client_args: Callable[[argparse.ArgumentParser]
     p.add_argument(
         "--context-subset", action="append", metavar="KEY=VALUE", help="the context must contain these"
     )
-    p = command(grants, "list", "list a key's unexpired grants", cmd_grants_list)
+    p = add_command(grants, "list", "list a key's unexpired grants", cmd_grants_list)
     p.add_argument("key", type=key_name_arg)
-    p = command(grants, "revoke", "revoke a grant (key custodians)", cmd_grants_revoke)
+    p = add_command(grants, "revoke", "revoke a grant (key custodians)", cmd_grants_revoke)
     p.add_argument("key", type=key_name_arg)
     p.add_argument("grant_id")
-    p = command(grants, "retire", "give back a grant you hold", cmd_grants_retire)
+    p = add_command(grants, "retire", "give back a grant you hold", cmd_grants_retire)
     p.add_argument("key", nargs="?", type=key_name_arg)
     p.add_argument("grant_id", nargs="?")
     p.add_argument("--token", help="the grant token instead of KEY GRANT_ID")
-
-
-__all__: Sequence[str] = ["add_policy_parsers"]

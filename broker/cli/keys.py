@@ -10,21 +10,24 @@ import argparse
 import base64
 import hashlib
 import json
-import os
 import re
 import sys
 import textwrap
 import urllib.parse
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from broker.client import BrokerClient
+from broker.cli.common import (
+    Command,
+    Session,
+    add_command,
+    add_group,
+    context_pairs,
+    create_private,
+    key_name_arg,
+    quote,
+)
 from broker.errors import BrokerError, ConfigError
-from broker.keys.model import NAME_RE, NAME_RULE
-
-Connect = Callable[[argparse.Namespace], BrokerClient]
-ClientCommand = Callable[[argparse.Namespace, BrokerClient], int]
 
 EPILOG = """\
 examples (after `keybroker dev`, in another shell: . .keybroker/dev/env):
@@ -45,27 +48,6 @@ with --json an error is one JSON object on stderr: {"error": {"status", "code", 
 
 # A kb1 ciphertext or signature names its key in the clear: kb1:<key>:<version>:<payload>.
 _ENVELOPE = re.compile(r"^kb1:([a-z0-9][a-z0-9_.-]{0,62}):([0-9]+):[A-Za-z0-9_-]+$")
-
-
-def _quote(name: str) -> str:
-    return urllib.parse.quote(name, safe="")
-
-
-def key_name_arg(value: str) -> str:
-    """argparse type: a key name by the broker's one name rule, refused before any request."""
-    if NAME_RE.fullmatch(value) is None:
-        raise argparse.ArgumentTypeError(f"not a key name: {value!r} (a name is {NAME_RULE})")
-    return value
-
-
-def _context(pairs: Sequence[str] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for pair in pairs or ():
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--context takes KEY=VALUE, got {pair!r}")
-        out[key] = value
-    return out
 
 
 def _read_input(args: argparse.Namespace) -> bytes:
@@ -168,7 +150,8 @@ def _show(args: argparse.Namespace, key: dict[str, Any]) -> int:
 # -- commands -----------------------------------------------------------------------------
 
 
-def cmd_create(args: argparse.Namespace, client: BrokerClient) -> int:
+def cmd_create(args: argparse.Namespace, session: Session) -> int:
+    client = session.client()
     body: dict[str, Any] = {
         "name": args.name,
         "backend": args.backend,
@@ -181,11 +164,12 @@ def cmd_create(args: argparse.Namespace, client: BrokerClient) -> int:
     if args.description:
         body["description"] = args.description
     if args.tag:
-        body["tags"] = _context(args.tag)
+        body["tags"] = context_pairs(args.tag, "--tag")
     return _show(args, client.call("POST", "/v1/keys", body))
 
 
-def cmd_list(args: argparse.Namespace, client: BrokerClient) -> int:
+def cmd_list(args: argparse.Namespace, session: Session) -> int:
+    client = session.client()
     query = {k: v for k in ("backend", "state", "environment", "tag") if (v := getattr(args, k))}
     suffix = "?" + urllib.parse.urlencode(query) if query else ""
     keys = client.call("GET", "/v1/keys" + suffix)["keys"]
@@ -196,11 +180,13 @@ def cmd_list(args: argparse.Namespace, client: BrokerClient) -> int:
     return 0
 
 
-def cmd_show(args: argparse.Namespace, client: BrokerClient) -> int:
-    return _show(args, client.call("GET", f"/v1/keys/{_quote(args.name)}"))
+def cmd_show(args: argparse.Namespace, session: Session) -> int:
+    client = session.client()
+    return _show(args, client.call("GET", f"/v1/keys/{quote(args.name)}"))
 
 
-def cmd_update(args: argparse.Namespace, client: BrokerClient) -> int:
+def cmd_update(args: argparse.Namespace, session: Session) -> int:
+    client = session.client()
     body: dict[str, Any] = {}
     if args.rotation_period is not None:
         body["rotation_period"] = None if args.rotation_period == "none" else args.rotation_period
@@ -212,25 +198,27 @@ def cmd_update(args: argparse.Namespace, client: BrokerClient) -> int:
         body["description"] = args.description
     if not body:
         raise ConfigError("nothing to change: give at least one option (see --help)")
-    return _show(args, client.call("PATCH", f"/v1/keys/{_quote(args.name)}", body))
+    return _show(args, client.call("PATCH", f"/v1/keys/{quote(args.name)}", body))
 
 
-def _action(action: str) -> Callable[[argparse.Namespace, BrokerClient], int]:
-    def run(args: argparse.Namespace, client: BrokerClient) -> int:
+def _action(action: str) -> Command:
+    def run(args: argparse.Namespace, session: Session) -> int:
+        client = session.client()
         body: dict[str, Any] = {}
         if action == "revoke":
             body["reason"] = args.reason
         if action == "schedule-destruction":
             body["pending_days"] = args.pending_days
-        return _show(args, client.call("POST", f"/v1/keys/{_quote(args.name)}/{action}", body))
+        return _show(args, client.call("POST", f"/v1/keys/{quote(args.name)}/{action}", body))
 
     return run
 
 
-def cmd_encrypt(args: argparse.Namespace, client: BrokerClient) -> int:
+def cmd_encrypt(args: argparse.Namespace, session: Session) -> int:
+    client = session.client()
     data = _read_input(args)
-    body = {"plaintext": base64.b64encode(data).decode(), "context": _context(args.context)}
-    out = client.call("POST", f"/v1/keys/{_quote(args.name)}/encrypt", body)
+    body = {"plaintext": base64.b64encode(data).decode(), "context": context_pairs(args.context)}
+    out = client.call("POST", f"/v1/keys/{quote(args.name)}/encrypt", body)
     print(json.dumps(out) if args.json else out["ciphertext"])
     return 0
 
@@ -258,11 +246,12 @@ def _key_for(args: argparse.Namespace, envelope: str, what: str) -> str:
     return named
 
 
-def cmd_decrypt(args: argparse.Namespace, client: BrokerClient) -> int:
+def cmd_decrypt(args: argparse.Namespace, session: Session) -> int:
+    client = session.client()
     text = _read_text_input(args, "ciphertext")
     name = _key_for(args, text, "ciphertext")
-    body = {"ciphertext": text, "context": _context(args.context)}
-    out = client.call("POST", f"/v1/keys/{_quote(name)}/decrypt", body)
+    body = {"ciphertext": text, "context": context_pairs(args.context)}
+    out = client.call("POST", f"/v1/keys/{quote(name)}/decrypt", body)
     if args.json:
         print(json.dumps(out))
     else:
@@ -270,43 +259,30 @@ def cmd_decrypt(args: argparse.Namespace, client: BrokerClient) -> int:
     return 0
 
 
-def cmd_rewrap(args: argparse.Namespace, client: BrokerClient) -> int:
+def cmd_rewrap(args: argparse.Namespace, session: Session) -> int:
+    client = session.client()
     text = _read_text_input(args, "ciphertext")
     name = _key_for(args, text, "ciphertext")
-    body: dict[str, Any] = {"ciphertext": text, "context": _context(args.context)}
+    body: dict[str, Any] = {"ciphertext": text, "context": context_pairs(args.context)}
     if args.to_key:
         body["to_key"] = args.to_key
-    out = client.call("POST", f"/v1/keys/{_quote(name)}/rewrap", body)
+    out = client.call("POST", f"/v1/keys/{quote(name)}/rewrap", body)
     print(json.dumps(out) if args.json else out["ciphertext"])
     return 0
 
 
-def _create_private(path: str, data: bytes) -> None:
-    """Write a secret to a new file, mode 0600 from the start; never replace or follow a symlink."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    except FileExistsError:
-        raise ConfigError(f"--plaintext-out: {path} already exists; refusing to overwrite it") from None
-    except OSError as exc:
-        raise ConfigError(f"--plaintext-out: {exc.strerror}: {path}") from None
-    with os.fdopen(fd, "wb") as fh:
-        os.fchmod(fh.fileno(), 0o600)  # whatever the umask left
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def cmd_datakey(args: argparse.Namespace, client: BrokerClient) -> int:
+def cmd_datakey(args: argparse.Namespace, session: Session) -> int:
+    client = session.client()
     wanted = bool(args.with_plaintext or args.plaintext_out)
-    body = {"bytes": args.bytes, "context": _context(args.context), "include_plaintext": wanted}
+    body = {"bytes": args.bytes, "context": context_pairs(args.context), "include_plaintext": wanted}
     if args.plaintext_out and Path(args.plaintext_out).exists():
         # Checked before asking, so no data key is made (and audited) only to be thrown away.
         raise ConfigError(f"--plaintext-out: {args.plaintext_out} already exists; refusing to overwrite it")
-    out = client.call("POST", f"/v1/keys/{_quote(args.name)}/datakey", body)
+    out = client.call("POST", f"/v1/keys/{quote(args.name)}/datakey", body)
     if wanted and "plaintext" not in out:
         raise BrokerError("the broker answered without the plaintext data key it was asked for")
     if args.plaintext_out:
-        _create_private(args.plaintext_out, base64.b64decode(out.pop("plaintext")))
+        create_private(args.plaintext_out, base64.b64decode(out.pop("plaintext")), "--plaintext-out")
         out["plaintext_out"] = args.plaintext_out
     if args.json:
         print(json.dumps(out))
@@ -335,9 +311,10 @@ def _message_digest(args: argparse.Namespace) -> str:
     return base64.b64encode(hashlib.sha256(_read_input(args)).digest()).decode()
 
 
-def cmd_sign(args: argparse.Namespace, client: BrokerClient) -> int:
+def cmd_sign(args: argparse.Namespace, session: Session) -> int:
+    client = session.client()
     body = {"digest": _message_digest(args), "algorithm": "ecdsa-sha256"}
-    out = client.call("POST", f"/v1/keys/{_quote(args.name)}/sign", body)
+    out = client.call("POST", f"/v1/keys/{quote(args.name)}/sign", body)
     if args.json:
         print(json.dumps(out))
     elif args.out:
@@ -361,7 +338,8 @@ def _read_signature(args: argparse.Namespace) -> str:
         raise ConfigError(f"--signature-file: {reason}: {args.signature_file}") from None
 
 
-def cmd_verify(args: argparse.Namespace, client: BrokerClient) -> int:
+def cmd_verify(args: argparse.Namespace, session: Session) -> int:
+    client = session.client()
     signature = _read_signature(args)
     found = _ENVELOPE.match(signature)
     if args.name and found and found.group(1) != args.name:
@@ -373,7 +351,7 @@ def cmd_verify(args: argparse.Namespace, client: BrokerClient) -> int:
         return 1
     name = _key_for(args, signature, "signature")
     body = {"digest": _message_digest(args), "signature": signature, "algorithm": "ecdsa-sha256"}
-    out = client.call("POST", f"/v1/keys/{_quote(name)}/verify", body)
+    out = client.call("POST", f"/v1/keys/{quote(name)}/verify", body)
     valid = out.get("valid") is True
     if args.json:
         print(json.dumps({**out, "key": name}))
@@ -386,20 +364,19 @@ def cmd_verify(args: argparse.Namespace, client: BrokerClient) -> int:
 # -- parser -------------------------------------------------------------------------------
 
 
-def add_keys_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], None]) -> None:
-    keys = sub.add_parser(
+def add_parsers(sub: Any) -> None:
+    ksub = add_group(
+        sub,
         "keys",
-        help="create, rotate, suspend, revoke, destroy keys; encrypt, decrypt, sign, verify",
-        description="Manage keys on a running broker over mTLS (address and certificates from "
+        "create, rotate, suspend, revoke, destroy keys; encrypt, decrypt, sign, verify",
+        "Manage keys on a running broker over mTLS (address and certificates from "
         "--addr/--ca-cert/--client-cert/--client-key or the KEYBROKER_* variables that "
         "`keybroker dev` writes to its env file).",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        EPILOG,
     )
-    ksub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
 
-    def command(name: str, help_: str, fn: ClientCommand, more: str = "", example: str = "") -> Any:
-        p = client_command(ksub, name, help_, fn, client_args)
+    def command(name: str, help_: str, fn: Command, more: str = "", example: str = "") -> Any:
+        p = add_command(ksub, name, help_, fn)
         if more:
             p.description = f"{p.description} {more[0].upper()}{more[1:]}."
         if example:
@@ -555,25 +532,3 @@ def add_keys_parser(sub: Any, client_args: Callable[[argparse.ArgumentParser], N
     p.add_argument("--signature-file", metavar="FILE", help="read the signature from FILE")
     p.add_argument("--in", dest="input", metavar="FILE", help="the message (default: standard input)")
     p.add_argument("--digest", metavar="HEX", help="check against this SHA-256 digest (64 hex digits)")
-
-
-def client_command(
-    parent: Any,
-    name: str,
-    help_: str,
-    fn: ClientCommand,
-    client_args: Callable[[argparse.ArgumentParser], None],
-) -> argparse.ArgumentParser:
-    """A subcommand that talks to the broker: connection options, --json, and its function."""
-    p: argparse.ArgumentParser = parent.add_parser(
-        name, help=help_, description=help_[0].upper() + help_[1:] + "."
-    )
-    client_args(p)
-    p.add_argument("--json", action="store_true", help="machine-readable JSON output")
-    p.set_defaults(client_func=fn)
-    return p
-
-
-def run_client(args: argparse.Namespace, connect: Connect) -> int:
-    fn: ClientCommand = args.client_func
-    return fn(args, connect(args))

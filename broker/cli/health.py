@@ -1,0 +1,51 @@
+"""``keybroker health``: ask a running broker whether every backend can serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from broker.cli.client import RemoteError
+from broker.cli.common import EXIT_FAILED, Session, add_command
+
+HEALTH_PARTS = ("vault", "kms", "hsm", "audit", "policy")
+
+
+def cmd_health(args: argparse.Namespace, session: Session) -> int:
+    client = session.client()
+    answer = client.raw("GET", "/v1/sys/health")
+    status, body, addr = answer.status, answer.body, client.address
+    is_health = isinstance(body, dict) and all(isinstance(body.get(p), dict) for p in HEALTH_PARTS)
+    if not is_health:
+        # A problem document (denied, refused, ...), not a health answer: say that, not five blank FAILs.
+        error = RemoteError.of(answer)
+        if status == 403:
+            raise RemoteError(
+                status,
+                error.problem_code,
+                f"this certificate may not read health (it needs a role allowing sys.health): "
+                f"{error.problem_detail}",
+                error.request_id,
+            )
+        raise error
+    if args.json:
+        print(json.dumps(body, indent=2))
+    else:
+        print(f"broker {addr}: {body.get('status', '?')}")
+        for name in HEALTH_PARTS:
+            part = body[name]
+            mark = "ok  " if part.get("ok") else "FAIL"
+            extras = ", ".join(f"{k}={v}" for k, v in part.items() if k != "ok")
+            print(f"  {mark} {name:<6} {extras}")
+    return 0 if status == 200 else EXIT_FAILED
+
+
+def add_parsers(sub: Any) -> None:
+    add_command(
+        sub,
+        "health",
+        "ask a running broker whether every backend can serve",
+        cmd_health,
+        description="Call GET /v1/sys/health over mTLS. Exit 0 only when healthy.",
+    )

@@ -28,6 +28,8 @@ from broker.cli.common import (
     quote,
 )
 from broker.errors import BrokerError, ConfigError
+from broker.timeutil import format_duration
+from broker.vocab import ENVIRONMENTS
 
 EPILOG = """\
 examples (after `keybroker dev`, in another shell: . .keybroker/dev/env):
@@ -86,12 +88,7 @@ _HEADERS = ("NAME", "BACKEND", "TYPE", "ENV", "STATE", "VERSION", "ROTATION")
 
 
 def _period(seconds: Any) -> str:
-    if not seconds:
-        return "-"
-    days, rest = divmod(int(seconds), 86400)
-    return (
-        f"{days}d" if not rest else f"{int(seconds) // 3600}h" if not int(seconds) % 3600 else f"{seconds}s"
-    )
+    return format_duration(int(seconds)) if seconds else "-"
 
 
 def _cell(key: dict[str, Any], column: str) -> str:
@@ -390,7 +387,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("name", type=key_name_arg)
     p.add_argument("--backend", required=True, choices=["vault", "kms", "hsm"])
     p.add_argument("--type", default="aes256-gcm", choices=["aes256-gcm", "ecdsa-p256"])
-    p.add_argument("--environment", required=True, choices=["dev", "staging", "prod"])
+    p.add_argument("--environment", required=True, choices=ENVIRONMENTS)
     p.add_argument("--rotation-period", metavar="DURATION", help="e.g. 90d, 12h (at least 1h)")
     p.add_argument("--description")
     p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="repeatable")
@@ -403,7 +400,7 @@ def add_parsers(sub: Any) -> None:
     p = command("list", "list keys, optionally filtered", cmd_list)
     p.add_argument("--backend", choices=["vault", "kms", "hsm"])
     p.add_argument("--state")
-    p.add_argument("--environment", choices=["dev", "staging", "prod"])
+    p.add_argument("--environment", choices=ENVIRONMENTS)
     p.add_argument("--tag", metavar="KEY[=VALUE]")
 
     p = command("show", "show a key's metadata and versions", cmd_show)

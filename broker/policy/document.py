@@ -40,6 +40,8 @@ from broker.policy.model import (
     Role,
     Rule,
 )
+from broker.timeutil import parse_duration
+from broker.vocab import ENVIRONMENTS, Backend
 
 Path = tuple[str | int, ...]
 # Role names and rule names follow one rule.
@@ -48,11 +50,7 @@ NAME_RULE = "1-63 characters of a-z, 0-9 and '-', starting with a letter"
 RULE_FIELDS = ("name", "id", "description", "effect", "operations", "keys", "context")
 _BRACES = re.compile(r"\{[^}]*\}")
 _TEMPLATES = {"{principal.name}", "{principal.kind}", "{principal.id}"}
-_BACKENDS = ("vault", "kms", "hsm")
-_ENVIRONMENTS = ("dev", "staging", "prod")
-# ASCII digits only: int() would also read other scripts' digits.
-_DURATION = re.compile(r"^([0-9]{1,10})([smhd]?)$")
-_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_BACKENDS = tuple(str(b) for b in Backend)
 # Builds plain values (str, int, bool, None) from scalar nodes, with YAML's safe types only.
 _SCALARS = yaml.constructor.SafeConstructor()
 
@@ -256,7 +254,7 @@ def _keys(raw: Any, c: _Checker, path: Path) -> KeySelector:
         c.strings(data["environment"], (*path, "environment"), one_ok=True) if "environment" in data else ()
     )
     c.choices(backends, _BACKENDS, (*path, "backend"))
-    c.choices(envs, _ENVIRONMENTS, (*path, "environment"))
+    c.choices(envs, ENVIRONMENTS, (*path, "environment"))
     tags = c.string_map(data.get("tags"), (*path, "tags"))
     for n in names:
         c.templates(n, (*path, "name"))
@@ -308,15 +306,6 @@ def _settings(raw: Any, c: _Checker) -> PolicySettings:
         c.fail(("settings", "grant_max_expires_in"), "expected a duration like 3600, 90m, 24h or 7d")
         return PolicySettings()
     return PolicySettings(grant_max_seconds=seconds)
-
-
-def parse_duration(value: Any) -> int | None:
-    """Seconds from an integer or a string like ``90m``, ``24h``, ``7d``; None if neither."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and (m := _DURATION.fullmatch(value.strip())):
-        return int(m.group(1)) * _UNIT[m.group(2)]
-    return None
 
 
 # -- back to a document ---------------------------------------------------------------

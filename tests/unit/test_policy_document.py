@@ -14,11 +14,11 @@ from broker.policy.document import (
     diff_documents,
     load_file_text,
     parse_document,
-    parse_duration,
     to_document,
 )
 from broker.policy.model import principal_from_id
 from broker.state.policies import BREAK_GLASS_ROLE, PolicyStore, default_policy
+from broker.timeutil import parse_duration
 
 SHIPPED = Path(__file__).parents[2] / "config" / "policies.yaml"
 

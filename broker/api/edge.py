@@ -83,6 +83,11 @@ def bound_tls_read_buffer() -> None:
     asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER_BYTES
 
 
+# Past a handshake cap, a handshake in progress this long yields to a newcomer: a client that
+# completes its handshake takes milliseconds, one that has not in a second is likely stalled.
+HANDSHAKE_GRACE_SECONDS = 1.0
+
+
 class HeaderTimeout(Exception):
     """A request's header was not complete within server.header_timeout_seconds."""
 
@@ -92,8 +97,9 @@ class Edge:
 
     A connection is counted from accept, before its TLS handshake: a handshake costs a file
     descriptor and buffers whether or not it ever completes. Handshakes in progress are also
-    tracked in accept order, in all and per peer address, so that past a cap the oldest one
-    (the likeliest to be stalled) is dropped to make way for the newcomer.
+    tracked in accept order, in all and per peer address: past a cap the oldest one is dropped
+    to make way for the newcomer once it has had HANDSHAKE_GRACE_SECONDS (stalled, not slow),
+    else the newcomer is refused. Either way a peer holds at most its cap of descriptors.
     """
 
     def __init__(self, app: web.Application, server: web.Server, config: ServerConfig) -> None:
@@ -131,25 +137,30 @@ class Edge:
 
     def admit(self) -> bool:
         # At the cap, a stalled handshake yields its place before a new connection is refused.
-        if self.open >= self.config.max_connections and not self._evict_oldest(self._handshaking):
+        if self.open >= self.config.max_connections and not self._evict_stale(self._handshaking):
             self.app[METRICS].connections_closed.labels("max_connections").inc()
             return False
         self.open += 1
         self.app[METRICS].connections_open.set(self.open)
         return True
 
+    def admit_handshake(self, conn: TlsConnection) -> bool:
+        """Count a TLS handshake in progress, making way past a cap; False: refuse this one."""
+        peer = self._by_peer.get(conn.peer, {})
+        if len(peer) >= self.config.max_handshakes_per_peer and not self._evict_stale(peer):
+            self.app[METRICS].connections_closed.labels("max_handshakes").inc()
+            return False
+        cap = min(self.config.max_handshakes, self.config.max_connections)
+        if len(self._handshaking) >= cap and not self._evict_stale(self._handshaking):
+            self.app[METRICS].connections_closed.labels("max_handshakes").inc()
+            return False
+        self._handshaking[conn] = None
+        self._by_peer.setdefault(conn.peer, {})[conn] = None
+        return True
+
     def release(self) -> None:
         self.open -= 1
         self.app[METRICS].connections_open.set(self.open)
-
-    def handshake_started(self, conn: TlsConnection) -> None:
-        peer = self._by_peer.setdefault(conn.peer, {})
-        if len(peer) >= self.config.max_handshakes_per_peer:
-            self._evict_oldest(peer)
-        if len(self._handshaking) >= self.config.max_handshakes:
-            self._evict_oldest(self._handshaking)
-        self._handshaking[conn] = None
-        self._by_peer.setdefault(conn.peer, {})[conn] = None
 
     def handshake_ended(self, conn: TlsConnection) -> None:
         self._handshaking.pop(conn, None)
@@ -159,9 +170,11 @@ class Edge:
             if not peer:
                 del self._by_peer[conn.peer]
 
-    def _evict_oldest(self, among: dict[TlsConnection, None]) -> bool:
+    def _evict_stale(self, among: dict[TlsConnection, None]) -> bool:
+        """Drop the oldest handshake of ``among`` if it has had its grace; False if none has."""
         oldest = next(iter(among), None)
-        if oldest is None:
+        if oldest is None or time.monotonic() - oldest.started < HANDSHAKE_GRACE_SECONDS:
+            # Young handshakes are a burst of clients, not stalled ones: refuse the newcomer instead.
             return False
         self.handshake_ended(oldest)
         self.app[METRICS].connections_closed.labels("max_handshakes").inc()
@@ -370,6 +383,7 @@ class TlsConnection(asyncio.sslproto.SSLProtocol):
         self._raw: asyncio.Transport | None = None
         self._counted = False
         self.peer = ""
+        self.started = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not isinstance(transport, asyncio.Transport):
@@ -380,9 +394,13 @@ class TlsConnection(asyncio.sslproto.SSLProtocol):
             log.warning("connection_refused", reason="server.max_connections reached", open=self._edge.open)
             transport.abort()
             return
+        if not self._edge.admit_handshake(self):
+            self._edge.release()
+            log.warning("connection_refused", reason="server.max_handshakes reached", peer=self.peer)
+            transport.abort()
+            return
         self._counted = True
         self._raw = transport
-        self._edge.handshake_started(self)
         super().connection_made(transport)
 
     def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:

@@ -35,10 +35,11 @@ class ServerConfig:
     # sockets it must fit the open-file limit (checked at start).
     max_connections: int = 1000
     # TLS handshakes in progress, in all and from one peer address: past either, the oldest
-    # handshake (of that peer, or of all) is dropped to make way, so stalled handshakes cannot
-    # hold the listener while a client that completes its handshake promptly still gets in.
-    max_handshakes: int = 128
-    max_handshakes_per_peer: int = 16
+    # handshake (of that peer, or of all) is dropped to make way once it is a second old (else
+    # the newcomer is refused), so stalled handshakes cannot hold the listener. The per-peer
+    # cap leaves room for a burst from one address (a NAT, a pool of workers behind one host).
+    max_handshakes: int = 512
+    max_handshakes_per_peer: int = 256
     # A connection with no request in progress (before the first one, or between keep-alive
     # requests) is closed after this long. It also bounds the time to send a complete header.
     idle_timeout_seconds: float = 30.0

@@ -167,7 +167,7 @@ def test_transport_limits_have_bounded_defaults_and_are_checked(tmp_path: Path) 
     )
     assert (server.max_headers, server.max_header_bytes, server.max_request_line_bytes) == (64, 8190, 8190)
     assert (server.body_timeout_seconds, server.tls_handshake_timeout_seconds) == (30.0, 5.0)
-    assert (server.max_handshakes, server.max_handshakes_per_peer) == (128, 16)
+    assert (server.max_handshakes, server.max_handshakes_per_peer) == (512, 256)
 
     for key, value in [
         ("MAX_CONNECTIONS", "0"),

@@ -13,12 +13,13 @@ from typing import Any
 from aiohttp import web
 
 from broker.api.audit_routes import add_audit_routes
-from broker.api.edge import EdgeSite, bound_tls_read_buffer
+from broker.api.edge import EdgeSite, bound_tls_read_buffer, protocol_checks, raise_open_file_limit
 from broker.api.grant_routes import add_grant_routes
 from broker.api.key_routes import add_key_routes
 from broker.api.metrics import Metrics
 from broker.api.middleware import audit_trail, bounded_body, identity, problem_details, request_context
 from broker.api.policy_routes import add_policy_routes
+from broker.api.revocation import REVOCATIONS, Revocations
 from broker.api.routes import add_routes
 from broker.api.state import (
     ANCHORS,
@@ -55,7 +56,7 @@ log = get_logger(__name__)
 
 def create_app(config: Config, *, clock: Clock = now_utc) -> web.Application:
     app = web.Application(
-        middlewares=[request_context, audit_trail, problem_details, identity, bounded_body],
+        middlewares=[request_context, audit_trail, problem_details, identity, protocol_checks, bounded_body],
         client_max_size=config.server.max_body_bytes,
     )
     app[SETTINGS] = config
@@ -101,7 +102,9 @@ def create_app(config: Config, *, clock: Clock = now_utc) -> web.Application:
         write_timeout_seconds=audit.write_timeout_seconds,
     )
     app[AUDIT_HMAC_KEY] = b""
+    app[REVOCATIONS] = Revocations(app[VAULT], config.server)
     app.cleanup_ctx.append(_backends)
+    app.cleanup_ctx.append(_revocations)
     app.cleanup_ctx.append(_audit)
     app.cleanup_ctx.append(_policies)
     app.cleanup_ctx.append(_scheduler)
@@ -133,6 +136,20 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
     finally:
         for client in reversed(started):
             await client.close()
+
+
+async def _revocations(app: web.Application) -> AsyncIterator[None]:
+    """Read the client PKI's CRL before serving, then keep it fresh (broker.api.revocation)."""
+    revocations = app[REVOCATIONS]
+    if not revocations.enabled:
+        log.warning(
+            "crl_check_disabled", hint="server.crl_pki_mount is empty: revoked client certificates work"
+        )
+        yield
+        return
+    await revocations.refresh_logged()
+    async with _background(revocations.refresh_loop(), "crl-refresh"):
+        yield
 
 
 async def _policies(app: web.Application) -> AsyncIterator[None]:
@@ -169,6 +186,7 @@ async def _background(work: Coroutine[Any, Any, None], name: str) -> AsyncIterat
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     """Run until SIGTERM or SIGINT, then drain and close every backend client."""
     ssl_ctx = server_ssl_context(config.server)
+    raise_open_file_limit(config.server)
     bound_tls_read_buffer()
     runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False, shutdown_timeout=5)
     await runner.setup()

@@ -20,20 +20,32 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.sslproto
+import resource
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import http_exceptions, web
+from aiohttp import hdrs, http_exceptions, web
+from aiohttp.http import HttpVersion10, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from broker.api.metrics import UNPARSED_ROUTE, method_label, route_label
-from broker.api.problem import PROBLEM_CONTENT_TYPE, RequestTimeout, problem_body
-from broker.api.state import AUDIT, AUDIT_HMAC_KEY, CLIENT_REQUEST_ID, METRICS, PRINCIPAL, REQUEST_ID
+from broker.api.problem import PROBLEM_CONTENT_TYPE, RequestTimeout, problem_body, problem_response
+from broker.api.state import (
+    AUDIT,
+    AUDIT_FACTS,
+    AUDIT_HMAC_KEY,
+    CLIENT_REQUEST_ID,
+    METRICS,
+    PRINCIPAL,
+    REQUEST_ID,
+)
 from broker.audit.events import RequestFacts, build_event
 from broker.config.model import ServerConfig
-from broker.errors import BackendTimeout, BadRequest, BrokerError, PayloadTooLarge
+from broker.errors import BackendTimeout, BadRequest, BrokerError, ClientError, ConfigError, PayloadTooLarge
 from broker.log import get_logger
 from broker.policy.model import principal_from_peercert
 
@@ -71,21 +83,40 @@ def bound_tls_read_buffer() -> None:
     asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER_BYTES
 
 
+# Past a handshake cap, a handshake in progress this long yields to a newcomer: a client that
+# completes its handshake takes milliseconds, one that has not in a second is likely stalled.
+HANDSHAKE_GRACE_SECONDS = 1.0
+
+
 class HeaderTimeout(Exception):
     """A request's header was not complete within server.header_timeout_seconds."""
 
 
 class Edge:
-    """One listening socket's shared state: the application, the limits, the open connections."""
+    """One listening socket's shared state: the application, the limits, the open connections.
+
+    A connection is counted from accept, before its TLS handshake: a handshake costs a file
+    descriptor and buffers whether or not it ever completes. Handshakes in progress are also
+    tracked in accept order, in all and per peer address: past a cap the oldest one is dropped
+    to make way for the newcomer once it has had HANDSHAKE_GRACE_SECONDS (stalled, not slow),
+    else the newcomer is refused. Either way a peer holds at most its cap of descriptors.
+    """
 
     def __init__(self, app: web.Application, server: web.Server, config: ServerConfig) -> None:
         self.app = app
         self.server = server
         self.config = config
         self.open = 0
+        # Insertion-ordered (oldest first): every handshake in progress, and per peer address.
+        self._handshaking: dict[TlsConnection, None] = {}
+        self._by_peer: dict[str, dict[TlsConnection, None]] = {}
+
+    @property
+    def handshaking(self) -> int:
+        return len(self._handshaking)
 
     def __call__(self) -> EdgeHandler:
-        """The protocol factory for ``loop.create_server``: one handler per accepted connection."""
+        """One aiohttp handler per accepted connection (the protocol factory of a plain listener)."""
         c = self.config
         return EdgeHandler(
             self,
@@ -105,16 +136,50 @@ class Edge:
         )
 
     def admit(self) -> bool:
-        if self.open >= self.config.max_connections:
+        # At the cap, a stalled handshake yields its place before a new connection is refused.
+        if self.open >= self.config.max_connections and not self._evict_stale(self._handshaking):
             self.app[METRICS].connections_closed.labels("max_connections").inc()
             return False
         self.open += 1
         self.app[METRICS].connections_open.set(self.open)
         return True
 
+    def admit_handshake(self, conn: TlsConnection) -> bool:
+        """Count a TLS handshake in progress, making way past a cap; False: refuse this one."""
+        peer = self._by_peer.get(conn.peer, {})
+        if len(peer) >= self.config.max_handshakes_per_peer and not self._evict_stale(peer):
+            self.app[METRICS].connections_closed.labels("max_handshakes").inc()
+            return False
+        cap = min(self.config.max_handshakes, self.config.max_connections)
+        if len(self._handshaking) >= cap and not self._evict_stale(self._handshaking):
+            self.app[METRICS].connections_closed.labels("max_handshakes").inc()
+            return False
+        self._handshaking[conn] = None
+        self._by_peer.setdefault(conn.peer, {})[conn] = None
+        return True
+
     def release(self) -> None:
         self.open -= 1
         self.app[METRICS].connections_open.set(self.open)
+
+    def handshake_ended(self, conn: TlsConnection) -> None:
+        self._handshaking.pop(conn, None)
+        peer = self._by_peer.get(conn.peer)
+        if peer is not None:
+            peer.pop(conn, None)
+            if not peer:
+                del self._by_peer[conn.peer]
+
+    def _evict_stale(self, among: dict[TlsConnection, None]) -> bool:
+        """Drop the oldest handshake of ``among`` if it has had its grace; False if none has."""
+        oldest = next(iter(among), None)
+        if oldest is None or time.monotonic() - oldest.started < HANDSHAKE_GRACE_SECONDS:
+            # Young handshakes are a burst of clients, not stalled ones: refuse the newcomer instead.
+            return False
+        self.handshake_ended(oldest)
+        self.app[METRICS].connections_closed.labels("max_handshakes").inc()
+        oldest.drop()
+        return True
 
     async def record(
         self, request: web.BaseRequest, error: BrokerError, request_id: str, started: float
@@ -148,14 +213,20 @@ class Edge:
 class EdgeHandler(RequestHandler):
     """aiohttp's connection protocol with the broker's limits and error answers."""
 
-    def __init__(self, edge: Edge, server: web.Server, **kwargs: Any) -> None:
+    def __init__(self, edge: Edge, server: web.Server, *, counted: bool = False, **kwargs: Any) -> None:
         super().__init__(server, **kwargs)
         self._edge = edge
+        # Over TLS the connection was counted at accept (TlsConnection); a plain one is counted here.
+        self._counted = counted
         self._admitted = False
         self._header_timer: asyncio.TimerHandle | None = None
+        if self._request_factory is not None:
+            self._request_factory = _protocol_checked(self._request_factory)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self._counted:
+            return
         self._admitted = self._edge.admit()
         if not self._admitted:
             # Reading a request to answer it would spend what the cap protects; close unanswered.
@@ -271,15 +342,187 @@ class EdgeSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
+        # TLS is layered here, not by create_server(ssl=...): asyncio would call the protocol
+        # only after the handshake, too late to count and cap connections still handshaking.
+        ctx = self._ssl_context
+        factory: Callable[[], asyncio.BaseProtocol] = self.edge if ctx is None else self._tls_connection
         self._server = await asyncio.get_running_loop().create_server(
-            self.edge,
+            factory,
             self._config.host,
             self._config.port,
-            ssl=self._ssl_context,
-            ssl_handshake_timeout=self._config.tls_handshake_timeout_seconds if self._ssl_context else None,
             backlog=self._backlog,
             reuse_address=True,
         )
+
+    def _tls_connection(self) -> TlsConnection:
+        handler = self.edge()
+        handler._counted = True
+        return TlsConnection(
+            self.edge, handler, self._ssl_context, self._config.tls_handshake_timeout_seconds
+        )
+
+
+class TlsConnection(asyncio.sslproto.SSLProtocol):
+    """asyncio's TLS layer over one accepted TCP connection, counted from accept on.
+
+    Relies on asyncio.sslproto.SSLProtocol (CPython 3.11): its constructor, connection_made
+    (starts the handshake), _on_handshake_complete and connection_lost; tests/unit/test_edge_hook.py
+    checks they are there.
+    """
+
+    def __init__(self, edge: Edge, handler: EdgeHandler, ctx: Any, handshake_timeout: float) -> None:
+        super().__init__(
+            asyncio.get_running_loop(),
+            handler,
+            ctx,
+            None,  # type: ignore[arg-type]  # no waiter: nothing awaits the handshake but this protocol
+            server_side=True,
+            ssl_handshake_timeout=handshake_timeout,  # type: ignore[arg-type]  # typeshed says int; asyncio takes seconds
+        )
+        self._edge = edge
+        self._raw: asyncio.Transport | None = None
+        self._counted = False
+        self.peer = ""
+        self.started = time.monotonic()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not isinstance(transport, asyncio.Transport):
+            raise TypeError("a TLS connection needs a stream transport")
+        peername = transport.get_extra_info("peername")
+        self.peer = str(peername[0]) if peername else ""
+        if not self._edge.admit():
+            log.warning("connection_refused", reason="server.max_connections reached", open=self._edge.open)
+            transport.abort()
+            return
+        if not self._edge.admit_handshake(self):
+            self._edge.release()
+            log.warning("connection_refused", reason="server.max_handshakes reached", peer=self.peer)
+            transport.abort()
+            return
+        self._counted = True
+        self._raw = transport
+        super().connection_made(transport)
+
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        self._edge.handshake_ended(self)
+        super()._on_handshake_complete(handshake_exc)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._counted:
+            return  # refused at accept: the TLS layer never started
+        self._counted = False
+        self._edge.handshake_ended(self)
+        self._edge.release()
+        super().connection_lost(exc)
+
+    def drop(self) -> None:
+        """Close a handshake in progress at once (made way for a newer one)."""
+        if self._raw is not None:
+            self._raw.abort()
+
+
+# Files the broker needs besides client connections: backend sockets (Vault, KMS), the HSM
+# library, audit files, logs, the interpreter's own.
+FD_HEADROOM = 256
+
+
+def raise_open_file_limit(config: ServerConfig) -> int:
+    """Raise the soft open-file limit to the hard one; refuse to start if max_connections cannot fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("open_file_limit_not_raised", soft=soft, hard=hard, error=str(exc))
+    if soft != resource.RLIM_INFINITY and config.max_connections + FD_HEADROOM > soft:
+        raise ConfigError(
+            f"{config.max_connections} connections plus {FD_HEADROOM} files for the broker's own use exceed "
+            f"the open-file limit ({soft}); raise it (systemd: LimitNOFILE=) or lower server.max_connections",
+            key="server.max_connections",
+        )
+    return int(soft)
+
+
+class ExpectationFailed(ClientError):
+    status = 417
+    code = "expectation_failed"
+    title = "Expectation failed"
+
+
+# Request storage set by the request factory (EdgeHandler): the Expect header aiohttp never
+# sees (so it sends no 100 Continue and runs no expect handler), and a request line with no version.
+EXPECTATION = "keybroker.expectation"
+NO_HTTP_VERSION = "keybroker.no_http_version"
+
+_RequestFactory = Callable[..., web.BaseRequest]
+
+
+def _protocol_checked(factory: _RequestFactory) -> _RequestFactory:
+    """Wrap aiohttp's request factory: take Expect out of the request and note a missing version.
+
+    aiohttp answers Expect itself (100 Continue, or 417 text/plain) in Application._handle before
+    any middleware, and answers a versionless request line as HTTP/0.9. Both are decided by the
+    ``protocol_checks`` middleware instead, after identity, with a record like every answer.
+    """
+
+    def make(message: Any, *args: Any) -> web.BaseRequest:
+        expectation: str | None = None
+        no_version = False
+        if isinstance(message, RawRequestMessage):
+            if hdrs.EXPECT in message.headers:
+                expectation = ",".join(message.headers.getall(hdrs.EXPECT))
+                kept = CIMultiDict((k, v) for k, v in message.headers.items() if k.lower() != "expect")
+                message = message._replace(
+                    headers=CIMultiDictProxy(kept),
+                    raw_headers=tuple((k, v) for k, v in message.raw_headers if k.lower() != b"expect"),
+                )
+            if message.version < HttpVersion10:
+                no_version = True
+                message = message._replace(version=HttpVersion10, should_close=True)
+        request = factory(message, *args)
+        if expectation is not None:
+            request[EXPECTATION] = expectation
+        if no_version:
+            request[NO_HTTP_VERSION] = True
+        return request
+
+    return make
+
+
+@web.middleware
+async def protocol_checks(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Refuse what HTTP/1.1 allows but the broker does not: answered problem+json, recorded, closed.
+
+    No 100 Continue is ever sent: the body is read (if at all) once the handler decided to, and a
+    client waiting for 100 sends it after its own short wait (RFC 9110 section 10.1.1).
+    """
+    error: BrokerError | None = None
+    if request.get(NO_HTTP_VERSION):
+        error = BadRequest("the request line names no HTTP version (HTTP/1.1 is required)")
+    else:
+        codings = [
+            c.strip().lower()
+            for v in request.headers.getall(hdrs.TRANSFER_ENCODING, ())
+            for c in v.split(",")
+        ]
+        if codings and codings != ["chunked"]:
+            error = BadRequest("only the chunked transfer-coding is accepted")
+        expectation = request.get(EXPECTATION)
+        if error is None and expectation is not None and expectation.strip().lower() != "100-continue":
+            error = ExpectationFailed("only 'Expect: 100-continue' is understood")
+    if error is None:
+        return await handler(request)
+    log.info("request_refused", status=error.status, code=error.code, detail=error.detail)
+    facts = request.get(AUDIT_FACTS)
+    if facts is not None:
+        facts.error = (error.code, error.detail)
+    response = problem_response(error, request[REQUEST_ID])
+    # The body's framing (or whether one follows) is in doubt: never read another request here.
+    response.force_close()
+    return response
 
 
 def _error_for(status: int, exc: BaseException | None) -> BrokerError:

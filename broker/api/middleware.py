@@ -15,6 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -22,6 +23,7 @@ from aiohttp import web
 from broker.api.edge import AUDITED
 from broker.api.metrics import method_label, route_label
 from broker.api.problem import RequestTimeout, problem_response
+from broker.api.revocation import REVOCATIONS, CertificateRevoked
 from broker.api.state import (
     AUDIT,
     AUDIT_FACTS,
@@ -222,17 +224,35 @@ async def bounded_body(request: web.Request, handler: Handler) -> web.StreamResp
         timer.cancel()
 
 
+def cert_der(ssl_object: Any) -> bytes:
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return der if isinstance(der, bytes) else b""
+
+
 @web.middleware
 async def identity(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Read the principal once from the verified client certificate."""
+    """Read the principal once from the verified client certificate; refuse a revoked one.
+
+    The handshake proved the certificate chains to the client CA; whether that CA revoked it
+    since is told by its CRL (broker.api.revocation): 401 ``certificate_revoked``, or 503
+    ``crl_unavailable`` while no current CRL is held (fail closed).
+    """
     ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
     cert = ssl_object.getpeercert() if ssl_object is not None else None
     if not cert:
         raise Unauthenticated("no verified client certificate on this connection")
     principal = principal_from_peercert(cert, request.app[SETTINGS].server.trust_domain)
+    # Recorded even when refused below: the audit record names whose certificate was presented.
     request[PRINCIPAL] = principal
     structlog.contextvars.bind_contextvars(principal=principal.id)
     try:
+        revocations = request.app.get(REVOCATIONS)
+        if revocations is not None:
+            try:
+                revocations.check(cert_der(ssl_object))
+            except CertificateRevoked:
+                log.warning("revoked_certificate_presented", principal=principal.id)
+                raise
         return await handler(request)
     finally:
         structlog.contextvars.unbind_contextvars("principal")

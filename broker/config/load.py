@@ -270,13 +270,30 @@ _SERVER_LIMITS = (
     ("header_timeout_seconds", 0.1, 600),
     ("body_timeout_seconds", 0.1, 600),
     ("tls_handshake_timeout_seconds", 0.1, 600),
+    ("max_handshakes", 1, 100_000),
+    ("max_handshakes_per_peer", 1, 100_000),
+    ("crl_refresh_seconds", 1, 3600),
+    ("crl_max_age_seconds", 2, 86400),
 )
 
 
 def _check_server_limits(config: Config) -> None:
+    server = config.server
     for name, low, high in _SERVER_LIMITS:
-        value = getattr(config.server, name)
+        value = getattr(server, name)
         if not low <= value <= high:
             raise ConfigError(
                 f"expected {low} to {high}, got {value}", source=config.source, key=f"server.{name}"
             )
+    if server.max_handshakes_per_peer > server.max_handshakes:
+        raise ConfigError(
+            "expected at most server.max_handshakes",
+            source=config.source,
+            key="server.max_handshakes_per_peer",
+        )
+    if server.crl_max_age_seconds < 2 * server.crl_refresh_seconds:
+        raise ConfigError(
+            "expected at least twice server.crl_refresh_seconds, or one slow Vault read stops the broker",
+            source=config.source,
+            key="server.crl_max_age_seconds",
+        )

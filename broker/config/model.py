@@ -30,8 +30,16 @@ class ServerConfig:
     max_request_line_bytes: int = 8190
     max_header_bytes: int = 8190
     max_headers: int = 64
-    # Open client connections (after the TLS handshake): one more is closed at once, unanswered.
+    # Open client connections, counted from accept (TLS handshakes in progress included): one
+    # more is closed at once, unanswered. With headroom for the broker's own files and backend
+    # sockets it must fit the open-file limit (checked at start).
     max_connections: int = 1000
+    # TLS handshakes in progress, in all and from one peer address: past either, the oldest
+    # handshake (of that peer, or of all) is dropped to make way once it is a second old (else
+    # the newcomer is refused), so stalled handshakes cannot hold the listener. The per-peer
+    # cap leaves room for a burst from one address (a NAT, a pool of workers behind one host).
+    max_handshakes: int = 512
+    max_handshakes_per_peer: int = 256
     # A connection with no request in progress (before the first one, or between keep-alive
     # requests) is closed after this long. It also bounds the time to send a complete header.
     idle_timeout_seconds: float = 30.0
@@ -40,7 +48,14 @@ class ServerConfig:
     # Reading a request's body: past this, 408 and the connection closes.
     body_timeout_seconds: float = 30.0
     # A TCP connection that has not completed its TLS handshake is closed after this long.
-    tls_handshake_timeout_seconds: float = 10.0
+    tls_handshake_timeout_seconds: float = 5.0
+    # Client certificate revocation: the CRL of this Vault PKI mount (which issues the client
+    # certificates) is read at start and every crl_refresh_seconds; a revoked certificate is
+    # refused (401). With no CRL read for crl_max_age_seconds every request is refused (503).
+    # Empty turns the check off (only for a client CA that is not a Vault PKI mount; see SECURITY.md).
+    crl_pki_mount: str = "kb-pki"
+    crl_refresh_seconds: float = 30.0
+    crl_max_age_seconds: float = 300.0
     # Break-glass administrators (SPIFFE IDs or "cn:<name>"): always hold every right,
     # whatever the stored policy says, so a bad policy cannot lock every custodian out
     # and a fresh Vault can be given its first bindings. Keep it short; empty is allowed.

@@ -53,6 +53,8 @@ key_file = "{tls / "server.key"}"
 client_ca_file = "{tls / "ca.pem"}"
 trust_domain = "{TRUST_DOMAIN}"
 administrators = ["spiffe://{TRUST_DOMAIN}/user/admin"]
+# A revocation shows within seconds on the dev stack (production default: 30 s).
+crl_refresh_seconds = 2.0
 
 [vault]
 address = "{self._vault.broker_addr}"{self._vault.broker_config_lines}

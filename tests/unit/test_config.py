@@ -166,9 +166,17 @@ def test_transport_limits_have_bounded_defaults_and_are_checked(tmp_path: Path) 
         10.0,
     )
     assert (server.max_headers, server.max_header_bytes, server.max_request_line_bytes) == (64, 8190, 8190)
-    assert (server.body_timeout_seconds, server.tls_handshake_timeout_seconds) == (30.0, 10.0)
+    assert (server.body_timeout_seconds, server.tls_handshake_timeout_seconds) == (30.0, 5.0)
+    assert (server.max_handshakes, server.max_handshakes_per_peer) == (512, 256)
 
-    for key, value in [("MAX_CONNECTIONS", "0"), ("IDLE_TIMEOUT_SECONDS", "0"), ("MAX_HEADERS", "100000")]:
+    for key, value in [
+        ("MAX_CONNECTIONS", "0"),
+        ("IDLE_TIMEOUT_SECONDS", "0"),
+        ("MAX_HEADERS", "100000"),
+        ("MAX_HANDSHAKES", "0"),
+        ("MAX_HANDSHAKES_PER_PEER", "1000"),
+        ("CRL_MAX_AGE_SECONDS", "30"),
+    ]:
         with pytest.raises(ConfigError, match=f"server\\.{key.lower()}: expected"):
             load_config(write(tmp_path, VALID), environ={f"KEYBROKER__SERVER__{key}": value})
 

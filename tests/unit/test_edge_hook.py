@@ -96,7 +96,15 @@ def test_the_overridden_aiohttp_surfaces_are_still_there() -> None:
     params = list(inspect.signature(RequestHandler.handle_error).parameters)
     assert params == ["self", "request", "status", "exc", "message"]
     assert [a.name for a in _ErrInfo.__attrs_attrs__] == ["status", "exc", "message"]
-    assert {"_messages", "_waiter", "_request_in_progress", "_close"} <= set(RequestHandler.__slots__)
+    assert {"_messages", "_waiter", "_request_in_progress", "_close", "_request_factory"} <= set(
+        RequestHandler.__slots__
+    )
+    # TlsConnection layers TLS itself (to count connections from accept) on asyncio's SSLProtocol.
+    tls = list(inspect.signature(asyncio.sslproto.SSLProtocol.__init__).parameters)
+    assert tls[:5] == ["self", "loop", "app_protocol", "sslcontext", "waiter"]
+    assert {"server_side", "ssl_handshake_timeout"} <= set(tls)
+    handshake_done = list(inspect.signature(asyncio.sslproto.SSLProtocol._on_handshake_complete).parameters)
+    assert handshake_done == ["self", "handshake_exc"]
 
 
 async def _exchange(port: int, data: bytes, *, wait: float = 5.0) -> bytes:

@@ -190,9 +190,9 @@ def test_a_broker_that_cannot_read_the_crl_fails_closed(stack: DevStack, tmp_pat
 def test_stalled_tls_handshakes_without_a_certificate_do_not_lock_out_everyone(
     stack: DevStack, tmp_path: Path
 ) -> None:
-    """600 TCP connections that send only a TLS record header (a 512-file limit set after
-    start) neither exhaust the broker's file descriptors nor delay the administrator: handshakes
-    in progress are capped per peer and in all, the oldest making way for a new one."""
+    """600 TCP connections from one peer that send only a TLS record header (a 512-file limit
+    set after start) neither exhaust the broker's file descriptors nor delay the administrator
+    connecting from another address: handshakes in progress are capped per peer and in all."""
     prlimit = shutil.which("prlimit")
     assert prlimit is not None, "this test needs util-linux prlimit"
     port = free_port()
@@ -204,7 +204,9 @@ def test_stalled_tls_handshakes_without_a_certificate_do_not_lock_out_everyone(
         stack.wait_healthy(child, f"https://127.0.0.1:{port}")
         subprocess.run([prlimit, f"--pid={child.pid}", "--nofile=512:512"], check=True)
         for _ in range(600):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            # The attacker is another host (127.0.0.2, still loopback): on one shared address the
+            # per-peer cap would rightly treat the administrator as the same peer.
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0))
             sock.sendall(b"\x16\x03\x01\x00\xc8")  # a TLS handshake record header; the record never comes
             held.append(sock)
         time.sleep(1)

@@ -16,9 +16,10 @@ from typing import Any
 from aiohttp import web
 
 from broker.api import schemas
-from broker.api.authz import authorize, facts, policy_invalid_reason
+from broker.api.authz import authorize, facts, key_for, policy_invalid_reason
 from broker.api.state import GRANTS, KEYS, POLICIES
 from broker.errors import BadRequest, Conflict, NotFound
+from broker.keys.model import check_name
 from broker.policy import engine
 from broker.policy.document import (
     ROLE_NAME_RE,
@@ -28,6 +29,7 @@ from broker.policy.document import (
     to_document,
 )
 from broker.policy.model import OPERATIONS, AccessRequest, Decision, principal_from_id
+from broker.printable import shown
 from broker.state.policies import Snapshot, Stored
 
 
@@ -201,10 +203,12 @@ async def explain(request: web.Request) -> web.Response:
         raise BadRequest(str(exc)) from None
     operation = schemas.string(body, "operation", required=True)
     if operation not in OPERATIONS:
-        raise BadRequest(f"unknown operation {operation!r} (known: {', '.join(sorted(OPERATIONS))})")
+        raise BadRequest(f"unknown operation {shown(operation)} (known: {', '.join(sorted(OPERATIONS))})")
     key_name = schemas.string(body, "key") or None
     context = schemas.context(body) if "context" in body else None
-    key = await request.app[KEYS].get(key_name) if key_name else None
+    # Explaining a decision on a key shows its facts (near misses name its backend, environment,
+    # tags): only for a caller that may read the key; anyone else gets the 403 a missing key gets.
+    key = await key_for(request, "key.read", check_name(key_name, "'key'")) if key_name else None
     grants = [g for g in await request.app[GRANTS].for_key(key.name) if g.grantee == who.id] if key else []
     store = request.app[POLICIES]
     snapshot = store.current()

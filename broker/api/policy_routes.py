@@ -38,11 +38,25 @@ class InvalidPolicy(BadRequest):
     title = "Invalid policy"
 
 
+# A problem quotes the document's values (document.py): bounded here, so that one request cannot
+# make a megabyte error (and audit record) out of its own body.
+_MAX_PROBLEMS = 20
+_MAX_PROBLEM_CHARS = 300
+
+
+def _problems(exc: PolicyInvalid) -> str:
+    shown = [str(p) for p in exc.problems[:_MAX_PROBLEMS]]
+    parts = [p if len(p) <= _MAX_PROBLEM_CHARS else p[:_MAX_PROBLEM_CHARS] + "..." for p in shown]
+    if len(exc.problems) > _MAX_PROBLEMS:
+        parts.append(f"and {len(exc.problems) - _MAX_PROBLEMS} more problems")
+    return "; ".join(parts)
+
+
 def _checked(build: Callable[[], Any]) -> Any:
     try:
         return build()
     except PolicyInvalid as exc:
-        raise InvalidPolicy("; ".join(str(p) for p in exc.problems)) from None
+        raise InvalidPolicy(_problems(exc)) from None
 
 
 def _role_name(request: web.Request) -> str:
@@ -190,7 +204,7 @@ async def _validated(write: Awaitable[Snapshot]) -> Snapshot:
     try:
         return await write
     except PolicyInvalid as exc:
-        raise InvalidPolicy("; ".join(str(p) for p in exc.problems)) from None
+        raise InvalidPolicy(_problems(exc)) from None
 
 
 async def explain(request: web.Request) -> web.Response:

@@ -56,6 +56,9 @@ def principal_from_peercert(cert: Mapping[str, Any] | None, trust_domain: str) -
     for rdn in cert.get("subject", ()):
         for attr, value in _pairs(rdn):
             if attr == "commonName" and value:
+                if not value.isprintable():
+                    # Named in logs, records, bindings and grants: printable text only (as principal_from_id).
+                    raise Unauthenticated("client certificate's CN is not printable text")
                 return Principal(kind="cn", name=value, id=f"cn:{value}")
     raise Unauthenticated("client certificate names no principal (no SPIFFE URI SAN, no CN)")
 

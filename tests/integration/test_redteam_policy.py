@@ -188,7 +188,7 @@ def test_a_caller_who_may_not_create_keys_is_refused_before_its_body_is_read(sta
 
 def test_no_error_echoes_a_long_client_value(stack: DevStack) -> None:
     """Errors quote at most a short, escaped prefix of what the caller sent: an unknown backend,
-    key type, explain operation or principal, a grant operation."""
+    key type, explain operation or principal, a grant operation, a policy problem, an algorithm."""
     long = "B" * 5000 + "\x1b[2J"
     key = create_key(stack, "vault")
     replies = [
@@ -217,6 +217,12 @@ def test_no_error_echoes_a_long_client_value(stack: DevStack) -> None:
         assert len(detail) < 1000, detail[:200]
         assert "B" * 65 not in detail, detail[:200]
         assert "\x1b" not in detail, detail
+    # A policy problem quotes what document.py quotes; the API cuts each problem to 300 characters.
+    policy = https(
+        stack, f"/v1/policies/{unique('r')}", method="PUT", body={"rules": [{"operations": [long]}]}
+    )
+    assert policy.status == 400, policy.body
+    assert len(policy.json()["detail"]) < 400, policy.json()["detail"][:200]
 
 
 def _rss_kib(pid: int) -> int:

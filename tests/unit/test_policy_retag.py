@@ -170,3 +170,13 @@ def test_a_cn_principal_id_must_be_printable() -> None:
         principal_from_id("cn:evil\x1b[2J" + "x" * 5000)
 
     assert len(str(refused.value)) < 300
+
+
+def test_a_certificate_cn_must_be_printable() -> None:
+    """Sibling of finding 13: a CN with control characters names no principal (401), so no owner,
+    binding or record carries one."""
+    from broker.errors import Unauthenticated
+    from broker.policy.model import principal_from_peercert
+
+    with pytest.raises(Unauthenticated, match="not printable"):
+        principal_from_peercert({"subject": ((("commonName", "ops\x1b[2J"),),)}, "keybroker.dev")

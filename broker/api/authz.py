@@ -2,10 +2,12 @@
 
 Handlers call :func:`authorize` (or :func:`key_for`, which reads the key and
 authorizes on its metadata). A denial is a 403 whose detail says which operation
-on which key was denied and why — but only to a principal that may read that key:
-anyone else gets the same bare sentence whether the key exists or not, so a 403
-never confirms a key's existence. A missing key is a 404 only for a principal that
-may list keys.
+on which key was denied and why — but only to a principal that may read that key
+or list keys: anyone else gets the same bare sentence whether the key exists or
+not, so a 403 never confirms a key's existence. A missing key is a 404 only for a
+principal that may list keys. ``key.create`` is first decided before the body is
+read (:func:`authorize_some_key`), and a change of a key's tags may not change which
+of the updater's own rules apply to it (:func:`tag_change_guard`).
 
 Grants are read from Vault only when no rule already allows (the rare path), and
 once per request and key. Every decision is kept on the request for the audit record.

@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from broker.api import schemas
-from broker.api.authz import facts, find_key, key_for, principal, record
+from broker.api.authz import denied_bare, facts, find_key, key_for, may_know, principal, record
 from broker.api.state import GRANTS, KEYS, POLICIES
 from broker.errors import BadRequest, Forbidden, NotFound
 from broker.keys.model import check_name
@@ -31,6 +31,7 @@ from broker.policy.model import (
     grant_token,
     principal_from_id,
 )
+from broker.printable import shown
 from broker.state.grants import GrantAsk
 from broker.timeutil import parse_duration
 
@@ -54,7 +55,7 @@ def _operations(body: dict[str, Any]) -> tuple[str, ...]:
         matched = {op for op in GRANTABLE if fnmatchcase(op, pattern)}
         if not matched:
             raise BadRequest(
-                f"{pattern!r} cannot be granted; grants carry only {', '.join(sorted(GRANTABLE))}"
+                f"{shown(pattern)} cannot be granted; grants carry only {', '.join(sorted(GRANTABLE))}"
             )
         out |= matched
     return tuple(sorted(out))
@@ -118,7 +119,10 @@ async def retire_grant(request: web.Request) -> web.Response:
     )
     record(request, decision)
     if not decision.allowed:
-        raise Forbidden(f"{GRANT_RETIRE} of grant {grant_id} is denied: {decision.reason}")
+        # Like any denial: explained only to a caller that may know the key exists.
+        if await may_know(request, key):
+            raise Forbidden(f"{GRANT_RETIRE} of grant {grant_id} is denied: {decision.reason}")
+        raise Forbidden(denied_bare(GRANT_RETIRE, key.name))
     assert grant is not None  # noqa: S101 - the engine allows retiring only an existing grant
     removed = await store.remove(key.name, grant.id)
     return web.json_response({"retired": removed.to_json()})

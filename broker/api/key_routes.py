@@ -19,12 +19,24 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from broker.api import schemas
-from broker.api.authz import audit_facts, authorize, decide, find_key, key_for, principal
+from broker.api.authz import (
+    audit_facts,
+    authorize,
+    authorize_some_key,
+    decide,
+    denied_bare,
+    find_key,
+    key_for,
+    may_know,
+    principal,
+    tag_change_guard,
+)
 from broker.api.state import KEYS, SETTINGS
-from broker.errors import BadRequest, BrokerError
+from broker.errors import BadRequest, BrokerError, Forbidden
 from broker.keys.model import Key, check_name
 from broker.keys.service import KeyService, NewKey, digest_of
 from broker.policy.model import KeyFacts
+from broker.printable import shown
 from broker.vocab import Backend, KeyType
 
 T = TypeVar("T")
@@ -50,13 +62,16 @@ def _enum(value: str, kind: type[Backend] | type[KeyType], field: str) -> Any:
         return kind(value)
     except ValueError:
         choices = ", ".join(str(m) for m in kind)
-        raise BadRequest(f"'{field}' must be one of {choices}, not {value!r}") from None
+        raise BadRequest(f"'{field}' must be one of {choices}, not {shown(value)}") from None
 
 
 # -- key management ---------------------------------------------------------------------
 
 
 async def create_key(request: web.Request) -> web.Response:
+    # Before the body is read: a caller that may create no key at all gets its 403 at once,
+    # whatever (and however much) it sends.
+    await authorize_some_key(request, "key.create")
     body = await schemas.json_object(request)
     name = check_name(schemas.string(body, "name", required=True), "'name'")
     spec = NewKey(
@@ -67,7 +82,7 @@ async def create_key(request: web.Request) -> web.Response:
         rotation_period_seconds=schemas.duration(body, "rotation_period"),
         deletion_protection=schemas.boolean(body, "deletion_protection", True),
         tags=schemas.tags(body),
-        description=schemas.string(body, "description", max_length=schemas.MAX_DESCRIPTION),
+        description=schemas.text(body, "description", max_length=schemas.MAX_DESCRIPTION),
     )
     facts = audit_facts(request)
     facts.key, facts.backend = spec.name, str(spec.backend)
@@ -98,19 +113,23 @@ async def patch_key(request: web.Request) -> web.Response:
     known = {"rotation_period", "description", "tags", "deletion_protection", "min_decrypt_version"}
     unknown = sorted(set(body) - known)
     if unknown:
-        raise BadRequest(f"cannot change {', '.join(unknown)} (changeable: {', '.join(sorted(known))})")
+        named = ", ".join(shown(u) for u in unknown[:3]) + (
+            f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        )
+        raise BadRequest(f"cannot change {named} (changeable: {', '.join(sorted(known))})")
     changes: dict[str, Any] = {}
     if "rotation_period" in body:
         changes["rotation_period_seconds"] = schemas.duration(body, "rotation_period")
     if "description" in body:
-        changes["description"] = schemas.string(body, "description", max_length=schemas.MAX_DESCRIPTION)
+        changes["description"] = schemas.text(body, "description", max_length=schemas.MAX_DESCRIPTION)
     if "tags" in body:
         changes["tags"] = schemas.tags(body) or {}
     if "deletion_protection" in body:
         changes["deletion_protection"] = schemas.boolean(body, "deletion_protection", True)
     if "min_decrypt_version" in body:
         changes["min_decrypt_version"] = schemas.integer(body, "min_decrypt_version", required=True)
-    key = await _service(request).patch(name, changes)
+    # A change of the facts rules select keys by (tags) is decided again on the key as it would be.
+    key = await _service(request).patch(name, changes, guard=tag_change_guard(request))
     return web.json_response(key.public())
 
 
@@ -184,7 +203,7 @@ async def _rewrap(request: web.Request, key: Key, item: dict[str, Any]) -> dict[
 def _digest(item: dict[str, Any]) -> bytes:
     algorithm = schemas.string(item, "algorithm", default="ecdsa-sha256")
     if algorithm != "ecdsa-sha256":
-        raise BadRequest(f"algorithm must be ecdsa-sha256, not {algorithm!r}")
+        raise BadRequest(f"algorithm must be ecdsa-sha256, not {shown(algorithm)}")
     return digest_of(
         schemas.b64(item, "message", required=False), schemas.b64(item, "digest", required=False)
     )
@@ -312,6 +331,10 @@ def _crypto(
         if allowed:
             for i, result in zip(positions, await _run_items(request, key, allowed, run, batch), strict=True):
                 out[i] = result
+        elif all(o["error"]["status"] == 403 for o in out) and not await may_know(request, key):
+            # Per-item 403s in a 200 would tell a caller with no right on the key that it exists:
+            # it gets the one 403 a missing key gets.
+            raise Forbidden(denied_bare(action, key.name))
         return web.json_response({"batch": out})
 
     handler.__name__ = operation

@@ -16,9 +16,10 @@ from typing import Any
 from aiohttp import web
 
 from broker.api import schemas
-from broker.api.authz import authorize, facts, policy_invalid_reason
+from broker.api.authz import authorize, facts, key_for, policy_invalid_reason
 from broker.api.state import GRANTS, KEYS, POLICIES
 from broker.errors import BadRequest, Conflict, NotFound
+from broker.keys.model import check_name
 from broker.policy import engine
 from broker.policy.document import (
     ROLE_NAME_RE,
@@ -28,6 +29,7 @@ from broker.policy.document import (
     to_document,
 )
 from broker.policy.model import OPERATIONS, AccessRequest, Decision, principal_from_id
+from broker.printable import shown
 from broker.state.policies import Snapshot, Stored
 
 
@@ -36,11 +38,25 @@ class InvalidPolicy(BadRequest):
     title = "Invalid policy"
 
 
+# A problem quotes the document's values (document.py): bounded here, so that one request cannot
+# make a megabyte error (and audit record) out of its own body.
+_MAX_PROBLEMS = 20
+_MAX_PROBLEM_CHARS = 300
+
+
+def _problems(exc: PolicyInvalid) -> str:
+    shown = [str(p) for p in exc.problems[:_MAX_PROBLEMS]]
+    parts = [p if len(p) <= _MAX_PROBLEM_CHARS else p[:_MAX_PROBLEM_CHARS] + "..." for p in shown]
+    if len(exc.problems) > _MAX_PROBLEMS:
+        parts.append(f"and {len(exc.problems) - _MAX_PROBLEMS} more problems")
+    return "; ".join(parts)
+
+
 def _checked(build: Callable[[], Any]) -> Any:
     try:
         return build()
     except PolicyInvalid as exc:
-        raise InvalidPolicy("; ".join(str(p) for p in exc.problems)) from None
+        raise InvalidPolicy(_problems(exc)) from None
 
 
 def _role_name(request: web.Request) -> str:
@@ -188,7 +204,7 @@ async def _validated(write: Awaitable[Snapshot]) -> Snapshot:
     try:
         return await write
     except PolicyInvalid as exc:
-        raise InvalidPolicy("; ".join(str(p) for p in exc.problems)) from None
+        raise InvalidPolicy(_problems(exc)) from None
 
 
 async def explain(request: web.Request) -> web.Response:
@@ -201,10 +217,12 @@ async def explain(request: web.Request) -> web.Response:
         raise BadRequest(str(exc)) from None
     operation = schemas.string(body, "operation", required=True)
     if operation not in OPERATIONS:
-        raise BadRequest(f"unknown operation {operation!r} (known: {', '.join(sorted(OPERATIONS))})")
+        raise BadRequest(f"unknown operation {shown(operation)} (known: {', '.join(sorted(OPERATIONS))})")
     key_name = schemas.string(body, "key") or None
     context = schemas.context(body) if "context" in body else None
-    key = await request.app[KEYS].get(key_name) if key_name else None
+    # Explaining a decision on a key shows its facts (near misses name its backend, environment,
+    # tags): only for a caller that may read the key; anyone else gets the 403 a missing key gets.
+    key = await key_for(request, "key.read", check_name(key_name, "'key'")) if key_name else None
     grants = [g for g in await request.app[GRANTS].for_key(key.name) if g.grantee == who.id] if key else []
     store = request.app[POLICIES]
     snapshot = store.current()

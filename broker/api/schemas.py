@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from broker.errors import BadRequest, PayloadTooLarge
+from broker.printable import unprintable_reason
 from broker.timeutil import duration_seconds
 
 MAX_JSON_DEPTH = 32
@@ -150,6 +151,19 @@ def string(
     if max_length is not None and len(value) > max_length:
         raise BadRequest(f"'{name}' may be at most {max_length} characters")
     return scalar_text(value, f"'{name}'")
+
+
+def text(body: dict[str, Any], name: str, *, max_length: int) -> str:
+    """A stored, human-read string (a key description): printable text only, like tag values.
+
+    Whoever shows it later (``keybroker keys show``, a log viewer) must not be made to
+    run the terminal control sequences it could otherwise carry.
+    """
+    value = string(body, name, max_length=max_length)
+    reason = unprintable_reason(value, f"'{name}'")
+    if reason is not None:
+        raise BadRequest(reason)
+    return value
 
 
 def boolean(body: dict[str, Any], name: str, default: bool) -> bool:

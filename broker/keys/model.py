@@ -22,6 +22,7 @@ from enum import StrEnum
 from typing import Any
 
 from broker.errors import BadRequest, Conflict, UnsupportedOperation
+from broker.printable import shown
 from broker.timeutil import iso, iso_or_none, parse_iso, parse_iso_or_none
 from broker.vocab import Backend, KeyType
 
@@ -206,7 +207,7 @@ class Key:
         if reason == "compromised":
             self._require("revoke as compromised", State.ACTIVE, State.SUSPENDED, State.DEACTIVATED)
             return self._to(State.COMPROMISED, now, revoked_reason=reason)
-        raise BadRequest(f"reason must be 'retired' or 'compromised', not {reason!r}")
+        raise BadRequest(f"reason must be 'retired' or 'compromised', not {shown(reason)}")
 
     def destruction_scheduled(self, pending_days: int, now: datetime) -> Key:
         if not MIN_PENDING_DAYS <= pending_days <= MAX_PENDING_DAYS:

@@ -216,9 +216,24 @@ class KeyService:
     async def revoke(self, name: str, reason: str) -> Key:
         return await self._update(name, lambda k: k.revoked(reason, self.now()))
 
-    async def patch(self, name: str, changes: dict[str, Any]) -> Key:
+    async def patch(
+        self, name: str, changes: dict[str, Any], *, guard: Callable[[Key, Key], None] | None = None
+    ) -> Key:
+        """Apply ``changes``; ``guard(before, after)`` may raise to refuse them.
+
+        The guard sees the key as stored at the moment of the write (inside the
+        check-and-set loop, again on every retry), so a decision about what the change
+        does cannot be made on facts another writer has just replaced.
+        """
         check_rotation_period(changes.get("rotation_period_seconds"))
-        key = await self._update(name, lambda k: k.patched(changes, self.now()))
+
+        def change(before: Key) -> Key:
+            after = before.patched(changes, self.now())
+            if guard is not None:
+                guard(before, after)
+            return after
+
+        key = await self._update(name, change)
         if "min_decrypt_version" in changes:
             allowed = [v.material for v in key.versions if v.number >= key.min_decrypt_version]
             await self.backend(key).set_min_decryption(self.ref(key), allowed)

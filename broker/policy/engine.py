@@ -240,6 +240,93 @@ def _granter_mismatch(policy: PolicySet, grant: Grant, request: AccessRequest, n
     return f"its granter {grant.granter} may not make this request itself now"
 
 
+def selecting_rules(policy: PolicySet, principal: Principal, key: KeyFacts) -> frozenset[str]:
+    """The principal's rules (allow or deny, for any operation) whose key selector selects ``key``.
+
+    Each is named ``role[index]`` (and its id, if it has one). Rules with no key selector
+    select every key, so they are always in the set.
+    """
+    found = set()
+    for role_name in policy.roles_of(principal):
+        role = policy.roles.get(role_name)
+        if role is None:
+            continue
+        for index, rule in enumerate(role.rules):
+            if _key_mismatch(rule.keys, key, principal) is None:
+                place = f"{role_name}[{index}]"
+                found.add(place if rule.id in ("", place) else f"{place} ({rule.id})")
+    return frozenset(found)
+
+
+def retag_refusal(
+    policy: PolicySet, principal: Principal, before: KeyFacts, after: KeyFacts, *, now: datetime
+) -> str | None:
+    """Why ``principal`` may not change a key's facts from ``before`` to ``after``, or None.
+
+    ``key.update`` must be allowed on both. And the set of the principal's own rules
+    that select the key must stay the same: whoever may update a key must not move
+    it out of a deny rule that binds it, nor into an allow rule of its own it did not
+    already have there, so no change of its own makes any of its decisions on the key
+    differ. (Equal sets give equal decisions for every operation and context: a rule
+    applies exactly when it names the operation, selects the key and its context
+    condition holds.) Break-glass administrators are not bound by stored rules at all.
+    """
+    if principal.id in policy.break_glass:
+        return None
+    for facts, when in ((before, "as it is"), (after, "as it would be")):
+        decision = decide(policy, AccessRequest(principal, "key.update", facts), now=now)
+        if not decision.allowed:
+            return f"key.update on key {before.name} {when} is denied: {decision.reason}"
+    was, would = selecting_rules(policy, principal, before), selecting_rules(policy, principal, after)
+    if was == would:
+        return None
+    changes = []
+    if would - was:
+        changes.append(f"would start applying: {_show(sorted(would - was))}")
+    if was - would:
+        changes.append(f"would stop applying: {_show(sorted(was - would))}")
+    return (
+        f"this change of key {before.name}'s tags would change which of your own rules apply to it "
+        f"({'; '.join(changes)}), and with them what you may do with it; ask someone whose rules "
+        "do not depend on these tags to change them"
+    )
+
+
+def may_on_some_key(policy: PolicySet, principal: Principal, operation: str) -> Decision:
+    """Whether ``principal`` could be allowed ``operation`` (key-scoped, without a context) on
+    some key, decided before the key's facts are known (before a request body is read).
+
+    Allowed when a break-glass administrator, or when an allow rule names the operation
+    and asks for no context, unless a deny rule with no key selector and no context
+    condition names it (that one denies every key). The full decision, on the key's
+    facts, still follows: this only stops a caller that can never succeed early.
+    """
+    roles = policy.roles_of(principal)
+    if principal.id in policy.break_glass:
+        return Decision(True, operation, f"allowed: {principal.id} is a break-glass administrator", roles)
+    allow: str | None = None
+    for role_name in roles:
+        role = policy.roles.get(role_name)
+        if role is None:
+            continue
+        for rule in role.rules:
+            if not names_operation(rule, operation) or not rule.context.empty:
+                continue
+            if rule.effect == "deny" and rule.keys.empty:
+                label = _label(role_name, rule)
+                return Decision(False, operation, f"explicitly denied by rule {label}", roles, rule=label)
+            if rule.effect != "deny" and allow is None:
+                allow = _label(role_name, rule)
+    if allow is not None:
+        return Decision(True, operation, f"rule {allow} allows it on some keys", roles)
+    if not roles:
+        return Decision(False, operation, f"{operation} is denied: {principal.id} is bound to no role", roles)
+    bound = ", ".join(roles)
+    return Decision(
+        False, operation, f"{operation} is denied: no rule of the roles ({bound}) allows it on any key", roles
+    )
+
+
 def _show(values: Iterable[str]) -> str:
     return "[" + ", ".join(values) + "]"
 

@@ -13,6 +13,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from broker.errors import Unauthenticated
+from broker.printable import shown
 from broker.timeutil import iso, parse_iso
 
 SPIFFE_SCHEME = "spiffe://"
@@ -55,6 +56,9 @@ def principal_from_peercert(cert: Mapping[str, Any] | None, trust_domain: str) -
     for rdn in cert.get("subject", ()):
         for attr, value in _pairs(rdn):
             if attr == "commonName" and value:
+                if not value.isprintable():
+                    # Named in logs, records, bindings and grants: printable text only (as principal_from_id).
+                    raise Unauthenticated("client certificate's CN is not printable text")
                 return Principal(kind="cn", name=value, id=f"cn:{value}")
     raise Unauthenticated("client certificate names no principal (no SPIFFE URI SAN, no CN)")
 
@@ -64,14 +68,18 @@ def principal_from_id(principal_id: str) -> Principal:
 
     Raises ValueError naming the expected shapes.
     """
-    if principal_id.startswith("cn:") and len(principal_id) > 3:
+    # A cn: id is stored in grants and bindings and shown to operators: printable text only.
+    if principal_id.startswith("cn:") and len(principal_id) > 3 and principal_id.isprintable():
         return Principal(kind="cn", name=principal_id[3:], id=principal_id)
     if principal_id.lower().startswith(SPIFFE_SCHEME):
         domain, _, path = principal_id[len(SPIFFE_SCHEME) :].partition("/")
         parts = path.split("/")
         if domain and len(parts) == 2 and all(_valid_segment(p) for p in parts):
             return Principal(kind=parts[0], name=parts[1], id=f"{SPIFFE_SCHEME}{domain.lower()}/{path}")
-    raise ValueError(f"{principal_id!r} is not a principal id (spiffe://<domain>/<kind>/<name> or cn:<name>)")
+    raise ValueError(
+        f"{shown(principal_id)} is not a principal id (spiffe://<domain>/<kind>/<name> or cn:<name>, "
+        "printable)"
+    )
 
 
 def _from_spiffe(uri: str, trust_domain: str) -> Principal:
@@ -294,7 +302,7 @@ def parse_grant_token(token: str) -> tuple[str, str]:
     """(key, grant id) from a grant token; ValueError if it is not one."""
     key, dot, grant_id = token.removeprefix(GRANT_TOKEN_PREFIX).rpartition(".")
     if not token.startswith(GRANT_TOKEN_PREFIX) or not dot or not key or not grant_id:
-        raise ValueError(f"not a grant token ({GRANT_TOKEN_PREFIX}<key>.<grant id>): {token!r}")
+        raise ValueError(f"not a grant token ({GRANT_TOKEN_PREFIX}<key>.<grant id>): {shown(token)}")
     return key, grant_id
 
 

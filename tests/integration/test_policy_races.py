@@ -270,13 +270,21 @@ def test_a_certificate_named_with_glob_characters_reaches_only_its_literal_keys(
     other_key = https(stack, "/v1/keys", body={"name": fresh("pay"), **spec})
     assert (own_key.status, other_key.status) == (201, 201), (own_key.body, other_key.body)
     statuses = {}
-    for cn in ("*", "[p]*", "?*"):
-        stem = f"id-cn-{fresh('glob')}"
-        _issue_cn_only(stack, stem, cn)
-        bind(stack, "cn:" + cn.replace("[", "[[]").replace("*", "[*]").replace("?", "[?]"), role)
-        for target in (other_key.json()["name"], own_key.json()["name"]):
-            body = {"plaintext": b64(b"x"), "context": {}}
-            statuses[(cn, target)] = https(stack, f"/v1/keys/{target}/encrypt", who=stem, body=body).status
+    bound = []
+    try:
+        for cn in ("*", "[p]*", "?*"):
+            stem = f"id-cn-{fresh('glob')}"
+            _issue_cn_only(stack, stem, cn)
+            bound.append("cn:" + cn.replace("[", "[[]").replace("*", "[*]").replace("?", "[?]"))
+            bind(stack, bound[-1], role)
+            for target in (other_key.json()["name"], own_key.json()["name"]):
+                body = {"plaintext": b64(b"x"), "context": {}}
+                reply = https(stack, f"/v1/keys/{target}/encrypt", who=stem, body=body)
+                statuses[(cn, target)] = reply.status
+    finally:
+        # These bindings name CNs other tests' certificates may carry (cn:* above all): leave none.
+        for principal in bound:
+            unbind(stack, principal)
     body = {"plaintext": b64(b"x"), "context": {}}
     mine = https(stack, f"/v1/keys/{own_key.json()['name']}/encrypt", who=own_stem, body=body).status
 

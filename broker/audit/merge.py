@@ -383,6 +383,18 @@ def to_jsonl(rows: Iterable[Mapping[str, Any]]) -> str:
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
 
 
+def printable(value: Any) -> str:
+    """Text safe for a terminal: control and other non-printable characters are escaped.
+
+    Vault's log holds paths and names whoever called Vault chose; an escape sequence among
+    them would otherwise drive the auditor's terminal (clear it, rewrite earlier lines).
+    """
+    text = "" if value is None else str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def to_table(rows: Iterable[Mapping[str, Any]]) -> str:
     lines = [f"{'TIME':<27} {'SOURCE':<17} {'PRINCIPAL':<38} {'OPERATION':<24} {'KEY':<24} OUTCOME"]
     for row in rows:
@@ -391,12 +403,13 @@ def to_table(rows: Iterable[Mapping[str, Any]]) -> str:
             source = "VAULT BYPASS"
         elif row.get("unexplained"):
             source = "UNEXPLAINED"
-        principal = str(row.get("principal") or "-")[-38:]
-        outcome = str(row.get("outcome") or "")
+        principal = printable(row.get("principal") or "-")[-38:]
+        outcome = printable(row.get("outcome") or "")
         if row.get("source") == "broker" and row.get("vault"):
             outcome += f" (+{len(row['vault'])} vault)"
         lines.append(
-            f"{str(row.get('time', ''))[:26]:<27} {source:<17} {principal:<38} "
-            f"{str(row.get('operation') or '-')[:24]:<24} {str(row.get('key') or '-')[:24]:<24} {outcome}"
+            f"{printable(row.get('time', ''))[:26]:<27} {printable(source):<17} {principal:<38} "
+            f"{printable(row.get('operation') or '-')[:24]:<24} {printable(row.get('key') or '-')[:24]:<24} "
+            f"{outcome}"
         )
     return "\n".join(lines)

@@ -234,3 +234,21 @@ def test_calls_outside_requests_are_kept_for_the_background_record_bounded() -> 
         "kb-kv/metadata/x y",
     )
     assert parse_unnumbered("8c1d-uuid") is None
+
+
+def test_the_table_escapes_terminal_control_sequences_from_vault() -> None:
+    """A Vault path (and so the key column) or display name carrying ESC sequences is shown escaped."""
+    row = {
+        "source": "vault",
+        "kind": "bypass",
+        "bypass": True,
+        "principal": "vault:\x1b]0;owned\x07",
+        "operation": "vault.update",
+        "key": "k\x1b[2J",
+        "time": T0.isoformat(),
+    }
+    table = merge.to_table([row])
+
+    assert "\x1b" not in table
+    assert "\x07" not in table
+    assert "k\\x1b[2J" in table

@@ -6,6 +6,7 @@ Not the encryption context: that is the caller's string map bound to ciphertexts
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -61,7 +62,9 @@ class _Background:
 
 # Bounded: a broker whose log cannot be written keeps only this many; the rest are counted.
 MAX_BACKGROUND_CALLS = 4096
-_background = _Background([])
+# One buffer per event loop (by id; None: a worker thread outside any loop), so a sink claims only
+# the calls its own broker made, also when several run in one process (tests).
+_buffers: dict[int | None, _Background] = {}
 # Told when a call is noted outside requests (the audit sink: write a background record soon, so
 # the call does not look unexplained for long). May be called from a worker thread.
 _listeners: list[Callable[[], None]] = []
@@ -82,28 +85,48 @@ def note_backend_call(backend: str, operation: str, call_id: str) -> None:
         _note_outside((backend, operation, call_id))
 
 
+def _loop_key() -> int | None:
+    try:
+        return id(asyncio.get_running_loop())
+    except RuntimeError:
+        return None
+
+
 def take_background_calls() -> tuple[list[tuple[str, str, str]], str | None, int]:
-    """The calls noted outside requests since the last take, when the first was, how many were dropped."""
-    taken = (_background.calls, _background.since, _background.dropped)
-    _background.calls, _background.since, _background.dropped = [], None, 0
-    return taken
+    """The calls noted outside requests (in this event loop, or a worker thread) since the last take,
+    when the first was noted, and how many were dropped."""
+    calls: list[tuple[str, str, str]] = []
+    since: str | None = None
+    dropped = 0
+    for key in dict.fromkeys((_loop_key(), None)):
+        taken = _buffers.pop(key, None)
+        if taken is None:
+            continue
+        calls += taken.calls
+        dropped += taken.dropped
+        if taken.since is not None and (since is None or taken.since < since):
+            since = taken.since
+    return calls, since, dropped
 
 
 def restore_background_calls(calls: list[tuple[str, str, str]], since: str | None, dropped: int) -> None:
     """Put back calls whose background record could not be written, so the next one lists them."""
     for call in calls:
-        _note_outside(call)
-    _background.dropped += dropped
-    if since is not None and (_background.since is None or since < _background.since):
-        _background.since = since
+        _note_outside(call, notify=False)
+    buffer = _buffers.setdefault(_loop_key(), _Background([]))
+    buffer.dropped += dropped
+    if since is not None and (buffer.since is None or since < buffer.since):
+        buffer.since = since
 
 
-def _note_outside(call: tuple[str, str, str]) -> None:
-    if _background.since is None:
-        _background.since = iso(now_utc())
-    if len(_background.calls) >= MAX_BACKGROUND_CALLS:
-        _background.dropped += 1
+def _note_outside(call: tuple[str, str, str], *, notify: bool = True) -> None:
+    buffer = _buffers.setdefault(_loop_key(), _Background([]))
+    if buffer.since is None:
+        buffer.since = iso(now_utc())
+    if len(buffer.calls) >= MAX_BACKGROUND_CALLS:
+        buffer.dropped += 1
     else:
-        _background.calls.append(call)
-    for listener in list(_listeners):
-        listener()
+        buffer.calls.append(call)
+    if notify:
+        for listener in list(_listeners):
+            listener()

@@ -47,8 +47,6 @@ BROKER_VAULT_POLICY = "keybroker-broker"
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{7,127}")
 # How far a Vault entry's time may lie outside a record's window (clock skew, queueing).
 JOIN_SLACK = timedelta(seconds=5)
-# What marks an unnumbered call in a record's backend_calls (broker.requestvars.UNNUMBERED).
-UNNUMBERED = "unnumbered"
 CSV_COLUMNS = (
     "time",
     "source",

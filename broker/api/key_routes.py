@@ -192,6 +192,7 @@ async def _rewrap(request: web.Request, key: Key, item: dict[str, Any]) -> dict[
         check_name(to_name, "'to_key'")
     target = None
     if to_name is not None and to_name != key.name:
+        audit_facts(request).other_keys.append(to_name)
         target = await find_key(request, "crypto.encrypt", to_name)
         await authorize(request, "crypto.encrypt", target, context)
     # Whoever may revoke the key is its custodian: the one allowed to move data off a compromised key.

@@ -1,20 +1,32 @@
-"""One timeline from the broker's audit log and Vault's file audit log, joined on request id.
+"""One timeline from the broker's audit log and Vault's file audit log.
 
 Each broker record keeps its backend evidence nested: the Vault audit entries made
 for it, and the KMS request ids and HSM operations the broker noted while serving
 it. A Vault entry joins a record only when it was made under the broker's own Vault
 identity (a token from its AppRole login, with the broker policy and an identity
-entity; a root or hand-made token never qualifies) and either carries the record's
-broker-generated request id (``X-Request-Id``; no caller can choose it) or is a
-Vault request id the record noted. Every other Vault entry is its own row:
+entity; a root or hand-made token never qualifies) and the record claims it:
+
+* by Vault's own request id, which the broker noted from Vault's answer (the
+  ``request_id`` of the response body is the ``request.id`` of the audit entry; no
+  caller chooses it). The X-Request-Id header is never enough: anyone holding a
+  Vault token sends whatever header they like;
+* for a call Vault answered without an id (204, or an error body), the record noted
+  the status, the X-Request-Id the broker sent and the path: such a note claims at
+  most ONE entry with that header and path inside the record's time window (from
+  the request's start, or the background record's ``since``, to its time, with
+  :data:`JOIN_SLACK` either side). A caller who copies all three can at worst have
+  their entry claimed in place of the broker's, which then shows unexplained.
+
+The broker's own upkeep (policy refresh, token renewal, the key scheduler, grant
+purges, audit anchors) is claimed the same way by its ``background`` records, which
+list the ids of the calls it made outside any request. Every other Vault entry is
+its own row:
 
 * ``bypass`` (flagged): made under any other identity — someone using Vault
-  directly, say with a root token, even when reusing a broker request id;
-* ``unexplained`` (flagged): made under the broker's identity but explained by no
-  broker record and not one of the broker's own background calls — a stolen
-  AppRole credential used directly looks like this;
-* ``broker-background``: the broker's own upkeep (policy refresh, token renewal,
-  the key scheduler, audit anchors), which carries a ``kb-bg-`` request id.
+  directly, say with a root token, whatever request id it carries;
+* ``unexplained`` (flagged): made under the broker's identity but claimed by no
+  broker record — a stolen AppRole credential used directly looks like this,
+  whatever X-Request-Id it sent (a ``kb-bg-`` prefix means nothing here).
 """
 
 from __future__ import annotations
@@ -22,14 +34,19 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from fnmatch import fnmatchcase
 from typing import Any
 
 BROKER_VAULT_POLICY = "keybroker-broker"
-BACKGROUND_PREFIX = "kb-bg-"  # broker.context.BACKGROUND_PREFIX (kept import-free for offline use)
+# The broker's request-id syntax (broker.api.middleware; kept import-free for offline use). Vault
+# writes whatever X-Request-Id its caller sent: a value outside it is not shown as a request id.
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{7,127}")
+# How far a Vault entry's time may lie outside a record's window (clock skew, queueing).
+JOIN_SLACK = timedelta(seconds=5)
 CSV_COLUMNS = (
     "time",
     "source",
@@ -85,6 +102,8 @@ def broker_records(files: Iterable[tuple[str, bytes]]) -> list[dict[str, Any]]:
                 continue  # verify reports damage; the timeline shows what can be read
             if isinstance(record, dict) and record.get("type") == "event":
                 out.append({**record, "source": "broker", "kind": "request"})
+            elif isinstance(record, dict) and record.get("type") == "background":
+                out.append({**record, "source": "broker", "kind": "background"})
     return out
 
 
@@ -137,6 +156,7 @@ def vault_entries(
             continue
         auth = entry.get("auth") or {}
         header = (request.get("headers") or {}).get("x-request-id") or []
+        sent = str(header[0]) if isinstance(header, list) and header else None
         path = str(request.get("path", ""))
         row = by_id.get(vid)
         if row is None:
@@ -144,7 +164,7 @@ def vault_entries(
                 "source": "vault",
                 "time": str(entry.get("time", "")),
                 "vault_request_id": vid,
-                "request_id": str(header[0]) if header else None,
+                "request_id": sent if sent is not None and REQUEST_ID_RE.fullmatch(sent) else None,
                 "operation": f"vault.{request.get('operation', '?')}",
                 "path": path,
                 "key": _key_of(path),
@@ -165,32 +185,48 @@ def vault_entries(
 
 
 def merge(broker: Sequence[Mapping[str, Any]], vault: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Broker records with their Vault evidence nested, plus unexplained Vault rows, in time order.
+    """Broker records with their Vault evidence nested, plus unclaimed Vault rows, in time order.
 
-    A Vault entry belongs to a broker record only when the broker's own identity made it
-    and it carries the record's request id, or the record noted its Vault request id among
-    its backend calls (a micro-batch serving several requests belongs to each of them).
+    A Vault entry belongs to a broker record only when the broker's own identity made it and
+    the record claims it (see the module docstring): by the Vault request id the record noted
+    (a micro-batch serving several requests belongs to each of them), or, for a call answered
+    without an id, by the one matching entry in the record's window.
     """
-    by_request: dict[str, list[Mapping[str, Any]]] = {}
     by_vault_id: dict[str, Mapping[str, Any]] = {}
+    by_sent: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for row in vault:
         if not row.get("broker_identity"):
             continue  # never joined, whatever request id it carries
         by_vault_id[str(row["vault_request_id"])] = row
         if row.get("request_id"):
-            by_request.setdefault(str(row["request_id"]), []).append(row)
-    timeline: list[dict[str, Any]] = []
+            by_sent.setdefault((str(row["request_id"]), str(row.get("path"))), []).append(row)
+    evidence: list[dict[str, Mapping[str, Any]]] = []
     claimed: set[str] = set()
     for record in broker:
-        evidence = {
-            str(v["vault_request_id"]): v for v in by_request.get(str(record.get("request_id", "")), [])
-        }
-        for call in record.get("backend_calls") or []:
-            found = by_vault_id.get(str(call.get("id"))) if call.get("backend") == "vault" else None
-            if found is not None:
-                evidence[str(found["vault_request_id"])] = found
-        claimed.update(evidence)
-        timeline.append({**record, "vault": [_evidence(v) for v in evidence.values()]})
+        found: dict[str, Mapping[str, Any]] = {}
+        for call in _vault_calls(record):
+            joined = by_vault_id.get(str(call.get("id")))
+            if joined is not None:
+                found[str(joined["vault_request_id"])] = joined
+        claimed.update(found)
+        evidence.append(found)
+    # Unnumbered notes second, so they can only take entries no id claimed.
+    for record, found in zip(broker, evidence, strict=True):
+        window = _window(record)
+        for call in _vault_calls(record):
+            if call.get("id") or window is None:
+                continue
+            key = (str(call.get("sent_request_id")), str(call.get("path")))
+            for row in by_sent.get(key, []):
+                vid = str(row["vault_request_id"])
+                if vid not in claimed and window[0] <= time_of(row) <= window[1]:
+                    claimed.add(vid)
+                    found[vid] = row
+                    break
+    timeline: list[dict[str, Any]] = [
+        {**record, "vault": [_evidence(v) for v in found.values()]}
+        for record, found in zip(broker, evidence, strict=True)
+    ]
     for row in vault:
         if str(row["vault_request_id"]) in claimed:
             continue
@@ -201,12 +237,33 @@ def merge(broker: Sequence[Mapping[str, Any]], vault: Sequence[Mapping[str, Any]
     return timeline
 
 
+def _vault_calls(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    calls = record.get("backend_calls")
+    if not isinstance(calls, list):
+        return []
+    return [c for c in calls if isinstance(c, Mapping) and c.get("backend") == "vault"]
+
+
+def _window(record: Mapping[str, Any]) -> tuple[datetime, datetime] | None:
+    """When a record's unnumbered calls may have been made: from its start (a request's time less
+    its latency, a background record's ``since``) to its time, with slack; None if unreadable."""
+    end = time_of(record)
+    if end == EPOCH:
+        return None
+    start = end
+    if record.get("kind") == "background":
+        try:
+            start = parse_time(str(record.get("since") or ""))
+        except ValueError:
+            return None
+    elif isinstance(record.get("latency_ms"), int | float):
+        start = end - timedelta(milliseconds=float(record["latency_ms"]))
+    return start - JOIN_SLACK, end + JOIN_SLACK
+
+
 def _unclaimed_kind(row: Mapping[str, Any]) -> str:
-    if not row.get("broker_identity"):
-        return "bypass"
-    if str(row.get("request_id") or "").startswith(BACKGROUND_PREFIX):
-        return "broker-background"
-    return "unexplained"
+    """A Vault entry no record claims: its X-Request-Id, which its caller chose, does not matter."""
+    return "unexplained" if row.get("broker_identity") else "bypass"
 
 
 def _evidence(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -242,7 +299,8 @@ class Filters:
     key: str | None = None
     operation: str | None = None
     outcome: str | None = None
-    # broker | vault (every Vault row, the broker's own upkeep too) | bypass; None: all but that upkeep
+    # broker (its records, its ``background`` upkeep records too) | vault (Vault entries no record
+    # claims) | bypass (the flagged ones); None: all but the upkeep records
     source: str | None = None
     # Hide bypass rows from before this moment (the broker's trail start): see :func:`is_setup`.
     hide_setup_before: datetime | None = None
@@ -260,14 +318,18 @@ class Filters:
                 return False
         elif self.source and row.get("source") != self.source:
             return False
-        elif self.source is None and row.get("kind") == "broker-background":
-            return False  # the broker's own upkeep (policy refresh, renewals): shown with source=vault
+        elif self.source is None and row.get("kind") == "background":
+            return False  # the broker's own upkeep (policy refresh, renewals): shown with source=broker
         for name, pattern in (("principal", self.principal), ("operation", self.operation)):
             if pattern and not fnmatchcase(str(row.get(name) or ""), pattern):
                 return False
-        if self.key and row.get("key") != self.key:
-            return False
+        if self.key and row.get("key") != self.key and self.key not in _names(row.get("keys")):
+            return False  # ``keys``: every key a record used (a rewrap's target too)
         return not (self.outcome and row.get("outcome") != self.outcome)
+
+
+def _names(value: Any) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else []
 
 
 def query(
@@ -277,13 +339,20 @@ def query(
     return rows[-limit:] if limit else rows
 
 
+def _call_label(call: Mapping[str, Any]) -> str:
+    """backend:id, or for a call answered without an id backend:status path."""
+    if call.get("id"):
+        return f"{call.get('backend')}:{call.get('id')}"
+    return f"{call.get('backend')}:{call.get('status')} {call.get('path')}"
+
+
 def flat(row: Mapping[str, Any]) -> dict[str, str]:
     """One CSV row: nested evidence becomes ';'-joined ids."""
     reason = full_reason(row)
     vault_ids = [str(v.get("vault_request_id")) for v in row.get("vault") or []]
     if row.get("source") == "vault":
         vault_ids = [str(row.get("vault_request_id"))]
-    calls = [f"{c.get('backend')}:{c.get('id')}" for c in row.get("backend_calls") or []]
+    calls = [_call_label(c) for c in row.get("backend_calls") or [] if isinstance(c, Mapping)]
     values = {
         "time": row.get("time"),
         "source": row.get("source"),
@@ -291,7 +360,7 @@ def flat(row: Mapping[str, Any]) -> dict[str, str]:
         "request_id": row.get("request_id"),
         "principal": row.get("principal"),
         "operation": row.get("operation"),
-        "key": row.get("key"),
+        "key": ";".join(_names(row.get("keys"))) or row.get("key"),
         "version": row.get("version"),
         "backend": row.get("backend"),
         "outcome": row.get("outcome"),
@@ -324,17 +393,42 @@ def full_reason(row: Mapping[str, Any]) -> str:
     return f"{code}: {detail}; decision: {why}" if why else f"{code}: {detail}"
 
 
+# A cell a spreadsheet would read as a formula (or, after a tab or carriage return, might).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe_cell(value: str) -> str:
+    """A CSV cell no spreadsheet evaluates: one starting like a formula gets a leading ``'``.
+
+    Vault's log holds values anyone who can reach Vault chooses (paths, headers, error text),
+    and the auditor opens this export in a spreadsheet.
+    """
+    return f"'{value}" if value.startswith(_FORMULA_STARTS) else value
+
+
 def to_csv(rows: Iterable[Mapping[str, Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow(flat(row))
+        writer.writerow({k: safe_cell(v) for k, v in flat(row).items()})
     return buffer.getvalue()
 
 
 def to_jsonl(rows: Iterable[Mapping[str, Any]]) -> str:
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+
+
+def printable(value: Any) -> str:
+    """Text safe for a terminal: control and other non-printable characters are escaped.
+
+    Vault's log holds paths and names whoever called Vault chose; an escape sequence among
+    them would otherwise drive the auditor's terminal (clear it, rewrite earlier lines).
+    """
+    text = "" if value is None else str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def to_table(rows: Iterable[Mapping[str, Any]]) -> str:
@@ -348,14 +442,15 @@ def to_table(rows: Iterable[Mapping[str, Any]]) -> str:
             source = "VAULT BYPASS"
         elif row.get("unexplained"):
             source = "UNEXPLAINED"
-        principal = str(row.get("principal") or "-")[-38:]
-        outcome = str(row.get("outcome") or "")
+        principal = printable(row.get("principal") or "-")[-38:]
+        outcome = printable(row.get("outcome") or "")
         if row.get("source") == "broker" and row.get("vault"):
             outcome += f" (+{len(row['vault'])} vault)"
         if row.get("source") == "vault" and row.get("path"):
             outcome += f"  {row['path']}"
         lines.append(
-            f"{str(row.get('time', ''))[:26]:<27} {source:<17} {principal:<38} "
-            f"{str(row.get('operation') or '-')[:24]:<24} {str(row.get('key') or '-')[:24]:<24} {outcome}"
+            f"{printable(row.get('time', ''))[:26]:<27} {printable(source):<17} {principal:<38} "
+            f"{printable(row.get('operation') or '-')[:24]:<24} {printable(row.get('key') or '-')[:24]:<24} "
+            f"{outcome}"
         )
     return "\n".join(lines)

@@ -24,6 +24,11 @@ checkpoint record signed by the HSM joins the chain and its position is anchored
 Vault (:class:`AnchorStore`). ``checkpoint_max_failures`` checkpoints in a row that
 cannot be signed or anchored make the log unavailable until one succeeds.
 
+Background records: the backend calls the broker makes outside any request (its
+upkeep) are listed, by the backend's own call ids, in ``background`` records the writer
+adds to the next batch (woken by the call), so the merged
+timeline can tell the broker's upkeep from someone else using its Vault identity.
+
 The writer never dies: any error while building, signing or writing a batch fails
 that batch's requests with 503, marks the log unavailable (health says why) and the
 next request after a short pause starts a new file continuing the chain. No request
@@ -41,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -52,15 +58,18 @@ from broker.audit.chain import (
     line_hash,
 )
 from broker.audit.checkpoints import AnchorConflict, AnchorStore, Checkpoints, CheckpointSigner
+from broker.audit.events import backend_call
 from broker.audit.segments import Segments, probe_writable
 from broker.errors import BrokerError, Conflict, Unavailable
 from broker.log import get_logger
+from broker.requestvars import on_background_call, restore_background_calls, take_background_calls
 from broker.timeutil import iso, now_utc
 
 log = get_logger(__name__)
 
 
 INITIAL_EPOCH = "initial"
+BACKGROUND_CALLS_PER_RECORD = 256
 NEW_EPOCH_HINT = "keybroker audit new-epoch --name NAME --reason TEXT"
 
 
@@ -112,6 +121,8 @@ class AuditSink:
         self._last_repair = 0.0
         self.records_written = 0
         self.batches_written = 0
+        self._stop_listening: Callable[[], None] = lambda: None
+        self._anchor_lock = asyncio.Lock()
 
     # -- start and stop -----------------------------------------------------------------
 
@@ -120,6 +131,13 @@ class AuditSink:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._io, self._open_directory)
         self._writer = asyncio.create_task(self._write_loop(), name="audit-writer")
+
+        # A background call is written down at once rather than at the next interval.
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to write
+                loop.call_soon_threadsafe(self._wake.set)
+
+        self._stop_listening = on_background_call(wake)
         await self._check_anchor()
         if self._fork_guard is not None:
             return
@@ -129,6 +147,7 @@ class AuditSink:
             log.error("audit_unwritable_at_start", error=exc.detail)  # noqa: TRY400 - the detail says it all
 
     async def close(self) -> None:
+        self._stop_listening()
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -272,6 +291,10 @@ class AuditSink:
             async with asyncio.timeout(self._checkpoints.interval):
                 await self._wake.wait()
         self._wake.clear()
+        if self._anchor_lock.locked():
+            # The chain is being checked against Vault's anchor (whose read wakes this loop): write
+            # nothing until it is known not to fork history; the check wakes the loop when done.
+            return
         if not self._anchor_checked:
             if not self._files.locked:
                 # The directory could not be opened at start: its chain end is still unknown.
@@ -281,6 +304,9 @@ class AuditSink:
                 self._pending.insert(0, ({"type": "start", "node": self.node}, self._orphan_future()))
         batch, self._pending = self._pending, []
         due = self._fork_guard is None and self._checkpoints.due(len(batch))
+        taken = take_background_calls() if self._fork_guard is None else ([], None, 0)
+        upkeep = [(record, self._orphan_future()) for record in self._background_records(*taken)]
+        batch += upkeep
         if not batch and not due:
             return
         self._batch_started = time.monotonic()
@@ -295,6 +321,36 @@ class AuditSink:
                     future.set_exception(error)
         finally:
             self._batch_started = None
+        if upkeep and not all(f.done() and not f.cancelled() and f.exception() is None for _, f in upkeep):
+            # Not on disk: the next background record lists these calls (else they would look unexplained).
+            restore_background_calls(*taken)
+
+    def _background_records(
+        self, calls: list[tuple[str, str, str]], since: str | None, dropped: int
+    ) -> list[dict[str, Any]]:
+        """``background`` records claiming the backend calls the broker made outside any request.
+
+        Policy refresh, token renewal, the key scheduler, grant purges and audit anchors call
+        Vault on their own; these records list Vault's request ids for those calls, so the
+        merged timeline explains them without trusting any request id header. At most
+        :data:`BACKGROUND_CALLS_PER_RECORD` calls each, so a record stays small.
+        """
+        if not calls and not dropped:
+            return []
+        step = BACKGROUND_CALLS_PER_RECORD
+        chunks = [calls[i : i + step] for i in range(0, len(calls), step)] or [[]]
+        records: list[dict[str, Any]] = [
+            {
+                "type": "background",
+                "node": self.node,
+                "since": since,
+                "backend_calls": [backend_call(*call) for call in chunk],
+            }
+            for chunk in chunks
+        ]
+        if dropped:
+            records[-1]["dropped"] = dropped
+        return records
 
     @staticmethod
     def _orphan_future() -> asyncio.Future[int]:
@@ -346,13 +402,21 @@ class AuditSink:
         self._seq, self._head = seq, head
         self.records_written += len(lines)
         self.batches_written += 1
-        self._checkpoints.written(len(lines), Anchor(seq, head) if checkpoint else None, self.epoch)
+        # Background records alone do not make a checkpoint due: signing and anchoring one calls the
+        # HSM and Vault, whose record would make the next one due, forever, on an idle broker.
+        upkeep = sum(1 for record, _ in batch if record.get("type") == "background")
+        self._checkpoints.written(len(lines) - upkeep, Anchor(seq, head) if checkpoint else None, self.epoch)
         for (_, future), number in zip(batch, numbers, strict=True):
             if not future.done():
                 future.set_result(number)
 
     async def _check_anchor(self) -> None:
         """Refuse to write (and so to fork history) unless the local chain holds Vault's anchor."""
+        async with self._anchor_lock:
+            await self._check_anchor_now()
+        self._wake.set()  # what arrived meanwhile (a background call) is written now
+
+    async def _check_anchor_now(self) -> None:
         if self._anchors is None:
             return
         if not self._files.locked:

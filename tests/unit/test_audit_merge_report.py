@@ -58,7 +58,10 @@ BROKER_FILES = [
         b'{"type":"start","seq":1,"prev":"0","time":"2026-11-23T10:00:00Z"}\n'
         b'{"type":"event","seq":2,"prev":"x","time":"2026-11-23T10:00:01.5Z","request_id":"r1",'
         b'"principal":"spiffe://bank/app/pay","operation":"crypto.encrypt","key":"pay","outcome":"success",'
-        b'"status":200,"backend_calls":[{"backend":"vault","id":"v1","operation":"transit encrypt"}]}\n',
+        b'"status":200,"backend_calls":[{"backend":"vault","id":"v1","operation":"transit encrypt"}]}\n'
+        # The broker's own upkeep is claimed by the background record that lists its Vault request id.
+        b'{"type":"background","seq":3,"prev":"y","time":"2026-11-23T10:00:02.5Z","since":"2026-11-23T10:00:02Z",'
+        b'"backend_calls":[{"backend":"vault","id":"v2","operation":"policy read"}]}\n',
     )
 ]
 
@@ -68,14 +71,15 @@ def timeline() -> list[dict[str, Any]]:
 
 
 def test_broker_records_carry_their_vault_evidence_and_root_access_is_flagged() -> None:
-    """r1 joins only its own Vault entry; the broker's own refresh is background; the root read and
-    entries reusing r1 under another identity are bypasses; the broker's identity unexplained is flagged."""
+    """r1 joins only its own Vault entry; the broker's own refresh is claimed by its background record;
+    the root read and entries reusing r1 under another identity are bypasses; the broker's identity
+    unexplained is flagged."""
     rows = timeline()
 
     assert [(r["source"], r.get("kind")) for r in rows] == [
         ("vault", "bypass"),  # the entry whose time cannot be read sorts first, and is still shown
         ("broker", "request"),
-        ("vault", "broker-background"),
+        ("broker", "background"),
         ("vault", "bypass"),
         ("vault", "bypass"),
         ("vault", "bypass"),

@@ -3,8 +3,9 @@
 hvac is synchronous and used only for bootstrap and admin commands
 (``broker.vaultops``); the broker's own calls go through :class:`VaultClient`.
 Every call carries the broker-generated request id as ``X-Request-Id`` (a
-``kb-bg-`` one outside a request), which Vault's file audit device records, so
-broker and Vault audit entries join on it.
+``kb-bg-`` one outside a request) for people reading Vault's log; what joins Vault's
+audit entries to the broker's records is Vault's own request id, noted from each
+response (see :func:`_note_call`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from broker.errors import (
     Unavailable,
 )
 from broker.log import get_logger
-from broker.requestvars import note_backend_call, outgoing_request_id
+from broker.requestvars import note_backend_call, outgoing_request_id, unnumbered
 
 log = get_logger(__name__)
 BACKEND = "vault"
@@ -69,6 +70,26 @@ def vault_path(base: str, *segments: str) -> str:
             raise BadRequest("a name is not usable as a Vault path segment") from None
         encoded.append(urllib.parse.quote(segment, safe=""))
     return "/".join(("v1", *fixed, *encoded))
+
+
+def _note_call(what: str, path: str, status: int, sent_id: str, data: Any, with_token: bool) -> None:
+    """Note one answered call for the audit record (the request's, or the next background one).
+
+    Vault's own request id (the response body's ``request_id``, the ``request.id`` of its
+    audit entry; no caller chooses it) is what joins the entry to the record. A call answered
+    without one (204, an error body) is noted by status, the X-Request-Id sent and the path;
+    the merge joins such a note to at most one matching entry within the record's time window.
+    Calls without a token (seal status, leader) are never under the broker's identity, so an
+    unnumbered one needs no note.
+    """
+    request_id = data.get("request_id") if isinstance(data, dict) else None
+    if request_id and isinstance(request_id, str):
+        note_backend_call(BACKEND, what, request_id)
+        return
+    if not with_token:
+        return
+    audited = urllib.parse.unquote(path.partition("?")[0]).removeprefix("v1/")
+    note_backend_call(BACKEND, what, unnumbered(status, sent_id, audited))
 
 
 class VaultHTTPError(Exception):
@@ -279,20 +300,19 @@ class VaultClient:
         headers = {}
         if token is not None:
             headers["X-Vault-Token"] = token
-        headers["X-Request-Id"] = outgoing_request_id()
+        sent_id = headers["X-Request-Id"] = outgoing_request_id()
         with map_vault_errors(what):
             async with self._session.request(method, path, json=body, headers=headers) as resp:
-                if resp.status == 204:
-                    return {}
-                data = await resp.json(content_type=None) if resp.content_length != 0 else {}
+                data: Any = {} if resp.status == 204 or resp.content_length == 0 else None
+                try:
+                    if data is None:
+                        data = await resp.json(content_type=None)
+                finally:
+                    _note_call(what, path, resp.status, sent_id, data, token is not None)
                 if resp.status >= 400 and resp.status not in ok_statuses:
                     errors = data.get("errors", []) if isinstance(data, dict) else []
                     raise VaultHTTPError(resp.status, [str(e) for e in errors])
-                if not isinstance(data, dict):
-                    return {}
-                if data.get("request_id"):
-                    note_backend_call(BACKEND, what, str(data["request_id"]))
-                return data
+                return data if isinstance(data, dict) else {}
 
     async def health(self) -> dict[str, Any]:
         """Seal state, HA leadership and whether the broker's token works."""

@@ -429,7 +429,9 @@ def add_parsers(sub: Any) -> None:
         p.add_argument("--principal", help="principal id (globs work)")
         p.add_argument("--key")
         p.add_argument("--operation", help="e.g. crypto.decrypt, key.* (globs work)")
-        p.add_argument("--outcome", choices=["success", "denied", "failed", "error", "unauthenticated"])
+        p.add_argument(
+            "--outcome", choices=["success", "partial", "denied", "failed", "error", "unauthenticated"]
+        )
         p.add_argument("--source", choices=["broker", "vault", "bypass"])
         p.add_argument("--format", choices=["table", "jsonl", "csv"], default="table")
         p.add_argument(

@@ -275,7 +275,7 @@ def _evidence(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def trail_start(timeline: Iterable[Mapping[str, Any]]) -> datetime | None:
-    """When the broker's audit trail begins: the time of its first request record, if any."""
+    """When the broker's audit trail begins: the time of its first record (request or upkeep), if any."""
     times = [time_of(row) for row in timeline if row.get("source") == "broker"]
     return min(times) if times else None
 

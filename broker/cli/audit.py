@@ -235,7 +235,7 @@ def _filter_params(args: argparse.Namespace, now: datetime) -> dict[str, str]:
 
 
 def trail_start(client: BrokerClient) -> datetime | None:
-    """When the broker's audit trail begins: its oldest request record (one row, oldest first)."""
+    """When the broker's audit trail begins: its oldest record, a request or its own upkeep."""
     from broker.audit.merge import time_of
 
     for page in event_pages(client, {"source": "broker"}, page_size=1):

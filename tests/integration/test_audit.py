@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from broker.devstack.stack import DevStack
+from tests.integration.cliops import keybroker
 from tests.integration.conftest import Reply, https
 from tests.integration.keyops import b64, create_key, encrypt, registry_record, unique
-from tests.integration.test_keys_cli import keybroker
 
 BACKENDS = ["vault", "kms", "hsm"]
 

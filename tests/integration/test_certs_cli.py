@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 from cryptography import x509
@@ -15,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from broker.devstack.stack import DevStack
+from tests.integration.cliops import keybroker
 from tests.integration.keyops import create_key
 from tests.integration.policyops import fresh
 
@@ -23,24 +22,8 @@ def run(
     stack: DevStack, *args: str, cert: Path | None = None, key: Path | None = None, stdin: bytes = b""
 ) -> subprocess.CompletedProcess[bytes]:
     """The CLI as an operator with VAULT_ADDR/VAULT_TOKEN, acting as admin or as the given certificate."""
-    tls = stack.layout.tls
-    env = {
-        **os.environ,
-        "KEYBROKER_ADDR": stack.broker_url,
-        "KEYBROKER_CACERT": str(tls / "ca.pem"),
-        "KEYBROKER_CLIENT_CERT": str(cert or tls / "admin.crt"),
-        "KEYBROKER_CLIENT_KEY": str(key or tls / "admin.key"),
-        "VAULT_ADDR": stack.vault_addr,
-        "VAULT_TOKEN": stack.root_token(),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "broker", *args],
-        input=stdin,
-        capture_output=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    vault = {"VAULT_ADDR": stack.vault_addr, "VAULT_TOKEN": stack.root_token()}
+    return keybroker(stack, *args, cert=cert, key=key, stdin=stdin, env=vault)
 
 
 def _public(cert_pem: bytes) -> bytes:

@@ -8,46 +8,18 @@ import csv
 import hashlib
 import io
 import json
-import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from broker.devstack.localca import loopback_tls
 from broker.devstack.stack import DevStack
+from tests.integration.cliops import keybroker as cli
 from tests.integration.conftest import https
 from tests.integration.keyops import b64, create_key, unique
 from tests.integration.policyops import fresh, identity
-
-
-def cli(
-    stack: DevStack | None,
-    *args: str,
-    stdin: bytes = b"",
-    who: str = "admin",
-    env: dict[str, str] | None = None,
-) -> subprocess.CompletedProcess[bytes]:
-    """Run ``keybroker ARGS`` as a user does, with the dev env file's settings for ``who``."""
-    settings: dict[str, str] = {}
-    if stack is not None:
-        tls = stack.layout.tls
-        settings = {
-            "KEYBROKER_ADDR": stack.broker_url,
-            "KEYBROKER_CACERT": str(tls / "ca.pem"),
-            "KEYBROKER_CLIENT_CERT": str(tls / f"{who}.crt"),
-            "KEYBROKER_CLIENT_KEY": str(tls / f"{who}.key"),
-        }
-    return subprocess.run(
-        [sys.executable, "-m", "broker", *args],
-        input=stdin,
-        capture_output=True,
-        env={**os.environ, **settings, **(env or {})},
-        timeout=120,
-        check=False,
-    )
 
 
 def no_traceback(*done: subprocess.CompletedProcess[bytes]) -> bool:

@@ -3,33 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 from broker.devstack.stack import DevStack
+from tests.integration.cliops import keybroker
 from tests.integration.keyops import unique
-
-
-def keybroker(
-    stack: DevStack, *args: str, stdin: bytes = b"", who: str = "admin"
-) -> subprocess.CompletedProcess[bytes]:
-    tls = stack.layout.tls
-    env = {
-        **os.environ,
-        "KEYBROKER_ADDR": stack.broker_url,
-        "KEYBROKER_CACERT": str(tls / "ca.pem"),
-        "KEYBROKER_CLIENT_CERT": str(tls / f"{who}.crt"),
-        "KEYBROKER_CLIENT_KEY": str(tls / f"{who}.key"),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "broker", *args],
-        input=stdin,
-        capture_output=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_lifecycle_from_the_cli(stack: DevStack) -> None:

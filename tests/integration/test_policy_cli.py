@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 from broker.devstack.stack import DevStack
+from tests.integration.cliops import keybroker
 from tests.integration.conftest import https
 from tests.integration.keyops import create_key, unique
 from tests.integration.policyops import fresh, identity
-from tests.integration.test_keys_cli import keybroker
 
 
 def test_an_invalid_policy_file_changes_nothing(stack: DevStack, tmp_path: Path) -> None:

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from broker.devstack.stack import DevStack
+from tests.integration.cliops import keybroker
 from tests.integration.conftest import https
 from tests.integration.keyops import b64, create_key
-from tests.integration.test_keys_cli import keybroker
 from tests.integration.test_policy_races import KV, stored_document
 
 

@@ -8,10 +8,10 @@ from typing import Any
 import yaml
 
 from broker.devstack.stack import DevStack
+from tests.integration.cliops import keybroker
 from tests.integration.conftest import https
 from tests.integration.keyops import create_key
 from tests.integration.policyops import fresh
-from tests.integration.test_keys_cli import keybroker
 
 
 def _show(stack: DevStack, path: Path) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -62,9 +63,11 @@ class _Background:
 
 # Bounded: a broker whose log cannot be written keeps only this many; the rest are counted.
 MAX_BACKGROUND_CALLS = 4096
-# One buffer per event loop (by id; None: a worker thread outside any loop), so a sink claims only
-# the calls its own broker made, also when several run in one process (tests).
-_buffers: dict[int | None, _Background] = {}
+# One buffer per event loop (held weakly: a new loop never inherits a finished one's calls, as it
+# could by reusing its id), so a sink claims only the calls its own broker made, also when several
+# run in one process (tests); plus one for calls from a worker thread outside any loop.
+_loop_buffers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Background] = weakref.WeakKeyDictionary()
+_thread_buffer: list[_Background] = []
 # Told when a call is noted outside requests (the audit sink: write a background record soon, so
 # the call does not look unexplained for long). May be called from a worker thread.
 _listeners: list[Callable[[], None]] = []
@@ -85,11 +88,33 @@ def note_backend_call(backend: str, operation: str, call_id: str) -> None:
         _note_outside((backend, operation, call_id))
 
 
-def _loop_key() -> int | None:
+def _current_loop() -> asyncio.AbstractEventLoop | None:
     try:
-        return id(asyncio.get_running_loop())
+        return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+def _pop_buffer(loop: asyncio.AbstractEventLoop | None) -> _Background | None:
+    if loop is None:
+        return _thread_buffer.pop() if _thread_buffer else None
+    return _loop_buffers.pop(loop, None)
+
+
+def _buffer() -> _Background:
+    """This loop's buffer (or the worker threads' one), created when first needed."""
+    loop = _current_loop()
+    if loop is None:
+        if not _thread_buffer:
+            _thread_buffer.append(_Background([]))
+        return _thread_buffer[0]
+    return _loop_buffers.setdefault(loop, _Background([]))
+
+
+def clear_background_calls() -> None:
+    """Forget every buffered call (for tests that run many brokers' sinks in one process)."""
+    _loop_buffers.clear()
+    _thread_buffer.clear()
 
 
 def take_background_calls() -> tuple[list[tuple[str, str, str]], str | None, int]:
@@ -98,8 +123,8 @@ def take_background_calls() -> tuple[list[tuple[str, str, str]], str | None, int
     calls: list[tuple[str, str, str]] = []
     since: str | None = None
     dropped = 0
-    for key in dict.fromkeys((_loop_key(), None)):
-        taken = _buffers.pop(key, None)
+    for loop in dict.fromkeys((_current_loop(), None)):
+        taken = _pop_buffer(loop)
         if taken is None:
             continue
         calls += taken.calls
@@ -113,14 +138,14 @@ def restore_background_calls(calls: list[tuple[str, str, str]], since: str | Non
     """Put back calls whose background record could not be written, so the next one lists them."""
     for call in calls:
         _note_outside(call, notify=False)
-    buffer = _buffers.setdefault(_loop_key(), _Background([]))
+    buffer = _buffer()
     buffer.dropped += dropped
     if since is not None and (buffer.since is None or since < buffer.since):
         buffer.since = since
 
 
 def _note_outside(call: tuple[str, str, str], *, notify: bool = True) -> None:
-    buffer = _buffers.setdefault(_loop_key(), _Background([]))
+    buffer = _buffer()
     if buffer.since is None:
         buffer.since = iso(now_utc())
     if len(buffer.calls) >= MAX_BACKGROUND_CALLS:

@@ -565,37 +565,18 @@ def restore_backup(
             raise BackupError(
                 "the target Vault is initialised: give its root token with --token-file or VAULT_TOKEN"
             )
-        _wait_active(session, target, wait_seconds, "before the restore")
-        devices = _audit_devices(session, target)
-        mismatch = audit_device_mismatch(vault.get("audit_devices") or {}, devices)
-        if mismatch:
-            raise BackupRefused(
-                f"the target does not fit this backup: {mismatch} "
-                "(OpenBao would refuse to unseal after the restore)"
-            )
-        kv = str((backup.manifest.get("mounts") or {}).get("kv") or Mounts().kv)
-        if not overwrite and _holds_broker_state(session, target, kv):
-            raise BackupRefused(
-                f"the target already holds broker state in {kv}/: a restore replaces ALL of its data. "
-                "Restore "
-                "into a fresh cluster, or pass --overwrite-existing to roll this one back"
-            )
-        progress(f"loading the snapshot into {target.address} (sys/storage/raft/snapshot-force)")
-        with backup.snapshot() as snap:
-            body = _Counted(snap, backup.snapshot_size, byte_progress)
-            resp = session.post(
-                target.url("sys/storage/raft/snapshot-force"),
-                data=body,
-                headers={
-                    "Content-Length": str(backup.snapshot_size),
-                    "Content-Type": "application/octet-stream",
-                },
-                timeout=max(target.timeout, 120.0),
-            )
-        _check(resp, "the snapshot (sys/storage/raft/snapshot-force needs update and sudo)")
+        try:
+            _fit_and_load(session, target, backup, overwrite, wait_seconds, progress, byte_progress)
+        except BackupError as exc:
+            if not initialised_here:
+                raise
+            raise type(exc)(
+                f"{exc.detail}. The target was initialised for this restore and that token is gone: stop "
+                "it, empty its raft directory and start it again before the next attempt"
+            ) from None
         progress("snapshot loaded; waiting for Vault to unseal itself with the restored keyring")
         session.headers.pop("X-Vault-Token", None)
-        _wait_active(session, target, wait_seconds, "after the restore")
+        _wait_active(session, target, wait_seconds, "after the restore", standby_ok=True)
         checked = False
         if approle_dir is not None:
             _check_approle(session, target, backup, approle_dir)
@@ -605,6 +586,46 @@ def restore_backup(
     finally:
         session.close()
     return RestoreResult(initialised_here, time.monotonic() - started, backup.anchors, checked)
+
+
+def _fit_and_load(
+    session: requests.Session,
+    target: VaultTarget,
+    backup: BackupFile,
+    overwrite: bool,
+    wait_seconds: float,
+    progress: Progress,
+    byte_progress: ByteProgress | None,
+) -> None:
+    """Check that the (initialised) target fits the backup, then load the snapshot into it."""
+    vault = backup.manifest.get("vault") or {}
+    _wait_active(session, target, wait_seconds, "before the restore")
+    devices = _audit_devices(session, target)
+    mismatch = audit_device_mismatch(vault.get("audit_devices") or {}, devices)
+    if mismatch:
+        raise BackupRefused(
+            f"the target does not fit this backup: {mismatch} "
+            "(OpenBao would refuse to unseal after the restore)"
+        )
+    kv = str((backup.manifest.get("mounts") or {}).get("kv") or Mounts().kv)
+    if not overwrite and _holds_broker_state(session, target, kv):
+        raise BackupRefused(
+            f"the target already holds broker state in {kv}/: a restore replaces ALL of its data. "
+            "Restore into a fresh cluster, or pass --overwrite-existing to roll this one back"
+        )
+    progress(f"loading the snapshot into {target.address} (sys/storage/raft/snapshot-force)")
+    with backup.snapshot() as snap:
+        body = _Counted(snap, backup.snapshot_size, byte_progress)
+        resp = session.post(
+            target.url("sys/storage/raft/snapshot-force"),
+            data=body,
+            headers={
+                "Content-Length": str(backup.snapshot_size),
+                "Content-Type": "application/octet-stream",
+            },
+            timeout=max(target.timeout, 120.0),
+        )
+    _check(resp, "the snapshot (sys/storage/raft/snapshot-force needs update and sudo)")
 
 
 class _Counted(io.RawIOBase):
@@ -634,8 +655,14 @@ class _Counted(io.RawIOBase):
         return self._size
 
 
-def _wait_active(session: requests.Session, target: VaultTarget, seconds: float, when: str) -> None:
-    """Until ``sys/health`` answers 200 (initialised, unsealed, active), bounded by ``seconds``."""
+def _wait_active(
+    session: requests.Session, target: VaultTarget, seconds: float, when: str, *, standby_ok: bool = False
+) -> None:
+    """Until ``sys/health`` answers 200 (initialised, unsealed, active), bounded by ``seconds``.
+
+    A standby (429) is refused at once before a restore (the snapshot goes to the leader); after
+    one, ``standby_ok`` accepts it: the cluster is unsealed, whichever node leads.
+    """
     deadline = time.monotonic() + seconds
     last = "no answer"
     while time.monotonic() < deadline:
@@ -644,8 +671,15 @@ def _wait_active(session: requests.Session, target: VaultTarget, seconds: float,
         except requests.exceptions.RequestException as exc:
             last = exc.__class__.__name__  # a restoring node stops answering for a few seconds
         else:
-            if resp.status_code == 200:
+            if resp.status_code == 200 or (standby_ok and resp.status_code == 429):
                 return
+            if resp.status_code == 429:
+                leader = _other_leader(session, target)
+                if leader:
+                    raise BackupRefused(
+                        f"Vault at {target.address} is a standby: point --address at the active "
+                        f"node ({leader})"
+                    )
             last = f"HTTP {resp.status_code}"
         time.sleep(0.3)
     raise BackupError(
@@ -653,6 +687,21 @@ def _wait_active(session: requests.Session, target: VaultTarget, seconds: float,
         f"(last health: {last}); "
         "check its log, its seal configuration and that the KMS key is reachable"
     )
+
+
+def _other_leader(session: requests.Session, target: VaultTarget) -> str:
+    """The active node's address when ``target`` is a standby of a cluster that has one, else ''.
+
+    A node just initialised answers 429 too until it has elected itself: that one is waited for.
+    """
+    try:
+        resp = session.get(target.url("sys/leader"), timeout=5)
+        doc = resp.json() if resp.status_code == 200 else {}
+    except (requests.exceptions.RequestException, ValueError):
+        return ""
+    if not isinstance(doc, dict) or doc.get("is_self"):
+        return ""
+    return str(doc.get("leader_address") or "")[:200]
 
 
 def _holds_broker_state(session: requests.Session, target: VaultTarget, kv: str) -> bool:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from broker.devstack.common import Layout
 from broker.devstack.stack import DevStack, free_port
@@ -62,8 +63,6 @@ class Disaster:
 
 
 def _anchor(stack: DevStack, address: str, token: str) -> dict[str, Any] | None:
-    import requests
-
     resp = requests.get(
         f"{address}/v1/kb-kv/data/audit/anchor-broker", headers={"X-Vault-Token": token}, timeout=10
     )
@@ -332,3 +331,43 @@ def test_backup_refuses_to_overwrite_and_a_loose_key_file(disaster: Disaster, tm
     assert loose_key.returncode == 1
     assert "readable by others" in loose_key.stderr.decode()
     assert not (tmp_path / "b").exists()
+
+
+def test_a_new_cluster_with_other_audit_devices_is_refused_before_the_snapshot(
+    disaster: Disaster, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A fresh Vault whose config declares its audit file elsewhere would not unseal after the restore
+    (OpenBao refuses a restored audit table that differs from its config): restore refuses first, names the
+    device and the options to declare, and loads nothing."""
+    layout = Layout(tmp_path_factory.mktemp("other-audit"))
+    for d in (layout.vault_dir, layout.logs, layout.kms_unseal_key.parent, layout.vault_audit_log.parent):
+        d.mkdir(parents=True, mode=0o700, exist_ok=True)
+    shutil.copyfile(disaster.origin.layout.kms_unseal_key, layout.kms_unseal_key)
+    other = DevVault(layout, disaster.origin.kms, tls=False, progress=lambda _m: None)
+    child = other.start()
+    try:
+        refused = keybroker(
+            None,
+            "restore",
+            str(disaster.backup),
+            "--key-file",
+            str(disaster.key_file),
+            "--address",
+            other.addr,
+            env={"VAULT_TOKEN": "", "BAO_TOKEN": ""},
+        )
+        lookup = requests.get(
+            f"{other.addr}/v1/auth/token/lookup-self",
+            headers={"X-Vault-Token": disaster.origin.root_token()},
+            timeout=10,
+        )
+    finally:
+        child.stop()
+    err = refused.stderr.decode()
+
+    assert refused.returncode == 1, refused.stdout
+    assert "audit device keybroker/ has options" in err, err
+    assert str(disaster.origin.layout.vault_audit_log) in err
+    assert "empty its raft directory" in err
+    # Nothing was loaded: the lost cluster's root token means nothing there.
+    assert lookup.status_code == 403

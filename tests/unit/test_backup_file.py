@@ -1,0 +1,168 @@
+"""Reading a backup file is hostile-input parsing: only what ``keybroker backup`` writes is accepted.
+
+The real round trip (snapshot, restore, decrypt) is tests/integration/test_backup_restore.py;
+these build archives by hand to reach the refusals a real Vault never produces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.vaultops.backup import (
+    ANCHORS,
+    FORMAT,
+    MAC,
+    MANIFEST,
+    SNAPSHOT,
+    BackupError,
+    BackupRefused,
+    audit_device_mismatch,
+    load_key,
+    manifest_mac,
+    read_backup,
+)
+
+KEY = bytes(range(32))
+SNAP = b"\x1f\x8b" + os.urandom(3000)
+ANCHOR_DOCS = {"broker": {"seq": 7, "hash": "ab" * 32, "epoch": "initial", "epochs": []}}
+
+
+def _manifest(**changes: Any) -> dict[str, Any]:
+    anchors = json.dumps(ANCHOR_DOCS).encode()
+    doc: dict[str, Any] = {
+        "format": FORMAT,
+        "vault": {"seal_type": "awskms", "version": "2.6.2", "audit_devices": {}},
+        "parts": {
+            SNAPSHOT: {"sha256": hashlib.sha256(SNAP).hexdigest(), "bytes": len(SNAP)},
+            ANCHORS: {"sha256": hashlib.sha256(anchors).hexdigest(), "bytes": len(anchors)},
+        },
+    }
+    doc.update(changes)
+    return doc
+
+
+def _archive(
+    path: Path,
+    *,
+    manifest: dict[str, Any] | None = None,
+    key: bytes = KEY,
+    snap: bytes = SNAP,
+    extra: list[tarfile.TarInfo] | None = None,
+    skip: str = "",
+) -> Path:
+    raw = json.dumps(manifest or _manifest()).encode()
+    parts = [
+        (MANIFEST, raw),
+        (MAC, manifest_mac(key, raw).encode()),
+        (ANCHORS, json.dumps(ANCHOR_DOCS).encode()),
+        (SNAPSHOT, snap),
+    ]
+    with tarfile.open(path, "w") as tar:
+        for name, data in parts:
+            if name == skip:
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for info in extra or []:
+            tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isreg() else None)
+    return path
+
+
+def test_an_archive_as_written_is_read_back(tmp_path: Path) -> None:
+    """The manifest, the anchors and where the snapshot's bytes lie come back; the snapshot reads whole."""
+    backup = read_backup(_archive(tmp_path / "b"), KEY)
+    with backup.snapshot() as snap:
+        data = snap.read()
+
+    assert backup.manifest["format"] == FORMAT
+    assert backup.anchors == ANCHOR_DOCS
+    assert data == SNAP
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, size: int = 1) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = size if kind == tarfile.REGTYPE else 0
+    if kind == tarfile.SYMTYPE:
+        info.linkname = "/etc/passwd"
+    return info
+
+
+@pytest.mark.parametrize(
+    ("build", "says"),
+    [
+        (lambda p: _archive(p, extra=[_member("../../etc/cron.d/x")]), "unexpected member"),
+        (lambda p: _archive(p, extra=[_member(SNAPSHOT)]), "vault.snap twice"),
+        (lambda p: _archive(p, skip=SNAPSHOT, extra=[_member(SNAPSHOT, tarfile.SYMTYPE)]), "not a regular"),
+        (lambda p: _archive(p, skip=ANCHORS), "anchors.json missing"),
+        (lambda p: _archive(p, key=b"another key" * 4), "HMAC does not match"),
+        (lambda p: _archive(p, manifest=_manifest(format="keybroker-backup/0")), "not a keybroker-backup/1"),
+        (lambda p: _archive(p, manifest=_manifest(parts={SNAPSHOT: {}})), "exactly the parts"),
+        (lambda p: _archive(p, snap=SNAP[:-1] + b"!"), "does not match its SHA-256"),
+        (lambda p: _archive(p, snap=SNAP + b"!"), "the manifest says"),
+        (lambda p: p.write_bytes(os.urandom(4096)) and p, "not a keybroker backup"),
+    ],
+    ids=[
+        "path-escape",
+        "duplicate",
+        "symlink",
+        "missing-part",
+        "other-key",
+        "old-format",
+        "parts-list",
+        "snapshot-byte",
+        "snapshot-size",
+        "not-a-tar",
+    ],
+)
+def test_a_file_we_did_not_write_is_refused(tmp_path: Path, build: Any, says: str) -> None:
+    """Each departure from what `keybroker backup` writes is refused with what is wrong, never a traceback."""
+    path = build(tmp_path / "b")
+    with pytest.raises(BackupRefused) as caught:
+        read_backup(path, KEY)
+
+    assert says in str(caught.value)
+
+
+def test_audit_devices_must_match_exactly() -> None:
+    """The target must declare the backup's audit devices, same type and options; the message says what."""
+    ours = {
+        "keybroker/": {"type": "file", "local": False, "options": {"file_path": "/a.log", "mode": "0600"}}
+    }
+    moved = {"keybroker/": {**ours["keybroker/"], "options": {"file_path": "/b.log", "mode": "0600"}}}
+    socket = {"keybroker/": {**ours["keybroker/"], "type": "socket"}}
+
+    assert audit_device_mismatch(ours, ours) is None
+    assert "/a.log" in str(audit_device_mismatch(ours, moved))
+    assert "declare it" in str(audit_device_mismatch(ours, {}))
+    assert "the backup has none" in str(audit_device_mismatch({}, ours))
+    assert "socket on the target" in str(audit_device_mismatch(ours, socket))
+
+
+@pytest.mark.parametrize(
+    ("text", "mode", "says"),
+    [
+        ("ab" * 32, 0o644, "readable by others"),
+        ("not hex at all", 0o600, "does not hold hex"),
+        ("ab" * 16, 0o600, "at least 32"),
+    ],
+)
+def test_a_weak_or_exposed_backup_key_is_refused(tmp_path: Path, text: str, mode: int, says: str) -> None:
+    """The backup key is 32+ bytes of hex in an owner-only file; anything else is refused, naming why."""
+    path = tmp_path / "k"
+    path.write_text(text)
+    path.chmod(mode)
+    with pytest.raises(BackupError) as caught:
+        load_key(path)
+
+    assert says in str(caught.value)
+    assert text not in str(caught.value)

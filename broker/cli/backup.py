@@ -10,16 +10,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
 from broker.cli.common import EXIT_USAGE, Session, add_command, fail
 from broker.cli.vault import safe_vault_address
+from broker.vaultops.backup import backup_policy
 
 BACKUP_HELP = """\
 Take a raft snapshot of OpenBao (sys/storage/raft/snapshot) and write it, with every broker
 node's audit anchor and a manifest (SHA-256 of each part, HMAC-SHA256 under --key-file), to
---out: a new file, mode 0600, written atomically (a hidden file renamed into place).
+--out: a new file, mode 0600, written atomically (a hidden file linked into place when whole).
 
 In the backup: all of Vault's storage: transit keys (every version), the broker's key registry,
 role policies, bindings, grants, audit anchors, the PKI CAs and issued-certificate records, the
@@ -29,11 +31,7 @@ Not in the backup: HSM objects (keys and the audit checkpoint key: use the HSM v
 AWS KMS keys (they stay in KMS; the seal key must outlive every backup), the brokers' local
 audit logs, broker configuration, TLS files, the AppRole secret-id file and the HSM PIN.
 
-The token needs (a policy for a backup operator):
-  path "sys/storage/raft/snapshot" { capabilities = ["read", "sudo"] }
-  path "sys/audit"                 { capabilities = ["read", "sudo"] }
-  path "kb-kv/metadata/audit"      { capabilities = ["list"] }
-  path "kb-kv/data/audit/*"        { capabilities = ["read"] }
+The token needs (a policy for a backup operator; root also works):
 """
 
 BACKUP_EPILOG = """\
@@ -230,7 +228,7 @@ def add_parsers(sub: Any) -> None:
         cmd_backup,
         online=False,
         json_output=False,
-        description=BACKUP_HELP,
+        description=BACKUP_HELP + textwrap.indent(backup_policy(), "  "),
         epilog=BACKUP_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -239,8 +237,14 @@ def add_parsers(sub: Any) -> None:
         "--out", required=True, metavar="FILE", help="the backup file to create; must not exist"
     )
     backup.add_argument("--kv-mount", default="kb-kv", help="the broker's KV v2 mount (default: %(default)s)")
-    backup.add_argument("--transit-mount", default="kb-transit", help="(default: %(default)s)")
-    backup.add_argument("--approle-mount", default="approle", help="(default: %(default)s)")
+    backup.add_argument(
+        "--transit-mount", default="kb-transit", help="recorded in the manifest (default: %(default)s)"
+    )
+    backup.add_argument(
+        "--approle-mount",
+        default="approle",
+        help="the broker's AppRole mount, for restore --approle-dir (default: %(default)s)",
+    )
 
     restore = add_command(
         sub,

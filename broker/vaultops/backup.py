@@ -58,6 +58,17 @@ NOT_INCLUDED = (
     "broker configuration, TLS certificates and keys, the AppRole secret-id file, the HSM PIN",
 )
 
+
+def backup_policy(kv: str = "kb-kv") -> str:
+    """The least Vault policy ``keybroker backup`` needs (the broker's own AppRole has no ``sys/``)."""
+    return (
+        'path "sys/storage/raft/snapshot" { capabilities = ["read", "sudo"] }\n'
+        'path "sys/audit"                 { capabilities = ["read", "sudo"] }\n'
+        f'path "{kv}/metadata/audit"      {{ capabilities = ["list"] }}\n'
+        f'path "{kv}/data/audit/*"        {{ capabilities = ["read"] }}\n'
+    )
+
+
 Progress = Callable[[str], None]
 ByteProgress = Callable[[int, int | None], None]
 

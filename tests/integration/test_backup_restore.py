@@ -28,6 +28,7 @@ import requests
 from broker.devstack.common import Layout
 from broker.devstack.stack import DevStack, free_port
 from broker.devstack.vault import DevVault
+from broker.vaultops.backup import backup_policy
 from tests.integration.cliops import keybroker
 from tests.integration.conftest import https
 from tests.integration.keyops import b64, create_key, decrypt, encrypt, lifecycle, unb64
@@ -116,7 +117,11 @@ def _run_disaster(origin: DevStack, root: Path) -> Disaster:
     key_file.write_text(os.urandom(32).hex() + "\n")
     key_file.chmod(0o600)
     backup = root / "keybroker.kbbackup"
-    vault_env = {"VAULT_ADDR": origin.vault_addr, "VAULT_TOKEN": token}
+    # Taken with the least policy the help documents, not the root token.
+    admin = origin.vault_client()
+    admin.sys.create_or_update_policy("kb-backup", backup_policy())
+    operator = admin.auth.token.create(policies=["kb-backup"], ttl="15m")["auth"]["client_token"]
+    vault_env = {"VAULT_ADDR": origin.vault_addr, "VAULT_TOKEN": operator}
     made = keybroker(None, "backup", "--key-file", str(key_file), "--out", str(backup), env=vault_env)
     assert made.returncode == 0, made.stderr.decode()
     anchor_in_file = _anchor(origin, origin.vault_addr, token)
@@ -371,3 +376,24 @@ def test_a_new_cluster_with_other_audit_devices_is_refused_before_the_snapshot(
     assert "empty its raft directory" in err
     # Nothing was loaded: the lost cluster's root token means nothing there.
     assert lookup.status_code == 403
+
+
+def test_a_token_without_the_backup_policy_is_refused(disaster: Disaster, tmp_path: Path) -> None:
+    """A token with only Vault's default policy cannot take a backup: exit 1, the reason named, no file."""
+    admin = requests.Session()
+    admin.headers["X-Vault-Token"] = disaster.origin.root_token()
+    created = admin.post(
+        f"{disaster.new_vault_addr}/v1/auth/token/create",
+        json={"policies": ["default"], "ttl": "5m"},
+        timeout=10,
+    )
+    weak = created.json()["auth"]["client_token"]
+    out = tmp_path / "weak.kbbackup"
+    env = {"VAULT_ADDR": disaster.new_vault_addr, "VAULT_TOKEN": weak}
+    refused = keybroker(None, "backup", "--key-file", str(disaster.key_file), "--out", str(out), env=env)
+
+    assert refused.returncode == 1
+    assert "the token lacks the policy" in refused.stderr.decode(), refused.stderr
+    assert weak not in refused.stderr.decode() + refused.stdout.decode()
+    assert not out.exists()
+    assert not list(tmp_path.glob(".*"))

@@ -166,3 +166,32 @@ def test_a_weak_or_exposed_backup_key_is_refused(tmp_path: Path, text: str, mode
 
     assert says in str(caught.value)
     assert text not in str(caught.value)
+
+
+class _Terminal(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_byte_progress_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch, tty: bool) -> None:
+    """The snapshot's byte counter redraws one stderr line on a terminal and stays silent in a pipe or log."""
+    from broker.cli.backup import _Meter
+
+    err = _Terminal(tty)
+    monkeypatch.setattr("sys.stderr", err)
+    meter = _Meter("snapshot")
+    meter(1_000_000, 4_000_000)
+    meter(4_000_000, 4_000_000)
+    meter.end()
+
+    if tty:
+        assert err.getvalue().startswith("\r  snapshot: 1.0 MB of 4.0 MB (25%)")
+        assert "4.0 MB of 4.0 MB (100%)" in err.getvalue()
+        assert err.getvalue().endswith("\n")
+    else:
+        assert err.getvalue() == ""

@@ -97,6 +97,9 @@ class VaultTarget:
         s.verify = str(self.ca_file) if self.ca_file else True
         if self.token:
             s.headers["X-Vault-Token"] = self.token
+        # requests keeps custom headers across a redirect, even to another host: never follow one
+        # with the token (an error names the redirect instead).
+        s.max_redirects = 0
         return s
 
     def url(self, path: str) -> str:
@@ -288,10 +291,19 @@ def take_backup(
                 with contextlib.suppress(OSError):
                     leftover.unlink()
     except requests.exceptions.RequestException as exc:
-        raise BackupError(f"cannot reach Vault at {target.address} ({exc.__class__.__name__})") from None
+        raise _unreachable(target, exc) from None
     finally:
         session.close()
     return BackupResult(out, manifest, out.stat().st_size)
+
+
+def _unreachable(target: VaultTarget, exc: requests.exceptions.RequestException) -> BackupError:
+    if isinstance(exc, requests.exceptions.TooManyRedirects):
+        return BackupError(
+            f"Vault at {target.address} answered with a redirect, which is not followed with the token: "
+            "point --address at the active node"
+        )
+    return BackupError(f"cannot reach Vault at {target.address} ({exc.__class__.__name__})")
 
 
 def _download_snapshot(
@@ -419,8 +431,9 @@ def read_backup(path: Path, key: bytes) -> BackupFile:
         if missing:
             raise BackupRefused(f"{path} is incomplete: {', '.join(missing)} missing")
         manifest_raw = _small(tar, members[MANIFEST])
-        mac = _small(tar, members[MAC]).strip().decode("ascii", "replace")
-        if not hmac.compare_digest(mac, manifest_mac(key, manifest_raw)):
+        # Bytes, not text: compare_digest refuses non-ASCII strings, and the member is untrusted.
+        mac = _small(tar, members[MAC]).strip()
+        if not hmac.compare_digest(mac, manifest_mac(key, manifest_raw).encode()):
             raise BackupRefused(
                 f"{path}: the manifest's HMAC does not match under this backup key (the file was altered, "
                 "or it was made with another key)"
@@ -593,7 +606,7 @@ def restore_backup(
             _check_approle(session, target, backup, approle_dir)
             checked = True
     except requests.exceptions.RequestException as exc:
-        raise BackupError(f"cannot reach Vault at {target.address} ({exc.__class__.__name__})") from None
+        raise _unreachable(target, exc) from None
     finally:
         session.close()
     return RestoreResult(initialised_here, time.monotonic() - started, backup.anchors, checked)

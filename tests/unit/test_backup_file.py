@@ -57,11 +57,12 @@ def _archive(
     snap: bytes = SNAP,
     extra: list[tarfile.TarInfo] | None = None,
     skip: str = "",
+    mac: bytes | None = None,
 ) -> Path:
     raw = json.dumps(manifest or _manifest()).encode()
     parts = [
         (MANIFEST, raw),
-        (MAC, manifest_mac(key, raw).encode()),
+        (MAC, mac if mac is not None else manifest_mac(key, raw).encode()),
         (ANCHORS, json.dumps(ANCHOR_DOCS).encode()),
         (SNAPSHOT, snap),
     ]
@@ -105,6 +106,7 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, size: int = 1) -> tarfile.
         (lambda p: _archive(p, skip=SNAPSHOT, extra=[_member(SNAPSHOT, tarfile.SYMTYPE)]), "not a regular"),
         (lambda p: _archive(p, skip=ANCHORS), "anchors.json missing"),
         (lambda p: _archive(p, key=b"another key" * 4), "HMAC does not match"),
+        (lambda p: _archive(p, mac=b"\xff\xfe not ascii"), "HMAC does not match"),
         (lambda p: _archive(p, manifest=_manifest(format="keybroker-backup/0")), "not a keybroker-backup/1"),
         (lambda p: _archive(p, manifest=_manifest(parts={SNAPSHOT: {}})), "exactly the parts"),
         (lambda p: _archive(p, snap=SNAP[:-1] + b"!"), "does not match its SHA-256"),
@@ -117,6 +119,7 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, size: int = 1) -> tarfile.
         "symlink",
         "missing-part",
         "other-key",
+        "mac-not-ascii",
         "old-format",
         "parts-list",
         "snapshot-byte",
@@ -195,3 +198,50 @@ def test_byte_progress_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch, tty: 
         assert err.getvalue().endswith("\n")
     else:
         assert err.getvalue() == ""
+
+
+def test_a_redirect_is_not_followed_with_the_token(tmp_path: Path) -> None:
+    """A Vault address that redirects elsewhere gets a clear error; the token never reaches the other host
+    (requests keeps custom headers such as X-Vault-Token across redirects)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from broker.vaultops.backup import VaultTarget, take_backup
+
+    seen: list[str | None] = []
+
+    class Elsewhere(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("X-Vault-Token"))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(307)
+            self.send_header("Location", f"http://127.0.0.1:{other.server_port}{self.path}")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    first = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    for server in (first, other):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        target = VaultTarget(f"http://127.0.0.1:{first.server_port}", token="s.not-for-elsewhere", timeout=5)
+        with pytest.raises(BackupError) as caught:
+            take_backup(target, tmp_path / "out", KEY)
+    finally:
+        for server in (first, other):
+            server.shutdown()
+            server.server_close()
+
+    assert "redirect" in str(caught.value)
+    assert seen == []
+    assert not (tmp_path / "out").exists()

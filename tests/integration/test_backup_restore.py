@@ -90,7 +90,9 @@ def _wait_anchor(stack: DevStack, address: str, token: str, past: int, timeout: 
 @pytest.fixture(scope="module")
 def disaster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Disaster]:
     root = tmp_path_factory.mktemp("backup")
-    origin = DevStack(root / "origin", broker_port=free_port())
+    # A checkpoint (and so an anchor move) every second rather than every 10 s: a shorter test.
+    fast = {"KEYBROKER__AUDIT__CHECKPOINT_SECONDS": "1"}
+    origin = DevStack(root / "origin", broker_port=free_port(), broker_env=fast)
     origin.start()
     try:
         yield _run_disaster(origin, root)

@@ -209,7 +209,7 @@ def read_exact(source: BinaryIO, size: int) -> bytes:
 def _need(source: BinaryIO, size: int, what: str) -> bytes:
     data = read_exact(source, size)
     if len(data) != size:
-        raise TruncatedMessage(f"the message ends inside its header ({what})")
+        raise TruncatedMessage(f"the message is truncated inside its header ({what})")
     return data
 
 

@@ -85,7 +85,9 @@ def open_body(
     while True:
         kind = source.read(1)
         if not kind:
-            raise TruncatedMessage(f"the message ends before its final frame (after {number - 1} frames)")
+            raise TruncatedMessage(
+                f"the message is truncated: it ends before its final frame (after {number - 1} frames)"
+            )
         if number > MAX_FRAMES:
             raise MalformedMessage(f"more than {MAX_FRAMES} frames")
         if kind[0] == FRAME_REGULAR:
@@ -93,7 +95,7 @@ def open_body(
         elif kind[0] == FRAME_FINAL:
             raw = read_exact(source, 4)
             if len(raw) != 4:
-                raise TruncatedMessage("the message ends inside its final frame")
+                raise TruncatedMessage("the message is truncated inside its final frame")
             (length,) = struct.unpack(">I", raw)
             if length > size:
                 raise TamperedMessage("the final frame claims more than a frame of plaintext")
@@ -102,7 +104,7 @@ def open_body(
         final = kind[0] == FRAME_FINAL
         body = read_exact(source, length + TAG_BYTES)
         if len(body) != length + TAG_BYTES:
-            raise TruncatedMessage(f"the message ends inside frame {number}")
+            raise TruncatedMessage(f"the message is truncated inside frame {number}")
         try:
             plain = aead.decrypt(frame_nonce(number), body, frame_aad(mid, number, final, length))
         except InvalidTag:

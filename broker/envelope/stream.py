@@ -29,6 +29,8 @@ from broker.envelope.format import (
 )
 
 Progress = Callable[[int], None]
+_REGULAR_PREFIX = bytes([FRAME_REGULAR])
+_FINAL_PREFIX = bytes([FRAME_FINAL])
 
 
 def seal_body(
@@ -59,10 +61,9 @@ def seal_body(
         final = not following
         aad = frame_aad(mid, number, final, len(current))
         sealed = aead.encrypt(frame_nonce(number), current, aad)
-        if final:
-            sink.write(bytes([FRAME_FINAL]) + struct.pack(">I", len(current)) + sealed)
-        else:
-            sink.write(bytes([FRAME_REGULAR]) + sealed)
+        # Two writes rather than one concatenation: no copy of the frame just to prefix 1-5 bytes.
+        sink.write(_FINAL_PREFIX + struct.pack(">I", len(current)) if final else _REGULAR_PREFIX)
+        sink.write(sealed)
         if progress is not None:
             progress(len(current))
         if final:

@@ -318,7 +318,13 @@ def test_cli_failures_exit_non_zero_remove_partial_output_and_say_why(
     assert (not_mine.returncode, b"403" in not_mine.stderr) == (1, True), not_mine.stderr
     assert (suspended.returncode, b"409" in suspended.stderr) == (1, True), suspended.stderr
     assert (refused.returncode, b"409" in refused.stderr) == (1, True), refused.stderr
-    for result in (cut, wrong_ctx, not_mine, suspended, refused):
+    retired = create_key(stack, "hsm")
+    assert lifecycle(stack, retired, "revoke", {"reason": "retired"}).status == 200
+    revoked = keybroker(
+        stack, "encrypt-file", "--key", retired, str(tmp_path / "ok.kbe"), "--out", str(tmp_path / "y")
+    )
+    assert (revoked.returncode, b"409" in revoked.stderr) == (1, True), revoked.stderr
+    for result in (cut, wrong_ctx, not_mine, suspended, refused, revoked):
         assert b"Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.kbe", "ok.kbe"]

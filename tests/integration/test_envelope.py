@@ -4,9 +4,15 @@ that stops serving."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
+import pty
 import struct
+import subprocess
+import sys
+import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -328,3 +334,55 @@ def test_cli_failures_exit_non_zero_remove_partial_output_and_say_why(
         assert b"Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.kbe", "ok.kbe"]
+
+
+def _on_a_terminal(stack: DevStack, *args: str) -> bytes:
+    """Run ``keybroker ARGS`` with stderr on a pseudo-terminal; return what it wrote there."""
+    tls = stack.layout.tls
+    env = {
+        **os.environ,
+        "KEYBROKER_ADDR": stack.broker_url,
+        "KEYBROKER_CACERT": str(tls / "ca.pem"),
+        "KEYBROKER_CLIENT_CERT": str(tls / "admin.crt"),
+        "KEYBROKER_CLIENT_KEY": str(tls / "admin.key"),
+    }
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+        env=env,
+    )
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert proc.wait(timeout=60) == 0, seen
+    return seen
+
+
+def test_a_progress_bar_shows_on_a_terminal_and_not_with_quiet(stack: DevStack, tmp_path: Path) -> None:
+    """On a terminal the command draws a byte progress bar on stderr; --quiet draws nothing."""
+    name = create_key(stack, "vault")
+    plain = tmp_path / "big.bin"
+    plain.write_bytes(os.urandom(3 * 1024 * 1024))
+
+    shown = _on_a_terminal(stack, "encrypt-file", "--key", name, str(plain))
+    quiet = _on_a_terminal(
+        stack, "decrypt-file", "--quiet", str(plain) + ".kbe", "--out", str(tmp_path / "back")
+    )
+
+    assert b"%|" in shown, shown  # the bar: "big.bin:   0%|      | 0.00/3.00M [...]"
+    assert b"big.bin:" in shown
+    assert quiet == b""
+    assert (tmp_path / "back").read_bytes() == plain.read_bytes()

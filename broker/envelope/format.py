@@ -53,10 +53,15 @@ ContextPairs = tuple[tuple[str, str], ...]
 
 def canonical_context(context: Mapping[str, str] | None) -> ContextPairs:
     """The context as (name, value) pairs sorted by the UTF-8 bytes of the name."""
-    pairs = sorted((context or {}).items(), key=lambda kv: kv[0].encode("utf-8"))
-    for name, value in pairs:
+    items = list((context or {}).items())
+    for name, value in items:
         if not isinstance(name, str) or not isinstance(value, str) or not name:
             raise MalformedMessage("an encryption context maps non-empty text names to text values")
+        try:
+            name.encode("utf-8"), value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (argv's undecodable bytes): not Unicode text
+            raise MalformedMessage("an encryption context holds text that is not valid Unicode") from None
+    pairs = sorted(items, key=lambda kv: kv[0].encode("utf-8"))
     if len(pairs) > MAX_CONTEXT_PAIRS:
         raise MalformedMessage(f"an encryption context holds at most {MAX_CONTEXT_PAIRS} fields")
     return tuple(pairs)

@@ -198,3 +198,10 @@ def test_output_of_a_tampered_frame_is_never_written() -> None:
     with pytest.raises(TamperedMessage):
         open_with_data_key(KEY, io.BytesIO(header + frames[0] + bytes(bad) + frames[2]), out, CONTEXT)
     assert out.getvalue() == b"A" * FRAME
+
+
+def test_a_context_that_is_not_text_is_refused_before_anything_is_sealed() -> None:
+    """A lone surrogate (what argv makes of undecodable bytes) or a non-text value: malformed, not a crash."""
+    for bad in ({"k": "\udcff"}, {"\ud800": "v"}, {"k": 1}, {"": "v"}):
+        with pytest.raises(MalformedMessage):
+            seal(b"x", context=bad)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from broker.cli import audit, backup, certs, health, keys, policy, server, vault
+from broker.cli import audit, backup, certs, files, health, keys, policy, server, vault
 from broker.cli.client import RemoteError, Unreachable
 from broker.cli.common import EXIT_FAILED, EXIT_USAGE, Session, fail
 from broker.errors import BrokerError, ConfigError
@@ -28,6 +28,7 @@ common tasks:
   keybroker dev                       run the whole local stack (like `vault server -dev`)
   keybroker health                    ask a running broker whether every backend can serve
   keybroker keys create|list|rotate|encrypt|decrypt|sign|verify ...   keys on a running broker
+  keybroker encrypt-file|decrypt-file|rewrap-file ...   files and streams of any size (kbe1 envelopes)
   keybroker policy apply|show|list|explain ...          role policies (who may do what)
   keybroker bindings set|show                           which principal holds which roles
   keybroker grants create|list|revoke|retire ...        time-limited rights on one key
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # In the order `keybroker --help` lists them.
-    for module in (server, vault, backup, certs, health, keys, policy, audit):
+    for module in (server, vault, backup, certs, health, keys, files, policy, audit):
         module.add_parsers(sub)
     return parser
 

@@ -120,8 +120,9 @@ def test_every_error_answer_is_the_problem_document(
 
 
 # Modules that run outside the server (CLI, its client, Vault bootstrap, the dev stack) raise
-# errors of their own that never become an HTTP answer.
+# errors of their own that never become an HTTP answer; so does the envelope format (client side).
 OFFLINE = ("broker.cli", "broker.client", "broker.vaultops", "broker.devstack", "broker.__main__")
+OFFLINE_ENVELOPE = "broker.envelope"
 
 
 def _server_error_codes() -> set[str]:
@@ -129,13 +130,13 @@ def _server_error_codes() -> set[str]:
     import broker
 
     for info in pkgutil.walk_packages(broker.__path__, "broker."):
-        if not info.name.startswith(OFFLINE):
+        if not info.name.startswith((*OFFLINE, OFFLINE_ENVELOPE)):
             importlib.import_module(info.name)
     codes, todo = set(), [BrokerError]
     while todo:
         cls = todo.pop()
         todo += cls.__subclasses__()
-        if not cls.__module__.startswith(OFFLINE) and not issubclass(cls, ConfigError):
+        if not cls.__module__.startswith((*OFFLINE, OFFLINE_ENVELOPE)) and not issubclass(cls, ConfigError):
             codes.add(cls.code)
     return codes
 

@@ -1,0 +1,269 @@
+"""Whole ``kbe1`` messages through a key source: encrypt, decrypt and header rewrap.
+
+Every data key comes from the broker (so its policy and audit see each one, with the
+encryption context), unless a :class:`DataKeyCache` holds one within its limits.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import BinaryIO
+
+from broker.envelope.cache import DataKeyCache, wipe
+from broker.envelope.errors import ContextMismatch, MalformedMessage, NoUsableKey
+from broker.envelope.format import (
+    DATA_KEY_BYTES,
+    DEFAULT_FRAME_SIZE,
+    MESSAGE_ID_BYTES,
+    ContextPairs,
+    Header,
+    canonical_context,
+    check_frame_size,
+    read_header,
+    seal_header,
+    verify_header,
+)
+from broker.envelope.keysource import KeySource
+from broker.envelope.stream import Progress, open_body, seal_body
+from broker.keys import ciphertext as kb1
+
+
+def _key_list(keys: str | Sequence[str]) -> tuple[str, ...]:
+    listed = (keys,) if isinstance(keys, str) else tuple(keys)
+    if not listed:
+        raise MalformedMessage("name at least one key to wrap the data key under")
+    if len(set(listed)) != len(listed):
+        raise MalformedMessage("a key is named twice")
+    return listed
+
+
+def check_context(header: Header, expected: ContextPairs) -> None:
+    """Refuse a message sealed under another context, naming only the fields (values may be secret)."""
+    if header.context == expected:
+        return
+    got, want = dict(header.context), dict(expected)
+    differ = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    raise ContextMismatch(
+        "the message was sealed under a different encryption context (fields that differ: "
+        + ", ".join(repr(k) for k in differ)
+        + ")"
+    )
+
+
+class Envelope:
+    """Streaming envelope encryption of any size through keybroker.
+
+    ``keys`` is anything with the :class:`KeySource` methods (``broker.sdk.Client`` or a
+    :class:`CallKeySource`). Memory stays at about two frames whatever the message size.
+    """
+
+    def __init__(
+        self,
+        keys: KeySource,
+        *,
+        cache: DataKeyCache | None = None,
+        frame_size: int = DEFAULT_FRAME_SIZE,
+    ) -> None:
+        check_frame_size(frame_size)
+        self.keys = keys
+        self.cache = cache
+        self.frame_size = frame_size
+
+    # -- encrypt ----------------------------------------------------------------------------
+
+    def encrypt(
+        self,
+        key: str | Sequence[str],
+        source: BinaryIO,
+        sink: BinaryIO,
+        context: Mapping[str, str] | None = None,
+        *,
+        size: int | None = None,
+        progress: Progress | None = None,
+    ) -> Header:
+        """Seal ``source`` into ``sink`` under a data key wrapped by every key named, in order.
+
+        The first key makes the data key; each further key gets it by a broker rewrap (the
+        data key never goes back to the broker). With a cache, a message of declared ``size``
+        may reuse a cached data key; one of unknown size always gets a fresh one.
+        """
+        keys, pairs = _key_list(key), canonical_context(context)
+        data_key, wrapped = self._data_key(keys, pairs, size)
+        try:
+            header = seal_header(data_key, wrapped, pairs, self.frame_size, os.urandom(MESSAGE_ID_BYTES))
+            frame_key = verify_header(header, data_key)
+        finally:
+            wipe(data_key)
+        sink.write(header.encode())
+        seal_body(header, frame_key, source, sink, max_bytes=size, progress=progress)
+        return header
+
+    def _data_key(
+        self, keys: tuple[str, ...], pairs: ContextPairs, size: int | None
+    ) -> tuple[bytearray, tuple[str, ...]]:
+        if self.cache is not None and size is not None:
+            found = self.cache.take_for_encrypt(keys, pairs, size)
+            if found is not None:
+                return found
+        context = dict(pairs)
+        made = self.keys.generate_data_key(keys[0], context, size=DATA_KEY_BYTES)
+        if len(made.plaintext) != DATA_KEY_BYTES:
+            raise MalformedMessage("the key source returned a data key that is not 32 bytes")
+        wrapped = [made.ciphertext]
+        for other in keys[1:]:
+            wrapped.append(self.keys.rewrap(keys[0], made.ciphertext, context, to_key=other).ciphertext)
+        if self.cache is not None and size is not None:
+            self.cache.put_for_encrypt(keys, pairs, made.plaintext, tuple(wrapped), size)
+        return bytearray(made.plaintext), tuple(wrapped)
+
+    def encrypt_bytes(
+        self, key: str | Sequence[str], data: bytes, context: Mapping[str, str] | None = None
+    ) -> bytes:
+        out = io.BytesIO()
+        self.encrypt(key, io.BytesIO(data), out, context, size=len(data))
+        return out.getvalue()
+
+    # -- decrypt ----------------------------------------------------------------------------
+
+    def decrypt(
+        self,
+        source: BinaryIO,
+        sink: BinaryIO,
+        context: Mapping[str, str] | None = None,
+        *,
+        progress: Progress | None = None,
+    ) -> Header:
+        """Verify and open a message; ``context`` must equal the one it was sealed under.
+
+        The wrapped data keys are tried in header order; the first the caller may unwrap is
+        used. Plaintext already written when an error is raised must be discarded.
+        """
+        header = read_header(source)
+        pairs = canonical_context(context)
+        check_context(header, pairs)
+        data_key, used = self._unwrap(header, pairs)
+        try:
+            frame_key = verify_header(header, data_key)
+        finally:
+            wipe(data_key)
+        length = open_body(header, frame_key, source, sink, progress=progress)
+        if self.cache is not None:
+            self.cache.charge_decrypt(used, pairs, length)
+        return header
+
+    def _unwrap(self, header: Header, pairs: ContextPairs) -> tuple[bytearray, str]:
+        reasons: list[tuple[str, str]] = []
+        context = dict(pairs)
+        for wrapped in header.wrapped:
+            if self.cache is not None:
+                cached = self.cache.take_for_decrypt(wrapped, pairs)
+                if cached is not None:
+                    return cached, wrapped
+            name = kb1.decode(wrapped).key
+            try:
+                data_key = self.keys.decrypt(name, wrapped, context)
+            # Whatever the key source raises for this key (denied, revoked, unreachable) means
+            # "try the next one"; all failing is reported with each reason below.
+            except Exception as exc:  # noqa: BLE001
+                reasons.append((name, str(exc) or exc.__class__.__name__))
+                continue
+            if self.cache is not None:
+                self.cache.put_for_decrypt(wrapped, pairs, data_key)
+            return bytearray(data_key), wrapped
+        raise NoUsableKey(reasons)
+
+    def decrypt_bytes(self, data: bytes, context: Mapping[str, str] | None = None) -> bytes:
+        out = io.BytesIO()
+        self.decrypt(io.BytesIO(data), out, context)
+        return out.getvalue()
+
+    # -- header rewrap ----------------------------------------------------------------------
+
+    def rewrap(
+        self,
+        source: BinaryIO,
+        sink: BinaryIO,
+        context: Mapping[str, str] | None = None,
+        *,
+        to_keys: Sequence[str] | None = None,
+        progress: Progress | None = None,
+    ) -> Header:
+        """Copy a message with its data key re-wrapped; the body is copied byte for byte.
+
+        Without ``to_keys`` each wrapped key moves to its key's latest version (every one must
+        succeed). With ``to_keys`` the data key is wrapped under exactly those keys (any
+        backend), starting from the first wrapping the caller may rewrap.
+        """
+        header = read_header(source)
+        pairs = canonical_context(context)
+        check_context(header, pairs)
+        ctx = dict(pairs)
+        if to_keys is None:
+            wrapped = [self.keys.rewrap(kb1.decode(w).key, w, ctx).ciphertext for w in header.wrapped]
+        else:
+            targets = _key_list(to_keys)
+            origin, reasons = None, []
+            for candidate in header.wrapped:
+                name = kb1.decode(candidate).key
+                try:
+                    first = self.keys.rewrap(name, candidate, ctx, to_key=targets[0])
+                # As in decrypt: a key the caller may not use sends it to the next wrapping.
+                except Exception as exc:  # noqa: BLE001
+                    reasons.append((name, str(exc) or exc.__class__.__name__))
+                    continue
+                origin = first
+                break
+            if origin is None:
+                raise NoUsableKey(reasons)
+            wrapped = [origin.ciphertext]
+            wrapped += [
+                self.keys.rewrap(targets[0], origin.ciphertext, ctx, to_key=t).ciphertext for t in targets[1:]
+            ]
+        new = header.with_wrapped(wrapped)
+        sink.write(new.encode())
+        _copy(source, sink, progress)
+        return new
+
+
+def _copy(source: BinaryIO, sink: BinaryIO, progress: Progress | None) -> None:
+    if progress is None:
+        shutil.copyfileobj(source, sink, 1024 * 1024)
+        return
+    while chunk := source.read(1024 * 1024):
+        sink.write(chunk)
+        progress(len(chunk))
+
+
+# -- the raw-key path: no broker (test vectors, other implementations' checks) ---------------
+
+
+def seal_with_data_key(
+    data_key: bytes,
+    wrapped: Sequence[str],
+    source: BinaryIO,
+    sink: BinaryIO,
+    context: Mapping[str, str] | None = None,
+    *,
+    frame_size: int = DEFAULT_FRAME_SIZE,
+    message_id: bytes | None = None,
+) -> Header:
+    """Seal with a data key the caller holds; ``message_id`` fixed only to reproduce test vectors."""
+    header = seal_header(
+        data_key, wrapped, canonical_context(context), frame_size, message_id or os.urandom(MESSAGE_ID_BYTES)
+    )
+    sink.write(header.encode())
+    seal_body(header, verify_header(header, data_key), source, sink)
+    return header
+
+
+def open_with_data_key(
+    data_key: bytes, source: BinaryIO, sink: BinaryIO, context: Mapping[str, str] | None = None
+) -> Header:
+    """Open a message with its data key in hand (no broker call); same checks as :meth:`Envelope.decrypt`."""
+    header = read_header(source)
+    check_context(header, canonical_context(context))
+    open_body(header, verify_header(header, data_key), source, sink)
+    return header

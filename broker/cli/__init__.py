@@ -17,6 +17,7 @@ from broker.cli import audit, certs, health, keys, policy, server, vault
 from broker.cli.client import RemoteError, Unreachable
 from broker.cli.common import EXIT_FAILED, EXIT_USAGE, Session, fail
 from broker.errors import BrokerError, ConfigError
+from broker.sdk.errors import ConfigurationError
 
 __all__ = ["EXIT_FAILED", "EXIT_USAGE", "build_parser", "main"]
 
@@ -72,18 +73,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args, Session(args))
     except ConfigError as exc:
         return _report_error(as_json, EXIT_USAGE, str(exc), code="usage")
+    except (Unreachable, ConfigurationError) as exc:
+        exit_code = EXIT_USAGE if isinstance(exc, ConfigurationError) else EXIT_FAILED
+        return _report_error(as_json, exit_code, str(exc), code=exc.code)
     except RemoteError as exc:
         return _report_error(
             as_json,
-            EXIT_FAILED,
+            # status 0: refused by the SDK's own checks before anything was sent
+            EXIT_FAILED if exc.status else EXIT_USAGE,
             str(exc),
-            status=exc.http_status,
-            code=exc.problem_code,
-            detail=exc.problem_detail,
+            status=exc.status or None,
+            code=exc.code,
+            detail=exc.detail,
             request_id=exc.request_id,
         )
-    except Unreachable as exc:
-        return _report_error(as_json, EXIT_FAILED, str(exc), code="unreachable")
     except BrokerError as exc:
         return _report_error(as_json, EXIT_FAILED, str(exc), code=exc.code)
     except KeyboardInterrupt:

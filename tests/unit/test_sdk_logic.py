@@ -169,3 +169,20 @@ def test_which_calls_are_safe_to_send_twice() -> None:
     assert ops.raw("POST", "/v1/keys/k/sign", {}, (), None, None).safe
     assert not ops.raw("POST", "/v1/keys/k/rotate", {}, (), None, None).safe
     assert ops.lifecycle("k", "rotate", {}, "kb-1").request_headers()["Idempotency-Key"] == "kb-1"
+
+
+def test_the_cli_names_a_bad_address_in_its_list(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--addr takes a comma-separated list; one address that is not https:// is a usage error
+    naming it and where it came from, before any connection."""
+    from broker.cli import EXIT_USAGE, main
+
+    for name in ("KEYBROKER_CACERT", "KEYBROKER_CLIENT_CERT", "KEYBROKER_CLIENT_KEY"):
+        monkeypatch.setenv(name, "/nonexistent")
+    code = main(["keys", "list", "--addr", "https://127.0.0.1:1,http://127.0.0.1:2"])
+
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "'http://127.0.0.1:2'" in err
+    assert "(from --addr)" in err

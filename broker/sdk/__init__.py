@@ -11,13 +11,17 @@ Errors are :mod:`broker.sdk.errors` (one tree under ``KeybrokerError``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from broker.sdk import errors
 from broker.sdk._calls import Response, new_idempotency_key
 from broker.sdk._settings import parse_addresses
-from broker.sdk.aclient import AsyncClient
 from broker.sdk.client import Client
 from broker.sdk.errors import KeybrokerError
 from broker.sdk.types import DataKey, Sealed, Signature
+
+if TYPE_CHECKING:
+    from broker.sdk.aclient import AsyncClient
 
 __all__ = [
     "AsyncClient",
@@ -31,3 +35,13 @@ __all__ = [
     "new_idempotency_key",
     "parse_addresses",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # AsyncClient pulls in aiohttp (about a second on a busy machine); the CLI and other
+    # blocking users never pay for it.
+    if name == "AsyncClient":
+        from broker.sdk.aclient import AsyncClient
+
+        return AsyncClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

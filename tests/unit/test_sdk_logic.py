@@ -186,3 +186,19 @@ def test_the_cli_names_a_bad_address_in_its_list(
     err = capsys.readouterr().err
     assert "'http://127.0.0.1:2'" in err
     assert "(from --addr)" in err
+
+
+def test_the_blocking_client_does_not_import_aiohttp() -> None:
+    """The CLI and sync users never load aiohttp (slow to import); AsyncClient loads it on first use."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, broker.cli, broker.sdk; before = 'aiohttp' in sys.modules; "
+        "from broker.sdk import AsyncClient; print(before, 'aiohttp' in sys.modules, AsyncClient.__name__)"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+
+    assert ran.stdout.split() == ["False", "True", "AsyncClient"]

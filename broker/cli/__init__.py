@@ -17,7 +17,7 @@ from broker.cli import audit, certs, health, keys, policy, server, vault
 from broker.cli.client import RemoteError, Unreachable
 from broker.cli.common import EXIT_FAILED, EXIT_USAGE, Session, fail
 from broker.errors import BrokerError, ConfigError
-from broker.sdk.errors import ConfigurationError
+from broker.sdk.errors import ConfigurationError, InvalidInput
 
 __all__ = ["EXIT_FAILED", "EXIT_USAGE", "build_parser", "main"]
 
@@ -73,14 +73,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args, Session(args))
     except ConfigError as exc:
         return _report_error(as_json, EXIT_USAGE, str(exc), code="usage")
-    except (Unreachable, ConfigurationError) as exc:
-        exit_code = EXIT_USAGE if isinstance(exc, ConfigurationError) else EXIT_FAILED
-        return _report_error(as_json, exit_code, str(exc), code=exc.code)
+    except ConfigurationError as exc:
+        return _report_error(as_json, EXIT_USAGE, str(exc), code="usage")
+    except Unreachable as exc:
+        return _report_error(as_json, EXIT_FAILED, str(exc), code="unreachable")
     except RemoteError as exc:
         return _report_error(
             as_json,
-            # status 0: refused by the SDK's own checks before anything was sent
-            EXIT_FAILED if exc.status else EXIT_USAGE,
+            # status 0 invalid input: refused by the SDK's own checks before anything was sent
+            EXIT_USAGE if exc.status == 0 and isinstance(exc, InvalidInput) else EXIT_FAILED,
             str(exc),
             status=exc.status or None,
             code=exc.code,

@@ -33,8 +33,9 @@ class Response:
 
     status: int
     headers: Mapping[str, str]
-    body: bytes
-    address: str
+    # repr=False: a decrypt's or a data key's answer holds plaintext; it must not reach a log.
+    body: bytes = field(repr=False)
+    address: str = ""
 
     def json(self) -> Any:
         if not self.body:
@@ -63,7 +64,7 @@ class Call(Generic[T]):
     method: str
     path: str
     parse: Callable[[Response], T]
-    body: Any = None
+    body: Any = field(default=None, repr=False)  # an encrypt's plaintext (base64)
     safe: bool = False
     ok: tuple[int, ...] = ()
     idempotency_key: str | None = None

@@ -3,6 +3,7 @@ exceptions, answers read as hostile, and data keys that never show their plainte
 
 from __future__ import annotations
 
+import base64
 import email.utils
 
 import pytest
@@ -117,6 +118,11 @@ def test_a_data_key_never_shows_its_plaintext() -> None:
         assert secret.hex() not in shown
         assert repr(secret) not in shown
     assert dk.sealed().ciphertext == "kb1:k:1:abc"
+    # Nor does the raw answer it came in, or the request an encrypt sends.
+    answer = Response(200, {}, b'{"plaintext":"' + base64.b64encode(secret) + b'"}', "https://h:1")
+    call = ops.encrypt("k", secret, None)
+    for shown in (repr(answer), repr(call)):
+        assert base64.b64encode(secret).decode() not in shown
 
 
 def _answer(status: int, body: bytes) -> Response:

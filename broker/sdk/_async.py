@@ -21,15 +21,20 @@ log = logging.getLogger("broker.sdk")
 
 
 def _tls_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The ssl module's own error inside aiohttp's wrappers (which may subclass SSLError
+    without its ``reason``), or None when the failure was not TLS."""
+    found: ssl.SSLError | None = None
     seen: BaseException | None = exc
-    for _ in range(4):  # aiohttp wraps the ssl error once or twice
-        if isinstance(seen, ssl.SSLError):
-            return seen
-        inner = getattr(seen, "os_error", None) or getattr(seen, "certificate_error", None)
-        seen = inner if isinstance(inner, BaseException) else seen.__cause__ if seen else None
+    for _ in range(5):
         if seen is None:
-            return None
-    return None
+            break
+        if isinstance(seen, ssl.SSLError):
+            found = seen
+            if getattr(seen, "reason", None):
+                return seen
+        inner = getattr(seen, "certificate_error", None) or getattr(seen, "os_error", None)
+        seen = inner if isinstance(inner, BaseException) and inner is not seen else seen.__cause__
+    return found
 
 
 def no_answer(address: str, exc: BaseException, *, sent: bool) -> NoAnswer:

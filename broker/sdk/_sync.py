@@ -26,7 +26,7 @@ USER_AGENT = "keybroker-sdk/1 (python)"
 
 def describe_tls(address: str, exc: ssl.SSLError) -> str:
     return (
-        f"TLS with the broker at {address} failed ({exc.reason or exc}): check that "
+        f"TLS with the broker at {address} failed ({getattr(exc, 'reason', None) or exc}): check that "
         "--ca-cert/KEYBROKER_CACERT is the CA of the broker's certificate and that your "
         "certificate comes from the broker's client CA and has not expired"
     )

@@ -384,3 +384,38 @@ def test_the_cli_takes_several_addresses_and_fails_over(stack: DevStack) -> None
     assert isinstance(json.loads(listed.stdout), list)
     assert health.returncode == 0, health.stderr
     assert health.stdout.decode().startswith(f"broker {stack.broker_url}: ok")
+
+
+def test_a_broker_certificate_from_another_ca_is_a_tls_error_not_retried(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    """A CA that did not sign the broker: TransportError naming TLS and the setting to check, from
+    both clients, without retry rounds (a certificate problem does not pass with time)."""
+    from broker.devstack.localca import loopback_tls
+
+    other_ca, _, _ = loopback_tls(tmp_path / "other")
+    tls = stack.layout.tls
+    cert, key = tls / "admin.crt", tls / "admin.key"
+    started = time.monotonic()
+    with (
+        Client(stack.broker_url, backoff=2.0, ca_cert=other_ca, client_cert=cert, client_key=key) as kb,
+        pytest.raises(TransportError) as sync_error,
+    ):
+        kb.list_keys()
+
+    async def run() -> None:
+        async with AsyncClient(
+            stack.broker_url, backoff=2.0, ca_cert=other_ca, client_cert=cert, client_key=key
+        ) as akb:
+            await akb.list_keys()
+
+    with pytest.raises(TransportError) as async_error:
+        asyncio.run(run())
+    took = time.monotonic() - started
+
+    for error in (sync_error.value, async_error.value):
+        assert str(error).startswith(
+            f"TLS with the broker at {stack.broker_url} failed (CERTIFICATE_VERIFY_FAILED)"
+        )
+        assert "--ca-cert/KEYBROKER_CACERT" in str(error)
+    assert took < 2.0  # a retry round would have paused up to 2 s

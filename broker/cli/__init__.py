@@ -69,8 +69,9 @@ def _report_error(as_json: bool, exit_code: int, message: str, **fields: object)
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     as_json = bool(getattr(args, "json", False))
+    session = Session(args)
     try:
-        code: int = args.func(args, Session(args))
+        code: int = args.func(args, session)
     except ConfigError as exc:
         return _report_error(as_json, EXIT_USAGE, str(exc), code="usage")
     except ConfigurationError as exc:
@@ -101,4 +102,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         message = f"unexpected {exc.__class__.__name__}: {exc} (set KEYBROKER_DEBUG=1 for a traceback)"
         return _report_error(as_json, EXIT_FAILED, message, code="unexpected")
+    finally:
+        session.close()
     return code

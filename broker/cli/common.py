@@ -49,6 +49,11 @@ class Session:
             self._client = BrokerClient(addresses, ssl_context=context)
         return self._client
 
+    def close(self) -> None:
+        """Close the kept-alive connections, if a command opened any."""
+        if self._client is not None:
+            self._client.close()
+
 
 # The one signature of every subcommand: its parsed arguments and the session; returns the exit status.
 Command = Callable[[argparse.Namespace, Session], int]

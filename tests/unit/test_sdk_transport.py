@@ -286,3 +286,38 @@ def test_async_client_fails_over_retries_and_keeps_unsafe_calls_unrepeated(
     assert len(sleeps) == 2
     assert min(sleeps) >= 2.0
     assert [r[1] for r in a.requests] == ["/v1/keys/k/encrypt"] * 3 + ["/v1/keys/k/suspend"]
+
+
+def test_the_cli_sends_an_idempotency_key_on_create_and_rotate_only(
+    tls: tuple[Path, Path, Path], fakes: tuple[Fake, Fake]
+) -> None:
+    """`keys create` and `keys rotate` carry a fresh Idempotency-Key each; `keys suspend` none."""
+    from broker.cli import main
+
+    a, _ = fakes
+    ca, cert, key = tls
+    a.script = [(201, {}, {"name": "k"}), (200, {}, {"name": "k"}), (200, {}, {"name": "k"})]
+    conn = [
+        "--addr",
+        a.url,
+        "--ca-cert",
+        str(ca),
+        "--client-cert",
+        str(cert),
+        "--client-key",
+        str(key),
+        "--json",
+    ]
+    for argv in (
+        ["keys", "create", "k", "--backend", "vault", "--environment", "dev"],
+        ["keys", "rotate", "k"],
+        ["keys", "suspend", "k"],
+    ):
+        assert main([*argv, *conn]) == 0
+
+    sent = {path: headers.get("idempotency-key") for _, path, headers in a.requests}
+    assert set(sent) == {"/v1/keys", "/v1/keys/k/rotate", "/v1/keys/k/suspend"}
+    assert sent["/v1/keys"]
+    assert sent["/v1/keys/k/rotate"]
+    assert sent["/v1/keys"] != sent["/v1/keys/k/rotate"]
+    assert sent["/v1/keys/k/suspend"] is None

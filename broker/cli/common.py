@@ -46,7 +46,7 @@ class Session:
     def client(self) -> BrokerClient:
         if self._client is None:
             addresses, context = client_context(self._args)
-            self._client = BrokerClient(addresses, ssl_context=context)
+            self._client = BrokerClient(addresses, context)
         return self._client
 
     def close(self) -> None:

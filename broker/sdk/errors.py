@@ -57,6 +57,19 @@ class KeybrokerError(Exception):
         head = f"{status} {code}: " if status else ""
         super().__init__(head + detail + (f" (request {request_id})" if request_id else ""))
 
+    # The names the CLI's own client used for the same fields, for code written against it.
+    @property
+    def http_status(self) -> int:
+        return self.status
+
+    @property
+    def problem_code(self) -> str:
+        return self.code
+
+    @property
+    def problem_detail(self) -> str:
+        return self.detail
+
 
 class InvalidInput(KeybrokerError):
     pass

@@ -208,3 +208,21 @@ def test_the_blocking_client_does_not_import_aiohttp() -> None:
     )
 
     assert ran.stdout.split() == ["False", "True", "AsyncClient"]
+
+
+def test_the_cli_client_names_still_work() -> None:
+    """broker.cli.client keeps the CLI's names over the SDK: BrokerClient(address, context),
+    RemoteError with http_status/problem_code/problem_detail, Unreachable."""
+    import ssl
+
+    from broker.cli.client import BrokerClient, RemoteError, Unreachable
+    from broker.sdk.errors import TransportError
+
+    kb = BrokerClient("https://127.0.0.1:1,https://127.0.0.1:2", ssl.create_default_context(), timeout=1)
+    error = error_from_problem(409, {"code": "conflict", "detail": "d"}, "/v1/keys/k/encrypt")
+
+    assert kb.addresses == ("https://127.0.0.1:1", "https://127.0.0.1:2")
+    assert isinstance(error, RemoteError)
+    assert (error.http_status, error.problem_code, error.problem_detail) == (409, "conflict", "d")
+    assert Unreachable is TransportError
+    kb.close()

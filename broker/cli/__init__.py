@@ -17,6 +17,7 @@ from broker.cli import audit, backup, certs, files, health, keys, policy, server
 from broker.cli.client import RemoteError, Unreachable
 from broker.cli.common import EXIT_FAILED, EXIT_USAGE, Session, fail
 from broker.errors import BrokerError, ConfigError
+from broker.sdk.errors import ConfigurationError, InvalidInput
 
 __all__ = ["EXIT_FAILED", "EXIT_USAGE", "build_parser", "main"]
 
@@ -70,22 +71,26 @@ def _report_error(as_json: bool, exit_code: int, message: str, **fields: object)
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     as_json = bool(getattr(args, "json", False))
+    session = Session(args)
     try:
-        code: int = args.func(args, Session(args))
+        code: int = args.func(args, session)
     except ConfigError as exc:
         return _report_error(as_json, EXIT_USAGE, str(exc), code="usage")
+    except ConfigurationError as exc:
+        return _report_error(as_json, EXIT_USAGE, str(exc), code="usage")
+    except Unreachable as exc:
+        return _report_error(as_json, EXIT_FAILED, str(exc), code="unreachable")
     except RemoteError as exc:
         return _report_error(
             as_json,
-            EXIT_FAILED,
+            # status 0 invalid input: refused by the SDK's own checks before anything was sent
+            EXIT_USAGE if exc.status == 0 and isinstance(exc, InvalidInput) else EXIT_FAILED,
             str(exc),
-            status=exc.http_status,
-            code=exc.problem_code,
-            detail=exc.problem_detail,
+            status=exc.status or None,
+            code=exc.code,
+            detail=exc.detail,
             request_id=exc.request_id,
         )
-    except Unreachable as exc:
-        return _report_error(as_json, EXIT_FAILED, str(exc), code="unreachable")
     except BrokerError as exc:
         return _report_error(as_json, EXIT_FAILED, str(exc), code=exc.code)
     except KeyboardInterrupt:
@@ -99,4 +104,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         message = f"unexpected {exc.__class__.__name__}: {exc} (set KEYBROKER_DEBUG=1 for a traceback)"
         return _report_error(as_json, EXIT_FAILED, message, code="unexpected")
+    finally:
+        session.close()
     return code

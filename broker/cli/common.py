@@ -17,13 +17,15 @@ from typing import Any
 from broker.cli.client import BrokerClient
 from broker.errors import ConfigError
 from broker.keys.model import NAME_RE, NAME_RULE
+from broker.sdk import parse_addresses
+from broker.sdk.errors import ConfigurationError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 # Connection settings: (namespace attribute, flag, environment variable, what the file is).
 _SETTINGS = (
-    ("addr", "--addr", "KEYBROKER_ADDR", "the broker address"),
+    ("addr", "--addr", "KEYBROKER_ADDR", "the broker addresses"),
     ("ca_cert", "--ca-cert", "KEYBROKER_CACERT", "the broker's CA"),
     ("client_cert", "--client-cert", "KEYBROKER_CLIENT_CERT", "your certificate"),
     ("client_key", "--client-key", "KEYBROKER_CLIENT_KEY", "your private key"),
@@ -43,17 +45,23 @@ class Session:
 
     def client(self) -> BrokerClient:
         if self._client is None:
-            address, context = client_context(self._args)
-            self._client = BrokerClient(address, context)
+            addresses, context = client_context(self._args)
+            self._client = BrokerClient(addresses, context)
         return self._client
+
+    def close(self) -> None:
+        """Close the kept-alive connections, if a command opened any."""
+        if self._client is not None:
+            self._client.close()
 
 
 # The one signature of every subcommand: its parsed arguments and the session; returns the exit status.
 Command = Callable[[argparse.Namespace, Session], int]
 
 
-def client_context(args: argparse.Namespace) -> tuple[str, ssl.SSLContext]:
-    """The broker address and a client TLS context from the flags or the KEYBROKER_* variables."""
+def client_context(args: argparse.Namespace) -> tuple[tuple[str, ...], ssl.SSLContext]:
+    """The broker addresses (one, or several comma-separated for fail-over) and a client TLS
+    context, from the flags or the KEYBROKER_* variables."""
     from broker.config.tls import client_ssl_context
 
     # Each value with where it came from (the flag or the variable), to name in errors.
@@ -69,8 +77,10 @@ def client_context(args: argparse.Namespace) -> tuple[str, ssl.SSLContext]:
     if missing:
         raise ConfigError(f"missing {', '.join(missing)} (after `keybroker dev`, source its env file)")
     addr, addr_source = found["addr"]
-    if not addr.startswith("https://"):
-        raise ConfigError(f"the broker address must be https://, got {addr!r} (from {addr_source})")
+    try:
+        addresses = parse_addresses(addr)
+    except ConfigurationError as exc:
+        raise ConfigError(f"{exc.detail} (from {addr_source})") from None
     # Each file is opened on its own first, so an error names the file and the setting it came from.
     for attr, _, _, what in _SETTINGS[1:]:
         path, source = found[attr]
@@ -82,7 +92,7 @@ def client_context(args: argparse.Namespace) -> tuple[str, ssl.SSLContext]:
             raise ConfigError(f"cannot read {what} {path} (from {source}): {reason}") from None
     (ca, ca_from), (cert, cert_from), (key, key_from) = (found[a] for a, *_ in _SETTINGS[1:])
     try:
-        return addr.rstrip("/"), client_ssl_context(Path(ca), Path(cert), Path(key))
+        return addresses, client_ssl_context(Path(ca), Path(cert), Path(key))
     except ssl.SSLError as exc:
         raise ConfigError(
             f"cannot use the CA {ca} (from {ca_from}) with the certificate {cert} (from {cert_from}) "
@@ -91,7 +101,10 @@ def client_context(args: argparse.Namespace) -> tuple[str, ssl.SSLContext]:
 
 
 def connection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--addr", help="broker URL (default: $KEYBROKER_ADDR)")
+    p.add_argument(
+        "--addr",
+        help="broker URL, or several comma-separated to fail over between (default: $KEYBROKER_ADDR)",
+    )
     p.add_argument("--ca-cert", help="CA that signed the broker's certificate (default: $KEYBROKER_CACERT)")
     p.add_argument("--client-cert", help="your certificate (default: $KEYBROKER_CLIENT_CERT)")
     p.add_argument("--client-key", help="your private key (default: $KEYBROKER_CLIENT_KEY)")

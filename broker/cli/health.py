@@ -6,7 +6,6 @@ import argparse
 import json
 from typing import Any
 
-from broker.cli.client import RemoteError
 from broker.cli.common import EXIT_FAILED, Session, add_command
 
 HEALTH_PARTS = ("vault", "kms", "hsm", "audit", "policy")
@@ -14,18 +13,18 @@ HEALTH_PARTS = ("vault", "kms", "hsm", "audit", "policy")
 
 def cmd_health(args: argparse.Namespace, session: Session) -> int:
     client = session.client()
-    answer = client.raw("GET", "/v1/sys/health")
-    status, body, addr = answer.status, answer.body, client.address
+    # 503 is a health answer (which part cannot serve), so it is not retried on another replica.
+    answer = client.request("GET", "/v1/sys/health", ok=(503,))
+    status, body, addr = answer.status, answer.json(), answer.address
     is_health = isinstance(body, dict) and all(isinstance(body.get(p), dict) for p in HEALTH_PARTS)
     if not is_health:
         # A problem document (denied, refused, ...), not a health answer: say that, not five blank FAILs.
-        error = RemoteError.of(answer)
+        error = answer.problem("/v1/sys/health")
         if status == 403:
-            raise RemoteError(
+            raise type(error)(
                 status,
-                error.problem_code,
-                f"this certificate may not read health (it needs a role allowing sys.health): "
-                f"{error.problem_detail}",
+                error.code,
+                f"this certificate may not read health (it needs a role allowing sys.health): {error.detail}",
                 error.request_id,
             )
         raise error

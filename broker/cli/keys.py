@@ -28,6 +28,7 @@ from broker.cli.common import (
     quote,
 )
 from broker.errors import BrokerError, ConfigError
+from broker.sdk import new_idempotency_key
 from broker.timeutil import format_duration
 from broker.vocab import ENVIRONMENTS
 
@@ -162,7 +163,8 @@ def cmd_create(args: argparse.Namespace, session: Session) -> int:
         body["description"] = args.description
     if args.tag:
         body["tags"] = context_pairs(args.tag, "--tag")
-    return _show(args, client.call("POST", "/v1/keys", body))
+    # The key makes a retry after a lost answer safe where the broker honours Idempotency-Key.
+    return _show(args, client.call("POST", "/v1/keys", body, idempotency_key=new_idempotency_key()))
 
 
 def cmd_list(args: argparse.Namespace, session: Session) -> int:
@@ -206,7 +208,10 @@ def _action(action: str) -> Command:
             body["reason"] = args.reason
         if action == "schedule-destruction":
             body["pending_days"] = args.pending_days
-        return _show(args, client.call("POST", f"/v1/keys/{quote(args.name)}/{action}", body))
+        # rotate is the one change a blind retry would repeat (a second version): it carries a key.
+        keyed = new_idempotency_key() if action == "rotate" else None
+        path = f"/v1/keys/{quote(args.name)}/{action}"
+        return _show(args, client.call("POST", path, body, idempotency_key=keyed))
 
     return run
 

@@ -63,11 +63,11 @@ def _esdk(kms_key: str) -> tuple[Any, Any, list[int]]:
 def _keybroker(cfg: dict[str, Any]) -> Any:
     from broker.cli.client import BrokerClient
     from broker.config.tls import client_ssl_context
-    from broker.envelope import CallKeySource
+    from broker.envelope import CountingKeySource
 
     tls = Path(cfg["tls"])
     ctx = client_ssl_context(tls / "ca.pem", tls / "admin.crt", tls / "admin.key")
-    return CallKeySource(BrokerClient(cfg["url"], ctx).call)
+    return CountingKeySource(BrokerClient(cfg["url"], ctx))
 
 
 def child(tool: str, op: str, src: str, dst: str, cfg: dict[str, Any]) -> None:

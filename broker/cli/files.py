@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from broker.cli.common import Session, add_command, context_pairs, key_name_arg
-from broker.envelope import CallKeySource, Envelope, Header
+from broker.envelope import Envelope, Header
 from broker.envelope.format import DEFAULT_FRAME_SIZE, MAX_FRAME_SIZE
 from broker.errors import BrokerError, ConfigError
+from broker.sdk.errors import KeybrokerError
 
 SUFFIX = ".kbe"
 
@@ -199,9 +200,8 @@ def _run_one(env: Envelope, action: Action, job: Job, args: argparse.Namespace) 
 def _command(mode: str, action: Action) -> Callable[[argparse.Namespace, Session], int]:
     def run(args: argparse.Namespace, session: Session) -> int:
         jobs = plan(mode, list(args.inputs), args.out)
-        env = Envelope(
-            CallKeySource(session.client().call), frame_size=getattr(args, "frame_size", DEFAULT_FRAME_SIZE)
-        )
+        # The SDK client is the key source as it is (one client code path with every other command).
+        env = Envelope(session.client(), frame_size=getattr(args, "frame_size", DEFAULT_FRAME_SIZE))
         if len(jobs) == 1:
             done = [_run_one(env, action, jobs[0], args)]  # errors go to main: one line, or JSON
             failed = 0
@@ -210,7 +210,7 @@ def _command(mode: str, action: Action) -> Callable[[argparse.Namespace, Session
             for job in jobs:
                 try:
                     done.append(_run_one(env, action, job, args))
-                except BrokerError as exc:
+                except (BrokerError, KeybrokerError) as exc:
                     # Many files: report each failure and go on; the exit status says some failed.
                     failed += 1
                     print(f"keybroker: error: {job.source}: {exc}", file=sys.stderr)

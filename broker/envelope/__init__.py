@@ -3,7 +3,7 @@
 ::
 
     from broker.envelope import Envelope, DataKeyCache
-    env = Envelope(client)                      # broker.sdk.Client, or CallKeySource(call)
+    env = Envelope(client)                      # a broker.sdk.Client (or any KeySource)
     with open("big.bin", "rb") as src, open("big.bin.kbe", "wb") as dst:
         env.encrypt(["payments", "escrow"], src, dst, {"tenant": "acme"})
 """
@@ -20,16 +20,15 @@ from broker.envelope.errors import (
     TruncatedMessage,
 )
 from broker.envelope.format import DEFAULT_FRAME_SIZE, MAX_FRAME_SIZE, Header, read_header
-from broker.envelope.keysource import CallKeySource, DataKey, DataKeyLike, KeySource, Sealed, SealedLike
+from broker.envelope.keysource import CountingKeySource, DataKeyLike, KeySource, SealedLike
 from broker.envelope.messages import Envelope, open_with_data_key, seal_with_data_key
 
 __all__ = [
     "DEFAULT_FRAME_SIZE",
     "MAX_FRAME_SIZE",
     "CacheStats",
-    "CallKeySource",
     "ContextMismatch",
-    "DataKey",
+    "CountingKeySource",
     "DataKeyCache",
     "DataKeyLike",
     "Envelope",
@@ -38,7 +37,6 @@ __all__ = [
     "KeySource",
     "MalformedMessage",
     "NoUsableKey",
-    "Sealed",
     "SealedLike",
     "TamperedMessage",
     "TruncatedMessage",

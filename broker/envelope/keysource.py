@@ -1,19 +1,13 @@
-"""Where data keys come from: the structural protocol the envelope needs, and an adapter.
+"""Where data keys come from: the structural protocol the envelope needs.
 
-``broker.sdk.Client`` satisfies :class:`KeySource` as it is. :class:`CallKeySource` makes one
-from any ``call(method, path, body)`` JSON function (the CLI's ``BrokerClient.call``, the
-SDK's ``Client.call``), so the envelope works with either.
+``broker.sdk.Client`` satisfies :class:`KeySource` as it is (so does anything else with the same
+three methods); :class:`CountingKeySource` counts the calls one passes on.
 """
 
 from __future__ import annotations
 
-import base64
-import urllib.parse
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-from broker.keys import ciphertext as kb1
+from collections.abc import Mapping
+from typing import Protocol
 
 
 class DataKeyLike(Protocol):
@@ -53,55 +47,23 @@ class KeySource(Protocol):
     ) -> SealedLike: ...
 
 
-@dataclass(frozen=True)
-class DataKey:
-    """A fresh data key: ``plaintext`` never appears in the repr."""
+class CountingKeySource:
+    """A :class:`KeySource` that counts the broker calls it passes on (the cache's effect, for
+    benchmarks and tests); ``broker.sdk.Client`` does the calling."""
 
-    plaintext: bytes = field(repr=False)
-    ciphertext: str
-    key_version: int
-    key: str
-
-
-@dataclass(frozen=True)
-class Sealed:
-    ciphertext: str
-    key_version: int
-    key: str
-
-
-JsonCall = Callable[..., Any]
-
-
-def _path(key: str, action: str) -> str:
-    return f"/v1/keys/{urllib.parse.quote(key, safe='')}/{action}"
-
-
-class CallKeySource:
-    """A :class:`KeySource` over a ``call(method, path, body)`` function returning parsed JSON.
-
-    Errors are whatever ``call`` raises for a problem answer (``RemoteError`` in the CLI).
-    """
-
-    def __init__(self, call: JsonCall) -> None:
-        self._call = call
-        self.calls = 0  # broker calls made, for the cache's effect (bench, tests)
+    def __init__(self, inner: KeySource) -> None:
+        self._inner = inner
+        self.calls = 0
 
     def generate_data_key(
         self, key: str, context: Mapping[str, str] | None = None, *, size: int = 32
-    ) -> DataKey:
+    ) -> DataKeyLike:
         self.calls += 1
-        body = {"bytes": size, "context": dict(context or {}), "include_plaintext": True}
-        out = self._call("POST", _path(key, "datakey"), body)
-        text = str(out["ciphertext"])
-        plaintext = base64.b64decode(out["plaintext"])
-        return DataKey(plaintext, text, int(out["key_version"]), kb1.decode(text).key)
+        return self._inner.generate_data_key(key, context, size=size)
 
     def decrypt(self, key: str, ciphertext: str, context: Mapping[str, str] | None = None) -> bytes:
         self.calls += 1
-        body = {"ciphertext": ciphertext, "context": dict(context or {})}
-        out = self._call("POST", _path(key, "decrypt"), body)
-        return base64.b64decode(out["plaintext"])
+        return self._inner.decrypt(key, ciphertext, context)
 
     def rewrap(
         self,
@@ -110,11 +72,6 @@ class CallKeySource:
         context: Mapping[str, str] | None = None,
         *,
         to_key: str | None = None,
-    ) -> Sealed:
+    ) -> SealedLike:
         self.calls += 1
-        body: dict[str, Any] = {"ciphertext": ciphertext, "context": dict(context or {})}
-        if to_key is not None:
-            body["to_key"] = to_key
-        out = self._call("POST", _path(key, "rewrap"), body)
-        text = str(out["ciphertext"])
-        return Sealed(text, int(out["key_version"]), str(out.get("key") or kb1.decode(text).key))
+        return self._inner.rewrap(key, ciphertext, context, to_key=to_key)

@@ -57,7 +57,7 @@ class Envelope:
     """Streaming envelope encryption of any size through keybroker.
 
     ``keys`` is anything with the :class:`KeySource` methods (``broker.sdk.Client`` or a
-    :class:`CallKeySource`). Memory stays at about two frames whatever the message size.
+    :class:`CountingKeySource`). Memory stays at about two frames whatever the message size.
     """
 
     def __init__(

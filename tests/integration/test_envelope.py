@@ -13,6 +13,7 @@ import subprocess
 import sys
 import termios
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,8 @@ import pytest
 from broker.cli.client import BrokerClient, RemoteError
 from broker.devstack.stack import DevStack
 from broker.envelope import (
-    CallKeySource,
     ContextMismatch,
+    CountingKeySource,
     DataKeyCache,
     Envelope,
     EnvelopeError,
@@ -39,8 +40,22 @@ FRAME = 64
 CONTEXT = {"tenant": "acme", "dataset": "orders"}
 
 
-def source(stack: DevStack, who: str = "admin") -> CallKeySource:
-    return CallKeySource(BrokerClient(stack.broker_url, stack.client_ssl(who)).call)
+# The SDK keeps connections alive: each test closes the clients it opened.
+_OPEN: list[BrokerClient] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
+def source(stack: DevStack, who: str = "admin") -> CountingKeySource:
+    """The SDK client the CLI uses, counting the broker calls it makes."""
+    client = BrokerClient(stack.broker_url, stack.client_ssl(who))
+    _OPEN.append(client)
+    return CountingKeySource(client)
 
 
 def envelope(stack: DevStack) -> Envelope:

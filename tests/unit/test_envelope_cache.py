@@ -8,8 +8,9 @@ from collections.abc import Mapping
 
 import pytest
 
-from broker.envelope import DataKey, DataKeyCache, Envelope, Sealed
+from broker.envelope import DataKeyCache, Envelope
 from broker.envelope.format import ContextPairs
+from broker.sdk.types import DataKey, Sealed
 
 CTX: ContextPairs = (("tenant", "acme"),)
 KEYS = ("k",)

@@ -75,6 +75,7 @@ def create_app(config: Config, *, clock: Clock = now_utc) -> web.Application:
         },
         clock=clock,
         cache_seconds=config.keys.cache_seconds,
+        claim_seconds=config.keys.scheduler_claim_seconds,
     )
     app[POLICIES] = PolicyStore(
         app[VAULT],

@@ -234,6 +234,9 @@ def _check_semantics(config: Config) -> None:
         # Shorter than a slow backend call (timeouts and retries) would let a second replica
         # take over work that is still running: two rotations in one period.
         raise ConfigError("expected at least 60 seconds", source=src, key="keys.scheduler_claim_seconds")
+    if not 60 <= config.keys.idempotency_ttl_seconds <= 30 * 86400:
+        # Shorter than a client's retry window would let a late retry do the change twice.
+        raise ConfigError("expected 60 seconds to 30 days", source=src, key="keys.idempotency_ttl_seconds")
     for key in (
         "vault.timeout_seconds",
         "kms.timeout_seconds",

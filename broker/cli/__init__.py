@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from broker.cli import audit, certs, health, keys, policy, server, vault
+from broker.cli import audit, certs, deploy, health, keys, policy, server, vault
 from broker.cli.client import RemoteError, Unreachable
 from broker.cli.common import EXIT_FAILED, EXIT_USAGE, Session, fail
 from broker.errors import BrokerError, ConfigError
@@ -35,6 +35,7 @@ common tasks:
   keybroker audit verify|query|merge|report             the tamper-evident audit trail
   keybroker serve --config FILE       run the broker daemon
   keybroker vault bootstrap ...       prepare a Vault (init, mounts, PKI, policy, AppRole)
+  keybroker deploy init [--dir DIR]   the certificates, secrets and configs docker-compose.yml mounts
 
 exit status: 0 done, 1 the operation failed (or a signature is invalid), 2 bad usage or settings.
 Errors are one line on stderr; with --json, one JSON object on stderr instead:
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # In the order `keybroker --help` lists them.
-    for module in (server, vault, certs, health, keys, policy, audit):
+    for module in (server, vault, certs, health, keys, policy, audit, deploy):
         module.add_parsers(sub)
     return parser
 

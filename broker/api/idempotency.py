@@ -120,10 +120,24 @@ class IdempotencyStore:
         self._clock = clock
 
     def _void(self, record: dict[str, Any] | None, now: datetime) -> bool:
-        """Whether a record no longer counts: absent, expired, or a request that failed or died."""
-        if record is None or now >= parse_iso(record["expires_at"]):
+        """Whether a record no longer counts: absent, expired, a request that failed or died, or
+        not a record this broker wrote (a malformed entry is replaced, never trusted)."""
+        if record is None:
             return True
-        return record["state"] == "pending" and now >= parse_iso(record["lease_until"])
+        try:
+            if now >= parse_iso(record["expires_at"]) or not isinstance(record["fingerprint"], str):
+                return True
+            if record["state"] == "pending":
+                return now >= parse_iso(record["lease_until"])
+            answer = record["answer"]
+            return not (
+                record["state"] == "done"
+                and isinstance(answer["status"], int)
+                and isinstance(answer["headers"], dict)
+                and "body" in answer
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return True
 
     async def begin(self, rid: str, fp: str, owner: str) -> Replay | None:
         """Claim the record for request ``owner``; or the answer to replay; or raise."""

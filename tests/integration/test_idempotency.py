@@ -236,3 +236,44 @@ def test_two_headers_are_refused(stack: DevStack) -> None:
     assert status == 400
     assert body["code"] == "invalid_idempotency_key"
     assert versions(stack, name) == [1]
+
+
+def test_grant_create_retried_through_the_other_replica_makes_one_grant(
+    stack: DevStack, second_broker: str
+) -> None:
+    """A grant create sent twice with one key (both replicas): one grant, the same id twice."""
+    name, key = create_key(stack, "vault"), idem()
+    body = {"grantee": "spiffe://keybroker.dev/app/app", "operations": ["crypto.decrypt"], "expires_in": "1h"}
+    first = send(stack, f"/v1/keys/{name}/grants", key, body)
+    again = send(stack, f"/v1/keys/{name}/grants", key, body, url=second_broker)
+    listed = https(stack, f"/v1/keys/{name}/grants").json()["grants"]
+    assert first.status == 201, first.body
+    assert again.status == 201, again.body
+    assert again.json()["grant_id"] == first.json()["grant_id"]
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    assert len(listed) == 1
+
+
+def test_policy_apply_retried_gets_its_answer_not_a_version_conflict(stack: DevStack) -> None:
+    """A changing apply at version N retried with one key: the first answer again (a retry without
+    the key gets 409: the document is at N+1 now). The stack's document is put back afterwards."""
+    current = https(stack, "/v1/policies").json()
+    original = current["document"]
+    changed = json.loads(json.dumps(original))
+    settings = changed.setdefault("settings", {})
+    settings["grant_max_expires_in"] = int(settings.get("grant_max_expires_in", 86400)) - 1
+    body = {"document": changed, "version": current["version"]}
+    key = idem()
+    try:
+        first = https(stack, "/v1/policies", method="PUT", body=body, headers={HEADER: key})
+        again = https(stack, "/v1/policies", method="PUT", body=body, headers={HEADER: key})
+        plain = https(stack, "/v1/policies", method="PUT", body=body)
+    finally:
+        restored = https(stack, "/v1/policies", method="PUT", body={"document": original})
+    assert first.status == 200, first.body
+    assert first.json()["version"] == current["version"] + 1
+    assert again.status == 200, again.body
+    assert again.json() == first.json()
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    assert plain.status == 409
+    assert restored.status == 200, restored.body

@@ -15,6 +15,7 @@ from aiohttp import web
 from broker.api.audit_routes import add_audit_routes
 from broker.api.edge import EdgeSite, bound_tls_read_buffer, protocol_checks, raise_open_file_limit
 from broker.api.grant_routes import add_grant_routes
+from broker.api.idempotency import IdempotencyStore
 from broker.api.key_routes import add_key_routes
 from broker.api.metrics import Metrics
 from broker.api.middleware import audit_trail, bounded_body, identity, problem_details, request_context
@@ -27,6 +28,7 @@ from broker.api.state import (
     AUDIT_HMAC_KEY,
     GRANTS,
     HSM,
+    IDEMPOTENCY,
     KEYS,
     KMS,
     METRICS,
@@ -75,6 +77,7 @@ def create_app(config: Config, *, clock: Clock = now_utc) -> web.Application:
         },
         clock=clock,
         cache_seconds=config.keys.cache_seconds,
+        claim_seconds=config.keys.scheduler_claim_seconds,
     )
     app[POLICIES] = PolicyStore(
         app[VAULT],
@@ -82,6 +85,9 @@ def create_app(config: Config, *, clock: Clock = now_utc) -> web.Application:
         break_glass=config.server.administrators,
         refresh_seconds=config.policy.refresh_seconds,
         max_stale_seconds=config.policy.max_stale_seconds,
+    )
+    app[IDEMPOTENCY] = IdempotencyStore(
+        app[VAULT], config.vault.kv_mount, ttl_seconds=config.keys.idempotency_ttl_seconds, clock=clock
     )
     app[GRANTS] = GrantStore(app[VAULT], config.vault.kv_mount, clock=clock)
     # Each checkpoint's position goes to Vault (check-and-set, only forward), so a truncated or

@@ -19,7 +19,8 @@ from aiohttp import web
 
 from broker.api import schemas
 from broker.api.authz import denied_bare, facts, find_key, key_for, may_know, principal, record
-from broker.api.state import GRANTS, KEYS, POLICIES
+from broker.api.idempotency import idempotent
+from broker.api.state import GRANTS, IDEMPOTENCY, KEYS, POLICIES
 from broker.errors import BadRequest, Forbidden, NotFound
 from broker.keys.model import check_name
 from broker.policy import engine
@@ -81,12 +82,17 @@ async def create_grant(request: web.Request) -> web.Response:
         context_equals=_constraint(body, "context_equals"),
         context_subset=_constraint(body, "context_subset"),
     )
-    grant = await request.app[GRANTS].issue(
-        ask, granter=principal(request), key=facts(key), policy=await request.app[POLICIES].fresh()
-    )
-    return web.json_response(
-        {"grant_id": grant.id, "grant_token": grant_token(grant), **grant.to_json()}, status=201
-    )
+
+    async def issue() -> web.Response:
+        grant = await request.app[GRANTS].issue(
+            ask, granter=principal(request), key=facts(key), policy=await request.app[POLICIES].fresh()
+        )
+        return web.json_response(
+            {"grant_id": grant.id, "grant_token": grant_token(grant), **grant.to_json()}, status=201
+        )
+
+    # A retried create (Idempotency-Key) gets the first grant, not a second one.
+    return await idempotent(request, request.app[IDEMPOTENCY], "grant.create", key.name, body, issue)
 
 
 async def list_grants(request: web.Request) -> web.Response:

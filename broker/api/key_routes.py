@@ -31,7 +31,8 @@ from broker.api.authz import (
     principal,
     tag_change_guard,
 )
-from broker.api.state import KEYS, SETTINGS
+from broker.api.idempotency import idempotent
+from broker.api.state import IDEMPOTENCY, KEYS, SETTINGS
 from broker.errors import BadRequest, BrokerError, Forbidden
 from broker.keys.model import Key, check_name
 from broker.keys.service import KeyService, NewKey, digest_of
@@ -89,8 +90,12 @@ async def create_key(request: web.Request) -> web.Response:
     await authorize(
         request, "key.create", KeyFacts(spec.name, str(spec.backend), spec.environment, dict(spec.tags or {}))
     )
-    key = await _service(request).create(spec, owner=principal(request).id)
-    return web.json_response(key.public(), status=201, headers={"Location": f"/v1/keys/{key.name}"})
+
+    async def create() -> web.Response:
+        key = await _service(request).create(spec, owner=principal(request).id)
+        return web.json_response(key.public(), status=201, headers={"Location": f"/v1/keys/{key.name}"})
+
+    return await idempotent(request, request.app[IDEMPOTENCY], "key.create", spec.name, body, create)
 
 
 async def list_keys(request: web.Request) -> web.Response:
@@ -128,9 +133,13 @@ async def patch_key(request: web.Request) -> web.Response:
         changes["deletion_protection"] = schemas.boolean(body, "deletion_protection", True)
     if "min_decrypt_version" in body:
         changes["min_decrypt_version"] = schemas.integer(body, "min_decrypt_version", required=True)
-    # A change of the facts rules select keys by (tags) is decided again on the key as it would be.
-    key = await _service(request).patch(name, changes, guard=tag_change_guard(request))
-    return web.json_response(key.public())
+
+    async def patch() -> web.Response:
+        # A change of the facts rules select keys by (tags) is decided again on the key as it would be.
+        key = await _service(request).patch(name, changes, guard=tag_change_guard(request))
+        return web.json_response(key.public())
+
+    return await idempotent(request, request.app[IDEMPOTENCY], "key.update", name, body, patch)
 
 
 def _lifecycle(operation: str) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -138,21 +147,27 @@ def _lifecycle(operation: str) -> Callable[[web.Request], Awaitable[web.Response
         name = (await key_for(request, f"key.{operation}", _path_name(request))).name
         body = await schemas.json_object(request)
         service = _service(request)
-        if operation == "rotate":
-            key = await service.rotate(name)
-        elif operation == "suspend":
-            key = await service.suspend(name)
-        elif operation == "resume":
-            key = await service.resume(name)
-        elif operation == "revoke":
-            key = await service.revoke(name, schemas.string(body, "reason", required=True))
-        elif operation == "schedule-destruction":
-            days = schemas.integer(body, "pending_days")
-            key = await service.schedule_destruction(name, 30 if days is None else days)
-        else:
-            key = await service.cancel_destruction(name)
-        audit_facts(request).version = key.latest.number if key.versions else None
-        return web.json_response(key.public())
+        # The body is checked before an Idempotency-Key record is taken: a bad body leaves none.
+        reason = schemas.string(body, "reason", required=True) if operation == "revoke" else ""
+        days = schemas.integer(body, "pending_days") if operation == "schedule-destruction" else None
+
+        async def change() -> web.Response:
+            if operation == "rotate":
+                key = await service.rotate(name)
+            elif operation == "suspend":
+                key = await service.suspend(name)
+            elif operation == "resume":
+                key = await service.resume(name)
+            elif operation == "revoke":
+                key = await service.revoke(name, reason)
+            elif operation == "schedule-destruction":
+                key = await service.schedule_destruction(name, 30 if days is None else days)
+            else:
+                key = await service.cancel_destruction(name)
+            audit_facts(request).version = key.latest.number if key.versions else None
+            return web.json_response(key.public())
+
+        return await idempotent(request, request.app[IDEMPOTENCY], f"key.{operation}", name, body, change)
 
     handler.__name__ = operation.replace("-", "_")
     return handler

@@ -17,7 +17,8 @@ from aiohttp import web
 
 from broker.api import schemas
 from broker.api.authz import authorize, facts, key_for, policy_invalid_reason
-from broker.api.state import GRANTS, KEYS, POLICIES
+from broker.api.idempotency import idempotent
+from broker.api.state import GRANTS, IDEMPOTENCY, KEYS, POLICIES
 from broker.errors import BadRequest, Conflict, NotFound
 from broker.keys.model import check_name
 from broker.policy import engine
@@ -127,7 +128,11 @@ async def put_document(request: web.Request) -> web.Response:
             data["bindings"] = kept
         return data
 
-    return _reply(await _write(request, build, version))
+    async def write() -> web.Response:
+        return _reply(await _write(request, build, version))
+
+    # A retried apply (Idempotency-Key) gets the first answer instead of a version conflict.
+    return await idempotent(request, request.app[IDEMPOTENCY], "policy.write", "", body, write)
 
 
 async def get_role(request: web.Request) -> web.Response:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from broker.api.idempotency import IdempotencyStore
     from broker.api.metrics import Metrics
     from broker.audit.sink import AuditSink
     from broker.backends.hsm import HsmClient
@@ -29,6 +30,7 @@ GRANTS: web.AppKey[GrantStore] = web.AppKey("grants")
 AUDIT: web.AppKey[AuditSink] = web.AppKey("audit")
 AUDIT_HMAC_KEY: web.AppKey[bytes] = web.AppKey("audit_hmac_key")
 ANCHORS: web.AppKey[VaultAnchors] = web.AppKey("anchors")
+IDEMPOTENCY: web.AppKey[IdempotencyStore] = web.AppKey("idempotency")
 
 # Request-scoped keys (aiohttp's request mapping takes plain strings).
 REQUEST_ID = "keybroker.request_id"
@@ -46,6 +48,7 @@ __all__ = [
     "CLIENT_REQUEST_ID",
     "GRANTS",
     "HSM",
+    "IDEMPOTENCY",
     "KEYS",
     "KMS",
     "METRICS",

@@ -90,6 +90,8 @@ class RequestFacts:
     items: int | None = None  # a batch's size
     # Keys the request used besides ``key`` (a rewrap's target), so the key filter finds it there too.
     other_keys: list[str] = field(default_factory=list)
+    # An Idempotency-Key request: its record (a hash prefix) and whether the answer was a replay.
+    idempotency: dict[str, Any] | None = None
 
 
 def backend_call(backend: str, operation: str, call_id: str) -> dict[str, Any]:
@@ -155,6 +157,8 @@ def build_event(
                 {"operation": d.operation, "allowed": d.allowed, "rule": d.rule, "grant": d.grant}
                 for d in decisions
             ]
+    if facts.idempotency is not None:
+        event["idempotency"] = facts.idempotency
     if facts.error is not None:
         event["error"] = {"code": bounded(facts.error[0], 64), "detail": bounded(facts.error[1])}
     if facts.contexts:

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from broker.cli import audit, backup, certs, files, health, keys, policy, server, vault
+from broker.cli import audit, backup, certs, deploy, files, health, keys, policy, server, vault
 from broker.cli.client import RemoteError, Unreachable
 from broker.cli.common import EXIT_FAILED, EXIT_USAGE, Session, fail
 from broker.errors import BrokerError, ConfigError
@@ -38,6 +38,7 @@ common tasks:
   keybroker serve --config FILE       run the broker daemon
   keybroker vault bootstrap ...       prepare a Vault (init, mounts, PKI, policy, AppRole)
   keybroker backup|restore ...        Vault's raft snapshot and the audit anchors, to a file and back
+  keybroker deploy init [--dir DIR]   the certificates, secrets and configs docker-compose.yml mounts
 
 exit status: 0 done, 1 the operation failed (or a signature is invalid), 2 bad usage or settings.
 Errors are one line on stderr; with --json, one JSON object on stderr instead:
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # In the order `keybroker --help` lists them.
-    for module in (server, vault, backup, certs, health, keys, files, policy, audit):
+    for module in (server, vault, backup, certs, health, keys, files, policy, audit, deploy):
         module.add_parsers(sub)
     return parser
 

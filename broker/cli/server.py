@@ -11,7 +11,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from broker.cli.common import Session, add_command, fail
+from broker.cli.common import EXIT_FAILED, Session, add_command, fail
 
 if TYPE_CHECKING:
     from broker.devstack.stack import DevStack
@@ -23,6 +23,11 @@ def cmd_serve(args: argparse.Namespace, session: Session) -> int:
     from broker.log import configure_logging
 
     config = load_config(args.config)
+    if args.check_config:
+        from broker.config.offline_check import run_checks
+
+        print(f"config {config.source}: loaded and validated")
+        return 0 if run_checks(config, print) else EXIT_FAILED
     configure_logging(config.log.level)
     asyncio.run(serve(config))
     return 0
@@ -105,6 +110,11 @@ def add_parsers(sub: Any) -> None:
         "be overridden with KEYBROKER__SECTION__KEY environment variables.",
     )
     serve.add_argument("--config", required=True, metavar="FILE", help="broker configuration (TOML)")
+    serve.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration and the files it names (offline), then exit: 0 usable, 1 not",
+    )
 
     dev = add_command(
         sub,

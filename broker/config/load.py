@@ -230,6 +230,13 @@ def _check_semantics(config: Config) -> None:
         raise ConfigError("expected 0 (no cache) to 60 seconds", source=src, key="keys.cache_seconds")
     if config.keys.max_batch_items < 1:
         raise ConfigError("expected at least 1", source=src, key="keys.max_batch_items")
+    if config.keys.scheduler_claim_seconds < 60:
+        # Shorter than a slow backend call (timeouts and retries) would let a second replica
+        # take over work that is still running: two rotations in one period.
+        raise ConfigError("expected at least 60 seconds", source=src, key="keys.scheduler_claim_seconds")
+    if not 60 <= config.keys.idempotency_ttl_seconds <= 30 * 86400:
+        # Shorter than a client's retry window would let a late retry do the change twice.
+        raise ConfigError("expected 60 seconds to 30 days", source=src, key="keys.idempotency_ttl_seconds")
     for key in (
         "vault.timeout_seconds",
         "kms.timeout_seconds",

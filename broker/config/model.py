@@ -137,6 +137,13 @@ class AuditConfig:
 class KeysConfig:
     # How often each replica looks for scheduled rotations and ended destruction windows.
     scheduler_interval_seconds: float = 60.0
+    # A replica doing scheduled work on a key (a rotation, a destruction) holds a claim on it in
+    # Vault for at most this long: if it dies mid-work, another replica takes over after this.
+    # Far longer than any backend call may take, or two replicas could both do the work.
+    scheduler_claim_seconds: float = 300.0
+    # The answer to a management request sent with an Idempotency-Key is replayed to its retries
+    # for this long (README "Retries: Idempotency-Key"); after it, the same key starts afresh.
+    idempotency_ttl_seconds: float = 86400.0
     # Most items one batch request may carry.
     max_batch_items: int = 100
     # Crypto requests read key metadata through a cache this young at most: one Vault read saved

@@ -101,6 +101,30 @@ class Version:
 
 
 @dataclass(frozen=True)
+class WorkClaim:
+    """A replica's lease on one piece of scheduled work for a key (a rotation, a destruction).
+
+    Written into the key's own entry with check-and-set, so exactly one replica holds it; it
+    lapses at ``until`` (a replica that died mid-work does not block the next one for ever)
+    and is cleared when the work is recorded or has failed, so the next tick tries again.
+    """
+
+    work: str
+    owner: str
+    until: datetime
+
+    def live(self, now: datetime) -> bool:
+        return now < self.until
+
+    def to_json(self) -> dict[str, Any]:
+        return {"work": self.work, "owner": self.owner, "until": iso(self.until)}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> WorkClaim:
+        return cls(str(raw["work"]), str(raw["owner"]), parse_iso(raw["until"]))
+
+
+@dataclass(frozen=True)
 class Key:
     name: str
     backend: Backend
@@ -122,6 +146,8 @@ class Key:
     destroyed_at: datetime | None = None
     revoked_reason: str | None = None
     last_rotated_at: datetime | None = None
+    # Scheduled work a replica is doing on this key right now (never shown by the API).
+    work_claim: WorkClaim | None = None
 
     # -- reading ------------------------------------------------------------------------
 
@@ -149,6 +175,11 @@ class Key:
             and self.destroy_after is not None
             and now >= self.destroy_after
         )
+
+    def claimed_by_other(self, now: datetime, owner: str) -> bool:
+        """Whether another replica holds a live claim on scheduled work for this key."""
+        claim = self.work_claim
+        return claim is not None and claim.owner != owner and claim.live(now)
 
     def check_usable(self, op: Op, *, version: int | None = None, admin_rewrap: bool = False) -> None:
         """Refuse (409) an operation the state or the version forbids; 400 one the type cannot do."""
@@ -235,6 +266,11 @@ class Key:
 
     def destruction_cancelled(self, now: datetime) -> Key:
         self._require("cancel destruction", State.PENDING_DESTRUCTION)
+        claim = self.work_claim
+        if claim is not None and claim.work == "destroy" and claim.live(now):
+            # A replica is removing the material right now: a cancel would bring back a key
+            # whose backend material is (about to be) gone.
+            raise Conflict(f"key {self.name} is being destroyed now: too late to cancel")
         before = self.state_before_destruction
         back = before if before in (State.DEACTIVATED, State.COMPROMISED) else State.SUSPENDED
         return self._to(back, now, state_before_destruction=None, destroy_after=None)
@@ -282,6 +318,7 @@ class Key:
             "destroyed_at": iso_or_none(self.destroyed_at),
             "revoked_reason": self.revoked_reason,
             "last_rotated_at": iso_or_none(self.last_rotated_at),
+            "work_claim": None if self.work_claim is None else self.work_claim.to_json(),
         }
 
     @classmethod
@@ -308,11 +345,13 @@ class Key:
             destroyed_at=parse_iso_or_none(raw.get("destroyed_at")),
             revoked_reason=raw.get("revoked_reason"),
             last_rotated_at=parse_iso_or_none(raw.get("last_rotated_at")),
+            work_claim=None if not raw.get("work_claim") else WorkClaim.from_json(raw["work_claim"]),
         )
 
     def public(self) -> dict[str, Any]:
         """What the API shows: everything but the backend material references."""
         out = self.to_json()
+        del out["work_claim"]
         out["versions"] = [{"version": v.number, "created_at": iso(v.created_at)} for v in self.versions]
         out["latest_version"] = self.versions[-1].number if self.versions else None
         return out

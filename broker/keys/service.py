@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from broker.backends.base import Context, KeyBackend, KeyRef
@@ -29,6 +30,7 @@ from broker.keys.model import (
     Op,
     State,
     Version,
+    WorkClaim,
     check_name,
 )
 from broker.log import get_logger
@@ -75,6 +77,7 @@ class KeyService:
         clock: Clock = now_utc,
         cache_seconds: float = 0.0,
         monotonic: Callable[[], float] = time.monotonic,
+        claim_seconds: float = 300.0,
     ) -> None:
         self._registry = registry
         self._backends = dict(backends)
@@ -85,6 +88,8 @@ class KeyService:
         self._cache_seconds = cache_seconds
         self._monotonic = monotonic
         self._cache: dict[str, tuple[float, Key]] = {}
+        # How long a replica's claim on scheduled work holds (keys.scheduler_claim_seconds).
+        self._claim_seconds = claim_seconds
 
     def now(self) -> datetime:
         return self._clock()
@@ -188,19 +193,71 @@ class KeyService:
         return rotated
 
     async def rotate_if_due(self, name: str) -> Key | None:
-        """Scheduled rotation: the replica whose claim (a check-and-set) wins rotates; others skip."""
-        now = self.now()
+        """Scheduled rotation, exactly once per due period across replicas.
 
-        def claim(k: Key) -> Key:
-            if not k.rotation_due(now):
-                raise _NotDue
-            return replace(k, last_rotated_at=now, updated_at=now)
+        The replica whose claim (a check-and-set on the key's entry) wins makes the new
+        material; the version and the new period are recorded only after the backend made
+        it. A failed backend call gives the claim back, so the next tick (on any replica)
+        tries again instead of the whole period being skipped.
+        """
+        owner, now = _claim_owner(), self.now()
+
+        def due(k: Key) -> bool:
+            return k.rotation_due(now)
 
         try:
-            await self._update(name, claim)
+            key = await self._claim(name, "rotate", owner, due)
         except _NotDue:
             return None
-        return await self.rotate(name)
+        try:
+            material = await self.backend(key).create_version(self.ref(key))
+        except BrokerError:
+            await self._release(name, owner)
+            raise
+
+        def record(k: Key) -> Key:
+            if k.work_claim is None or k.work_claim.owner != owner:
+                raise _ClaimLost
+            return replace(k.with_version(material, self.now()), work_claim=None)
+
+        try:
+            rotated = await self._update(name, record)
+        except _ClaimLost:
+            # Our lease ran out and another replica took the work over: recording this material
+            # too would make two versions in one period. The handle (no secret) is logged for cleanup.
+            log.warning("scheduled_rotation_superseded", key=name, unused_material=material)
+            return None
+        except BrokerError:
+            await self._release(name, owner)
+            raise
+        log.info("key_rotated", key=name, version=rotated.latest.number, scheduled=True)
+        return rotated
+
+    async def _claim(self, name: str, work: str, owner: str, due: Callable[[Key], bool]) -> Key:
+        """Take the key's work claim (check-and-set), or raise _NotDue when the work is not due
+        or another replica's live claim holds it."""
+        now = self.now()
+        until = now + timedelta(seconds=self._claim_seconds)
+
+        def claim(k: Key) -> Key:
+            if not due(k) or k.claimed_by_other(now, owner):
+                raise _NotDue
+            return replace(k, work_claim=WorkClaim(work, owner, until))
+
+        return await self._update(name, claim)
+
+    async def _release(self, name: str, owner: str) -> None:
+        """Give the claim back after failed work, so the next tick retries; best effort (it lapses anyway)."""
+
+        def release(k: Key) -> Key:
+            if k.work_claim is None or k.work_claim.owner != owner:
+                return k
+            return replace(k, work_claim=None)
+
+        try:
+            await self._update(name, release)
+        except BrokerError as exc:
+            log.warning("scheduled_claim_not_released", key=name, error=exc.detail)
 
     async def suspend(self, name: str) -> Key:
         key = await self._update(name, lambda k: k.suspended(self.now()))
@@ -254,15 +311,31 @@ class KeyService:
         return await self._update(name, lambda k: k.destruction_cancelled(self.now()))
 
     async def destroy_if_due(self, name: str) -> Key | None:
-        """End of the window: remove the backend material, then record ``destroyed``. Idempotent."""
-        key = await self.get(name)
-        now = self.now()
-        if not key.destruction_due(now):
+        """End of the window: remove the backend material, then record ``destroyed``.
+
+        Claimed like a scheduled rotation, so one replica removes the material; a failure
+        gives the claim back and the next tick tries again.
+        """
+        owner, now = _claim_owner(), self.now()
+
+        def due(k: Key) -> bool:
+            return k.destruction_due(now)
+
+        try:
+            key = await self._claim(name, "destroy", owner, due)
+        except _NotDue:
             return None
-        await self.backend(key).destroy(self.ref(key), [v.material for v in key.versions])
-        destroyed = await self._update(
-            name, lambda k: k if k.state is State.DESTROYED else k.destroyed(self.now())
-        )
+        try:
+            await self.backend(key).destroy(self.ref(key), [v.material for v in key.versions])
+        except BrokerError:
+            await self._release(name, owner)
+            raise
+
+        def record(k: Key) -> Key:
+            done = k if k.state is State.DESTROYED else k.destroyed(self.now())
+            return replace(done, work_claim=None)
+
+        destroyed = await self._update(name, record)
         log.info("key_destroyed", key=name)
         return destroyed
 
@@ -421,11 +494,24 @@ def digest_of(message: bytes | None, digest: bytes | None) -> bytes:
 
 
 class _NotDue(Exception):
-    pass
+    """The work is not due, or another replica holds a live claim on it."""
+
+
+class _ClaimLost(Exception):
+    """Our claim lapsed and another replica took the work over."""
+
+
+def _claim_owner() -> str:
+    """A fresh owner id per attempt: the same replica's next attempt is a new claimant too."""
+    return uuid.uuid4().hex
 
 
 async def scheduler_loop(service: KeyService, interval: float) -> None:
-    """Run :meth:`KeyService.run_due_work` every ``interval`` seconds until cancelled."""
+    """Run :meth:`KeyService.run_due_work` every ``interval`` seconds until cancelled.
+
+    No pass may end the loop: a replica whose scheduler died would silently never rotate
+    or destroy again, so anything unexpected is logged and the next pass runs as usual.
+    """
     while True:
         try:
             done = await service.run_due_work()
@@ -433,4 +519,6 @@ async def scheduler_loop(service: KeyService, interval: float) -> None:
                 log.info("scheduled_work", **done)
         except BrokerError as exc:
             log.warning("scheduler_pass_failed", error=exc.detail)
+        except Exception:
+            log.exception("scheduler_pass_crashed")
         await asyncio.sleep(interval)

@@ -73,7 +73,7 @@ def run_worker(target: Target, inflight: int, warmup: float, duration: float) ->
 # -- HTTP --------------------------------------------------------------------------------
 
 
-def _http_body(t: Target) -> dict[str, Any]:
+def http_body(t: Target) -> dict[str, Any]:
     b64 = base64.b64encode(t.payload).decode()
     if t.kind == "vault-direct":
         aad = base64.b64encode(_canonical(t.context)).decode()
@@ -99,7 +99,7 @@ async def _http(t: Target, inflight: int, warmup: float, duration: float) -> Res
     if t.cert_file:
         ctx.load_cert_chain(t.cert_file, t.key_file)
     result = Result()
-    body = _http_body(t)
+    body = http_body(t)
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + duration
     connector = aiohttp.TCPConnector(limit=inflight, ssl=ctx)
@@ -118,7 +118,7 @@ async def _http(t: Target, inflight: int, warmup: float, duration: float) -> Res
                 except (aiohttp.ClientError, ValueError, TimeoutError) as exc:
                     problem = f"{exc.__class__.__name__}: {exc}"
                 ended = time.perf_counter()
-                if began < measure_from or ended > stop_at:
+                if ended < measure_from or ended > stop_at:
                     continue
                 _count(result, problem, ended - began)
 
@@ -221,7 +221,7 @@ def _threads(t: Target, inflight: int, warmup: float, duration: float) -> Result
             except Exception as exc:  # noqa: BLE001 - every SDK failure is an error to count, not a crash
                 problem = f"{exc.__class__.__name__}: {exc}"
             ended = time.perf_counter()
-            if began < measure_from or ended > stop_at:
+            if ended < measure_from or ended > stop_at:
                 continue
             with lock:
                 _count(result, problem, ended - began)

@@ -51,6 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from broker import spans
 from broker.audit.chain import (
     GENESIS,
     Anchor,
@@ -388,6 +389,7 @@ class AuditSink:
             else:
                 seq, head = seq + 1, line_hash(lines[-1])
         first = self._seq + 1
+        writing = spans.now()
         try:
             await asyncio.get_running_loop().run_in_executor(self._io, self._files.append, lines, first)
         except OSError as exc:
@@ -398,6 +400,7 @@ class AuditSink:
                     future.set_exception(error)
             return
         # From here on the lines are on disk: only bookkeeping that cannot fail.
+        spans.STATE.last_write_ns = spans.now() - writing
         self._resume_note = None
         self._seq, self._head = seq, head
         self.records_written += len(lines)

@@ -223,6 +223,9 @@ class EdgeHandler(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         # When the current request's first bytes arrived (only while spans are recorded).
         self.request_began_ns = 0
+        # (ssl object, certificate DER, principal) of this connection's verified peer,
+        # filled by the identity middleware on the first request.
+        self.peer_identity: Any = None
         if self._request_factory is not None:
             self._request_factory = _protocol_checked(self._request_factory)
 

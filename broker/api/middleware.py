@@ -45,7 +45,7 @@ from broker.errors import (
     Unauthenticated,
 )
 from broker.log import get_logger
-from broker.policy.model import principal_from_peercert
+from broker.policy.model import Principal, principal_from_peercert
 from broker.requestvars import backend_calls_var, request_id_var
 
 log = get_logger(__name__)
@@ -250,6 +250,33 @@ def cert_der(ssl_object: Any) -> bytes:
     return der if isinstance(der, bytes) else b""
 
 
+# Where a connection keeps what its verified certificate says (EdgeHandler.peer_identity).
+_Peer = tuple[Any, bytes, Principal]
+
+
+def _peer(request: web.Request, ssl_object: Any) -> tuple[bytes, Principal]:
+    """The peer certificate's DER and its principal, read once per connection.
+
+    The certificate of a TLS connection cannot change after its handshake (the broker's TLS
+    context sets OP_NO_RENEGOTIATION, and TLS 1.3 has none), so parsing it again for every
+    request on a keep-alive connection only costs time. Cached on the connection's protocol
+    object, keyed by the very SSL object, so a reused protocol never serves another peer's.
+    Revocation is still checked on every request (the CRL changes; the certificate does not).
+    """
+    protocol = request.protocol
+    cached: _Peer | None = getattr(protocol, "peer_identity", None)
+    if cached is not None and ssl_object is not None and cached[0] is ssl_object:
+        return cached[1], cached[2]
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    if not cert:
+        raise Unauthenticated("no verified client certificate on this connection")
+    principal = principal_from_peercert(cert, request.app[SETTINGS].server.trust_domain)
+    der = cert_der(ssl_object)
+    if hasattr(protocol, "peer_identity"):
+        protocol.peer_identity = (ssl_object, der, principal)
+    return der, principal
+
+
 @web.middleware
 async def identity(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Read the principal once from the verified client certificate; refuse a revoked one.
@@ -260,10 +287,7 @@ async def identity(request: web.Request, handler: Handler) -> web.StreamResponse
     """
     checking = spans.now() if spans.STATE.on else 0
     ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-    cert = ssl_object.getpeercert() if ssl_object is not None else None
-    if not cert:
-        raise Unauthenticated("no verified client certificate on this connection")
-    principal = principal_from_peercert(cert, request.app[SETTINGS].server.trust_domain)
+    der, principal = _peer(request, ssl_object)
     # Recorded even when refused below: the audit record names whose certificate was presented.
     request[PRINCIPAL] = principal
     structlog.contextvars.bind_contextvars(principal=principal.id)
@@ -271,7 +295,7 @@ async def identity(request: web.Request, handler: Handler) -> web.StreamResponse
         revocations = request.app.get(REVOCATIONS)
         if revocations is not None:
             try:
-                revocations.check(cert_der(ssl_object))
+                revocations.check(der)
             except CertificateRevoked:
                 log.warning("revoked_certificate_presented", principal=principal.id)
                 raise

@@ -7,10 +7,13 @@ C_Initialize was given and every object search (C_FindObjectsInit) noted in a fi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -127,3 +130,39 @@ def test_an_object_destroyed_elsewhere_is_not_used_from_the_cache(stack: DevStac
         assert reply.status == 404, (op, reply.status, reply.body)
         assert reply.headers["Content-Type"].startswith("application/problem+json")
     assert https(stack, "/v1/sys/health").status == 200
+
+
+def test_concurrent_calls_share_workers_and_each_record_names_its_call(stack: DevStack) -> None:
+    """64 encrypts at once on an HSM key (more than the sessions, so calls queue and ride a
+    worker together): every answer is right and every request's audit record names its own
+    HSM call, none another's."""
+    name = create_key(stack, "hsm")
+    marker = f"hsm-batch-{uuid.uuid4().hex}"
+
+    def seal(i: int) -> tuple[bytes, str]:
+        plain = f"{marker} {i}".encode()
+        reply = https(
+            stack,
+            f"/v1/keys/{name}/encrypt",
+            body={"plaintext": b64(plain), "context": CTX},
+            headers={"X-Request-Id": f"{marker}-{i:03d}"},
+        )
+        assert reply.status == 200, reply.body
+        return plain, reply.json()["ciphertext"]
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        sealed = list(pool.map(seal, range(64)))
+    assert len({c for _, c in sealed}) == 64
+    for plain, ciphertext in sealed[:8]:
+        opened = https(stack, f"/v1/keys/{name}/decrypt", body={"ciphertext": ciphertext, "context": CTX})
+        assert unb64(opened.json()["plaintext"]) == plain
+    records = [
+        json.loads(line)
+        for path in sorted(stack.layout.audit_dir.glob("audit-*.jsonl"))
+        for line in path.read_bytes().splitlines()
+        if marker.encode() in line
+    ]
+    assert len(records) == 64, len(records)
+    for record in records:
+        calls = [c for c in record.get("backend_calls", []) if c.get("backend") == "hsm"]
+        assert len(calls) == 1, record

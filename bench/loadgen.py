@@ -166,6 +166,19 @@ _HSM_LOCK = threading.Lock()  # python-pkcs11 initialises SoftHSM without lockin
 _LOGIN: list[Any] = []
 
 
+def _token(pkcs11: Any, library: str, label: str) -> Any:
+    """The token, before the clock starts; SoftHSM may answer GeneralError while another
+    process (the broker) rewrites the token's files, so setup tries again briefly."""
+    for attempt in range(5):
+        try:
+            return pkcs11.lib(library).get_token(token_label=label)
+        except pkcs11.exceptions.GeneralError:
+            if attempt == 4:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
+
+
 def _hsm_call(t: Target) -> Callable[[], str | None]:
     import pkcs11
     from pkcs11 import Mechanism, ObjectClass
@@ -175,7 +188,7 @@ def _hsm_call(t: Target) -> Callable[[], str | None]:
 
     os.environ["SOFTHSM2_CONF"] = t.softhsm_conf
     with _HSM_LOCK:
-        token = pkcs11.lib(t.hsm_library).get_token(token_label=HSM_TOKEN_LABEL)
+        token = _token(pkcs11, t.hsm_library, HSM_TOKEN_LABEL)
         if not _LOGIN:
             _LOGIN.append(token.open(user_pin=t.hsm_pin))
         session = token.open()

@@ -384,7 +384,7 @@ def chart(rows: list[Row], path: Path) -> bool:
     return True
 
 
-def soak(bench: Bench, total: int, concurrency: int) -> list[tuple[int, float, str]]:
+def soak(bench: Bench, total: int, concurrency: int) -> tuple[list[tuple[int, float, str]], int]:
     """Drive ``total`` broker encrypts in slices across Vault, KMS and the HSM; RSS after each slice.
 
     Each backend gets a third of the requests (KMS is the slowest: its slices are longer). The
@@ -394,7 +394,7 @@ def soak(bench: Bench, total: int, concurrency: int) -> list[tuple[int, float, s
     targets = {b: bench.target(b, "broker", "encrypt", os.urandom(64)) for b in backends}
     rates = dict.fromkeys(backends, 500.0)
     samples: list[tuple[int, float, str]] = []
-    done, slices = 0, 0
+    done, slices, errors = 0, 0, 0
     print(
         f"soak: {total} broker encrypts at concurrency {concurrency} over {', '.join(backends)}, "
         "RSS after every slice",
@@ -406,6 +406,7 @@ def soak(bench: Bench, total: int, concurrency: int) -> list[tuple[int, float, s
         seconds = min(30.0, max(1.0, min(total - done, total / 15) / rates[backend]))
         row = bench.measure(targets[backend], concurrency, 0.2, seconds)
         if row.errors:
+            errors += row.errors
             print(f"  errors during soak: {row.errors} ({row.first_error})")
         rates[backend] = max(row.rps, 1.0)
         done += max(1, round(row.rps * seconds))
@@ -414,7 +415,7 @@ def soak(bench: Bench, total: int, concurrency: int) -> list[tuple[int, float, s
             f"  {done:>7} requests: broker RSS {samples[-1][1]:.1f} MB after {backend} ({row.rps:.0f} rps)",
             flush=True,
         )
-    return samples
+    return samples, errors
 
 
 # The stages of one request, in the order it passes them (broker/spans.py names them).
@@ -553,6 +554,7 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows: list[Row] = []
     soak_samples: list[tuple[int, float, str]] = []
+    soak_errors = 0
     peak_rss = 0.0
     breakdown: dict[str, Any] = {}
     broker_env = dict(pair.split("=", 1) for pair in args.broker_env)
@@ -583,7 +585,7 @@ def main() -> int:
             if not args.no_profile:
                 breakdown = profile(bench, spans_file, duration)
             if args.soak:
-                soak_samples = soak(bench, args.soak, args.soak_concurrency)
+                soak_samples, soak_errors = soak(bench, args.soak, args.soak_concurrency)
             peak_rss = proc_rss_mb(bench.broker_pid, "VmHWM")
         finally:
             bench.stack.stop()
@@ -592,7 +594,7 @@ def main() -> int:
     if breakdown:
         print()
         print_breakdown(breakdown)
-    errors = sum(r.errors for r in rows)
+    errors = sum(r.errors for r in rows) + soak_errors
     slow = 0 if args.no_loop_check else loop_check(duration)
     out = RESULTS / f"bench-{stamp}.json"
     out.write_text(
@@ -601,6 +603,7 @@ def main() -> int:
                 "rows": [asdict(r) for r in rows],
                 "breakdown_c1": breakdown,
                 "soak_rss_mb": soak_samples,
+                "soak_errors": soak_errors,
                 "peak_rss_mb": peak_rss,
                 "slow_callbacks": slow,
                 "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
@@ -619,7 +622,7 @@ def main() -> int:
             f"whole run); growth over the last half {max(half) - min(half):.1f} MB "
             f"(median {statistics.median(half):.1f} MB)"
         )
-    print(f"errors in all cells: {errors}")
+    print(f"errors in all cells and the soak: {errors}")
     return 1 if errors else 0
 
 

@@ -36,7 +36,7 @@ func (h *headerList) Set(v string) error { *h = append(*h, v); return nil }
 type config struct {
 	url, bodyFile, headersFile, ca, cert, key, field, prefix, equals string
 	headers                                                          headerList
-	concurrency, status                                              int
+	concurrency, status, dialParallel                                int
 	duration, warmup                                                 time.Duration
 }
 
@@ -77,6 +77,7 @@ func main() {
 	flag.Var(&c.headers, "header", "extra request header Name:Value (repeatable)")
 	flag.StringVar(&c.headersFile, "headers", "", "file of extra headers, one Name:Value a line (keeps tokens off the command line)")
 	flag.IntVar(&c.concurrency, "c", 1, "requests in flight (closed loop)")
+	flag.IntVar(&c.dialParallel, "dial-parallel", 32, "connections opened at once while warming up")
 	flag.IntVar(&c.status, "status", 200, "the expected HTTP status")
 	flag.DurationVar(&c.duration, "t", 3*time.Second, "measured time")
 	flag.DurationVar(&c.warmup, "warmup", 500*time.Millisecond, "time before measuring (connections, caches)")
@@ -107,11 +108,13 @@ func client(c config) (*http.Client, error) {
 		}
 		tlsConf.Certificates = []tls.Certificate{pair}
 	}
+	// One transport, so one keep-alive connection, per worker: every connection is opened
+	// during the warm-up and none is shared, as in a pool of c clients.
 	transport := &http.Transport{
 		TLSClientConfig:     tlsConf,
-		MaxIdleConns:        c.concurrency,
-		MaxIdleConnsPerHost: c.concurrency,
-		MaxConnsPerHost:     c.concurrency,
+		MaxIdleConns:        1,
+		MaxIdleConnsPerHost: 1,
+		MaxConnsPerHost:     1,
 		IdleConnTimeout:     90 * time.Second,
 		// HTTP/1.1 with keep-alive against both sides (the broker speaks only HTTP/1.1; Vault
 		// would negotiate h2 and multiplex, which is not what a keep-alive pool measures).
@@ -170,6 +173,13 @@ func cpuSeconds() float64 {
 	return tv(ru.Utime) + tv(ru.Stime)
 }
 
+func max(a, b int) int {
+	if a > b {
+		return a
+	}
+	return b
+}
+
 func pct(sorted []time.Duration, p float64) float64 {
 	if len(sorted) == 0 {
 		return 0
@@ -189,8 +199,7 @@ func run(c config) error {
 	if err != nil {
 		return err
 	}
-	httpClient, err := client(c)
-	if err != nil {
+	if _, err := client(c); err != nil {
 		return err
 	}
 	headers := http.Header{"Content-Type": {"application/json"}}
@@ -216,10 +225,14 @@ func run(c config) error {
 	// Every connection is opened (TLS handshake included) and has carried one request before
 	// the clock starts: the cells measure a keep-alive pool in its steady state, not a burst
 	// of handshakes. A worker whose first request fails still joins (its errors count below).
+	// Connections are opened at most -dial-parallel at a time, as a client pool ramps up: a
+	// burst of hundreds of handshakes from one address meets the broker's per-peer handshake
+	// cap, which (rightly) drops the stalled ones.
 	var ready, wg sync.WaitGroup
 	begin := make(chan struct{})
+	dialing := make(chan struct{}, max(1, c.dialParallel))
 	var measureFrom, stopAt time.Time
-	do := func() (string, string) {
+	do := func(httpClient *http.Client) (string, string) {
 		req, _ := http.NewRequest(http.MethodPost, c.url, bytes.NewReader(body))
 		req.Header = headers.Clone()
 		req.ContentLength = int64(len(body))
@@ -240,9 +253,12 @@ func run(c config) error {
 		workers[i] = w
 		ready.Add(1)
 		wg.Add(1)
+		httpClient, _ := client(c)
 		go func() {
 			defer wg.Done()
-			do()
+			dialing <- struct{}{}
+			do(httpClient)
+			<-dialing
 			ready.Done()
 			<-begin
 			for {
@@ -250,7 +266,7 @@ func run(c config) error {
 				if !began.Before(stopAt) {
 					return
 				}
-				kind, detail := do()
+				kind, detail := do(httpClient)
 				ended := time.Now()
 				// Completions inside the window count (throughput = completions / window), also
 				// those started before it: at high concurrency a request may outlast the warm-up.

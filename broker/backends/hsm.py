@@ -243,11 +243,12 @@ _current_worker = threading.local()
 class HsmClient:
     """A pool of PKCS#11 sessions; :meth:`run` executes a function against one of them.
 
-    Calls queue for the workers; a worker that comes free takes every call waiting (up to
-    :data:`MAX_CALLS_PER_HANDOFF`) and runs them one after the other on its session in one
-    trip to its thread. One call alone leaves at once; under load, one thread hand-off and
-    one event-loop wake-up serve many calls instead of one each (a PKCS#11 call on a cached
-    handle takes tens of microseconds, the hand-off about as long again).
+    Calls queue for the workers; a worker that comes free takes its share of the calls
+    waiting (split over the sessions, at most :data:`MAX_CALLS_PER_HANDOFF`) and runs them
+    one after the other on its session in one trip to its thread. One call alone leaves at
+    once; under load, one thread hand-off and one event-loop wake-up serve several calls
+    instead of one each (a PKCS#11 call on a cached handle takes tens of microseconds, the
+    hand-off about as long again).
     """
 
     def __init__(self, config: HsmConfig) -> None:
@@ -341,8 +342,11 @@ class HsmClient:
         """Hand waiting calls to free workers (event loop thread)."""
         loop = asyncio.get_running_loop()
         while self._waiting and self._free:
+            # A fair share of what waits, so the other sessions get the rest when they come free
+            # instead of one worker running everything in turn while another idles.
+            share = min(MAX_CALLS_PER_HANDOFF, -(-len(self._waiting) // len(self._workers)))
             batch: list[_Call] = []
-            while self._waiting and len(batch) < MAX_CALLS_PER_HANDOFF:
+            while self._waiting and len(batch) < share:
                 call = self._waiting.popleft()
                 if not call.future.done():  # timed out or cancelled while waiting
                     batch.append(call)

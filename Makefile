@@ -31,7 +31,9 @@ unit: setup
 integration: setup-test
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
+# The Go toolchain (bench/loadgen) is installed for this target only, never for dev or test.
 bench: setup
+	@VENV=$(VENV) scripts/setup.sh --with-bench
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

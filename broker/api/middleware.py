@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from broker import spans
 from broker.api.edge import AUDITED
 from broker.api.metrics import method_label, route_label
 from broker.api.problem import RequestTimeout, problem_response
@@ -44,7 +45,7 @@ from broker.errors import (
     Unauthenticated,
 )
 from broker.log import get_logger
-from broker.policy.model import principal_from_peercert
+from broker.policy.model import Principal, principal_from_peercert
 from broker.requestvars import backend_calls_var, request_id_var
 
 log = get_logger(__name__)
@@ -52,6 +53,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REQUEST_ID_HEADER = "X-Request-Id"
 BROKER_REQUEST_ID_HEADER = "X-Broker-Request-Id"
+SPANS = "keybroker.spans"
 EPOCH_PATH = "/v1/audit/epoch"
 HEALTH_PATH = "/v1/sys/health"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{7,127}$")
@@ -64,6 +66,11 @@ def valid_request_id(value: str | None) -> bool:
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Assign the request id, bind it for logs and backend calls, log one line per request."""
+    record = spans.start()
+    if record is not None:
+        request[SPANS] = record
+        began = getattr(request.protocol, "request_began_ns", 0)
+        record["parse"] = spans.now() - began if began else 0
     offered = request.headers.get(REQUEST_ID_HEADER)
     client_id = offered if offered is not None and valid_request_id(offered) else None
     request_id = str(uuid.uuid4())
@@ -80,6 +87,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         response.headers[BROKER_REQUEST_ID_HEADER] = request_id
         return response
     finally:
+        logged = spans.now() if record is not None else 0
         elapsed = time.perf_counter() - started
         route = route_label(request)
         request.app[METRICS].observe(request.method, route, status, elapsed)
@@ -94,6 +102,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         )
         structlog.contextvars.unbind_contextvars("request_id", "client_request_id")
         request_id_var.reset(token)
+        if record is not None:
+            record["log"] = spans.now() - logged
 
 
 @web.middleware
@@ -119,10 +129,13 @@ async def audit_trail(request: web.Request, handler: Handler) -> web.StreamRespo
     calls: list[tuple[str, str, str]] = []
     token = backend_calls_var.set(calls)
     started = time.perf_counter()
+    record = request.get(SPANS)
+    entered = spans.now() if record is not None else 0
     try:
         response = await handler(request)
     finally:
         backend_calls_var.reset(token)
+    handled = spans.now() if record is not None else 0
     principal = request.get(PRINCIPAL)
     event = build_event(
         request_id=request[REQUEST_ID],
@@ -136,8 +149,16 @@ async def audit_trail(request: web.Request, handler: Handler) -> web.StreamRespo
         calls=calls,
         hmac_key=request.app[AUDIT_HMAC_KEY],
     )
+    if record is not None:
+        appending = spans.now()
+        # Everything inside (identity, body, policy, key cache, backend); the parts are split below.
+        record["inner"] = handled - entered
+        record["audit_build"] = appending - handled
     try:
         await sink.append(event)
+        if record is not None:
+            record["audit_append"] = spans.now() - appending
+            record["audit_write_fsync"] = spans.STATE.last_write_ns
     except BrokerError as exc:
         if reports_health:
             return response
@@ -229,6 +250,33 @@ def cert_der(ssl_object: Any) -> bytes:
     return der if isinstance(der, bytes) else b""
 
 
+# Where a connection keeps what its verified certificate says (EdgeHandler.peer_identity).
+_Peer = tuple[Any, bytes, Principal]
+
+
+def _peer(request: web.Request, ssl_object: Any) -> tuple[bytes, Principal]:
+    """The peer certificate's DER and its principal, read once per connection.
+
+    The certificate of a TLS connection cannot change after its handshake (the broker's TLS
+    context sets OP_NO_RENEGOTIATION, and TLS 1.3 has none), so parsing it again for every
+    request on a keep-alive connection only costs time. Cached on the connection's protocol
+    object, keyed by the very SSL object, so a reused protocol never serves another peer's.
+    Revocation is still checked on every request (the CRL changes; the certificate does not).
+    """
+    protocol = request.protocol
+    cached: _Peer | None = getattr(protocol, "peer_identity", None)
+    if cached is not None and ssl_object is not None and cached[0] is ssl_object:
+        return cached[1], cached[2]
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    if not cert:
+        raise Unauthenticated("no verified client certificate on this connection")
+    principal = principal_from_peercert(cert, request.app[SETTINGS].server.trust_domain)
+    der = cert_der(ssl_object)
+    if hasattr(protocol, "peer_identity"):
+        protocol.peer_identity = (ssl_object, der, principal)
+    return der, principal
+
+
 @web.middleware
 async def identity(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Read the principal once from the verified client certificate; refuse a revoked one.
@@ -237,11 +285,9 @@ async def identity(request: web.Request, handler: Handler) -> web.StreamResponse
     since is told by its CRL (broker.api.revocation): 401 ``certificate_revoked``, or 503
     ``crl_unavailable`` while no current CRL is held (fail closed).
     """
+    checking = spans.now() if spans.STATE.on else 0
     ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-    cert = ssl_object.getpeercert() if ssl_object is not None else None
-    if not cert:
-        raise Unauthenticated("no verified client certificate on this connection")
-    principal = principal_from_peercert(cert, request.app[SETTINGS].server.trust_domain)
+    der, principal = _peer(request, ssl_object)
     # Recorded even when refused below: the audit record names whose certificate was presented.
     request[PRINCIPAL] = principal
     structlog.contextvars.bind_contextvars(principal=principal.id)
@@ -249,10 +295,12 @@ async def identity(request: web.Request, handler: Handler) -> web.StreamResponse
         revocations = request.app.get(REVOCATIONS)
         if revocations is not None:
             try:
-                revocations.check(cert_der(ssl_object))
+                revocations.check(der)
             except CertificateRevoked:
                 log.warning("revoked_certificate_presented", principal=principal.id)
                 raise
+        if checking:
+            spans.add("identity", spans.now() - checking)
         return await handler(request)
     finally:
         structlog.contextvars.unbind_contextvars("principal")

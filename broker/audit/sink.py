@@ -51,6 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from broker import spans
 from broker.audit.chain import (
     GENESIS,
     Anchor,
@@ -263,18 +264,29 @@ class AuditSink:
             # Never expected (the loop catches everything), but a dead writer must not hang requests.
             log.error("audit_writer_restarted")
             self._writer = asyncio.create_task(self._write_loop(), name="audit-writer")
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
         entry = (record, future)
         self._pending.append(entry)
         self._wake.set()
+        # One timer per record, not wait_for(shield(...)) (three futures and a task wrapper each):
+        # on expiry the record leaves the queue if the writer has not taken it yet, and the
+        # caller hears 503; a batch already being written still sets nothing on a done future.
+        timer = loop.call_later(self._write_timeout, self._expire, entry)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self._write_timeout)
-        except TimeoutError:
-            self._pending = [e for e in self._pending if e is not entry]
-            raise Unavailable(
-                f"audit log unavailable: the record was not on disk within {self._write_timeout:g} s",
-                backend="audit",
-            ) from None
+            return await future
+        finally:
+            timer.cancel()
+
+    def _expire(self, entry: tuple[dict[str, Any], asyncio.Future[int]]) -> None:
+        self._pending = [e for e in self._pending if e is not entry]
+        if not entry[1].done():
+            entry[1].set_exception(
+                Unavailable(
+                    f"audit log unavailable: the record was not on disk within {self._write_timeout:g} s",
+                    backend="audit",
+                )
+            )
 
     async def _write_loop(self) -> None:
         while True:
@@ -388,6 +400,7 @@ class AuditSink:
             else:
                 seq, head = seq + 1, line_hash(lines[-1])
         first = self._seq + 1
+        writing = spans.now()
         try:
             await asyncio.get_running_loop().run_in_executor(self._io, self._files.append, lines, first)
         except OSError as exc:
@@ -398,6 +411,7 @@ class AuditSink:
                     future.set_exception(error)
             return
         # From here on the lines are on disk: only bookkeeping that cannot fail.
+        spans.STATE.last_write_ns = spans.now() - writing
         self._resume_note = None
         self._seq, self._head = seq, head
         self.records_written += len(lines)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import TypeVar
 
+from broker import spans
 from broker.errors import BackendTimeout
 
 T = TypeVar("T")
@@ -29,8 +30,11 @@ async def run_blocking(
     """
     ctx = contextvars.copy_context()
     loop = asyncio.get_running_loop()
+    called = spans.now()
     try:
         async with asyncio.timeout(deadline):
             return await loop.run_in_executor(executor, functools.partial(ctx.run, fn))
     except TimeoutError:
         raise BackendTimeout(f"{backend}: {what} took longer than {deadline:g}s", backend=backend) from None
+    finally:
+        spans.add("backend", spans.now() - called)

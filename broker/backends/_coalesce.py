@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
+from broker import spans
 from broker.errors import BrokerError
 from broker.requestvars import backend_calls_var, request_id_var
 
@@ -50,7 +51,13 @@ class Coalescer(Generic[K, I, R]):
             task = asyncio.create_task(self._drain(target), context=contextvars.Context())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return await future
+        if not spans.STATE.on:
+            return await future
+        called = spans.now()
+        try:
+            return await future
+        finally:
+            spans.add("backend", spans.now() - called)
 
     async def _drain(self, target: K) -> None:
         try:

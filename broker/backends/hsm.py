@@ -11,29 +11,46 @@ sessions are opened without a PIN. A session that fails with a device or session
 error is dropped (with the login, when the token went away) and reopened on the
 next use, so a token that comes back is picked up without a restart.
 
-python-pkcs11 calls ``C_Initialize(NULL)``, which by the PKCS#11 standard
-promises the library that no two threads call it at once; SoftHSM2 then turns
-its own locking off, and concurrent calls corrupt its state (seen as
+Locking: python-pkcs11 (0.10) calls ``C_Initialize(NULL)``, which by the PKCS#11
+standard promises the library that no two threads call it at once; SoftHSM2 then
+turns its own locking off, and concurrent calls corrupt its state (seen as
 ``GeneralError`` and ``TemplateInconsistent`` under concurrent rotations). So
-every call into the library is made under one process-wide lock; the worker
-threads keep sessions apart and keep the event loop free.
+:func:`load_library` initialises the library itself first, through its function
+list, with ``CKF_OS_LOCKING_OK`` (the library may use the OS's mutexes; SoftHSM2,
+AWS CloudHSM's and the other thread-safe libraries accept it), then hands it to
+python-pkcs11 without a second ``C_Initialize``. Calls then run in parallel, one
+session per worker thread (python-pkcs11 also locks each session). Only a library
+that refuses OS locking (``CKR_CANT_LOCK``), or one something else in this process
+initialised first, is called under one process-wide lock, as before.
+
+Object handles: finding a key object is a token search (SoftHSM2 walks and decrypts
+every object's attributes: most of a call's cost), so each worker keeps the handles it
+found, per session. A handle names the object as long as the object exists; a destroy
+through this broker forgets every cached handle, and a handle the token no longer knows
+(destroyed elsewhere) is dropped and searched for again once. A version is destroyed only
+after its key left every state that encrypts with it, so a stale handle can only meet a
+decryption, whose GCM tag fails closed on any other key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import contextvars
 import ctypes
+import functools
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pkcs11
 import pkcs11.exceptions as p11err
-from pkcs11 import Attribute, Mechanism, ObjectClass
+from pkcs11 import Attribute, Mechanism, ObjectClass, _pkcs11
 from pkcs11 import KeyType as KeyType_
 from pkcs11.util.ec import (
     decode_ecdsa_signature,
@@ -42,16 +59,19 @@ from pkcs11.util.ec import (
     encode_named_curve_parameters,
 )
 
+from broker import spans
 from broker.backends._blocking import run_blocking
 from broker.backends.base import Context, KeyRef, PerItemBatches, canonical_context
 from broker.config.model import HsmConfig
 from broker.config.secrets import read_secret_file
-from broker.errors import BadGateway, ConfigError, DecryptionFailed, NotFound, Unavailable
+from broker.errors import BackendTimeout, BadGateway, ConfigError, DecryptionFailed, NotFound, Unavailable
+from broker.log import get_logger
 from broker.requestvars import note_backend_call
 from broker.vocab import Backend, KeyType
 
 BACKEND = "hsm"
 T = TypeVar("T")
+log = get_logger(__name__)
 
 # Failures that mean the token or session is gone or refuses us: retry later, not the caller's fault.
 _UNAVAILABLE = (
@@ -111,6 +131,83 @@ def read_pin(config: HsmConfig) -> str:
     return pin
 
 
+# PKCS#11 2.40 constants for C_Initialize (pkcs11t.h).
+CKF_OS_LOCKING_OK = 0x00000002
+CKR_OK = 0x00000000
+CKR_CANT_LOCK = 0x0000000A
+CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x00000191
+
+
+class _CkInitializeArgs(ctypes.Structure):
+    """CK_C_INITIALIZE_ARGS: no mutex callbacks, CKF_OS_LOCKING_OK (the library's own locks)."""
+
+    _fields_ = [
+        ("CreateMutex", ctypes.c_void_p),
+        ("DestroyMutex", ctypes.c_void_p),
+        ("LockMutex", ctypes.c_void_p),
+        ("UnlockMutex", ctypes.c_void_p),
+        ("flags", ctypes.c_ulong),
+        ("pReserved", ctypes.c_void_p),
+    ]
+
+
+class _CkFunctionListHead(ctypes.Structure):
+    """The start of CK_FUNCTION_LIST: the version, then C_Initialize (the only entry used here)."""
+
+    _fields_ = [("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte), ("C_Initialize", ctypes.c_void_p)]
+
+
+_C_INITIALIZE = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)
+_C_GET_FUNCTION_LIST = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.POINTER(ctypes.POINTER(_CkFunctionListHead)))
+# The ctypes handles of initialised libraries: never unloaded while python-pkcs11 uses them.
+_RAW_LIBRARIES: dict[str, ctypes.CDLL] = {}
+# Libraries this module initialised with CKF_OS_LOCKING_OK.
+_THREAD_SAFE: set[str] = set()
+
+
+class _Preinitialised(_pkcs11.lib):
+    """python-pkcs11's library object for a library this module already initialised."""
+
+    def initialize(self) -> None:
+        # python-pkcs11 would call C_Initialize(NULL) (no locking) and fail on CKR_ALREADY_INITIALIZED.
+        return None
+
+
+def _initialise_with_os_locking(path: str) -> int:
+    """``C_Initialize`` with CKF_OS_LOCKING_OK through the library's function list; the CK_RV."""
+    raw = _RAW_LIBRARIES.get(path) or ctypes.CDLL(path)
+    _RAW_LIBRARIES[path] = raw
+    functions = ctypes.POINTER(_CkFunctionListHead)()
+    rv = int(_C_GET_FUNCTION_LIST(("C_GetFunctionList", raw))(ctypes.byref(functions)))
+    if rv != CKR_OK or not functions or not functions.contents.C_Initialize:
+        raise ConfigError(f"{path}: C_GetFunctionList failed (CK_RV 0x{rv:x})", key="hsm.library")
+    args = _CkInitializeArgs(None, None, None, None, CKF_OS_LOCKING_OK, None)
+    return int(_C_INITIALIZE(functions.contents.C_Initialize)(ctypes.byref(args)))
+
+
+def load_library(path: str) -> tuple[Any, bool]:
+    """python-pkcs11's library object for ``path``, and whether its calls may run in parallel.
+
+    True when this call initialised the library with CKF_OS_LOCKING_OK; False when the library
+    cannot lock (it is initialised without) or was initialised before in this process in a
+    way not known here: its callers must then make one call at a time.
+    """
+    loaded = pkcs11._loaded.get(path)
+    if loaded is not None:
+        # Loaded before: by this module (locking known) or by python-pkcs11 itself (no locking).
+        return loaded, isinstance(loaded, _Preinitialised) and path in _THREAD_SAFE
+    rv = _initialise_with_os_locking(path)
+    if rv == CKR_CANT_LOCK:
+        return pkcs11.lib(path), False
+    if rv not in (CKR_OK, CKR_CRYPTOKI_ALREADY_INITIALIZED):
+        raise ConfigError(f"{path}: C_Initialize failed (CK_RV 0x{rv:x})", key="hsm.library")
+    lib = _Preinitialised(path)
+    pkcs11._loaded[path] = lib  # a later pkcs11.lib(path) in this process gets this one
+    if rv == CKR_OK:
+        _THREAD_SAFE.add(path)
+    return lib, rv == CKR_OK
+
+
 class _Worker:
     """One thread and the one session it owns."""
 
@@ -118,38 +215,82 @@ class _Worker:
         self.index = index
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hsm-{index}")
         self.session: Any = None
+        # Key objects found on this session: (label, CKA_ID, class) -> python-pkcs11 object.
+        self.objects: dict[tuple[str, bytes, ObjectClass], Any] = {}
+        self.generation = 0
+
+
+# Calls one worker takes from the queue in one trip to its thread.
+MAX_CALLS_PER_HANDOFF = 64
+
+
+@dataclass(frozen=True)
+class _Call:
+    fn: Callable[[Any], Any]
+    what: str
+    context: contextvars.Context
+    future: asyncio.Future[Any]
+
+
+# (True, result) or (False, the exception the call raised).
+_Outcome = tuple[bool, Any]
+
+# Failures that mean a cached object handle no longer names an object: search again.
+_STALE_HANDLE = (p11err.ObjectHandleInvalid, p11err.KeyHandleInvalid)
+_current_worker = threading.local()
 
 
 class HsmClient:
-    """A pool of PKCS#11 sessions; :meth:`run` executes a function against one of them."""
+    """A pool of PKCS#11 sessions; :meth:`run` executes a function against one of them.
+
+    Calls queue for the workers; a worker that comes free takes its share of the calls
+    waiting (split over the sessions, at most :data:`MAX_CALLS_PER_HANDOFF`) and runs them
+    one after the other on its session in one trip to its thread. One call alone leaves at
+    once; under load, one thread hand-off and one event-loop wake-up serve several calls
+    instead of one each (a PKCS#11 call on a cached handle takes tens of microseconds, the
+    hand-off about as long again).
+    """
 
     def __init__(self, config: HsmConfig) -> None:
         self._config = config
         self._lib: Any = None
         self._pin = ""
         self._workers = [_Worker(i) for i in range(config.sessions)]
-        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._free: list[_Worker] = []
+        self._waiting: collections.deque[_Call] = collections.deque()
         self._open_lock = threading.Lock()
-        # See the module docstring: the library was initialised without locking.
+        # See the module docstring: taken around every call unless the library locks itself.
         self._call_lock = threading.Lock()
+        self.thread_safe = False
+        # Bumped when objects are destroyed: every worker's cached handles are forgotten.
+        self._generation = 0
         self._login_session: Any = None
 
     async def start(self) -> None:
         if not self._config.library.is_file():
             raise ConfigError(f"PKCS#11 library not found: {self._config.library}", key="hsm.library")
         self._pin = read_pin(self._config)
-        self._lib = await run_blocking(
+        self._lib, self.thread_safe = await run_blocking(
             None,
-            lambda: pkcs11.lib(str(self._config.library)),
+            lambda: load_library(str(self._config.library)),
             deadline=30,
             backend=BACKEND,
             what="load library",
         )
-        for worker in self._workers:
-            self._idle.put_nowait(worker)
+        if not self.thread_safe:
+            log.warning(
+                "hsm_calls_serialised", reason="the PKCS#11 library was not initialised with OS locking"
+            )
+        self._free = list(self._workers)
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
+        self._lib = None
+        stopped = Unavailable("hsm client is closed", backend=BACKEND)
+        while self._waiting:
+            waiting = self._waiting.popleft()
+            if not waiting.future.done():
+                waiting.future.set_exception(stopped)
         for worker in self._workers:
             if worker.session is not None:
                 with contextlib.suppress(Exception):
@@ -177,40 +318,120 @@ class HsmClient:
         """Run ``fn(session)`` on a pooled worker's thread, within the configured deadline."""
         if self._lib is None:
             raise Unavailable("hsm client is not started", backend=BACKEND)
-        worker = await self._idle.get()
+        loop = asyncio.get_running_loop()
+        # The caller's context goes with the call: its backend calls are noted on its record.
+        call = _Call(fn, what, contextvars.copy_context(), loop.create_future())
+        self._waiting.append(call)
+        self._dispatch()
+        deadline = self._config.timeout_seconds
+        called = spans.now()
         try:
-
-            def call() -> T:
-                with self._call_lock:
-                    return locked_call()
-
-            def locked_call() -> T:
-                if worker.session is None:
-                    worker.session = self._open()
-                try:
-                    with map_pkcs11_errors(what):
-                        result = fn(worker.session)
-                except Unavailable as exc:
-                    if exc.upstream_code in _SESSION_BROKEN_CODES:
-                        worker.session = None
-                        self._forget_login()
-                    raise
-                note_backend_call(BACKEND, what, f"{self._config.token_label}/session-{worker.index}")
+            async with asyncio.timeout(deadline):
+                result: T = await call.future
                 return result
-
-            return await run_blocking(
-                worker.executor,
-                call,
-                deadline=self._config.timeout_seconds,
-                backend=BACKEND,
-                what=what,
-            )
+        except TimeoutError:
+            # Not started yet: it never will be (_dispatch skips a done future). Running: its
+            # thread finishes and the answer is dropped; the worker then serves the queue again.
+            raise BackendTimeout(
+                f"{BACKEND}: {what} took longer than {deadline:g}s", backend=BACKEND
+            ) from None
         finally:
-            self._idle.put_nowait(worker)
+            spans.add("backend", spans.now() - called)
+
+    def _dispatch(self) -> None:
+        """Hand waiting calls to free workers (event loop thread)."""
+        loop = asyncio.get_running_loop()
+        while self._waiting and self._free:
+            # A fair share of what waits, so the other sessions get the rest when they come free
+            # instead of one worker running everything in turn while another idles.
+            share = min(MAX_CALLS_PER_HANDOFF, -(-len(self._waiting) // len(self._workers)))
+            batch: list[_Call] = []
+            while self._waiting and len(batch) < share:
+                call = self._waiting.popleft()
+                if not call.future.done():  # timed out or cancelled while waiting
+                    batch.append(call)
+            if not batch:
+                return
+            worker = self._free.pop()
+            done = loop.run_in_executor(worker.executor, self._run_batch, worker, batch)
+            done.add_done_callback(functools.partial(self._finished, worker, batch))
+
+    def _finished(self, worker: _Worker, batch: list[_Call], done: asyncio.Future[list[_Outcome]]) -> None:
+        """A worker's batch is back (event loop thread): answer each call, then serve the queue."""
+        self._free.append(worker)
+        if done.cancelled() or done.exception() is not None:
+            error = done.exception() if not done.cancelled() else None
+            failed = Unavailable(f"hsm: worker failed ({type(error).__name__})", backend=BACKEND)
+            outcomes: list[_Outcome] = [(False, failed)] * len(batch)
+        else:
+            outcomes = done.result()
+        for call, (ok, value) in zip(batch, outcomes, strict=True):
+            if call.future.done():
+                continue
+            if ok:
+                call.future.set_result(value)
+            else:
+                call.future.set_exception(value)
+        if self._lib is not None:
+            self._dispatch()
+
+    def _run_batch(self, worker: _Worker, batch: list[_Call]) -> list[_Outcome]:
+        """Each call in turn on the worker's session (worker thread); an outcome per call."""
+        outcomes: list[_Outcome] = []
+        with contextlib.nullcontext() if self.thread_safe else self._call_lock:
+            for call in batch:
+                try:
+                    outcomes.append((True, call.context.run(self._run_one, worker, call.fn, call.what)))
+                except Exception as exc:  # noqa: BLE001 - each call's failure is its own answer
+                    outcomes.append((False, exc))
+        return outcomes
+
+    def _run_one(self, worker: _Worker, fn: Callable[[Any], Any], what: str) -> Any:
+        if worker.session is None:
+            worker.objects.clear()
+            worker.session = self._open()
+        if worker.generation != self._generation:
+            worker.objects.clear()
+            worker.generation = self._generation
+        _current_worker.value = worker
+        try:
+            with map_pkcs11_errors(what):
+                try:
+                    result = fn(worker.session)
+                except _STALE_HANDLE:
+                    # A cached handle of an object destroyed elsewhere: search afresh, once.
+                    worker.objects.clear()
+                    result = fn(worker.session)
+        except Unavailable as exc:
+            if exc.upstream_code in _SESSION_BROKEN_CODES:
+                worker.session = None
+                worker.objects.clear()
+                self._forget_login()
+            raise
+        finally:
+            _current_worker.value = None
+        note_backend_call(BACKEND, what, f"{self._config.token_label}/session-{worker.index}")
+        return result
 
     @property
     def config(self) -> HsmConfig:
         return self._config
+
+    def forget_objects(self) -> None:
+        """Every worker drops its cached handles before its next call (objects were destroyed)."""
+        self._generation += 1
+
+    @staticmethod
+    def find_key(session: Any, label: str, object_id: bytes, cls: ObjectClass) -> Any:
+        """The key object (label, CKA_ID, class) on ``session``: the worker's cached handle, or a search."""
+        worker: _Worker | None = getattr(_current_worker, "value", None)
+        slot = (label, object_id, cls)
+        if worker is not None and worker.session is session:
+            found = worker.objects.get(slot)
+            if found is None:
+                found = worker.objects[slot] = session.get_key(object_class=cls, label=label, id=object_id)
+            return found
+        return session.get_key(object_class=cls, label=label, id=object_id)
 
     async def health(self) -> dict[str, Any]:
         def probe(session: Any) -> int:
@@ -223,6 +444,7 @@ class HsmClient:
             "token_label": self._config.token_label,
             "logged_in": True,
             "sessions": len(self._workers),
+            "os_locking": self.thread_safe,
         }
 
 
@@ -424,7 +646,7 @@ class HsmKeys(PerItemBatches):
             object_id = bytes.fromhex(ref)
         except ValueError:
             raise NotFound(f"hsm: malformed object reference for key {key.name}") from None
-        return session.get_key(object_class=cls, label=object_label(key.name), id=object_id)
+        return HsmClient.find_key(session, object_label(key.name), object_id, cls)
 
     def _seal(self, session: Any, key: KeyRef, ref: str, plaintext: bytes, aad: bytes) -> bytes:
         secret = self._find(session, key, ref, ObjectClass.SECRET_KEY)
@@ -531,7 +753,10 @@ class HsmKeys(PerItemBatches):
                 obj.destroy()
             return len(doomed)
 
-        await self._hsm.run(run, what="destroy objects")
+        try:
+            await self._hsm.run(run, what="destroy objects")
+        finally:
+            self._hsm.forget_objects()
 
 
 AUDIT_KEY_LABEL = "kb-audit:checkpoint"

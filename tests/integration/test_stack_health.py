@@ -23,7 +23,13 @@ def test_health_reports_every_component(stack: DevStack) -> None:
     assert body["vault"]["is_leader"] is True
     assert body["vault"]["auth"] == "ok"
     assert body["kms"]["ok"] is True
-    assert body["hsm"] == {"ok": True, "token_label": "keybroker", "logged_in": True, "sessions": 2}
+    assert body["hsm"] == {
+        "ok": True,
+        "token_label": "keybroker",
+        "logged_in": True,
+        "sessions": 2,
+        "os_locking": True,
+    }
     assert body["audit"]["ok"] is True
 
 

@@ -1,0 +1,3 @@
+module keybroker/bench/loadgen
+
+go 1.19

@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ async def verify(request: web.Request) -> web.Response:
     document = await request.app[ANCHORS].read()
     head = sink.head()
     loop = asyncio.get_running_loop()
-    files = await loop.run_in_executor(sink.executor, sink.read_files)
+    files = await loop.run_in_executor(sink.executor, sink.sources)
     checks = [signature_checker(load_public_key(der))]
     retired = getattr(sink.signer, "retired_public_keys_der", None)
     if retired is not None:
@@ -130,7 +131,9 @@ def _filters(query: Any) -> merge.Filters:
     )
 
 
-def read_timeline(sink_files: list[tuple[str, bytes]], vault_log: Path | None) -> list[dict[str, Any]]:
+def read_timeline(
+    sink_files: Sequence[tuple[str, chain.Content]], vault_log: Path | None
+) -> list[dict[str, Any]]:
     """Blocking: the merged timeline of this broker's log and, if readable here, Vault's."""
     vault: list[dict[str, Any]] = []
     if vault_log is not None and vault_log.is_file():
@@ -193,7 +196,7 @@ async def events(request: web.Request) -> web.Response:
     sink = request.app[AUDIT]
     vault_log = request.app[SETTINGS].audit.vault_audit_log
     loop = asyncio.get_running_loop()
-    files = await loop.run_in_executor(sink.executor, sink.read_files)
+    files = await loop.run_in_executor(sink.executor, sink.sources)
     timeline = await loop.run_in_executor(None, lambda: read_timeline(files, vault_log))
     rows = merge.query(timeline, filters)
     next_cursor = None

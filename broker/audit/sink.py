@@ -46,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -509,6 +509,10 @@ class AuditSink:
     def read_files(self) -> list[tuple[str, bytes]]:
         """Every log file's name and content, oldest first (blocking; call off the loop)."""
         return self._files.read_all()
+
+    def sources(self) -> list[tuple[str, Callable[[], Iterator[bytes]]]]:
+        """Every log file's name and a line reader, oldest first: reading streams (off the loop)."""
+        return self._files.sources()
 
     @property
     def executor(self) -> ThreadPoolExecutor:

@@ -165,7 +165,13 @@ class AuditSink:
             return
         self._seq, self._head, discarded = self._files.chain_end()
         if discarded:
-            self._resume_note = f"discarded {discarded} bytes of an unfinished record at restart"
+            cut = f"discarded {discarded} bytes of an unfinished record at restart"
+            self._resume_note = f"{self._resume_note}; {cut}" if self._resume_note else cut
+
+    def note_restart(self, why: str) -> None:
+        """Before :meth:`start`: the chain's next records begin with a ``resume`` record saying why
+        this writer starts again (its supervisor restarted it after it was killed, say)."""
+        self._resume_note = why
 
     def _reopen_directory(self) -> None:
         self._open_directory()

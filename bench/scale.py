@@ -377,13 +377,113 @@ def _keys_bench(stack: Any, count: int, vault_client: Any, load_config: Any, reg
     )
 
 
+# -- serve --workers ----------------------------------------------------------------------
+
+
+async def _hammer(
+    url: str, tls: dict[str, str], body: bytes, concurrency: int, seconds: float
+) -> tuple[int, int]:
+    """Keep ``concurrency`` requests in flight for ``seconds`` (after 1 s of warm-up); count answers."""
+    import ssl
+
+    import aiohttp
+
+    ctx = ssl.create_default_context(cafile=tls["ca"])
+    ctx.load_cert_chain(tls["cert"], tls["key"])
+    ok = errors = 0
+    counting = False
+    connector = aiohttp.TCPConnector(limit=concurrency, ssl=ctx)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one_loop(deadline: float) -> None:
+            nonlocal ok, errors
+            while time.monotonic() < deadline:
+                async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+                    await resp.read()
+                    if counting:
+                        ok, errors = (ok + 1, errors) if resp.status == 200 else (ok, errors + 1)
+
+        async def switch() -> None:
+            nonlocal counting
+            await asyncio.sleep(1.0)
+            counting = True
+
+        deadline = time.monotonic() + 1.0 + seconds
+        await asyncio.gather(switch(), *(one_loop(deadline) for _ in range(concurrency)))
+    return ok, errors
+
+
+def _hammer_process(args: tuple[str, dict[str, str], bytes, int, float]) -> tuple[int, int]:
+    return asyncio.run(_hammer(*args))
+
+
+def workers_bench(seconds: float, concurrency: int) -> None:
+    import tomllib
+    from multiprocessing import Pool
+
+    from broker.devstack.common import child_env
+    from broker.devstack.processes import spawn
+    from broker.devstack.stack import DevStack, free_port
+
+    with tempfile.TemporaryDirectory(prefix="kb-scale-workers-") as tmp:
+        stack = DevStack(Path(tmp), broker_port=free_port())
+        print("starting the stack for serve --workers ...", flush=True)
+        stack.start()
+        second = None
+        try:
+            port = free_port()
+            config = Path(tmp) / "workers.toml"
+            config.write_text(stack.render_broker_config(port=port))
+            assert tomllib.loads(config.read_text())["server"]["port"] == port
+            second = spawn(
+                "broker-workers",
+                [sys.executable, "-m", "broker", "serve", "--config", str(config), "--workers", "2"],
+                log_path=Path(tmp) / "workers.log",
+                env=child_env(SOFTHSM2_CONF=str(stack.layout.softhsm_conf), **stack.broker.env),
+            )
+            workers_url = f"https://127.0.0.1:{port}"
+            stack.wait_healthy(second, workers_url, timeout=90)
+            _call(stack, "/v1/keys", {"name": "scale-workers", "backend": "vault", "environment": "dev"})
+            tls = {
+                k: str(stack.layout.tls / f)
+                for k, f in (("ca", "ca.pem"), ("cert", "admin.crt"), ("key", "admin.key"))
+            }
+            body = json.dumps(
+                {"plaintext": base64.b64encode(b"x" * 64).decode(), "context": {"tenant": "acme"}}
+            ).encode()
+            rows = []
+            for label, url in (
+                ("1 worker (serve)", stack.broker_url),
+                ("2 workers (serve --workers 2)", workers_url),
+            ):
+                target = f"{url}/v1/keys/scale-workers/encrypt"
+                with Pool(2) as pool:  # two generator processes: the generator is not one core
+                    parts = pool.map(_hammer_process, [(target, tls, body, concurrency // 2, seconds)] * 2)
+                ok, errors = sum(p[0] for p in parts), sum(p[1] for p in parts)
+                rows.append([label, f"{ok / seconds:.0f}", str(errors)])
+            base = float(rows[0][1]) or 1.0
+            for row in rows:
+                row.append(f"{float(row[1]) / base:.2f}")
+            table(
+                f"serve --workers: vault encrypt 64 B, {concurrency} in flight, {seconds:g} s, audit ON",
+                ["broker", "rps", "errors", "x 1 worker"],
+                rows,
+            )
+        finally:
+            if second is not None:
+                second.stop(timeout=30)
+            stack.stop()
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_verify":
         verify_child(*sys.argv[2:5])
         return 0
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="100k audit records and 1,000 keys")
-    parser.add_argument("--only", default="policy,keys,audit", help="comma-separated: policy, keys, audit")
+    parser.add_argument(
+        "--only", default="policy,keys,audit,workers", help="comma-separated: policy, keys, audit, workers"
+    )
     args = parser.parse_args()
     parts = set(args.only.split(","))
     print(
@@ -396,6 +496,8 @@ def main() -> int:
         keys_bench(1000 if args.quick else 10_000)
     if "audit" in parts:
         audit_bench([100_000] if args.quick else [100_000, 1_000_000])
+    if "workers" in parts:
+        workers_bench(5.0 if args.quick else 15.0, 64)
     return 0
 
 

@@ -76,6 +76,12 @@ def _print_report(report: dict[str, Any], as_json: bool, *, allow_unanchored: bo
             print("(pass --allow-unanchored to accept a log that cannot be proven complete)")
         for note in report.get("notes", []):
             print(f"note: {note}")
+        for part in report.get("chains", []):  # serve --workers: one chain per worker
+            problem = part.get("first_problem")
+            print(
+                f"chain {part['node']}: {part['verdict']}, {part['records']} records"
+                + (f"; first problem: {problem['kind']} at record {problem['seq']}" if problem else "")
+            )
     return {"intact": 0, "broken": EXIT_BROKEN}.get(verdict, EXIT_UNVERIFIED)
 
 

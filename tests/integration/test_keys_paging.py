@@ -16,22 +16,27 @@ from tests.integration.keyops import unique
 
 pytestmark = pytest.mark.integration
 
-COUNT = 240
+COUNT = 200
 
 
 @pytest.fixture(scope="module")
 def many_keys(stack: DevStack) -> tuple[str, set[str]]:
-    """COUNT keys carrying one tag no other test uses (created 8 at a time)."""
+    """COUNT keys carrying one tag no other test uses (created 4 at a time)."""
     tag = f"page{uuid.uuid4().hex[:8]}"
 
     def create(_: int) -> str:
         name = unique("pg")
-        body = {"name": name, "backend": "kms", "environment": "dev", "tags": {tag: "yes"}}
-        reply = https(stack, "/v1/keys", body=body)
-        assert reply.status == 201, reply.body
-        return name
+        body = {"name": name, "backend": "vault", "environment": "dev", "tags": {tag: "yes"}}
+        for _attempt in range(3):
+            try:
+                reply = https(stack, "/v1/keys", body=body)
+            except TimeoutError:
+                continue  # a loaded machine; a retry finds the key made (409) or makes it
+            assert reply.status in (201, 409), reply.body
+            return name
+        raise AssertionError(f"could not create {name}")
 
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(4) as pool:
         names = set(pool.map(create, range(COUNT)))
     return tag, names
 

@@ -107,15 +107,15 @@ def test_two_workers_share_the_port_and_each_keeps_its_chain(stack: DevStack, wo
         )
         assert sealed.status == 200, sealed.body
 
-    # Each worker verifies its own chain (signed by its own HSM key, anchored under its node name).
-    verdicts: dict[str, dict[str, Any]] = {}
-    for _ in range(200):
-        report = https(stack, "/v1/audit/verify", url=workers.url).json()
-        verdicts[report["node"]] = report
-        if len(verdicts) == 2:
-            break
-    assert sorted(verdicts) == sorted(w["node"] for w in seen.values())
-    assert all(r["ok"] and r["records"] > 0 for r in verdicts.values()), verdicts
+    # Whichever worker answers verifies every worker's chain, each against its own node's HSM key
+    # and Vault anchor; the merged timeline holds both chains' records.
+    nodes = sorted(w["node"] for w in seen.values())
+    report = https(stack, "/v1/audit/verify", url=workers.url).json()
+    assert sorted(c["node"] for c in report["chains"]) == nodes
+    assert all(c["ok"] and c["records"] > 0 and c["problems"] == 0 for c in report["chains"]), report
+    assert report["ok"] is True
+    timeline = https(stack, "/v1/audit/events?limit=10000&source=broker", url=workers.url).json()["events"]
+    assert {row.get("chain") for row in timeline} == set(nodes)
     assert {p.name for p in workers.audit_dir.iterdir() if p.is_dir()} >= {"worker-0", "worker-1"}
 
     # kill -9 one worker: the parent starts a new process for the same index (bounded wait).

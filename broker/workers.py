@@ -60,7 +60,9 @@ def worker_config(config: Config, index: int) -> Config:
 def parse_worker(value: str) -> tuple[int, int]:
     """``I/N`` (the hidden ``--worker`` argument the parent passes) as (index, count)."""
     index, _, count = value.partition("/")
-    if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count) <= MAX_WORKERS):
+    # ASCII digits only: str.isdigit() also takes other scripts' digits, which int() reads.
+    digits = index.isascii() and index.isdigit() and count.isascii() and count.isdigit()
+    if not (digits and 0 <= int(index) < int(count) <= MAX_WORKERS):
         raise ValueError(f"--worker takes I/N with 0 <= I < N <= {MAX_WORKERS}")
     return int(index), int(count)
 
@@ -97,8 +99,7 @@ class Supervisor:
 
     def run(self, poll: float = 0.2) -> int:
         """Serve until SIGTERM/SIGINT (0) or until a worker keeps dying (1)."""
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         for index in range(self.count):
             self._start(index)
         status = 0
@@ -123,6 +124,8 @@ class Supervisor:
                     )
         finally:
             self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return status
 
     def _may_restart(self, index: int) -> bool:

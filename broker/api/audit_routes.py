@@ -71,9 +71,7 @@ async def verify(request: web.Request) -> web.Response:
     }
     worker = request.app.get(WORKER)
     if worker is not None:
-        chains = [
-            {"node": sink.node, **{k: v for k, v in own.items() if k != "notes"}, "notes": own["notes"]}
-        ]
+        chains: list[dict[str, Any]] = [{"node": sink.node, "worker": worker[0], **own}]
         for index, node, directory in _sibling_chains(sink.directory, sink.node, worker):
             sibling_der = await HsmAuditSigner(request.app[HSM], node=node).public_key_der()
             paths = await loop.run_in_executor(None, _segment_paths, directory)

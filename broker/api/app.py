@@ -36,6 +36,7 @@ from broker.api.state import (
     POLICIES,
     SETTINGS,
     VAULT,
+    WORKER,
 )
 from broker.audit.sink import AuditSink
 from broker.backends.hsm import HsmAuditSigner, HsmClient, HsmKeys
@@ -190,16 +191,31 @@ async def _background(work: Coroutine[Any, Any, None], name: str) -> AsyncIterat
             await task
 
 
-async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then drain and close every backend client."""
+async def serve(
+    config: Config,
+    *,
+    ready: asyncio.Event | None = None,
+    worker: tuple[int, int] | None = None,
+    restart_note: str | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then drain and close every backend client.
+
+    ``worker``: (index, count) of a ``serve --workers`` process, which shares the port with
+    its siblings; ``restart_note``: why its supervisor started it again (noted in its chain).
+    """
     ssl_ctx = server_ssl_context(config.server)
     raise_open_file_limit(config.server)
     bound_tls_read_buffer()
-    runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False, shutdown_timeout=5)
+    app = create_app(config)
+    if worker is not None:
+        app[WORKER] = worker
+    if restart_note:
+        app[AUDIT].note_restart(restart_note)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
     # Not TCPSite: the edge site bounds handshakes, connections, idle and header time, and
     # answers aiohttp's own refusals as problem+json with an audit record (broker.api.edge).
-    site = EdgeSite(runner, config.server, ssl_ctx)
+    site = EdgeSite(runner, config.server, ssl_ctx, reuse_port=worker is not None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     debug_ms = os.environ.get("KEYBROKER_ASYNCIO_DEBUG_MS")

@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,15 @@ from aiohttp import web
 
 from broker.api import schemas
 from broker.api.authz import authorize
-from broker.api.state import ANCHORS, AUDIT, AUDIT_HMAC_KEY, PRINCIPAL, SETTINGS
+from broker.api.state import AUDIT, AUDIT_HMAC_KEY, HSM, PRINCIPAL, SETTINGS, VAULT, WORKER
 from broker.audit import chain, merge
 from broker.audit.events import hmac_value
+from broker.audit.segments import segment_sources
 from broker.audit.signing import load_public_key, signature_checker, to_pem
+from broker.backends.hsm import HsmAuditSigner
 from broker.errors import BadRequest, Forbidden
-from broker.state.anchors import anchored, epoch_notes, epochs
+from broker.state.anchors import VaultAnchors, anchored, epoch_notes, epochs
+from broker.workers import worker_dir_name
 
 MAX_EVENTS = 10_000
 EPOCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -45,16 +49,71 @@ async def _public_der(request: web.Request) -> bytes:
 
 
 async def verify(request: web.Request) -> web.Response:
-    """GET /v1/audit/verify: chain, signatures, Vault anchor and live head; names the first bad record."""
+    """GET /v1/audit/verify: chain, signatures, Vault anchor and live head; names the first bad record.
+
+    Under ``serve --workers`` every worker's chain is verified (``chains``), each against its
+    own node's HSM key and Vault anchor; ``ok`` and ``verdict`` are the worst of them.
+    """
     await authorize(request, "audit.verify")
     sink = request.app[AUDIT]
     der = await _public_der(request)
-    document = await request.app[ANCHORS].read()
     head = sink.head()
     loop = asyncio.get_running_loop()
-    files = await loop.run_in_executor(sink.executor, sink.read_files)
+    files = await loop.run_in_executor(sink.executor, sink.sources)
+    own = await _verify_chain(request, sink.node, der, files, live_head=head if head.seq else None)
+    document = own.pop("_anchor_document")
+    body: dict[str, Any] = {
+        **own,
+        "node": sink.node,
+        "epoch": sink.epoch,
+        "epochs": epochs(document),
+        "public_key": to_pem(der),
+    }
+    worker = request.app.get(WORKER)
+    if worker is not None:
+        chains: list[dict[str, Any]] = [{"node": sink.node, "worker": worker[0], **own}]
+        for index, node, directory in _sibling_chains(sink.directory, sink.node, worker):
+            sibling_der = await HsmAuditSigner(request.app[HSM], node=node).public_key_der()
+            paths = await loop.run_in_executor(None, _segment_paths, directory)
+            report = await _verify_chain(
+                request, node, sibling_der, segment_sources(paths), writer_running=True
+            )
+            report.pop("_anchor_document")
+            chains.append({"node": node, "worker": index, **report})
+        rank = {"intact": 0, "unverified": 1, "broken": 2}
+        body["chains"] = chains
+        body["ok"] = all(c["ok"] for c in chains)
+        body["verdict"] = max((c["verdict"] for c in chains), key=rank.__getitem__)
+    return web.json_response(body)
+
+
+def _segment_paths(directory: Path) -> list[Path]:
+    return sorted(directory.glob(f"{chain.FILE_PREFIX}*{chain.FILE_SUFFIX}"))
+
+
+def _sibling_chains(directory: Path, node: str, worker: tuple[int, int]) -> list[tuple[int, str, Path]]:
+    """The other workers' (index, node, audit directory), named as broker.workers names them."""
+    index, count = worker
+    base_node = node.removesuffix(f"-w{index}")
+    return [
+        (j, f"{base_node}-w{j}", directory.parent / worker_dir_name(j)) for j in range(count) if j != index
+    ]
+
+
+async def _verify_chain(
+    request: web.Request,
+    node: str,
+    der: bytes,
+    files: Sequence[tuple[str, chain.Content]],
+    *,
+    live_head: chain.Anchor | None = None,
+    writer_running: bool = False,
+) -> dict[str, Any]:
+    """One node's chain checked against its signing key(s) and its anchor in Vault (off the loop)."""
+    document = await VaultAnchors(request.app[VAULT], request.app[SETTINGS].vault.kv_mount, node).read()
     checks = [signature_checker(load_public_key(der))]
-    retired = getattr(sink.signer, "retired_public_keys_der", None)
+    signer = request.app[AUDIT].signer
+    retired = getattr(signer, "retired_public_keys_der", None)
     if retired is not None:
         # Logs written before each node had its own key were signed with the one shared key.
         checks += [signature_checker(load_public_key(k)) for k in await retired()]
@@ -62,20 +121,14 @@ async def verify(request: web.Request) -> web.Response:
     def check(digest: bytes, signature: bytes) -> bool:
         return any(c(digest, signature) for c in checks)
 
-    report = await loop.run_in_executor(
+    report = await asyncio.get_running_loop().run_in_executor(
         None,
-        lambda: chain.verify(files, check, anchor=anchored(document), live_head=head if head.seq else None),
+        lambda: chain.verify(
+            files, check, anchor=anchored(document), live_head=live_head, writer_running=writer_running
+        ),
     )
     report.notes.extend(epoch_notes(document))
-    return web.json_response(
-        {
-            **report.to_json(),
-            "node": sink.node,
-            "epoch": sink.epoch,
-            "epochs": epochs(document),
-            "public_key": to_pem(der),
-        }
-    )
+    return {**report.to_json(), "_anchor_document": document}
 
 
 async def new_epoch(request: web.Request) -> web.Response:
@@ -130,13 +183,25 @@ def _filters(query: Any) -> merge.Filters:
     )
 
 
-def read_timeline(sink_files: list[tuple[str, bytes]], vault_log: Path | None) -> list[dict[str, Any]]:
-    """Blocking: the merged timeline of this broker's log and, if readable here, Vault's."""
+def read_timeline(
+    sink_files: Sequence[tuple[str, chain.Content]],
+    vault_log: Path | None,
+    siblings: Sequence[tuple[str, Path]] = (),
+    own_node: str = "",
+) -> list[dict[str, Any]]:
+    """Blocking: the merged timeline of this broker's log (and its sibling workers' chains, each
+    row then naming its ``chain``) and, if readable here, Vault's."""
     vault: list[dict[str, Any]] = []
     if vault_log is not None and vault_log.is_file():
         with vault_log.open("rb") as fh:
             vault = merge.vault_entries(fh)
-    return merge.merge(merge.broker_records(sink_files), vault)
+    records = merge.broker_records(sink_files)
+    if siblings:
+        records = [{**r, "chain": own_node} for r in records]
+        for node, directory in siblings:
+            rows = merge.broker_records(segment_sources(_segment_paths(directory)))
+            records += [{**r, "chain": node} for r in rows]
+    return merge.merge(records, vault)
 
 
 # Paging: a cursor is the sort key of the last row a page held, so the next page starts right
@@ -155,6 +220,8 @@ def _row_key(row: dict[str, Any]) -> RowKey:
         seq = row.get("seq")
         ident = f"b:{seq:015d}" if isinstance(seq, int) and seq >= 0 else f"b:{seq}"
         ident += f":{row.get('request_id')}"
+        if row.get("chain"):  # serve --workers: each worker's chain numbers its records from 1
+            ident += f":{row['chain']}"
     return merge.time_of(row), ident
 
 
@@ -193,8 +260,10 @@ async def events(request: web.Request) -> web.Response:
     sink = request.app[AUDIT]
     vault_log = request.app[SETTINGS].audit.vault_audit_log
     loop = asyncio.get_running_loop()
-    files = await loop.run_in_executor(sink.executor, sink.read_files)
-    timeline = await loop.run_in_executor(None, lambda: read_timeline(files, vault_log))
+    files = await loop.run_in_executor(sink.executor, sink.sources)
+    worker = request.app.get(WORKER)
+    siblings = [(n, d) for _, n, d in _sibling_chains(sink.directory, sink.node, worker)] if worker else []
+    timeline = await loop.run_in_executor(None, lambda: read_timeline(files, vault_log, siblings, sink.node))
     rows = merge.query(timeline, filters)
     next_cursor = None
     if cursor is None:

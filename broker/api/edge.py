@@ -349,8 +349,12 @@ class _EdgeAnswer(web.Response):
 class EdgeSite(web.BaseSite):
     """A TLS listener whose connections are :class:`EdgeHandler` and whose handshakes are bounded."""
 
-    def __init__(self, runner: web.AppRunner, config: ServerConfig, ssl_context: Any) -> None:
+    def __init__(
+        self, runner: web.AppRunner, config: ServerConfig, ssl_context: Any, *, reuse_port: bool = False
+    ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=1024)
+        # serve --workers: every worker listens on the port; the kernel spreads connections.
+        self._reuse_port = reuse_port
         server = runner.server
         if server is None:  # BaseSite already refuses this; kept for the type
             raise RuntimeError("call runner.setup() before making a site")
@@ -373,6 +377,7 @@ class EdgeSite(web.BaseSite):
             self._config.port,
             backlog=self._backlog,
             reuse_address=True,
+            reuse_port=self._reuse_port or None,
         )
 
     def _tls_connection(self) -> TlsConnection:

@@ -98,13 +98,38 @@ async def create_key(request: web.Request) -> web.Response:
     return await idempotent(request, request.app[IDEMPOTENCY], "key.create", spec.name, body, create)
 
 
+# A page of a listing: at most this many keys (each one a Vault read).
+MAX_LIST_LIMIT = 1000
+
+
+def _list_limit(query: Any) -> int | None:
+    raw = query.get("limit")
+    if raw is None:
+        return None
+    # ASCII digits only: int() would also take " 10", "1_0" and non-ASCII digits.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not 1 <= int(raw) <= MAX_LIST_LIMIT:
+        raise BadRequest(f"'limit' must be an integer between 1 and {MAX_LIST_LIMIT}")
+    return int(raw)
+
+
 async def list_keys(request: web.Request) -> web.Response:
-    """Only the keys the caller may read are listed (by its rules; grants do not widen a listing)."""
+    """Only the keys the caller may read are listed (by its rules; grants do not widen a listing).
+
+    ``limit`` pages the listing in name order; ``after`` (the ``next`` of the previous page, a
+    key name, checked against the name rule like any name) continues it.
+    """
     await authorize(request, "key.list")
     filters = {f: request.query[f] for f in ("backend", "state", "environment", "tag") if f in request.query}
-    keys = await _service(request).list_keys(filters)
-    visible = [k for k in keys if (await decide(request, "key.read", k, with_grants=False)).allowed]
-    return web.json_response({"keys": [k.public() for k in visible]})
+    limit = _list_limit(request.query)
+    after = request.query.get("after")
+    if after is not None:
+        check_name(after, "'after'")
+
+    async def readable(key: Key) -> bool:
+        return (await decide(request, "key.read", key, with_grants=False)).allowed
+
+    keys, after_last = await _service(request).list_keys(filters, after=after, limit=limit, visible=readable)
+    return web.json_response({"keys": [k.public() for k in keys], "next": after_last})
 
 
 async def show_key(request: web.Request) -> web.Response:

@@ -29,6 +29,8 @@ POLICIES: web.AppKey[PolicyStore] = web.AppKey("policies")
 GRANTS: web.AppKey[GrantStore] = web.AppKey("grants")
 AUDIT: web.AppKey[AuditSink] = web.AppKey("audit")
 AUDIT_HMAC_KEY: web.AppKey[bytes] = web.AppKey("audit_hmac_key")
+# serve --workers: this worker's (index, count); absent in a single-process broker.
+WORKER: web.AppKey[tuple[int, int]] = web.AppKey("worker")
 ANCHORS: web.AppKey[VaultAnchors] = web.AppKey("anchors")
 IDEMPOTENCY: web.AppKey[IdempotencyStore] = web.AppKey("idempotency")
 

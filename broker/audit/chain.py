@@ -16,9 +16,10 @@ to Vault) and, for the live log, with the broker's own head.
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,16 +144,70 @@ class Report:
 
 # Verifies a checkpoint signature: (digest, raw r||s signature) -> valid?
 SignatureCheck = Callable[[bytes, bytes], bool]
+# A segment's content: its bytes, or a function that opens it afresh and yields its lines (each
+# with its b"\n", the last one without when the file ends inside a record), so a log of any
+# size is verified in constant memory.
+Content = bytes | Callable[[], Iterable[bytes]]
+
+
+def lines_of(content: Content) -> Iterator[bytes]:
+    """The segment's lines as a file yields them (with their line ends)."""
+    if isinstance(content, bytes):
+        # Split on b"\n" only, as reading the file does (bytes.splitlines would also cut at b"\r").
+        parts = content.split(b"\n")
+        last = parts.pop()
+        return iter([p + b"\n" for p in parts] + ([last] if last else []))
+    return iter(content())
+
+
+class SeqSet:
+    """A set of record numbers kept as sorted disjoint ranges: a sound log (1, 2, 3 ...) costs one
+    range however long it is; only damage (gaps, repeats) adds ranges."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []  # inclusive
+
+    def __contains__(self, seq: int) -> bool:
+        i = bisect.bisect_right(self._starts, seq) - 1
+        return i >= 0 and seq <= self._ends[i]
+
+    def add(self, seq: int) -> None:
+        starts, ends = self._starts, self._ends
+        if ends and ends[-1] + 1 == seq:  # the common case: the next record
+            ends[-1] = seq
+            return
+        i = bisect.bisect_right(starts, seq) - 1
+        if i >= 0 and seq <= ends[i]:
+            return
+        if i >= 0 and ends[i] + 1 == seq:
+            ends[i] = seq
+        else:
+            i += 1
+            starts.insert(i, seq)
+            ends.insert(i, seq)
+        if i + 1 < len(starts) and starts[i + 1] == ends[i] + 1:  # joins the next range
+            ends[i] = ends.pop(i + 1)
+            starts.pop(i + 1)
+
+    @property
+    def ranges(self) -> int:
+        return len(self._starts)
 
 
 def verify(
-    files: Iterable[tuple[str, bytes]],
+    files: Iterable[tuple[str, Content]],
     check_signature: SignatureCheck | None,
     *,
     anchor: Anchor | None = None,
     live_head: Anchor | None = None,
+    writer_running: bool = False,
 ) -> Report:
     """Check the chain over ``files`` (name, content) in name order; name the first bad record.
+
+    ``writer_running``: another process appends to this log right now (a sibling worker), so
+    an unfinished last line of the last file is a record being written, not damage: it is
+    left out (and said so) instead of reported as truncated.
 
     ``check_signature`` None skips signature checks. ``anchor``: the last checkpoint
     recorded in Vault; ``live_head``: the running broker's last written record. Either
@@ -160,23 +215,31 @@ def verify(
     ``unverified`` rather than ``intact``: no public key, no anchor (a wiped or
     truncated log cannot be told from a short one), or records after the last signed
     checkpoint that no live head vouches for.
+
+    Lines are read one at a time and only what the checks need is kept (the numbers seen as
+    ranges, the hashes of the anchored records), so memory stays flat however long the log.
     """
     report = Report()
     if check_signature is None:
         report.unverified.append("checkpoint signatures were not checked (no public key given)")
     prev_hash, prev_seq = GENESIS, 0
     prev_at = ("", 0)
-    seen: dict[int, str] = {}
-    ordered = sorted(files)
-    present = _all_seqs(ordered)
+    seen = SeqSet()
+    marks = {m.seq for m in (anchor, live_head) if m is not None}
+    marked: dict[int, str] = {}
+    ordered = sorted(files, key=lambda f: f[0])
+    present: SeqSet | None = None  # every number in the files: read only once a gap needs it
     for name, content in ordered:
         report.files += 1
-        lines = content.split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
-        elif lines:
-            report.fail(Problem(name, len(lines), None, "truncated", "the file ends inside a record"))
-        for number, line in enumerate(lines, start=1):
+        number = 0
+        for raw in lines_of(content):
+            number += 1
+            if not raw.endswith(b"\n") and writer_running and name == ordered[-1][0]:
+                report.notes.append(f"{name} line {number}: a record being written was left out")
+                continue
+            if not raw.endswith(b"\n"):
+                report.fail(Problem(name, number, None, "truncated", "the file ends inside a record"))
+            line = raw.rstrip(b"\n")
             try:
                 record = json.loads(line)
                 seq = int(record["seq"])
@@ -189,7 +252,9 @@ def verify(
                     Problem(name, number, seq, "edited", "the line is not in canonical form (edited)")
                 )
             if seq != prev_seq + 1:
-                kind, detail = _sequence_problem(seq, prev_seq, seen, present)
+                if present is None and seq > prev_seq + 1:
+                    present = _all_seqs(ordered)
+                kind, detail = _sequence_problem(seq, prev_seq, seen, present or SeqSet())
                 report.fail(Problem(name, number, seq, kind, detail))
             elif claimed_prev != prev_hash:
                 report.fail(
@@ -206,7 +271,9 @@ def verify(
                 _check_checkpoint(record, prev_hash, check_signature, report, name, number)
                 report.last_checkpoint_seq = seq
             this_hash = line_hash(line)
-            seen[seq] = this_hash
+            if seq in marks:
+                marked[seq] = this_hash
+            seen.add(seq)
             prev_hash, prev_seq, prev_at = this_hash, max(seq, prev_seq), (name, number)
             report.records += 1
     report.last_seq, report.head = prev_seq, prev_hash
@@ -232,15 +299,15 @@ def verify(
                     f"record {mark.seq} was {what} but the log ends at record {prev_seq}",
                 )
             )
-        elif seen.get(mark.seq) != mark.hash:
+        elif marked.get(mark.seq) != mark.hash:
             report.fail(Problem("", 0, mark.seq, "edited", f"record {mark.seq} differs from the one {what}"))
     return report
 
 
-def _all_seqs(files: Iterable[tuple[str, bytes]]) -> set[int]:
-    found = set()
+def _all_seqs(files: Iterable[tuple[str, Content]]) -> SeqSet:
+    found = SeqSet()
     for _, content in files:
-        for line in content.splitlines():
+        for line in lines_of(content):
             try:
                 found.add(int(json.loads(line)["seq"]))
             except (ValueError, KeyError, TypeError):
@@ -248,7 +315,7 @@ def _all_seqs(files: Iterable[tuple[str, bytes]]) -> set[int]:
     return found
 
 
-def _sequence_problem(seq: int, prev_seq: int, seen: Mapping[int, str], present: set[int]) -> tuple[str, str]:
+def _sequence_problem(seq: int, prev_seq: int, seen: SeqSet, present: SeqSet) -> tuple[str, str]:
     if seq > prev_seq + 1 and prev_seq + 1 in present and prev_seq + 1 not in seen:
         return "reordered", f"record {seq} comes before record {prev_seq + 1}"
     if seq > prev_seq + 1:

@@ -41,6 +41,8 @@ from datetime import UTC, datetime, timedelta
 from fnmatch import fnmatchcase
 from typing import Any
 
+from broker.audit.chain import Content, lines_of
+
 BROKER_VAULT_POLICY = "keybroker-broker"
 # The broker's request-id syntax (broker.api.middleware; kept import-free for offline use). Vault
 # writes whatever X-Request-Id its caller sent: a value outside it is not shown as a request id.
@@ -91,11 +93,11 @@ def time_of(row: Mapping[str, Any]) -> datetime:
         return EPOCH
 
 
-def broker_records(files: Iterable[tuple[str, bytes]]) -> list[dict[str, Any]]:
+def broker_records(files: Iterable[tuple[str, Content]]) -> list[dict[str, Any]]:
     """The broker's request records (not its start, resume or checkpoint records)."""
     out = []
-    for _, content in sorted(files):
-        for line in content.splitlines():
+    for _, content in sorted(files, key=lambda f: f[0]):
+        for line in lines_of(content):  # one line at a time: never a whole segment in memory
             try:
                 record = json.loads(line)
             except ValueError:

@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -93,6 +94,11 @@ class Segments:
         """Every segment's name and content, oldest first."""
         return [(p.name, p.read_bytes()) for p in self.files()]
 
+    def sources(self) -> list[tuple[str, Callable[[], Iterator[bytes]]]]:
+        """Every segment's name and a function reading its lines afresh, oldest first: for
+        verifying or reading a log of any size line by line (:func:`segment_sources`)."""
+        return segment_sources(self.files())
+
     def check_writable(self) -> os.statvfs_result:
         """Raise OSError unless the active segment (or, before one, the directory) takes writes now.
 
@@ -146,6 +152,20 @@ class Segments:
                 os.ftruncate(self._fd, self._size)
 
 
+def segment_sources(paths: list[Path]) -> list[tuple[str, Callable[[], Iterator[bytes]]]]:
+    """(name, line reader) for each file: the reader opens the file when iterated and yields one
+    line at a time, so only one line is in memory whatever the file's size."""
+
+    def reader(path: Path) -> Callable[[], Iterator[bytes]]:
+        def lines() -> Iterator[bytes]:
+            with path.open("rb") as fh:
+                yield from fh
+
+        return lines
+
+    return [(p.name, reader(p)) for p in sorted(paths)]
+
+
 def _fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -177,14 +197,16 @@ def _chain_end(files: list[Path]) -> tuple[int, str, int]:
 def _hash_of_record(files: list[Path], seq: int) -> str | None:
     """The line hash of record ``seq`` (files are named by their first record), or None."""
     candidates = [p for p in files if _first_seq(p) <= seq]
-    for path in reversed(candidates):
-        for line in path.read_bytes().splitlines():
+    if not candidates:
+        return None
+    with candidates[-1].open("rb") as fh:
+        for raw in fh:  # line by line: a segment may be large
+            line = raw.rstrip(b"\n")
             try:
                 if int(json.loads(line)["seq"]) == seq:
                     return line_hash(line)
             except (ValueError, KeyError, TypeError):
                 continue
-        return None
     return None
 
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -166,7 +166,13 @@ class AuditSink:
             return
         self._seq, self._head, discarded = self._files.chain_end()
         if discarded:
-            self._resume_note = f"discarded {discarded} bytes of an unfinished record at restart"
+            cut = f"discarded {discarded} bytes of an unfinished record at restart"
+            self._resume_note = f"{self._resume_note}; {cut}" if self._resume_note else cut
+
+    def note_restart(self, why: str) -> None:
+        """Before :meth:`start`: the chain's next records begin with a ``resume`` record saying why
+        this writer starts again (its supervisor restarted it after it was killed, say)."""
+        self._resume_note = why
 
     def _reopen_directory(self) -> None:
         self._open_directory()
@@ -523,6 +529,10 @@ class AuditSink:
     def read_files(self) -> list[tuple[str, bytes]]:
         """Every log file's name and content, oldest first (blocking; call off the loop)."""
         return self._files.read_all()
+
+    def sources(self) -> list[tuple[str, Callable[[], Iterator[bytes]]]]:
+        """Every log file's name and a line reader, oldest first: reading streams (off the loop)."""
+        return self._files.sources()
 
     @property
     def executor(self) -> ThreadPoolExecutor:

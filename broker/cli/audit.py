@@ -17,7 +17,7 @@ import json
 import re
 import sys
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -76,11 +76,19 @@ def _print_report(report: dict[str, Any], as_json: bool, *, allow_unanchored: bo
             print("(pass --allow-unanchored to accept a log that cannot be proven complete)")
         for note in report.get("notes", []):
             print(f"note: {note}")
+        for part in report.get("chains", []):  # serve --workers: one chain per worker
+            problem = part.get("first_problem")
+            print(
+                f"chain {part['node']}: {part['verdict']}, {part['records']} records"
+                + (f"; first problem: {problem['kind']} at record {problem['seq']}" if problem else "")
+            )
     return {"intact": 0, "broken": EXIT_BROKEN}.get(verdict, EXIT_UNVERIFIED)
 
 
-def _local_files(directory: str) -> list[tuple[str, bytes]]:
+def _local_files(directory: str) -> list[tuple[str, Callable[[], Iterator[bytes]]]]:
+    """The log's files, each read line by line when used: a log of any size in constant memory."""
     from broker.audit.chain import FILE_PREFIX, FILE_SUFFIX
+    from broker.audit.segments import segment_sources
 
     path = Path(directory)
     if not path.is_dir():
@@ -88,7 +96,7 @@ def _local_files(directory: str) -> list[tuple[str, bytes]]:
     files = sorted(path.glob(f"{FILE_PREFIX}*{FILE_SUFFIX}"))
     if not files:
         raise ConfigError(f"--dir: no audit files ({FILE_PREFIX}*{FILE_SUFFIX}) in {directory}")
-    return [(p.name, p.read_bytes()) for p in files]
+    return segment_sources(files)
 
 
 def cmd_verify(args: argparse.Namespace, session: Session) -> int:

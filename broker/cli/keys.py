@@ -167,11 +167,24 @@ def cmd_create(args: argparse.Namespace, session: Session) -> int:
     return _show(args, client.call("POST", "/v1/keys", body, idempotency_key=new_idempotency_key()))
 
 
+def _page_size(value: str) -> int:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 1000:
+        raise argparse.ArgumentTypeError("must be an integer from 1 to 1000")
+    return int(value)
+
+
 def cmd_list(args: argparse.Namespace, session: Session) -> int:
     client = session.client()
     query = {k: v for k in ("backend", "state", "environment", "tag") if (v := getattr(args, k))}
-    suffix = "?" + urllib.parse.urlencode(query) if query else ""
-    keys = client.call("GET", "/v1/keys" + suffix)["keys"]
+    # Page by page, so neither the broker nor Vault is asked for a whole large registry at once.
+    query["limit"] = str(args.page_size)
+    keys: list[dict[str, Any]] = []
+    while True:
+        page = client.call("GET", "/v1/keys?" + urllib.parse.urlencode(query))
+        keys += page["keys"]
+        if not page.get("next"):
+            break
+        query["after"] = page["next"]
     if args.json:
         print(json.dumps(keys, indent=2))
     else:
@@ -407,6 +420,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--state")
     p.add_argument("--environment", choices=ENVIRONMENTS)
     p.add_argument("--tag", metavar="KEY[=VALUE]")
+    p.add_argument("--page-size", type=_page_size, default=500, metavar="1-1000", help="keys per request")
 
     p = command("show", "show a key's metadata and versions", cmd_show)
     p.add_argument("name", type=key_name_arg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import textwrap
 import time
@@ -11,7 +12,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from broker.cli.common import EXIT_FAILED, Session, add_command, fail
+from broker.cli.common import EXIT_FAILED, EXIT_USAGE, Session, add_command, fail
+from broker.workers import RESTART_NOTE_ENV
 
 if TYPE_CHECKING:
     from broker.devstack.stack import DevStack
@@ -29,8 +31,30 @@ def cmd_serve(args: argparse.Namespace, session: Session) -> int:
         print(f"config {config.source}: loaded and validated")
         return 0 if run_checks(config, print) else EXIT_FAILED
     configure_logging(config.log.level)
+    if args.worker is not None:
+        from broker.workers import parse_worker, worker_config
+
+        try:
+            index, count = parse_worker(args.worker)
+        except ValueError as exc:
+            return fail(str(exc), EXIT_USAGE)
+        note = os.environ.pop(RESTART_NOTE_ENV, None)
+        asyncio.run(serve(worker_config(config, index), worker=(index, count), restart_note=note))
+        return 0
+    if args.workers > 1:
+        from broker.workers import run_workers
+
+        return run_workers(Path(args.config), args.workers)
     asyncio.run(serve(config))
     return 0
+
+
+def _workers(value: str) -> int:
+    from broker.workers import MAX_WORKERS
+
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {MAX_WORKERS}")
+    return int(value)
 
 
 def cmd_dev(args: argparse.Namespace, session: Session) -> int:
@@ -115,6 +139,17 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help="validate the configuration and the files it names (offline), then exit: 0 usable, 1 not",
     )
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="N worker processes on the one port (SO_REUSEPORT) under a parent that restarts any "
+        "that dies; each writes its own audit chain in audit.directory/worker-I as node "
+        "<audit.node>-wI (default: 1, a single process)",
+    )
+    # Internal: how the parent starts worker I of N.
+    serve.add_argument("--worker", help=argparse.SUPPRESS)
 
     dev = add_command(
         sub,

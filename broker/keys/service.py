@@ -16,7 +16,7 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -126,21 +126,40 @@ class KeyService:
         """A key already read (and authorized) by the caller is used as is: one Vault read per request."""
         return key if isinstance(key, Key) else await self.cached(key)
 
-    async def list_keys(self, filters: Mapping[str, str] | None = None) -> list[Key]:
-        keys = await self._registry.all()
+    async def list_keys(
+        self,
+        filters: Mapping[str, str] | None = None,
+        *,
+        after: str | None = None,
+        limit: int | None = None,
+        visible: Callable[[Key], Awaitable[bool]] | None = None,
+    ) -> tuple[list[Key], str | None]:
+        """Keys matching every filter (and ``visible``), in name order, from after ``after``.
+
+        With ``limit``, at most that many and the cursor to continue from (None when none is
+        left): a page costs one Vault listing and about ``limit`` reads, however many keys exist.
+        """
         f = dict(filters or {})
         tag = f.pop("tag", None)
-        out = []
-        for key in keys:
-            row = key.to_json()
-            if any(str(row.get(field)) != value for field, value in f.items()):
-                continue
-            if tag is not None:
-                tname, _, tvalue = tag.partition("=")
-                if tname not in key.tags or (tvalue and key.tags[tname] != tvalue):
+        tname, _, tvalue = (tag or "").partition("=")
+        out: list[Key] = []
+        scan = self._registry.scan(after)
+        try:
+            async for key in scan:
+                if limit is not None and len(out) >= limit:
+                    # A key remains beyond a full page: the caller continues after the last one.
+                    return out, out[-1].name
+                row = key.to_json()
+                if any(str(row.get(field)) != value for field, value in f.items()):
                     continue
-            out.append(key)
-        return out
+                if tag is not None and (tname not in key.tags or (tvalue and key.tags[tname] != tvalue)):
+                    continue
+                if visible is not None and not await visible(key):
+                    continue
+                out.append(key)
+        finally:
+            await scan.aclose()
+        return out, None
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -69,6 +69,8 @@ def fill_glob(template: str, principal: Principal) -> str:
     A certificate's name is chosen by whoever asked for the certificate; substituted
     unescaped, a CN ``*`` would turn ``{principal.name}-*`` into ``*-*``.
     """
+    if "{" not in template:  # most selectors hold no template: skip the substitution
+        return template
     return TEMPLATE_RE.sub(lambda m: glob_escape(str(getattr(principal, m.group(1)))), template)
 
 

@@ -6,10 +6,12 @@ Pure data; no I/O. The engine is :mod:`broker.policy.engine`, the document forma
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from fnmatch import fnmatchcase
+from functools import cached_property
 from typing import Any
 
 from broker.errors import Unauthenticated
@@ -223,11 +225,43 @@ class PolicySet:
 
     def roles_of(self, principal: Principal) -> tuple[str, ...]:
         """Role names bound to the principal, exactly or through a glob entry, sorted, unique."""
-        found: set[str] = set()
-        for pattern, names in self.bindings.items():
-            if pattern == principal.id or (_is_glob(pattern) and fnmatchcase(principal.id, pattern)):
-                found.update(names)
+        return self._binding_index.roles_of(principal.id)
+
+    @cached_property
+    def _binding_index(self) -> BindingIndex:
+        # Built once per document (a PolicySet never changes): decisions then cost a dict lookup
+        # and a few glob matches, not a pass over every binding.
+        return BindingIndex(self.bindings)
+
+
+class BindingIndex:
+    """Bindings by exact principal id, and globs by their literal prefix (the text before the
+    first wildcard): a glob can only match ids that start with its prefix, so a lookup tries
+    the id's own prefixes (one dict probe each) and matches only the globs filed under them."""
+
+    def __init__(self, bindings: Mapping[str, Sequence[str]]) -> None:
+        self._exact: dict[str, tuple[str, ...]] = {}
+        self._globs: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+        for pattern, names in bindings.items():
+            if _is_glob(pattern):
+                prefix = _GLOB_START.split(pattern, maxsplit=1)[0]
+                self._globs.setdefault(prefix, []).append((pattern, tuple(names)))
+            else:
+                self._exact[pattern] = tuple(names)
+        self._prefix_lengths = sorted({len(p) for p in self._globs})
+
+    def roles_of(self, principal_id: str) -> tuple[str, ...]:
+        found: set[str] = set(self._exact.get(principal_id, ()))
+        for length in self._prefix_lengths:
+            if length > len(principal_id):
+                break
+            for pattern, names in self._globs.get(principal_id[:length], ()):
+                if fnmatchcase(principal_id, pattern):
+                    found.update(names)
         return tuple(sorted(found))
+
+
+_GLOB_START = re.compile(r"[*?\[]")
 
 
 def _is_glob(pattern: str) -> bool:

@@ -69,6 +69,8 @@ def client_context(args: argparse.Namespace) -> tuple[str, ssl.SSLContext]:
     if missing:
         raise ConfigError(f"missing {', '.join(missing)} (after `keybroker dev`, source its env file)")
     addr, addr_source = found["addr"]
+    # `keybroker dev --ha` lists every replica, comma-separated; this client talks to the first.
+    addr = addr.split(",", 1)[0].strip()
     if not addr.startswith("https://"):
         raise ConfigError(f"the broker address must be https://, got {addr!r} (from {addr_source})")
     # Each file is opened on its own first, so an error names the file and the setting it came from.

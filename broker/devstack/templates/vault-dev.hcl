@@ -1,7 +1,8 @@
 # OpenBao/Vault server for `keybroker dev` and the integration tests.
 # Rendered by broker/devstack/stack.py: each dollar placeholder is filled in per run.
 # Production differs in three ways (see vault/production.hcl): a TLS listener,
-# the awskms seal without `endpoint` (real AWS), and a 3- or 5-node raft cluster.
+# the awskms seal without `endpoint` (real AWS), and a 3- or 5-node raft cluster
+# (`keybroker dev --ha` renders three of these, each with retry_join stanzas naming the others).
 
 ui            = false
 disable_mlock = true
@@ -11,12 +12,12 @@ log_level     = "info"
 
 storage "raft" {
   path    = "$raft_dir"
-  node_id = "keybroker-dev-1"
+  node_id = "$node_id"
   # A single local node: raft's default timing (multiplier 5) waits ~10 s for the
   # first election on a fresh node; 1 is the tight timing raft recommends for
   # dedicated hardware, and a loopback node qualifies.
   performance_multiplier = 1
-}
+$retry_join}
 
 # Loopback only. The dev stack has no CA until Vault's PKI exists, as with `vault server -dev`.
 listener "tcp" {

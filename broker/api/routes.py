@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from broker.api.authz import authorize
-from broker.api.state import AUDIT, HSM, KMS, METRICS, POLICIES, VAULT
+from broker.api.state import AUDIT, HSM, KMS, METRICS, POLICIES, SETTINGS, VAULT
 from broker.errors import BrokerError
 
 # A health check must answer quickly even when a backend hangs.
@@ -46,7 +46,8 @@ async def health(request: web.Request) -> web.Response:
     healthy = all(part["ok"] for part in results.values())
     for name, part in results.items():
         app[METRICS].component_up.labels(name).set(1 if part["ok"] else 0)
-    body = {"status": "ok" if healthy else "unavailable", **results}
+    # Which replica answered (its audit node name): behind a load balancer the caller cannot tell.
+    body = {"status": "ok" if healthy else "unavailable", "replica": app[SETTINGS].audit.node, **results}
     return web.json_response(body, status=200 if healthy else 503)
 
 

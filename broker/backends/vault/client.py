@@ -145,6 +145,13 @@ _NOT_ACTIVE = ("node not active", "active cluster node not found", "vault is sea
 _LEADER_TROUBLE = ("leader", "forward", "leadership")
 
 
+# sys/health answers these for a node that is not the active one (standby, performance standby,
+# not initialised, sealed); each is a state to report, not an error.
+_HEALTH_STATES = {429: "standby", 473: "standby", 501: "uninitialized", 503: "sealed"}
+# Each node's health probe: short, so a frozen node cannot hold up the broker's health answer.
+_PEER_PROBE_SECONDS = 2.0
+
+
 class _NodeFailed(Exception):
     """One attempt at one node failed in a way another node might not."""
 
@@ -495,13 +502,15 @@ class VaultClient:
             return data if isinstance(data, dict) else {}
 
     async def health(self) -> dict[str, Any]:
-        """Seal state, HA leadership and whether the broker's token works."""
+        """Seal state, HA leadership, each configured node's state and whether the broker's token works."""
         seal = await self.unauthenticated("v1/sys/seal-status", what="seal status")
         report: dict[str, Any] = {
             "initialized": bool(seal.get("initialized")),
             "sealed": bool(seal.get("sealed", True)),
             "seal_type": seal.get("type", ""),
             "version": seal.get("version", ""),
+            # The node this replica talks to now (the one that answered the seal status).
+            "node": self.current_node,
         }
         if report["initialized"] and not report["sealed"]:
             leader = await self.unauthenticated("v1/sys/leader", what="leader status", ok_statuses=(503,))
@@ -510,5 +519,40 @@ class VaultClient:
             report["leader_address"] = leader.get("leader_address", "")
             await self.request("GET", "v1/auth/token/lookup-self", what="token lookup")
             report["auth"] = "ok"
+        report["peers"] = await self.peers()
         report["ok"] = report["initialized"] and not report["sealed"] and report.get("auth") == "ok"
         return report
+
+    async def peers(self) -> list[dict[str, Any]]:
+        """Every configured node as it answers ``sys/health`` itself: active, standby, sealed, ...
+
+        Asked of each node at once, each within ``_PEER_PROBE_SECONDS``, with no token (the
+        broker's policy grants nothing under ``sys/``), so a down node shows as unreachable
+        without slowing the health answer.
+        """
+        return list(await asyncio.gather(*(self._peer(i) for i in range(len(self.nodes)))))
+
+    async def _peer(self, index: int) -> dict[str, Any]:
+        peer: dict[str, Any] = {"address": self.nodes[index]}
+        try:
+            data = await self._attempt(
+                index,
+                "GET",
+                "v1/sys/health",
+                None,
+                token=None,
+                what="node health",
+                ok_statuses=tuple(_HEALTH_STATES),
+                timeout=_PEER_PROBE_SECONDS,
+            )
+        except (_NodeFailed, BrokerError) as exc:
+            peer["state"] = "unreachable"
+            peer["error"] = exc.error.detail if isinstance(exc, _NodeFailed) else exc.detail
+            return peer
+        if not data.get("initialized", False):
+            peer["state"] = "uninitialized"
+        elif data.get("sealed", True):
+            peer["state"] = "sealed"
+        else:
+            peer["state"] = "standby" if data.get("standby") else "active"
+        return peer

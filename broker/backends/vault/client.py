@@ -148,6 +148,9 @@ _LEADER_TROUBLE = ("leader", "forward", "leadership")
 # sys/health answers these for a node that is not the active one (standby, performance standby,
 # not initialised, sealed); each is a state to report, not an error.
 _HEALTH_STATES = {429: "standby", 473: "standby", 501: "uninitialized", 503: "sealed"}
+# Between two rounds over every node when all refused: doubling from the first to the second.
+_ROUND_PAUSE = 0.1
+_ROUND_PAUSE_MAX = 1.0
 # Each node's health probe: short, so a frozen node cannot hold up the broker's health answer.
 _PEER_PROBE_SECONDS = 2.0
 
@@ -382,45 +385,60 @@ class VaultClient:
         ok_statuses: tuple[int, ...] = (),
         repeatable: bool = False,
     ) -> dict[str, Any]:
-        """One call, moved to another node while nodes fail, within ``deadline_seconds``."""
+        """One call, moved to another node while nodes fail, within ``deadline_seconds``.
+
+        When every node refused without doing anything (an election in progress: standbys
+        without a leader, redirects to a node that is not active yet), the call waits a little
+        and goes round again, until the deadline: a leader change then costs time, not an error.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.deadline_seconds
-        order = self._order(loop.time())
-        failures: list[tuple[str, BrokerError]] = []
         maybe_done = 0
-        for index in order:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+        pause = _ROUND_PAUSE
+        while True:
+            failures: list[tuple[str, BrokerError]] = []
+            give_up = False
+            for index in self._order(loop.time()):
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    give_up = True
+                    break
+                try:
+                    data = await self._attempt(
+                        index,
+                        method,
+                        path,
+                        body,
+                        token=token,
+                        what=what,
+                        ok_statuses=ok_statuses,
+                        timeout=min(self._config.timeout_seconds, remaining),
+                    )
+                except _NodeFailed as failed:
+                    self._resting[index] = loop.time() + self._config.node_retry_seconds
+                    failures.append((self.nodes[index], failed.error))
+                    if len(self.nodes) == 1:
+                        raise failed.error from failed.error.__cause__
+                    log.warning(
+                        "vault_node_failed", node=self.nodes[index], what=what, error=failed.error.detail
+                    )
+                    if failed.outcome is _Outcome.MAYBE_DONE:
+                        maybe_done += 1
+                        # Once only, and only what is safe to repeat: the first node may have done it.
+                        if not repeatable or maybe_done > 1:
+                            give_up = True
+                            break
+                    continue
+                if index != self._current:
+                    self.failovers += 1
+                    log.info("vault_node_changed", node=self.nodes[index], previous=self.nodes[self._current])
+                    self._current = index
+                self._resting.pop(index, None)
+                return data
+            if give_up or deadline - loop.time() <= pause:
                 break
-            try:
-                data = await self._attempt(
-                    index,
-                    method,
-                    path,
-                    body,
-                    token=token,
-                    what=what,
-                    ok_statuses=ok_statuses,
-                    timeout=min(self._config.timeout_seconds, remaining),
-                )
-            except _NodeFailed as failed:
-                self._resting[index] = loop.time() + self._config.node_retry_seconds
-                failures.append((self.nodes[index], failed.error))
-                if len(self.nodes) == 1:
-                    raise failed.error from failed.error.__cause__
-                if failed.outcome is _Outcome.MAYBE_DONE:
-                    maybe_done += 1
-                    # Once only, and only what is safe to repeat: the first node may have done it.
-                    if not repeatable or maybe_done > 1:
-                        break
-                log.warning("vault_node_failed", node=self.nodes[index], what=what, error=failed.error.detail)
-                continue
-            if index != self._current:
-                self.failovers += 1
-                log.info("vault_node_changed", node=self.nodes[index], previous=self.nodes[self._current])
-                self._current = index
-            self._resting.pop(index, None)
-            return data
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _ROUND_PAUSE_MAX)
         if not failures:
             raise Unavailable(f"vault: {what}: no time left to try a node", backend=BACKEND)
         summary = "; ".join(f"{node}: {error.detail}" for node, error in failures)

@@ -9,6 +9,10 @@ disable_mlock = true
 api_addr      = "http://127.0.0.1:$api_port"
 cluster_addr  = "https://127.0.0.1:$cluster_port"
 log_level     = "info"
+# Standbys forward reads to the active node too. By default an OpenBao standby answers reads from
+# its own copy of the raft log, which may lag: a grant revoked, a key suspended or a policy
+# changed through one node could still read as before through another (no read-after-write).
+disable_standby_reads = true
 
 storage "raft" {
   path    = "$raft_dir"

@@ -192,7 +192,12 @@ class DevStack:
             self._lock_fh.close()
             self._lock_fh = None
             raise StackError(f"another keybroker dev is already running on {self.layout.root}") from None
-        self._check_mode()
+        try:
+            self._check_mode()
+        except StackError:
+            self._lock_fh.close()
+            self._lock_fh = None
+            raise
 
     def _check_mode(self) -> None:
         """A state directory is either a single node or a cluster for good: switching would lose quorum."""

@@ -215,3 +215,19 @@ def create_key(stack: DevStack, name: str, backend: str = "vault") -> None:
         stack, stack.replicas[0].url, "/v1/keys", {"name": name, "backend": backend, "environment": "dev"}
     )
     assert reply.status == 201, reply.body[:300]
+
+
+def lead_where_a_replica_is(stack: DevStack, attempts: int = 8) -> set[str]:
+    """Step the leader down until it is a Vault node some broker replica sends its calls to, so a
+    kill of the leader is a kill of that replica's node; the replicas on it (bounded tries)."""
+    assert stack.cluster is not None
+    for _ in range(attempts):
+        on = {r.name: request(stack, r.url, "/v1/sys/health").json()["vault"]["node"] for r in stack.replicas}
+        leader = stack.cluster.leader()
+        if leader is not None and leader.addr in on.values():
+            return {name for name, node in on.items() if node == leader.addr}
+        stack.cluster._root_call("PUT", "sys/step-down")
+        deadline = time.monotonic() + 20
+        while stack.cluster.leader() in (None, leader) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    raise AssertionError("the leader never moved to a node a replica uses")

@@ -17,6 +17,7 @@ from tests.integration.ha.faults import (
     encrypt_call,
     error_window,
     kill_leader,
+    lead_where_a_replica_is,
     request,
     throughput,
     wait_cluster_whole,
@@ -34,6 +35,8 @@ def test_leader_kill_under_load_loses_nothing(ha: DevStack) -> None:
     and last a short window; the key keeps its one version; every ciphertext decrypts; each answer
     has its audit record on one of the replicas."""
     create_key(ha, "ha-leader-kill")
+    # The leader is the very node (at least) one replica talks to: that replica must fail over.
+    on_leader = lead_where_a_replica_is(ha)
     load = Load(ha, [r.url for r in ha.replicas], encrypt_call(ha, "ha-leader-kill"), threads=32)
     with load.running():
         time.sleep(4)
@@ -47,7 +50,8 @@ def test_leader_kill_under_load_loses_nothing(ha: DevStack) -> None:
         before = throughput(answers, killed_at - 3, killed_at)
         after = throughput(answers, killed_at + 6, killed_at + 12)
         print(
-            f"\nleader {killed} killed: {len(answers)} requests, {len(failed)} failed, "
+            f"\nleader {killed} (the node of {sorted(on_leader)}) killed: {len(answers)} requests, "
+            f"{len(failed)} failed, "
             f"error window {window:.2f}s, {before:.0f} req/s before, {after:.0f} req/s after, "
             f"slowest answer {max(a.seconds for a in answers):.2f}s"
         )
@@ -59,6 +63,11 @@ def test_leader_kill_under_load_loses_nothing(ha: DevStack) -> None:
         assert window <= 20.0
         # Serving again on both replicas after the election, with the killed node still down.
         assert {a.url for a in answers if a.status == 200 and a.started > killed_at + 6} == set(load.urls)
+        # The replicas that used the killed node moved to another one.
+        dead = ha.vault_node(killed).addr
+        for replica in ha.replicas:
+            if replica.name in on_leader:
+                assert request(ha, replica.url, "/v1/sys/health").json()["vault"]["node"] != dead
 
         key = request(ha, ha.replicas[1].url, "/v1/keys/ha-leader-kill").json()
         assert [v["version"] for v in key["versions"]] == [1], key["versions"]

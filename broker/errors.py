@@ -44,6 +44,8 @@ class BrokerError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
     title: ClassVar[str] = "Internal error"
+    # Seconds a client should wait before trying again (the Retry-After header), when that helps.
+    retry_after: ClassVar[int | None] = None
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail or self.title)
@@ -159,6 +161,8 @@ class Unavailable(BackendError):
     status = 503
     code = "backend_unavailable"
     title = "Backend unavailable"
+    # A Vault leader election or a node restart takes a few seconds; another replica may serve now.
+    retry_after = 2
 
 
 class BackendTimeout(BackendError):

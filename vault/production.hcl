@@ -6,6 +6,10 @@
 ui            = false
 api_addr      = "https://<this-node>.vault.internal:8200"
 cluster_addr  = "https://<this-node>.vault.internal:8201"
+# Required by keybroker: standbys forward reads to the active node. By default an OpenBao
+# standby answers reads from its own, possibly lagging copy of the raft log, so a grant revoked
+# or a key suspended through one node could still read as before through another.
+disable_standby_reads = true
 
 storage "raft" {
   path    = "/var/lib/vault/raft"

@@ -32,8 +32,11 @@ def problem_body(error: BrokerError, request_id: str) -> bytes:
 
 
 def problem_response(error: BrokerError, request_id: str) -> web.Response:
-    return web.Response(
+    response = web.Response(
         status=error.status,
         body=problem_body(error, request_id),
         content_type=PROBLEM_CONTENT_TYPE,
     )
+    if error.retry_after is not None:
+        response.headers["Retry-After"] = str(error.retry_after)
+    return response

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from broker.api.authz import authorize
-from broker.api.state import AUDIT, HSM, KMS, METRICS, POLICIES, VAULT, WORKER
+from broker.api.state import AUDIT, HSM, KMS, METRICS, POLICIES, SETTINGS, VAULT, WORKER
 from broker.errors import BrokerError
 
 # A health check must answer quickly even when a backend hangs.
@@ -47,10 +47,12 @@ async def health(request: web.Request) -> web.Response:
     healthy = all(part["ok"] for part in results.values())
     for name, part in results.items():
         app[METRICS].component_up.labels(name).set(1 if part["ok"] else 0)
-    # Which process answered: with serve --workers, each worker has its own index, pid and chain.
+    # Which replica answered (its audit node name: behind a load balancer the caller cannot tell),
+    # and which process (with serve --workers, each worker has its own index, pid and chain).
     index, count = app.get(WORKER, (None, 1))
     worker = {"index": index, "count": count, "pid": os.getpid(), "node": app[AUDIT].node}
-    body = {"status": "ok" if healthy else "unavailable", **results, "worker": worker}
+    replica = app[SETTINGS].audit.node
+    body = {"status": "ok" if healthy else "unavailable", "replica": replica, **results, "worker": worker}
     return web.json_response(body, status=200 if healthy else 503)
 
 

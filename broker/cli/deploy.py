@@ -103,7 +103,10 @@ administrators = ["spiffe://{trust_domain}/user/admin"]
 crl_pki_mount = ""
 
 [vault]
+# The raft cluster: the broker moves to another node when one is sealed, lost or a standby
+# without a leader (README "A Vault cluster and several broker replicas").
 address = "https://{VAULT_NODES[0]}:8200"
+addresses = [{", ".join(f'"https://{n}:8200"' for n in VAULT_NODES)}]
 ca_file = "{BROKER_ETC}/tls/ca.pem"
 role_id_file = "{APPROLE_DIR}/role-id"
 secret_id_file = "{APPROLE_DIR}/secret-id"

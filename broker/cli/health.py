@@ -31,12 +31,21 @@ def cmd_health(args: argparse.Namespace, session: Session) -> int:
     if args.json:
         print(json.dumps(body, indent=2))
     else:
-        print(f"broker {addr}: {body.get('status', '?')}")
+        replica = f" (replica {body['replica']})" if body.get("replica") else ""
+        print(f"broker {addr}{replica}: {body.get('status', '?')}")
         for name in HEALTH_PARTS:
             part = body[name]
             mark = "ok  " if part.get("ok") else "FAIL"
-            extras = ", ".join(f"{k}={v}" for k, v in part.items() if k != "ok")
+            extras = ", ".join(f"{k}={v}" for k, v in part.items() if k not in ("ok", "peers"))
             print(f"  {mark} {name:<6} {extras}")
+        # The Vault cluster as the replica sees it: one line per node, the leader marked.
+        leader = str(body["vault"].get("leader_address", "")).rstrip("/")
+        for peer in body["vault"].get("peers") or ():
+            if isinstance(peer, dict):
+                address = str(peer.get("address", "?"))
+                mark = " (leader)" if address.rstrip("/") == leader else ""
+                reason = f": {peer['error']}" if peer.get("error") else ""
+                print(f"       vault node {address} {peer.get('state', '?')}{mark}{reason}")
     return 0 if status == 200 else EXIT_FAILED
 
 

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import os
 import signal
-import textwrap
 import time
 from pathlib import Path
 from types import FrameType
@@ -72,7 +71,21 @@ def cmd_dev(args: argparse.Namespace, session: Session) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stack = DevStack(Path(args.state_dir), broker_port=args.port, progress=lambda m: print(m, flush=True))
+    if args.replicas is not None and not args.ha:
+        return fail("--replicas needs --ha (one broker replica per port from --port up)", 2)
+    replicas = args.replicas if args.replicas is not None else (2 if args.ha else 1)
+    # A cluster keeps its own state directory by default: a state directory is one shape for good.
+    state_dir = args.state_dir or (".keybroker/dev-ha" if args.ha else ".keybroker/dev")
+    try:
+        stack = DevStack(
+            Path(state_dir),
+            broker_port=args.port,
+            progress=lambda m: print(m, flush=True),
+            ha=args.ha,
+            replicas=replicas,
+        )
+    except StackError as exc:
+        return fail(str(exc))
     try:
         info = stack.start()
         _print_dev_banner(stack, info.startup_seconds, info.steps)
@@ -97,26 +110,44 @@ def _print_dev_banner(stack: DevStack, seconds: float, steps: list[tuple[str, fl
     lay = stack.layout
     tls = lay.tls
     timing = ", ".join(f"{name} {t:.1f}s" for name, t in steps)
+    if stack.cluster is not None:
+        brokers = "\n".join(
+            f"  broker      {r.url}        (mTLS; node {r.node}, audit {r.audit_dir})" for r in stack.replicas
+        )
+        vaults = "\n".join(
+            f"  vault       {n.addr}   (OpenBao raft node {n.node_id}, auto-unsealed by KMS)"
+            for n in stack.cluster.nodes
+        )
+        logs = f"{lay.logs}/{{broker-N,vault,vault-N,kms}}.log"
+        state = f"{lay.root}   (Vault's root token and recovery keys: {lay.vault_init})"
+    else:
+        brokers = f"  broker      {stack.broker_url}        (mTLS; admin cert below)"
+        vaults = (
+            f"  vault       {stack.vault_addr}   (OpenBao, auto-unsealed by KMS; "
+            f"root token in {lay.vault_init})"
+        )
+        logs = f"{lay.logs}/{{broker,vault,kms}}.log"
+        state = str(lay.root)
     print(
-        textwrap.dedent(f"""
-        keybroker dev stack is ready in {seconds:.1f}s ({timing})
+        f"""
+keybroker dev stack is ready in {seconds:.1f}s ({timing})
 
-          broker      {stack.broker_url}        (mTLS; admin cert below)
-          vault       {stack.vault_addr}   (OpenBao, auto-unsealed by KMS; root token in {lay.vault_init})
-          kms         {stack.kms_endpoint}   (local KMS stand-in; keys kept in {lay.kms_state})
-          hsm         SoftHSM2 token 'keybroker'   (SOFTHSM2_CONF={lay.softhsm_conf})
-          state       {lay.root}
-          logs        {lay.logs}/{{broker,vault,kms}}.log
-          vault audit {lay.vault_audit_log}
+{brokers}
+{vaults}
+  kms         {stack.kms_endpoint}   (local KMS stand-in; keys kept in {lay.kms_state})
+  hsm         SoftHSM2 token 'keybroker'   (SOFTHSM2_CONF={lay.softhsm_conf})
+  state       {state}
+  logs        {logs}
+  vault audit {lay.vault_audit_log}
 
-        Environment for the CLI and your tools:   . {lay.env_file}
+Environment for the CLI and your tools:   . {lay.env_file}
 
-        Try it:
-          curl --cacert {tls}/ca.pem --cert {tls}/admin.crt --key {tls}/admin.key \\
-               {stack.broker_url}/v1/sys/health
+Try it:
+  curl --cacert {tls}/ca.pem --cert {tls}/admin.crt --key {tls}/admin.key \\
+       {stack.broker_url}/v1/sys/health
 
-        Ctrl-C stops everything; run `keybroker dev` again on the same state to resume.
-        """),
+Ctrl-C stops everything; run `keybroker dev` again on the same state to resume.
+""",
         flush=True,
     )
 
@@ -164,6 +195,26 @@ def add_parsers(sub: Any) -> None:
         "stops every process. For development only.",
     )
     dev.add_argument(
-        "--state-dir", default=".keybroker/dev", help="where all state lives (default: %(default)s)"
+        "--state-dir",
+        default=None,
+        help="where all state lives (default: .keybroker/dev, with --ha .keybroker/dev-ha)",
     )
-    dev.add_argument("--port", type=int, default=8443, help="broker port on 127.0.0.1 (default: %(default)s)")
+    dev.add_argument(
+        "--port",
+        type=int,
+        default=8443,
+        help="broker port on 127.0.0.1; with --ha replicas use the ports from here up (default: %(default)s)",
+    )
+    dev.add_argument(
+        "--ha",
+        action="store_true",
+        help="a three-node OpenBao raft cluster (retry_join, every node auto-unsealed by KMS) "
+        "and several broker replicas sharing it",
+    )
+    dev.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="broker replicas with --ha (default: 2); the env file lists every address",
+    )

@@ -205,7 +205,14 @@ def _check_semantics(config: Config) -> None:
     src = config.source
     if not 0 < config.server.port < 65536:
         raise ConfigError("expected a TCP port 1..65535", source=src, key="server.port")
-    _check_transport_url(config.vault.address, config.vault.allow_insecure_http, src, "vault")
+    for url in config.vault.nodes:
+        _check_transport_url(url, config.vault.allow_insecure_http, src, "vault")
+    if config.vault.deadline_seconds < config.vault.timeout_seconds:
+        raise ConfigError(
+            "expected at least vault.timeout_seconds (one attempt must fit in the deadline)",
+            source=src,
+            key="vault.deadline_seconds",
+        )
     if config.kms.endpoint:
         _check_transport_url(config.kms.endpoint, config.kms.allow_insecure_http, src, "kms")
     _check_server_limits(config)
@@ -239,6 +246,7 @@ def _check_semantics(config: Config) -> None:
         raise ConfigError("expected 60 seconds to 30 days", source=src, key="keys.idempotency_ttl_seconds")
     for key in (
         "vault.timeout_seconds",
+        "vault.node_retry_seconds",
         "kms.timeout_seconds",
         "hsm.timeout_seconds",
         "keys.scheduler_interval_seconds",

@@ -64,14 +64,23 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class VaultConfig:
+    # The node tried first. With a raft cluster, list every node in ``addresses`` too (this one
+    # may be among them): on a sealed or lost node, a standby that cannot reach the leader, or
+    # a connection error the broker moves to the next node.
     address: str
     role_id_file: Path
     secret_id_file: Path
+    addresses: tuple[str, ...] = ()
     ca_file: Path | None = None
     approle_mount: str = "approle"
     transit_mount: str = "kb-transit"
     kv_mount: str = "kb-kv"
+    # One attempt at one node: past this it counts as failed (a frozen node never answers).
     timeout_seconds: float = 5.0
+    # One Vault call in all, fail-over attempts included: past this the caller gets 503.
+    deadline_seconds: float = 8.0
+    # A node that failed is tried again only after this long (unless every node has failed).
+    node_retry_seconds: float = 3.0
     # Renew the token once this fraction of its TTL has passed.
     renew_fraction: float = 0.5
     # Concurrent transit encryptions (decryptions) with one key share one batch_input call.
@@ -79,6 +88,14 @@ class VaultConfig:
     # An http:// address sends the AppRole secret, tokens and every plaintext unencrypted:
     # refused at load unless set (the dev stack on loopback only).
     allow_insecure_http: bool = False
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Every node's base URL, ``address`` first, each once."""
+        seen: dict[str, None] = {}
+        for url in (self.address, *self.addresses):
+            seen.setdefault(url.rstrip("/"), None)
+        return tuple(seen)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import shlex
 import ssl
 import sys
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from broker._files import write_private
@@ -21,10 +22,19 @@ class DevBroker:
     """Broker processes on ``port`` (the main one) or another port (a replica)."""
 
     def __init__(
-        self, layout: Layout, vault: DevVault, kms: DevKms, *, port: int, env: dict[str, str]
+        self,
+        layout: Layout,
+        vault: DevVault,
+        kms: DevKms,
+        *,
+        port: int,
+        env: dict[str, str],
+        cluster: Sequence[DevVault] = (),
     ) -> None:
         self.layout = layout
         self._vault = vault
+        # Every node of a raft cluster: the broker is given all their addresses and fails over.
+        self._cluster = cluster
         self._kms = kms
         self.port = port
         self.env = env
@@ -33,14 +43,27 @@ class DevBroker:
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
-    def render_config(self, *, port: int | None = None, approle_dir: Path | None = None) -> str:
+    def render_config(
+        self,
+        *,
+        port: int | None = None,
+        approle_dir: Path | None = None,
+        node: str | None = None,
+        audit_dir: Path | None = None,
+    ) -> str:
         """The broker's config; another port is another replica, with its own audit log (one chain each)."""
         tls = self.layout.tls
         approle = approle_dir or self.layout.approle_dir
         port = port or self.port
         replica = port != self.port
-        audit_dir = self.layout.audit_dir.with_name(f"audit-{port}") if replica else self.layout.audit_dir
-        node = f"broker-{port}" if replica else "broker"
+        if audit_dir is None:
+            audit_dir = self.layout.audit_dir.with_name(f"audit-{port}") if replica else self.layout.audit_dir
+        if node is None:
+            node = f"broker-{port}" if replica else "broker"
+        addresses = ""
+        if self._cluster:
+            listed = ", ".join(f'"{n.broker_addr}"' for n in self._cluster)
+            addresses = f"\naddresses = [{listed}]"
         if not self.layout.audit_hmac_key.is_file():
             write_private(self.layout.audit_hmac_key, os.urandom(32).hex() + "\n")
         return f"""\
@@ -57,7 +80,7 @@ administrators = ["spiffe://{TRUST_DOMAIN}/user/admin"]
 crl_refresh_seconds = 2.0
 
 [vault]
-address = "{self._vault.broker_addr}"{self._vault.broker_config_lines}
+address = "{self._vault.broker_addr}"{addresses}{self._vault.broker_config_lines}
 role_id_file = "{approle / "role-id"}"
 secret_id_file = "{approle / "secret-id"}"
 
@@ -105,11 +128,14 @@ vault_audit_log = "{self.layout.vault_audit_log}"
 
         wait_until(child, healthy, timeout=timeout, what="healthy", interval=0.2)
 
-    def write_env_file(self) -> None:
-        """``. <state>/env`` points the CLI, curl, bao and the AWS tools at this stack."""
+    def write_env_file(self, urls: Sequence[str] = ()) -> None:
+        """``. <state>/env`` points the CLI, curl, bao and the AWS tools at this stack.
+
+        ``KEYBROKER_ADDR`` lists every broker replica, comma-separated (clients fail over).
+        """
         tls = self.layout.tls
         lines = {
-            "KEYBROKER_ADDR": self.url,
+            "KEYBROKER_ADDR": ",".join(urls or [self.url]),
             "KEYBROKER_CACERT": tls / "ca.pem",
             "KEYBROKER_CLIENT_CERT": tls / "admin.crt",
             "KEYBROKER_CLIENT_KEY": tls / "admin.key",

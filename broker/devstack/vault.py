@@ -49,18 +49,49 @@ def find_bao() -> Path:
 
 
 class DevVault:
-    """OpenBao in ``layout.vault_dir``, unsealed by the KMS stand-in with no human step."""
+    """One OpenBao node in ``layout.vault_dir``, unsealed by the KMS stand-in with no human step.
 
-    def __init__(self, layout: Layout, kms: DevKms, *, tls: bool, progress: Callable[[str], None]) -> None:
+    Node 1 keeps the single-node layout (``vault/``); the other nodes of a ``--ha`` cluster
+    live in ``vault/node-<n>/``, each with its own raft directory and ports, and find the
+    cluster through ``retry_join`` stanzas naming every other node. All nodes share the
+    awskms seal key, so a joined node unseals itself, and the one file audit log (each
+    entry is one appended line), so the broker's merge sees whichever node was active.
+    """
+
+    def __init__(
+        self,
+        layout: Layout,
+        kms: DevKms,
+        *,
+        tls: bool,
+        progress: Callable[[str], None],
+        node: int = 1,
+    ) -> None:
         self.layout = layout
         self._kms = kms
         self._progress = progress
+        self.node = node
         self.port = 0
         self.cluster_port = 0
         # A second, TLS listener that the broker uses (as in production); the plain one stays
         # for bootstrap and the dev tools.
         self.tls = tls
         self.tls_port = 0
+        # The other nodes of the cluster, joined through retry_join (empty: a single node).
+        self.peers: list[DevVault] = []
+
+    @property
+    def node_dir(self) -> Path:
+        return self.layout.vault_dir if self.node == 1 else self.layout.vault_dir / f"node-{self.node}"
+
+    @property
+    def node_id(self) -> str:
+        return f"keybroker-dev-{self.node}"
+
+    @property
+    def name(self) -> str:
+        """The child process name (and log file stem): ``vault``, ``vault-2``, ..."""
+        return "vault" if self.node == 1 else f"vault-{self.node}"
 
     @property
     def addr(self) -> str:
@@ -79,8 +110,9 @@ class DevVault:
         # Plain http only to the loopback dev Vault; the broker refuses it unless told so.
         return "\nallow_insecure_http = true"
 
-    def _ports(self) -> tuple[int, int]:
-        path = self.layout.vault_ports
+    def allocate_ports(self) -> None:
+        """This node's API, cluster (and TLS) ports: the saved ones, else new free ones, saved."""
+        path = self.node_dir / "ports.json"
         if path.is_file():
             saved = json.loads(path.read_text())
             api, cluster = int(saved["api"]), int(saved["cluster"])
@@ -89,19 +121,27 @@ class DevVault:
                     raise StackError(
                         f"port {port}, which this state directory's Vault uses, is taken by another process"
                     )
-            return api, cluster
-        api, cluster = free_port(), free_port()
-        while cluster == api:
-            cluster = free_port()
-        write_private(path, json.dumps({"api": api, "cluster": cluster}))
-        return api, cluster
+        else:
+            api, cluster = free_port(), free_port()
+            while cluster == api:
+                cluster = free_port()
+            self.node_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_private(path, json.dumps({"api": api, "cluster": cluster}))
+        self.port, self.cluster_port = api, cluster
+        if self.tls and not self.tls_port:
+            self.tls_port = free_port()
+
+    def _retry_join(self) -> str:
+        return "".join(f'  retry_join {{\n    leader_api_addr = "{peer.addr}"\n  }}\n' for peer in self.peers)
 
     def render_hcl(self) -> str:
         template = resources.files("broker.devstack").joinpath("templates/vault-dev.hcl").read_text()
         hcl = string.Template(template).substitute(
             api_port=self.port,
             cluster_port=self.cluster_port,
-            raft_dir=self.layout.vault_dir / "raft",
+            raft_dir=self.node_dir / "raft",
+            node_id=self.node_id,
+            retry_join=self._retry_join(),
             kms_region=KMS_REGION,
             kms_key_id=self.layout.kms_unseal_key.read_text().strip(),
             kms_endpoint=self._kms.endpoint,
@@ -115,32 +155,38 @@ class DevVault:
             )
         return hcl
 
-    def start(self) -> Child:
-        self.port, self.cluster_port = self._ports()
-        if self.tls and not self.tls_port:
-            self.tls_port = free_port()
-        (self.layout.vault_dir / "raft").mkdir(mode=0o700, exist_ok=True)
-        write_private(self.layout.vault_hcl, self.render_hcl())
-        child = spawn(
-            "vault",
-            [str(find_bao()), "server", f"-config={self.layout.vault_hcl}"],
-            log_path=self.layout.logs / "vault.log",
+    def spawn(self) -> Child:
+        """Start this node's process (ports allocated first) without waiting for it."""
+        if not self.port:
+            self.allocate_ports()
+        (self.node_dir / "raft").mkdir(mode=0o700, parents=True, exist_ok=True)
+        hcl_path = self.node_dir / "server.hcl"
+        write_private(hcl_path, self.render_hcl())
+        return spawn(
+            self.name,
+            [str(find_bao()), "server", f"-config={hcl_path}"],
+            log_path=self.layout.logs / f"{self.name}.log",
             env=child_env(),
         )
+
+    def start(self) -> Child:
+        """A single node: start it; once initialised, wait until KMS has unsealed it."""
+        self.allocate_ports()
+        child = self.spawn()
         try:
             wait_until(child, lambda: bool(self.seal_status()), timeout=30, what="answering")
             if self.layout.vault_init.is_file():
                 # Initialised before: the awskms seal must unseal it with no human step.
-                wait_until(
-                    child,
-                    lambda: not self.seal_status().get("sealed", True),
-                    timeout=30,
-                    what="unsealed by KMS",
-                )
+                self.wait_unsealed(child)
         except BaseException:
             child.stop()
             raise
         return child
+
+    def wait_unsealed(self, child: Child, timeout: float = 30) -> None:
+        wait_until(
+            child, lambda: not self.seal_status().get("sealed", True), timeout=timeout, what="unsealed by KMS"
+        )
 
     def seal_status(self) -> dict[str, Any]:
         try:

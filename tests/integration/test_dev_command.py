@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from broker.devstack.processes import pid_alive
 from broker.devstack.stack import free_port
 
@@ -181,3 +183,35 @@ def test_dev_refuses_a_second_run_on_the_same_state(tmp_path: Path) -> None:
     assert second.returncode == 1
     assert "another keybroker dev is already running" in second.stderr
     assert "Traceback" not in second.stderr
+
+
+def test_dev_replicas_need_ha(tmp_path: Path) -> None:
+    """--replicas is a cluster option: without --ha it is a usage error (exit 2), nothing started."""
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "dev", "--state-dir", str(tmp_path / "s"), "--replicas", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--replicas needs --ha" in done.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_state_directory_keeps_its_shape(tmp_path: Path) -> None:
+    """A single-node state directory is refused by --ha and a cluster's by the single-node stack (either
+    switch would strand raft without a quorum), before any process starts."""
+    from broker.devstack.stack import DevStack, StackError
+
+    single = tmp_path / "single"
+    (single / "vault").mkdir(parents=True)
+    (single / "vault" / "init.json").write_text("{}")
+    cluster = tmp_path / "cluster"
+    (cluster / "vault" / "node-2").mkdir(parents=True)
+    refusals = ((single, True, "holds a single-node stack"), (cluster, False, "holds an --ha cluster"))
+    for state, ha, says in refusals:
+        stack = DevStack(state, broker_port=free_port(), ha=ha, replicas=2 if ha else 1)
+        with pytest.raises(StackError, match=says):
+            stack.start()
+        assert not stack.children

@@ -1,5 +1,11 @@
 """Vault's HTTP API: one pooled aiohttp session, AppRole login, token renewal, errors mapped once.
 
+With several node addresses (a raft cluster) every call goes to the node that last
+served, and moves on when a node cannot serve: a connection refused, a sealed node, a
+standby without a leader (nothing was done: any call may go elsewhere) or a timeout, a
+cut connection, a failed forward (maybe done: only calls safe to repeat are retried,
+once; the rest fail fast with 503). Every call has a deadline, attempts included.
+
 hvac is synchronous and used only for bootstrap and admin commands
 (``broker.vaultops``); the broker's own calls go through :class:`VaultClient`.
 Every call carries the broker-generated request id as ``X-Request-Id`` (a
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import re
 import ssl
 import time
@@ -25,9 +32,11 @@ import aiohttp
 from broker.config.model import VaultConfig
 from broker.config.secrets import read_secret_file
 from broker.errors import (
+    BackendError,
     BackendTimeout,
     BadGateway,
     BadRequest,
+    BrokerError,
     ConfigError,
     NotFound,
     Unavailable,
@@ -125,6 +134,54 @@ def map_vault_errors(what: str) -> Iterator[None]:
         raise BadGateway(f"vault: {what}: unreadable response", backend=BACKEND) from exc
 
 
+class _Outcome(enum.Enum):
+    NOT_DONE = "not_done"  # the node did nothing with the call: any call may go to another node
+    MAYBE_DONE = "maybe_done"  # the node may have done it: only calls safe to repeat go elsewhere
+
+
+# A standby that cannot reach an active node answers 500 with one of these (it did nothing);
+# a failed forward or a leadership lost while committing may have been applied.
+_NOT_ACTIVE = ("node not active", "active cluster node not found", "vault is sealed", "standby")
+_LEADER_TROUBLE = ("leader", "forward", "leadership")
+
+
+# sys/health answers these for a node that is not the active one (standby, performance standby,
+# not initialised, sealed); each is a state to report, not an error.
+_HEALTH_STATES = {429: "standby", 473: "standby", 501: "uninitialized", 503: "sealed"}
+# Between two rounds over every node when all refused: doubling from the first to the second.
+_ROUND_PAUSE = 0.1
+_ROUND_PAUSE_MAX = 1.0
+# Each node's health probe: short, so a frozen node cannot hold up the broker's health answer.
+_PEER_PROBE_SECONDS = 2.0
+
+
+class _NodeFailed(Exception):
+    """One attempt at one node failed in a way another node might not."""
+
+    def __init__(self, outcome: _Outcome, error: BrokerError) -> None:
+        super().__init__(str(error))
+        self.outcome = outcome
+        self.error = error
+
+
+def _node_failure(exc: BaseException) -> _Outcome | None:
+    """Whether a failed attempt says the node (not the call) is the problem, and how far it got."""
+    if isinstance(exc, VaultHTTPError):
+        reasons = " ".join(exc.errors).lower()
+        if exc.status == 503 or 300 <= exc.status < 400:
+            return _Outcome.NOT_DONE
+        if exc.status == 500 and any(text in reasons for text in _NOT_ACTIVE):
+            return _Outcome.NOT_DONE
+        if exc.status in (500, 502, 504) and any(text in reasons for text in _LEADER_TROUBLE):
+            return _Outcome.MAYBE_DONE
+        return None
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return _Outcome.NOT_DONE  # no connection was made
+    if isinstance(exc, TimeoutError | aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
+        return _Outcome.MAYBE_DONE
+    return None
+
+
 @dataclass
 class _Token:
     value: str
@@ -146,6 +203,15 @@ class VaultClient:
         self._renewer: asyncio.Task[None] | None = None
         self.logins = 0
         self.renewals = 0
+        self.nodes = config.nodes
+        # The node that served last: tried first. A failed node rests until its time comes.
+        self._current = 0
+        self._resting: dict[int, float] = {}
+        self.failovers = 0
+
+    @property
+    def current_node(self) -> str:
+        return self.nodes[self._current]
 
     async def start(self) -> None:
         ssl_ctx: ssl.SSLContext | bool = True
@@ -153,7 +219,6 @@ class VaultClient:
             ssl_ctx = ssl.create_default_context(cafile=str(self._config.ca_file))
         connector = aiohttp.TCPConnector(limit=128, ssl=ssl_ctx, enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(
-            base_url=self._config.address.rstrip("/") + "/",
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=self._config.timeout_seconds),
         )
@@ -193,6 +258,8 @@ class VaultClient:
                 {"role_id": role_id, "secret_id": secret_id},
                 token=None,
                 what="approle login",
+                # A repeated login makes one more token, which expires unused: harmless.
+                repeatable=True,
             )
             old = self._token
             self._token = self._token_from(body)
@@ -206,6 +273,7 @@ class VaultClient:
                     None,
                     token=old.value,
                     what="revoke old token",
+                    repeatable=True,
                 )
 
     def _token_from(self, body: dict[str, Any]) -> _Token:
@@ -228,7 +296,7 @@ class VaultClient:
             return
         try:
             body = await self._raw(
-                "POST", "v1/auth/token/renew-self", {}, token=token.value, what="token renew"
+                "POST", "v1/auth/token/renew-self", {}, token=token.value, what="token renew", repeatable=True
             )
         except (Unavailable, BadGateway, BackendTimeout, NotFound) as exc:
             log.info("vault_renew_failed_relogin", error=str(exc))
@@ -262,17 +330,30 @@ class VaultClient:
                 attempt += 1
 
     async def request(
-        self, method: str, path: str, body: dict[str, Any] | None = None, *, what: str
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        what: str,
+        repeatable: bool | None = None,
     ) -> dict[str, Any]:
-        """An authenticated call; a 403 (expired or revoked token) triggers one re-login and retry."""
+        """An authenticated call; a 403 (expired or revoked token) triggers one re-login and retry.
+
+        ``repeatable``: doing the call twice has the effect of doing it once (default: GET and
+        DELETE are, other methods are not). Only such a call is sent to a second node after
+        the first may have done it (a timeout, a cut connection, a failed forward).
+        """
+        if repeatable is None:
+            repeatable = method in ("GET", "DELETE")
         token = self._token or await self._login_and_get()
         try:
-            return await self._raw(method, path, body, token=token.value, what=what)
+            return await self._raw(method, path, body, token=token.value, what=what, repeatable=repeatable)
         except BadGateway as exc:
             if exc.upstream_status != 403:
                 raise
         token = await self._login_and_get()
-        return await self._raw(method, path, body, token=token.value, what=what)
+        return await self._raw(method, path, body, token=token.value, what=what, repeatable=repeatable)
 
     async def _login_and_get(self) -> _Token:
         await self.login()
@@ -283,7 +364,15 @@ class VaultClient:
     async def unauthenticated(
         self, path: str, *, what: str, ok_statuses: tuple[int, ...] = ()
     ) -> dict[str, Any]:
-        return await self._raw("GET", path, None, token=None, what=what, ok_statuses=ok_statuses)
+        return await self._raw(
+            "GET", path, None, token=None, what=what, ok_statuses=ok_statuses, repeatable=True
+        )
+
+    def _order(self, now: float) -> list[int]:
+        """Nodes in the order to try: the current one, then the others; resting ones last."""
+        count = len(self.nodes)
+        ring = [(self._current + i) % count for i in range(count)]
+        return sorted(ring, key=lambda i: self._resting.get(i, 0.0) > now)
 
     async def _raw(
         self,
@@ -294,34 +383,152 @@ class VaultClient:
         token: str | None,
         what: str,
         ok_statuses: tuple[int, ...] = (),
+        repeatable: bool = False,
     ) -> dict[str, Any]:
+        """One call, moved to another node while nodes fail, within ``deadline_seconds``.
+
+        When every node refused without doing anything (an election in progress: standbys
+        without a leader, redirects to a node that is not active yet), the call waits a little
+        and goes round again, until the deadline: a leader change then costs time, not an error.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.deadline_seconds
+        maybe_done = 0
+        pause = _ROUND_PAUSE
+        while True:
+            failures: list[tuple[str, BrokerError]] = []
+            give_up = False
+            for index in self._order(loop.time()):
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    give_up = True
+                    break
+                try:
+                    data = await self._attempt(
+                        index,
+                        method,
+                        path,
+                        body,
+                        token=token,
+                        what=what,
+                        ok_statuses=ok_statuses,
+                        timeout=min(self._config.timeout_seconds, remaining),
+                    )
+                except _NodeFailed as failed:
+                    self._resting[index] = loop.time() + self._config.node_retry_seconds
+                    failures.append((self.nodes[index], failed.error))
+                    if len(self.nodes) == 1:
+                        raise failed.error from failed.error.__cause__
+                    log.warning(
+                        "vault_node_failed", node=self.nodes[index], what=what, error=failed.error.detail
+                    )
+                    if failed.outcome is _Outcome.MAYBE_DONE:
+                        maybe_done += 1
+                        # Once only, and only what is safe to repeat: the first node may have done it.
+                        if not repeatable or maybe_done > 1:
+                            give_up = True
+                            break
+                    continue
+                if index != self._current:
+                    self.failovers += 1
+                    log.info("vault_node_changed", node=self.nodes[index], previous=self.nodes[self._current])
+                    self._current = index
+                self._resting.pop(index, None)
+                return data
+            if give_up or deadline - loop.time() <= pause:
+                break
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _ROUND_PAUSE_MAX)
+        if not failures:
+            raise Unavailable(f"vault: {what}: no time left to try a node", backend=BACKEND)
+        summary = "; ".join(f"{node}: {error.detail}" for node, error in failures)
+        last = failures[-1][1]
+        raise Unavailable(
+            f"vault: {what}: no node could serve it ({summary})",
+            backend=BACKEND,
+            upstream_status=last.upstream_status if isinstance(last, BackendError) else None,
+            reasons=last.reasons if isinstance(last, BackendError) else (),
+        )
+
+    async def _attempt(
+        self,
+        index: int,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        *,
+        token: str | None,
+        what: str,
+        ok_statuses: tuple[int, ...],
+        timeout: float,  # noqa: ASYNC109 - aiohttp's per-request timeout, not a wrapper around the call
+    ) -> dict[str, Any]:
+        """One request to one node; raises _NodeFailed when another node might serve it."""
         if self._session is None:
             raise Unavailable("vault client is not started", backend=BACKEND)
         headers = {}
         if token is not None:
             headers["X-Vault-Token"] = token
         sent_id = headers["X-Request-Id"] = outgoing_request_id()
-        with map_vault_errors(what):
-            async with self._session.request(method, path, json=body, headers=headers) as resp:
-                data: Any = {} if resp.status == 204 or resp.content_length == 0 else None
-                try:
-                    if data is None:
-                        data = await resp.json(content_type=None)
-                finally:
-                    _note_call(what, path, resp.status, sent_id, data, token is not None)
-                if resp.status >= 400 and resp.status not in ok_statuses:
-                    errors = data.get("errors", []) if isinstance(data, dict) else []
-                    raise VaultHTTPError(resp.status, [str(e) for e in errors])
-                return data if isinstance(data, dict) else {}
+        url = f"{self.nodes[index]}/{path}"
+        try:
+            with map_vault_errors(what):
+                return await self._exchange(
+                    method, url, path, body, headers, sent_id, what, ok_statuses, timeout, token is not None
+                )
+        except BrokerError as mapped:
+            cause = mapped.__cause__
+            outcome = _node_failure(cause) if cause is not None else None
+            if outcome is None:
+                raise
+            raise _NodeFailed(outcome, mapped) from mapped
+
+    async def _exchange(
+        self,
+        method: str,
+        url: str,
+        path: str,
+        body: dict[str, Any] | None,
+        headers: dict[str, str],
+        sent_id: str,
+        what: str,
+        ok_statuses: tuple[int, ...],
+        timeout: float,  # noqa: ASYNC109 - aiohttp's per-request timeout
+        with_token: bool,
+    ) -> dict[str, Any]:
+        if self._session is None:
+            raise Unavailable("vault client is not started", backend=BACKEND)
+        async with self._session.request(
+            method,
+            url,
+            json=body,
+            headers=headers,
+            # A standby may redirect to the active node: the broker chooses its nodes itself.
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as resp:
+            if 300 <= resp.status < 400:
+                raise VaultHTTPError(resp.status, [f"redirected to {resp.headers.get('Location', '?')}"])
+            data: Any = {} if resp.status == 204 or resp.content_length == 0 else None
+            try:
+                if data is None:
+                    data = await resp.json(content_type=None)
+            finally:
+                _note_call(what, path, resp.status, sent_id, data, with_token)
+            if resp.status >= 400 and resp.status not in ok_statuses:
+                errors = data.get("errors", []) if isinstance(data, dict) else []
+                raise VaultHTTPError(resp.status, [str(e) for e in errors])
+            return data if isinstance(data, dict) else {}
 
     async def health(self) -> dict[str, Any]:
-        """Seal state, HA leadership and whether the broker's token works."""
+        """Seal state, HA leadership, each configured node's state and whether the broker's token works."""
         seal = await self.unauthenticated("v1/sys/seal-status", what="seal status")
         report: dict[str, Any] = {
             "initialized": bool(seal.get("initialized")),
             "sealed": bool(seal.get("sealed", True)),
             "seal_type": seal.get("type", ""),
             "version": seal.get("version", ""),
+            # The node this replica talks to now (the one that answered the seal status).
+            "node": self.current_node,
         }
         if report["initialized"] and not report["sealed"]:
             leader = await self.unauthenticated("v1/sys/leader", what="leader status", ok_statuses=(503,))
@@ -330,5 +537,40 @@ class VaultClient:
             report["leader_address"] = leader.get("leader_address", "")
             await self.request("GET", "v1/auth/token/lookup-self", what="token lookup")
             report["auth"] = "ok"
+        report["peers"] = await self.peers()
         report["ok"] = report["initialized"] and not report["sealed"] and report.get("auth") == "ok"
         return report
+
+    async def peers(self) -> list[dict[str, Any]]:
+        """Every configured node as it answers ``sys/health`` itself: active, standby, sealed, ...
+
+        Asked of each node at once, each within ``_PEER_PROBE_SECONDS``, with no token (the
+        broker's policy grants nothing under ``sys/``), so a down node shows as unreachable
+        without slowing the health answer.
+        """
+        return list(await asyncio.gather(*(self._peer(i) for i in range(len(self.nodes)))))
+
+    async def _peer(self, index: int) -> dict[str, Any]:
+        peer: dict[str, Any] = {"address": self.nodes[index]}
+        try:
+            data = await self._attempt(
+                index,
+                "GET",
+                "v1/sys/health",
+                None,
+                token=None,
+                what="node health",
+                ok_statuses=tuple(_HEALTH_STATES),
+                timeout=_PEER_PROBE_SECONDS,
+            )
+        except (_NodeFailed, BrokerError) as exc:
+            peer["state"] = "unreachable"
+            peer["error"] = exc.error.detail if isinstance(exc, _NodeFailed) else exc.detail
+            return peer
+        if not data.get("initialized", False):
+            peer["state"] = "uninitialized"
+        elif data.get("sealed", True):
+            peer["state"] = "sealed"
+        else:
+            peer["state"] = "standby" if data.get("standby") else "active"
+        return peer

@@ -166,6 +166,7 @@ class VaultTransit:
             # A partial failure would otherwise be a 400 for the whole batch.
             {"batch_input": batch, "partial_failure_response_code": 200},
             what="transit encrypt batch",
+            repeatable=True,
         )
         results: list[bytes | BrokerError] = []
         for item in _batch_results(out, len(items)):
@@ -191,6 +192,7 @@ class VaultTransit:
                 self._path("decrypt", key.name),
                 {"batch_input": batch, "partial_failure_response_code": 200},
                 what="transit decrypt batch",
+                repeatable=True,
             )
         except BadGateway as exc:
             # Transit still answers 400 when every item failed; each was a decryption failure.
@@ -216,7 +218,7 @@ class VaultTransit:
         body = {"ciphertext": _transit_ciphertext(src_ref, payload), "key_version": int(dst_ref)}
         try:
             out = await self._client.request(
-                "POST", self._path("rewrap", key.name), body, what="transit rewrap"
+                "POST", self._path("rewrap", key.name), body, what="transit rewrap", repeatable=True
             )
         except BadGateway as exc:
             if exc.upstream_status == 400:
@@ -232,7 +234,11 @@ class VaultTransit:
         if aad:
             body["associated_data"] = _b64(aad)
         out = await self._client.request(
-            "POST", vault_path(f"{self._mount}/datakey/plaintext", key.name), body, what="transit datakey"
+            "POST",
+            vault_path(f"{self._mount}/datakey/plaintext", key.name),
+            body,
+            what="transit datakey",
+            repeatable=True,
         )
         data = out["data"]
         return base64.b64decode(data["plaintext"]), _transit_payload(data["ciphertext"])
@@ -245,7 +251,9 @@ class VaultTransit:
             "key_version": int(ref),
             "marshaling_algorithm": "asn1",
         }
-        out = await self._client.request("POST", self._path("sign", key.name), body, what="transit sign")
+        out = await self._client.request(
+            "POST", self._path("sign", key.name), body, what="transit sign", repeatable=True
+        )
         return _transit_payload(out["data"]["signature"])
 
     async def verify(self, key: KeyRef, ref: str, digest: bytes, signature: bytes) -> bool:
@@ -258,7 +266,7 @@ class VaultTransit:
         }
         try:
             out = await self._client.request(
-                "POST", self._path("verify", key.name), body, what="transit verify"
+                "POST", self._path("verify", key.name), body, what="transit verify", repeatable=True
             )
         except BadGateway as exc:
             if exc.upstream_status == 400:  # a malformed signature is an invalid one
@@ -278,6 +286,7 @@ class VaultTransit:
             self._path("keys", key.name, "config"),
             {"min_decryption_version": min(int(r) for r in refs)},
             what="transit config",
+            repeatable=True,
         )
 
     async def schedule_destruction(self, key: KeyRef, refs: Sequence[str], pending_days: int) -> None:
@@ -295,6 +304,7 @@ class VaultTransit:
                 self._path("keys", key.name, "config"),
                 {"deletion_allowed": True},
                 what="transit config",
+                repeatable=True,
             )
         except NotFound:
             return

@@ -6,7 +6,7 @@ STATE_DIR ?= .keybroker/dev
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup setup-test dev test lint unit integration bench clean
+.PHONY: setup setup-test dev test lint unit integration bench bench-envelope bench-scale clean
 
 setup:
 	@VENV=$(VENV) scripts/setup.sh
@@ -36,6 +36,17 @@ bench: setup
 	@VENV=$(VENV) scripts/setup.sh --with-bench
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# kbe1 envelopes vs the AWS Encryption SDK and cat (1 MiB, 64 MiB, 1 GiB; caching).
+bench-envelope: setup
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m bench.envelope $(BENCH_ARGS)
+
+# Scale of state (policy, keys list, audit verify at 1M records) and serve --workers 1 vs 2.
+bench-scale: setup
+	@VENV=$(VENV) scripts/setup.sh --with-bench
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m bench.scale $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -383,7 +383,8 @@ def test_the_cli_takes_several_addresses_and_fails_over(stack: DevStack) -> None
     assert listed.returncode == 0, listed.stderr
     assert isinstance(json.loads(listed.stdout), list)
     assert health.returncode == 0, health.stderr
-    assert health.stdout.decode().startswith(f"broker {stack.broker_url}: ok")
+    assert health.stdout.decode().startswith(f"broker {stack.broker_url} (replica ")
+    assert health.stdout.decode().splitlines()[0].endswith(": ok")
 
 
 def test_a_broker_certificate_from_another_ca_is_a_tls_error_not_retried(

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from broker.sdk import AsyncClient, Client
-from broker.sdk.errors import KeybrokerError
+from broker.sdk._settings import parse_addresses
+from broker.sdk.errors import ConfigurationError, KeybrokerError
 from tests.unit.test_sdk_transport import Fake, fakes, tls
 
 __all__ = ["fakes", "tls"]  # pytest fixtures, used by name below
@@ -113,3 +114,14 @@ def test_the_sync_client_does_not_follow_a_redirect(
         kb.encrypt("k", SECRET)
     assert sink.bodies == []
     assert len(a.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "address", ["https://ops:hunter2@broker.example:8443", "https://hunter2@broker.example"]
+)
+def test_an_address_with_credentials_is_refused_without_repeating_them(address: str) -> None:
+    """user:password@ in a broker address is refused, and the error does not echo the password
+    (every later error and log line would otherwise carry it, and aiohttp would send it)."""
+    with pytest.raises(ConfigurationError) as caught:
+        parse_addresses(address)
+    assert "hunter2" not in str(caught.value)

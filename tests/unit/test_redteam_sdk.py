@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from broker.sdk import AsyncClient, Client
+from broker.sdk._calls import raw
 from broker.sdk._settings import parse_addresses
-from broker.sdk.errors import ConfigurationError, KeybrokerError
+from broker.sdk.errors import ConfigurationError, InvalidInput, KeybrokerError
 from tests.unit.test_sdk_transport import Fake, fakes, tls
 
 __all__ = ["fakes", "tls"]  # pytest fixtures, used by name below
@@ -125,3 +126,38 @@ def test_an_address_with_credentials_is_refused_without_repeating_them(address: 
     with pytest.raises(ConfigurationError) as caught:
         parse_addresses(address)
     assert "hunter2" not in str(caught.value)
+
+
+def test_an_idempotency_key_on_a_route_without_records_does_not_make_a_change_retryable(
+    tls: tuple[Path, Path, Path], fakes: tuple[Fake, Fake]
+) -> None:
+    """``call(..., idempotency_key=...)`` on a change the broker keeps no record for (a new audit
+    epoch, a binding write, a grant revocation): the broker ignores the header, so a retry after
+    a lost answer would make the change twice. The SDK refuses the call before sending anything."""
+    a, b = fakes
+    a.script = ["cut"]
+    ca, cert, key = tls
+    with (
+        Client([a.url, b.url], ca_cert=ca, client_cert=cert, client_key=key, timeout=5, retries=1) as kb,
+        pytest.raises(InvalidInput, match="no Idempotency-Key record"),
+    ):
+        kb.call("POST", "/v1/audit/epoch", {"name": "e2", "reason": "r"}, idempotency_key="k-1")
+    assert a.requests == []
+    assert b.requests == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/keys"),
+        ("PATCH", "/v1/keys/payments"),
+        ("POST", "/v1/keys/payments/rotate"),
+        ("POST", "/v1/keys/payments/schedule-destruction"),
+        ("POST", "/v1/keys/payments/grants"),
+        ("PUT", "/v1/policies"),
+    ],
+)
+def test_an_idempotency_key_on_a_route_with_records_is_kept(method: str, path: str) -> None:
+    """Where the broker keeps records, the header goes out as given (and makes the call retryable)."""
+    call = raw(method, path, {"x": 1}, (), None, "k-2")
+    assert call.request_headers()["Idempotency-Key"] == "k-2"

@@ -125,8 +125,16 @@ class AsyncTransport:
         url = URL(address + call.path, encoded=True)
         headers = {"User-Agent": USER_AGENT, **call.request_headers()}
         try:
+            # allow_redirects=False: aiohttp follows 307/308 with the body (plaintext, data keys)
+            # to any address, plain http:// included; a broker never redirects, so a redirect is
+            # an answer to report, like the blocking client's.
             async with session.request(
-                call.method, url, data=call.payload(), headers=headers, timeout=self._timeout
+                call.method,
+                url,
+                data=call.payload(),
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
             ) as answer:
                 chunks: list[bytes] = []
                 size = 0

@@ -472,14 +472,29 @@ _SAFE_POST = re.compile(
 )
 
 
+# The changes the broker keeps an Idempotency-Key record for (broker/api/idempotency.py callers);
+# on any other route it ignores the header, so a retry would make the change twice.
+_KEYED_ROUTES = re.compile(
+    r"^(?:POST /v1/keys|PATCH /v1/keys/[^/?]+|PUT /v1/policies|POST /v1/keys/[^/?]+/"
+    r"(?:rotate|suspend|resume|revoke|schedule-destruction|cancel-destruction|grants))$"
+)
+
+
 def raw(
     method: str, path: str, body: Any, ok: tuple[int, ...], safe: bool | None, idempotency_key: str | None
 ) -> Call[Any]:
     """A call by method and path. Unless told, it is safe to retry when it is a read or a crypto
-    operation (by its path), or carries an idempotency key."""
+    operation (by its path), or carries an idempotency key (only where the broker honours one)."""
     verb = method.upper()
     if not path.startswith("/") or any(c in path for c in " \r\n\t"):
         raise InvalidInput(0, "bad_request", f"a path starts with '/' and has no spaces, got {path!r}")
+    if idempotency_key is not None and not _KEYED_ROUTES.match(f"{verb} {path.split('?', 1)[0]}"):
+        raise InvalidInput(
+            0,
+            "bad_request",
+            f"the broker keeps no Idempotency-Key record for {verb} {path.split('?', 1)[0]}: "
+            "a retry would make the change again; send it without one",
+        )
     if safe is None:
         safe = verb in ("GET", "HEAD") or (
             verb == "POST" and _SAFE_POST.match(path.split("?", 1)[0]) is not None

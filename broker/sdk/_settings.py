@@ -33,6 +33,10 @@ def parse_addresses(value: str | Sequence[str]) -> tuple[str, ...]:
         if not text:
             continue
         parts = urllib.parse.urlsplit(text)
+        if "@" in parts.netloc:
+            # user:password@ would be repeated in every error and log line naming the address
+            # (and sent as Basic auth by aiohttp); the broker authenticates by certificate only.
+            raise ConfigurationError("a broker address must be https://HOST[:PORT], without user:password@")
         if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
             raise ConfigurationError(f"a broker address must be https://HOST[:PORT], got {raw.strip()!r}")
         try:

@@ -540,6 +540,11 @@ async def protocol_checks(
         if error is None and expectation is not None and expectation.strip().lower() != "100-continue":
             error = ExpectationFailed("only 'Expect: 100-continue' is understood")
     if error is None:
+        # One meaning per query: a proxy and the broker must not read different values of a
+        # repeated parameter (the handlers read the first). Framing is fine, so no close.
+        query = request.query
+        if len(query) != len(set(query)):
+            raise BadRequest("a query parameter is given more than once")
         return await handler(request)
     log.info("request_refused", status=error.status, code=error.code, detail=error.detail)
     facts = request.get(AUDIT_FACTS)

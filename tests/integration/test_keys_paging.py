@@ -103,6 +103,19 @@ def test_hostile_paging_parameters_are_refused(stack: DevStack, query: dict[str,
     assert json.loads(reply.body)["code"] in ("bad_request", "invalid_key_name")
 
 
+@pytest.mark.parametrize(
+    "query",
+    ["limit=1&limit=1000", "after=a&after=b", "limit=5&after=a&limit=5", "state=active&state=destroyed"],
+)
+def test_a_repeated_query_parameter_is_refused(stack: DevStack, query: str) -> None:
+    """A parameter given twice is ambiguous (a proxy may read the last, the broker the first): 400."""
+    reply = https(stack, "/v1/keys?" + query)
+    assert reply.status == 400, reply.body
+    assert json.loads(reply.body)["code"] == "bad_request"
+    events = https(stack, "/v1/audit/events?" + query.replace("limit", "key").replace("after", "key"))
+    assert events.status == 400, events.body
+
+
 def test_cli_lists_every_page(stack: DevStack, many_keys: tuple[str, set[str]]) -> None:
     """`keys list` follows the cursor: a page size far below the count still lists every key once."""
     tag, names = many_keys

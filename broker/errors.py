@@ -162,7 +162,7 @@ class Unavailable(BackendError):
     code = "backend_unavailable"
     title = "Backend unavailable"
     # A Vault leader election or a node restart takes a few seconds; another replica may serve now.
-    retry_after = 2
+    retry_after: ClassVar[int | None] = 2
 
 
 class BackendTimeout(BackendError):

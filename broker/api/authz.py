@@ -38,6 +38,8 @@ class PolicyInvalidError(Unavailable):
 
     code = "policy_invalid"
     title = "Policy invalid"
+    # Only an administrator's repair ends this: clients are not told to retry.
+    retry_after = None
 
 
 def policy_invalid_reason(problem: str) -> str:

@@ -24,7 +24,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import web
 
@@ -63,6 +63,7 @@ class IdempotencyKeyReused(ClientError):
 class IdempotencyInProgress(Conflict):
     code = "idempotency_in_progress"
     title = "A request with this Idempotency-Key is still running"
+    retry_after: ClassVar[int | None] = 1
 
 
 def offered_key(request: web.Request) -> str | None:
@@ -127,6 +128,8 @@ class IdempotencyStore:
         try:
             if now >= parse_iso(record["expires_at"]) or not isinstance(record["fingerprint"], str):
                 return True
+            if not isinstance(record["request_id"], str):
+                return True
             if record["state"] == "pending":
                 return now >= parse_iso(record["lease_until"])
             answer = record["answer"]
@@ -134,6 +137,7 @@ class IdempotencyStore:
                 record["state"] == "done"
                 and isinstance(answer["status"], int)
                 and isinstance(answer["headers"], dict)
+                and all(isinstance(v, str) for v in answer["headers"].values())
                 and "body" in answer
             )
         except (KeyError, TypeError, ValueError, AttributeError):
@@ -181,7 +185,7 @@ class IdempotencyStore:
         """Keep the answer of request ``owner`` (if the record is still its own)."""
 
         def done(current: dict[str, Any] | None) -> dict[str, Any]:
-            if current is None or current.get("request_id") != owner or current["state"] != "pending":
+            if current is None or current.get("request_id") != owner or current.get("state") != "pending":
                 raise _NotOurs
             return {
                 **current,
@@ -200,7 +204,7 @@ class IdempotencyStore:
         now = self._clock()
 
         def release(current: dict[str, Any] | None) -> dict[str, Any]:
-            if current is None or current.get("request_id") != owner or current["state"] != "pending":
+            if current is None or current.get("request_id") != owner or current.get("state") != "pending":
                 raise _NotOurs
             return {**current, "lease_until": iso(now)}
 

@@ -120,6 +120,7 @@ def test_concurrent_sends_of_one_rotate_do_it_once(stack: DevStack, second_broke
     for r in busy:
         assert r.headers["Content-Type"].startswith("application/problem+json")
         assert r.json()["code"] == "idempotency_in_progress"
+        assert r.headers["Retry-After"] == "1"
 
 
 def test_same_key_with_another_body_is_refused(stack: DevStack) -> None:

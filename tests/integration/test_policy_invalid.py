@@ -148,6 +148,8 @@ def test_an_invalid_stored_policy_is_named_as_the_cause_everywhere(
     ]
 
     assert (refused.status, refused.json()["code"]) == (503, "policy_invalid")
+    # Only an administrator's repair ends it: clients are not told to come back in 2 s.
+    assert "Retry-After" not in refused.headers
     assert "bound to no role" not in refused.body.decode()
     for out in (listed, shown):
         assert out.returncode == 0, out.stderr

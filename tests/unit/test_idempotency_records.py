@@ -94,6 +94,9 @@ def test_which_records_count() -> None:
         _done(fingerprint=None),
         _done(state="weird"),
         _done(answer={"status": "200", "body": {}, "headers": {}}),
+        _done(answer={"status": 201, "body": {}, "headers": {"Location": 5}}),
+        {k: v for k, v in _done().items() if k != "request_id"},
+        _done(request_id=None),
         {"state": "done"},
     ):
         assert store._void(broken, NOW), broken

@@ -14,8 +14,6 @@ restarted worker continues its chain; a record cut off by the kill is noted at i
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import os
 import signal
@@ -27,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from broker._proc import die_with_parent
 from broker.config.model import Config
 from broker.log import get_logger
 
@@ -38,7 +37,6 @@ MAX_WORKERS = 64
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 STOP_TIMEOUT = 20.0
-_PR_SET_PDEATHSIG = 1
 # Tells a restarted worker why it starts again; it notes this at the head of its chain.
 RESTART_NOTE_ENV = "KEYBROKER_WORKER_RESTARTED"
 
@@ -67,14 +65,6 @@ def parse_worker(value: str) -> tuple[int, int]:
     return int(index), int(count)
 
 
-def _die_with_parent() -> None:
-    # Between fork and exec: a worker whose parent is gone (even by kill -9) stops too, so no
-    # orphan keeps serving (and writing a chain) unsupervised.
-    name = ctypes.util.find_library("c")
-    if name:
-        ctypes.CDLL(name).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class Supervisor:
     """Starts ``count`` workers, restarts any that exits while not stopping, stops all on a signal."""
 
@@ -90,7 +80,7 @@ class Supervisor:
         env.pop(RESTART_NOTE_ENV, None)
         if note:
             env[RESTART_NOTE_ENV] = note
-        proc = subprocess.Popen(self._command(index), env=env, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(self._command(index), env=env, preexec_fn=die_with_parent)
         self._procs[index] = proc
         log.info("worker_started", worker=index, pid=proc.pid)
 

@@ -7,8 +7,6 @@ normal stop sends SIGTERM, waits, then SIGKILLs.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import signal
 import subprocess
@@ -17,25 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _libc_prctl() -> Callable[[int, int], int] | None:
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    libc = ctypes.CDLL(name, use_errno=True)
-    prctl: Callable[[int, int], int] = libc.prctl
-    return prctl
-
-
-_PRCTL = _libc_prctl()
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: only async-signal-safe work here.
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+from broker._proc import die_with_parent
 
 
 class ChildFailed(RuntimeError):
@@ -93,7 +73,7 @@ def spawn(
             # Own process group: the terminal's Ctrl-C reaches only the supervisor,
             # which then stops children in order (broker, Vault, KMS).
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
     return Child(name=name, process=process, log_path=log_path)
 

@@ -106,12 +106,17 @@ class Supervisor:
                         self._stopping = True
                         break
                     log.warning("worker_died", worker=index, pid=proc.pid, exit_code=code)
-                    how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
-                    self._start(
-                        index,
-                        f"restarted by its supervisor: the previous process of this worker (pid {proc.pid}) "
-                        f"{how} without a clean stop; records it had not yet written are not in the log",
-                    )
+                    previous_end = f"the previous process of this worker (pid {proc.pid})"
+                    if code == 0:
+                        # Stopped cleanly (a SIGTERM from someone else): its log was flushed and closed.
+                        note = f"restarted by its supervisor: {previous_end} stopped cleanly"
+                    else:
+                        how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+                        note = (
+                            f"restarted by its supervisor: {previous_end} {how} without a clean stop; "
+                            "records it had not yet written are not in the log"
+                        )
+                    self._start(index, note)
         finally:
             self.stop()
             for sig, handler in previous.items():

@@ -133,8 +133,24 @@ def test_two_workers_share_the_port_and_each_keeps_its_chain(stack: DevStack, wo
     notes = [r for r in records(workers.audit_dir / "worker-1") if r.get("type") == "resume"]
     assert any("killed by signal 9" in str(r.get("note")) for r in notes), notes
 
+    # SIGTERM to one worker (not from its parent): it stops cleanly, is restarted, and its chain
+    # says so without claiming a cut.
+    victim = seen[0]["pid"]
+    os.kill(victim, signal.SIGTERM)
+    renewed: dict[str, Any] | None = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and renewed is None:
+        again = workers.answering(stack, tries=20)
+        if 0 in again and again[0]["pid"] != victim:
+            renewed = again[0]
+        time.sleep(0.2)
+    assert renewed is not None, workers.child.log_tail()
+    notes = [str(r.get("note")) for r in records(workers.audit_dir / "worker-0") if r.get("type") == "resume"]
+    assert any(f"(pid {victim}) stopped cleanly" in n for n in notes), notes
+    assert not any(f"(pid {victim})" in n and "without a clean stop" in n for n in notes), notes
+
     # SIGTERM to the parent: both workers stop (bounded), and each chain verifies offline.
-    pids = [seen[0]["pid"], replaced["pid"]]
+    pids = [renewed["pid"], replaced["pid"]]
     workers.child.process.send_signal(signal.SIGTERM)
     assert workers.child.process.wait(timeout=60) == 0
     assert not any(pid_alive(p) for p in pids)

@@ -145,9 +145,9 @@ def test_two_workers_share_the_port_and_each_keeps_its_chain(stack: DevStack, wo
             renewed = again[0]
         time.sleep(0.2)
     assert renewed is not None, workers.child.log_tail()
-    notes = [str(r.get("note")) for r in records(workers.audit_dir / "worker-0") if r.get("type") == "resume"]
-    assert any(f"(pid {victim}) stopped cleanly" in n for n in notes), notes
-    assert not any(f"(pid {victim})" in n and "without a clean stop" in n for n in notes), notes
+    said = [str(r.get("note")) for r in records(workers.audit_dir / "worker-0") if r.get("type") == "resume"]
+    assert any(f"(pid {victim}) stopped cleanly" in n for n in said), said
+    assert not any(f"(pid {victim})" in n and "without a clean stop" in n for n in said), said
 
     # SIGTERM to the parent: both workers stop (bounded), and each chain verifies offline.
     pids = [renewed["pid"], replaced["pid"]]

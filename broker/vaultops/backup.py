@@ -20,6 +20,7 @@ accepted. Nothing here logs or prints a token, the backup key or a Vault secret.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import io
@@ -163,13 +164,21 @@ def _vault_errors(resp: requests.Response) -> str:
     return resp.reason or "no detail"
 
 
-def _json(session: requests.Session, target: VaultTarget, path: str, what: str) -> dict[str, Any]:
-    resp = session.get(target.url(path), timeout=target.timeout)
-    _check(resp, what)
-    body = resp.json()
+def _body(resp: requests.Response, what: str) -> dict[str, Any]:
+    """An answer's JSON object; anything else (a proxy's HTML page, a list) is a clear error."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
     if not isinstance(body, dict):
         raise BackupError(f"Vault answered {what} with something that is not a JSON object")
     return body
+
+
+def _json(session: requests.Session, target: VaultTarget, path: str, what: str) -> dict[str, Any]:
+    resp = session.get(target.url(path), timeout=target.timeout)
+    _check(resp, what)
+    return _body(resp, what)
 
 
 def _audit_devices(session: requests.Session, target: VaultTarget) -> dict[str, Any]:
@@ -191,8 +200,12 @@ def _anchors(session: requests.Session, target: VaultTarget, kv: str) -> dict[st
     resp = session.request("LIST", target.url(f"{kv}/metadata/audit"), timeout=target.timeout)
     if resp.status_code == 404:
         return {}
-    _check(resp, f"listing {kv}/metadata/audit")
-    names = ((resp.json() or {}).get("data") or {}).get("keys") or []
+    what = f"listing {kv}/metadata/audit"
+    _check(resp, what)
+    data = _body(resp, what).get("data")
+    names = (data.get("keys") if isinstance(data, dict) else None) or []
+    if not isinstance(names, list):
+        raise BackupError(f"Vault answered {what} with no list of keys")
     out: dict[str, Any] = {}
     for name in sorted(str(n) for n in names):
         if not name.startswith("anchor-") or name.endswith("/"):
@@ -314,9 +327,8 @@ def _download_snapshot(
     size = 0
     with session.get(target.url("sys/storage/raft/snapshot"), timeout=target.timeout, stream=True) as resp:
         _check(resp, "the raft snapshot (sys/storage/raft/snapshot needs read and sudo)")
-        total = (
-            int(resp.headers["Content-Length"]) if resp.headers.get("Content-Length", "").isdigit() else None
-        )
+        length = resp.headers.get("Content-Length", "")
+        total = int(length) if length.isascii() and length.isdigit() else None
         for chunk in resp.iter_content(CHUNK):
             spool.write(chunk)
             digest.update(chunk)
@@ -541,7 +553,8 @@ def audit_device_mismatch(backed_up: dict[str, Any], target: dict[str, Any]) -> 
 def _version_tuple(version: object) -> tuple[int, ...]:
     out = []
     for piece in str(version or "").split("+")[0].split("-")[0].split("."):
-        if not piece.isdigit():
+        # ASCII digits only: str.isdigit() also takes "²" and other scripts' digits.
+        if not (piece.isascii() and piece.isdigit()):
             break
         out.append(int(piece))
     return tuple(out)
@@ -761,10 +774,10 @@ def _check_approle(
             f"(HTTP {resp.status_code}); "
             "issue a new secret id with `keybroker vault bootstrap` and the backed-up cluster's root token"
         )
-    token = str(((resp.json() or {}).get("auth") or {}).get("client_token") or "")
-    broker = requests.Session()
-    broker.verify = session.verify
-    broker.headers["X-Vault-Token"] = token
+    auth = _body(resp, "the broker's AppRole login").get("auth")
+    token = str((auth.get("client_token") if isinstance(auth, dict) else None) or "")
+    # The broker's token on a session that, like every other here, never follows a redirect.
+    broker = dataclasses.replace(target, token=token).session()
     try:
         kv = str((backup.manifest.get("mounts") or {}).get("kv") or Mounts().kv)
         found = _anchors(broker, target, kv)

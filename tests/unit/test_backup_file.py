@@ -245,3 +245,26 @@ def test_a_redirect_is_not_followed_with_the_token(tmp_path: Path) -> None:
     assert "redirect" in str(caught.value)
     assert seen == []
     assert not (tmp_path / "out").exists()
+
+
+def test_versions_take_ascii_digits_only() -> None:
+    """A version string from the network with other scripts' digits stops there, never a ValueError."""
+    from broker.vaultops.backup import _version_tuple
+
+    assert _version_tuple("2.6.2") == (2, 6, 2)
+    assert _version_tuple("2.\u00b2.1") == (2,)
+    assert _version_tuple("\u0662.6") == ()
+
+
+@pytest.mark.parametrize("content", [b"<html>proxy error</html>", b"[1, 2]", b"", b"null"])
+def test_an_answer_that_is_no_json_object_is_a_clear_error(content: bytes) -> None:
+    """A proxy's HTML page or a JSON list where Vault sends an object: BackupError, not a traceback."""
+    import requests
+
+    from broker.vaultops.backup import _body
+
+    resp = requests.Response()
+    resp.status_code = 200
+    resp._content = content
+    with pytest.raises(BackupError, match="not a JSON object"):
+        _body(resp, "listing audit devices")

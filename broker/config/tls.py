@@ -23,9 +23,10 @@ def server_ssl_context(server: ServerConfig) -> ssl.SSLContext:
 
 def client_ssl_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
     """A client context that verifies the broker against ``ca_file`` and presents a certificate."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(cert_file), str(key_file))
+    _load(ctx.load_verify_locations, "ca_file", ca_file)
+    _load(ctx.load_cert_chain, "cert_file/key_file", cert_file, key_file)
     return ctx
 
 
@@ -36,3 +37,7 @@ def _load(fn: object, key: str, *paths: Path) -> None:
         raise ConfigError(f"file not found: {', '.join(map(str, paths))}", key=key) from None
     except ssl.SSLError as exc:
         raise ConfigError(f"not usable as PEM certificate/key ({exc.reason})", key=key) from None
+    except OSError as exc:
+        # A directory, an unreadable file: the setting and the reason, never a traceback.
+        named = ", ".join(map(str, paths))
+        raise ConfigError(f"cannot read {named} ({exc.strerror or exc})", key=key) from None

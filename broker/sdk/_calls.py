@@ -56,6 +56,10 @@ def _json_body(resp: Response) -> Any:
     return resp.json()
 
 
+# The broker's rule for the header (broker/api/idempotency.py): visible ASCII, 1-255 characters.
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
 @dataclass(frozen=True)
 class Call(Generic[T]):
     """One request. ``safe``: may be sent again after an unknown outcome (a read, a crypto
@@ -69,6 +73,14 @@ class Call(Generic[T]):
     ok: tuple[int, ...] = ()
     idempotency_key: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # The broker's rule, checked before sending: a newline or a non-Latin-1 character would
+        # otherwise fail inside the HTTP library, and any other value earns a 400 anyway.
+        key = self.idempotency_key
+        if key is not None and not (isinstance(key, str) and _IDEMPOTENCY_KEY.fullmatch(key)):
+            detail = "an Idempotency-Key is 1-255 visible ASCII characters"
+            raise InvalidInput(0, "invalid_idempotency_key", detail)
 
     def payload(self) -> bytes | None:
         return None if self.body is None else json.dumps(self.body).encode()
@@ -90,7 +102,10 @@ def seg(value: str, what: str) -> str:
     library would resolve them and send the request to another endpoint)."""
     if not isinstance(value, str) or value in ("", ".", ".."):
         raise InvalidInput(0, "bad_request", f"{what} must be a non-empty name, got {value!r}")
-    return urllib.parse.quote(value, safe="")
+    try:
+        return urllib.parse.quote(value, safe="")
+    except UnicodeEncodeError:  # a lone surrogate: no URL can carry it
+        raise InvalidInput(0, "bad_request", f"{what} is not valid Unicode text") from None
 
 
 def _context(context: Mapping[str, str] | None) -> dict[str, str]:

@@ -150,9 +150,18 @@ def test_answers_of_the_wrong_shape_are_unexpected_response_not_key_errors() -> 
 def test_path_segments_are_quoted_and_dot_segments_refused() -> None:
     """A name never changes which endpoint is called: '/' and '?' are encoded, '.' and '..' refused."""
     assert ops.get_key("a/b?c").path == "/v1/keys/a%2Fb%3Fc"
-    for bad in (".", "..", ""):
+    for bad in (".", "..", "", "a\udc80"):
         with pytest.raises(InvalidInput):
             ops.get_key(bad)
+
+
+@pytest.mark.parametrize("key", ["", " ", "a\nb", "caf\u00e9", "x" * 256, "a\udc80"])
+def test_an_idempotency_key_the_broker_would_refuse_is_refused_before_sending(key: str) -> None:
+    """A newline or a non-ASCII character would fail inside the HTTP library (or split a header):
+    the SDK refuses it as InvalidInput, before any connection is used."""
+    with pytest.raises(InvalidInput):
+        ops.lifecycle("k", "rotate", {}, key)
+    assert ops.lifecycle("k", "rotate", {}, "kb-" + "x" * 252).idempotency_key is not None
 
 
 def test_which_calls_are_safe_to_send_twice() -> None:

@@ -53,6 +53,14 @@ def check_context(header: Header, expected: ContextPairs) -> None:
     )
 
 
+def refused_for_this_key(exc: Exception) -> bool:
+    """Whether a key source's error is the broker's answer about this one key (a 4xx problem:
+    denied, not found, wrong state or context), as opposed to no answer (status 0), a 5xx, a
+    rate limit or a bug — which no other wrapped key would fix."""
+    status = getattr(exc, "status", None)
+    return isinstance(status, int) and 400 <= status < 500 and status != 429
+
+
 class Envelope:
     """Streaming envelope encryption of any size through keybroker.
 
@@ -165,9 +173,12 @@ class Envelope:
             name = kb1.decode(wrapped).key
             try:
                 data_key = self.keys.decrypt(name, wrapped, context)
-            # Whatever the key source raises for this key (denied, revoked, unreachable) means
-            # "try the next one"; all failing is reported with each reason below.
-            except Exception as exc:  # noqa: BLE001
+            # The broker refusing this key (denied, revoked, wrong context) means "try the next
+            # one"; all failing is reported with each reason below. An unreachable broker or a
+            # bug is not a refusal: it propagates as itself.
+            except Exception as exc:
+                if not refused_for_this_key(exc):
+                    raise
                 reasons.append((name, str(exc) or exc.__class__.__name__))
                 continue
             if self.cache is not None:
@@ -211,7 +222,9 @@ class Envelope:
                 try:
                     first = self.keys.rewrap(name, candidate, ctx, to_key=targets[0])
                 # As in decrypt: a key the caller may not use sends it to the next wrapping.
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
+                    if not refused_for_this_key(exc):
+                        raise
                     reasons.append((name, str(exc) or exc.__class__.__name__))
                     continue
                 origin = first

@@ -167,3 +167,54 @@ def test_envelope_uses_the_cache_on_both_sides_and_not_for_unknown_sizes() -> No
     clock.now += 60
     env.decrypt_bytes(sealed[0], {"tenant": "acme"})
     assert keys.calls == 6
+
+
+class _Answer(Exception):
+    """An error with a status, as the SDK and the broker raise them."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"status {status}")
+        self.status = status
+
+
+class _OneKeyFails(FakeKeys):
+    def __init__(self, failing: str, error: Exception) -> None:
+        super().__init__()
+        self.failing, self.error = failing, error
+
+    def decrypt(self, key: str, ciphertext: str, context: Mapping[str, str] | None = None) -> bytes:
+        if key == self.failing:
+            raise self.error
+        return super().decrypt(key, ciphertext, context)
+
+
+def _two_key_message(keys: FakeKeys) -> bytes:
+    first = keys.generate_data_key("a", dict(CTX))
+    # The second wrapping of the same data key, as a broker rewrap would make it.
+    second = f"kb1:b:1:{len(keys.store):04d}"
+    keys.store[second] = (first.plaintext, dict(CTX))
+    import io
+
+    from broker.envelope.messages import seal_with_data_key
+
+    out = io.BytesIO()
+    seal_with_data_key(first.plaintext, [first.ciphertext, second], io.BytesIO(b"secret"), out, dict(CTX))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("status", [403, 404, 409, 400])
+def test_a_key_the_broker_refuses_sends_decrypt_to_the_next_wrapping(status: int) -> None:
+    """A 4xx about the first key (denied, gone, wrong state): the next wrapped key opens it."""
+    keys = _OneKeyFails("a", _Answer(status))
+    message = _two_key_message(keys)
+    assert Envelope(keys).decrypt_bytes(message, dict(CTX)) == b"secret"
+
+
+@pytest.mark.parametrize("error", [_Answer(0), _Answer(503), _Answer(429), TypeError("a bug")])
+def test_no_answer_or_a_bug_is_not_reported_as_no_usable_key(error: Exception) -> None:
+    """An unreachable broker, an outage, a rate limit or a bug propagates as itself: trying the
+    other wrapped keys would not help, and 'no usable key' would send the operator the wrong way."""
+    keys = _OneKeyFails("a", error)
+    message = _two_key_message(keys)
+    with pytest.raises(type(error)):
+        Envelope(keys).decrypt_bytes(message, dict(CTX))

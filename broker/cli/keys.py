@@ -13,7 +13,6 @@ import json
 import re
 import sys
 import textwrap
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -149,22 +148,18 @@ def _show(args: argparse.Namespace, key: dict[str, Any]) -> int:
 
 
 def cmd_create(args: argparse.Namespace, session: Session) -> int:
-    client = session.client()
-    body: dict[str, Any] = {
-        "name": args.name,
-        "backend": args.backend,
-        "type": args.type,
-        "environment": args.environment,
-        "deletion_protection": not args.no_deletion_protection,
-    }
-    if args.rotation_period:
-        body["rotation_period"] = args.rotation_period
-    if args.description:
-        body["description"] = args.description
-    if args.tag:
-        body["tags"] = context_pairs(args.tag, "--tag")
-    # The key makes a retry after a lost answer safe where the broker honours Idempotency-Key.
-    return _show(args, client.call("POST", "/v1/keys", body, idempotency_key=new_idempotency_key()))
+    # The SDK sends an Idempotency-Key, so a retry after a lost answer makes no second key.
+    key = session.client().create_key(
+        args.name,
+        backend=args.backend,
+        environment=args.environment,
+        key_type=args.type,
+        rotation_period=args.rotation_period or None,
+        deletion_protection=not args.no_deletion_protection,
+        tags=context_pairs(args.tag, "--tag") if args.tag else None,
+        description=args.description or None,
+    )
+    return _show(args, key)
 
 
 def _page_size(value: str) -> int:
@@ -174,17 +169,9 @@ def _page_size(value: str) -> int:
 
 
 def cmd_list(args: argparse.Namespace, session: Session) -> int:
-    client = session.client()
-    query = {k: v for k in ("backend", "state", "environment", "tag") if (v := getattr(args, k))}
-    # Page by page, so neither the broker nor Vault is asked for a whole large registry at once.
-    query["limit"] = str(args.page_size)
-    keys: list[dict[str, Any]] = []
-    while True:
-        page = client.call("GET", "/v1/keys?" + urllib.parse.urlencode(query))
-        keys += page["keys"]
-        if not page.get("next"):
-            break
-        query["after"] = page["next"]
+    filters = {k: getattr(args, k) or None for k in ("backend", "state", "environment", "tag")}
+    # Page by page (the SDK follows the cursor), so no request asks for a whole large registry.
+    keys = session.client().list_keys(**filters, page_size=args.page_size)
     if args.json:
         print(json.dumps(keys, indent=2))
     else:

@@ -334,13 +334,31 @@ def create_key(
     return Call("POST", "/v1/keys", _dict, body, idempotency_key=idempotency_key)
 
 
-def list_keys(filters: Mapping[str, str | None]) -> Call[list[dict[str, Any]]]:
-    query = urllib.parse.urlencode({k: v for k, v in filters.items() if v is not None})
+# A page of ``GET /v1/keys``: its keys and the name to ask ``after`` next (None after the last).
+KeyPage = tuple[list[dict[str, Any]], str | None]
 
-    def parse(resp: Response) -> list[dict[str, Any]]:
-        return list(_field(resp.json(), "keys", list))
 
-    return Call("GET", "/v1/keys" + (f"?{query}" if query else ""), parse, safe=True)
+def list_keys(filters: Mapping[str, str | None], limit: int, after: str | None) -> Call[KeyPage]:
+    """One page of at most ``limit`` keys after the name ``after``, names in order."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+        raise InvalidInput(0, "bad_request", "page_size must be an integer from 1 to 1000")
+    params = {k: v for k, v in filters.items() if v is not None}
+    params["limit"] = str(limit)
+    if after is not None:
+        params["after"] = after
+
+    def parse(resp: Response) -> KeyPage:
+        doc = resp.json()
+        keys = list(_field(doc, "keys", list))
+        following = doc.get("next") if isinstance(doc, dict) else None
+        if following is None:
+            return keys, None
+        # Names come in order: a cursor that does not move forward would page forever.
+        if not isinstance(following, str) or (after is not None and following <= after):
+            raise UnexpectedResponse(0, "bad_answer", "the broker's key listing did not move forward")
+        return keys, following
+
+    return Call("GET", "/v1/keys?" + urllib.parse.urlencode(params), parse, safe=True)
 
 
 def get_key(name: str) -> Call[dict[str, Any]]:

@@ -210,9 +210,18 @@ class Client:
         state: str | None = None,
         environment: str | None = None,
         tag: str | None = None,
+        page_size: int = 500,
     ) -> list[dict[str, Any]]:
+        """Every key the caller may see (filtered), asked for ``page_size`` at a time so neither
+        the broker nor Vault reads a large registry in one request."""
         filters = {"backend": backend, "state": state, "environment": environment, "tag": tag}
-        return self._run(ops.list_keys(filters))
+        keys: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            page, after = self._run(ops.list_keys(filters, page_size, after))
+            keys += page
+            if after is None:
+                return keys
 
     def get_key(self, name: str) -> dict[str, Any]:
         return self._run(ops.get_key(name))

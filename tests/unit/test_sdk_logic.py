@@ -167,7 +167,7 @@ def test_an_idempotency_key_the_broker_would_refuse_is_refused_before_sending(ke
 def test_which_calls_are_safe_to_send_twice() -> None:
     """Reads and crypto are; create/rotate/state changes are not, unless they carry an idempotency key."""
     assert ops.encrypt("k", b"x", None).safe
-    assert ops.list_keys({}).safe
+    assert ops.list_keys({}, 100, None).safe
     assert ops.health().safe
     assert not ops.create_key(
         "k",
@@ -235,3 +235,26 @@ def test_the_cli_client_names_still_work() -> None:
     assert (error.http_status, error.problem_code, error.problem_detail) == (409, "conflict", "d")
     assert Unreachable is TransportError
     kb.close()
+
+
+def test_key_listing_pages_move_forward_or_are_refused() -> None:
+    """Each page names the next; a broker that sends the same (or an earlier) cursor again is an
+    UnexpectedResponse, never an endless loop; the page size is checked before sending."""
+    import json as _json
+
+    def answer(doc: object) -> Response:
+        return Response(200, {}, _json.dumps(doc).encode(), "https://b")
+
+    call = ops.list_keys({"backend": "vault", "tag": None}, 2, "b")
+    assert call.path == "/v1/keys?backend=vault&limit=2&after=b"
+    assert call.parse(answer({"keys": [{"name": "c"}, {"name": "d"}], "next": "d"})) == (
+        [{"name": "c"}, {"name": "d"}],
+        "d",
+    )
+    assert call.parse(answer({"keys": [], "next": None})) == ([], None)
+    for stuck in ("b", "a", 5):
+        with pytest.raises(UnexpectedResponse):
+            call.parse(answer({"keys": [{"name": "c"}], "next": stuck}))
+    for size in (0, 1001, True):
+        with pytest.raises(InvalidInput):
+            ops.list_keys({}, size, None)

@@ -19,6 +19,8 @@ import time
 from typing import IO
 
 ENV = "KEYBROKER_SPANS_FILE"
+# Where a request keeps its stage durations (aiohttp request mapping key).
+REQUEST_KEY = "keybroker.spans"
 
 
 class _State:

@@ -282,7 +282,7 @@ class EdgeHandler(RequestHandler):
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
-        record: dict[str, int] | None = request.get("keybroker.spans")
+        record: dict[str, int] | None = request.get(spans.REQUEST_KEY)
         if record is None:
             return await super().finish_response(request, resp, start_time)
         writing = spans.now()

@@ -53,7 +53,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REQUEST_ID_HEADER = "X-Request-Id"
 BROKER_REQUEST_ID_HEADER = "X-Broker-Request-Id"
-SPANS = "keybroker.spans"
+SPANS = spans.REQUEST_KEY
 EPOCH_PATH = "/v1/audit/epoch"
 HEALTH_PATH = "/v1/sys/health"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{7,127}$")

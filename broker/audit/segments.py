@@ -90,10 +90,6 @@ class Segments:
     def hash_of_record(self, seq: int) -> str | None:
         return _hash_of_record(self.files(), seq)
 
-    def read_all(self) -> list[tuple[str, bytes]]:
-        """Every segment's name and content, oldest first."""
-        return [(p.name, p.read_bytes()) for p in self.files()]
-
     def sources(self) -> list[tuple[str, Callable[[], Iterator[bytes]]]]:
         """Every segment's name and a function reading its lines afresh, oldest first: for
         verifying or reading a log of any size line by line (:func:`segment_sources`)."""

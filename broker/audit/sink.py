@@ -526,10 +526,6 @@ class AuditSink:
 
     # -- reading ----------------------------------------------------------------------
 
-    def read_files(self) -> list[tuple[str, bytes]]:
-        """Every log file's name and content, oldest first (blocking; call off the loop)."""
-        return self._files.read_all()
-
     def sources(self) -> list[tuple[str, Callable[[], Iterator[bytes]]]]:
         """Every log file's name and a line reader, oldest first: reading streams (off the loop)."""
         return self._files.sources()

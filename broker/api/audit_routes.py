@@ -20,6 +20,7 @@ from aiohttp import web
 
 from broker.api import schemas
 from broker.api.authz import authorize
+from broker.api.idempotency import keeps_no_records
 from broker.api.state import AUDIT, AUDIT_HMAC_KEY, HSM, PRINCIPAL, SETTINGS, VAULT, WORKER
 from broker.audit import chain, merge
 from broker.audit.events import hmac_value
@@ -131,6 +132,7 @@ async def _verify_chain(
     return {**report.to_json(), "_anchor_document": document}
 
 
+@keeps_no_records
 async def new_epoch(request: web.Request) -> web.Response:
     """POST /v1/audit/epoch: after lost history, continue the log in a named, recorded new epoch.
 

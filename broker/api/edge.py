@@ -33,6 +33,7 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from broker import spans
+from broker.api.idempotency import refuse_unkept_key
 from broker.api.metrics import UNPARSED_ROUTE, method_label, route_label
 from broker.api.problem import PROBLEM_CONTENT_TYPE, RequestTimeout, problem_body, problem_response
 from broker.api.state import (
@@ -545,6 +546,7 @@ async def protocol_checks(
         query = request.query
         if len(query) != len(set(query)):
             raise BadRequest("a query parameter is given more than once")
+        refuse_unkept_key(request)
         return await handler(request)
     log.info("request_refused", status=error.status, code=error.code, detail=error.detail)
     facts = request.get(AUDIT_FACTS)

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from broker.api import schemas
 from broker.api.authz import denied_bare, facts, find_key, key_for, may_know, principal, record
-from broker.api.idempotency import idempotent
+from broker.api.idempotency import idempotent, keeps_no_records
 from broker.api.state import GRANTS, IDEMPOTENCY, KEYS, POLICIES
 from broker.errors import BadRequest, Forbidden, NotFound
 from broker.keys.model import check_name
@@ -101,6 +101,7 @@ async def list_grants(request: web.Request) -> web.Response:
     return web.json_response({"grants": [g.to_json() for g in grants]})
 
 
+@keeps_no_records
 async def revoke_grant(request: web.Request) -> web.Response:
     grant_id = _grant_id(request)
     key = await key_for(request, "grant.revoke", check_name(request.match_info["name"]))
@@ -108,6 +109,7 @@ async def revoke_grant(request: web.Request) -> web.Response:
     return web.json_response({"revoked": removed.to_json()})
 
 
+@keeps_no_records
 async def retire_grant(request: web.Request) -> web.Response:
     """The grantee gives its grant back; nobody else may (custodians revoke instead)."""
     grant_id = _grant_id(request)

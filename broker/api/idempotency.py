@@ -66,6 +66,27 @@ class IdempotencyInProgress(Conflict):
     retry_after: ClassVar[int | None] = 1
 
 
+# Marks a handler that changes state but keeps no Idempotency-Key record.
+_UNKEPT = "_keybroker_unkept_idempotency"
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def keeps_no_records(handler: _Handler) -> _Handler:
+    """Mark a changing handler whose retries the broker cannot recognise: a request to it that
+    carries an Idempotency-Key is refused before it runs (:func:`refuse_unkept_key`)."""
+    setattr(handler, _UNKEPT, True)
+    return handler
+
+
+def refuse_unkept_key(request: web.Request) -> None:
+    """Refuse an Idempotency-Key where no record is kept: silently ignoring it would let a
+    client believe its retry cannot repeat the change."""
+    if HEADER in request.headers and getattr(request.match_info.handler, _UNKEPT, False):
+        raise InvalidIdempotencyKey(
+            f"this operation keeps no {HEADER} record, so a retry would change things again; send none"
+        )
+
+
 def offered_key(request: web.Request) -> str | None:
     """The request's Idempotency-Key, checked as hostile input (never echoed); None if absent."""
     values = request.headers.getall(HEADER, [])

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from broker.api import schemas
 from broker.api.authz import authorize, facts, key_for, policy_invalid_reason
-from broker.api.idempotency import idempotent
+from broker.api.idempotency import idempotent, keeps_no_records
 from broker.api.state import GRANTS, IDEMPOTENCY, KEYS, POLICIES
 from broker.errors import BadRequest, Conflict, NotFound
 from broker.keys.model import check_name
@@ -150,6 +150,7 @@ async def get_role(request: web.Request) -> web.Response:
     return web.json_response({"name": name, **role_to_json(role)})
 
 
+@keeps_no_records
 async def put_role(request: web.Request) -> web.Response:
     await authorize(request, "policy.write")
     name = request.match_info["role"]  # checked with the body, as invalid_policy
@@ -165,6 +166,7 @@ async def put_role(request: web.Request) -> web.Response:
     return web.json_response({"name": name, "version": snap.version, **role_to_json(snap.policy.roles[name])})
 
 
+@keeps_no_records
 async def delete_role(request: web.Request) -> web.Response:
     await authorize(request, "policy.write")
     name = _role_name(request)
@@ -180,6 +182,7 @@ async def get_bindings(request: web.Request) -> web.Response:
     )
 
 
+@keeps_no_records
 async def put_bindings(request: web.Request) -> web.Response:
     """Replace every binding. With ``version``, only if the document is still at that version."""
     await authorize(request, "binding.write")

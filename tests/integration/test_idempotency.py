@@ -278,3 +278,19 @@ def test_policy_apply_retried_gets_its_answer_not_a_version_conflict(stack: DevS
     assert again.headers.get("Idempotent-Replayed") == "true"
     assert plain.status == 409
     assert restored.status == 200, restored.body
+
+
+def test_a_key_on_a_change_that_keeps_no_record_is_refused_before_it_runs(stack: DevStack) -> None:
+    """PUT /v1/bindings keeps no Idempotency-Key record, so a retry would change things again: a
+    request carrying the header is refused (400) and nothing changes; on a crypto call (safe to
+    repeat anyway) the header is simply not needed and does no harm."""
+    before = https(stack, "/v1/bindings").json()
+    changed = {**before, "bindings": {**before.get("bindings", {}), "cn:idem-probe": ["application"]}}
+    reply = https(stack, "/v1/bindings", method="PUT", body=changed, headers={HEADER: idem()})
+
+    assert reply.status == 400, reply.body
+    assert reply.json()["code"] == "invalid_idempotency_key"
+    assert https(stack, "/v1/bindings").json() == before
+    name = create_key(stack, "vault")
+    sealed = send(stack, f"/v1/keys/{name}/encrypt", idem(), {"plaintext": "aGk=", "context": {}})
+    assert sealed.status == 200, sealed.body

@@ -15,6 +15,7 @@ import argparse
 import datetime
 import ipaddress
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -290,6 +291,19 @@ def cmd_kms_key(args: argparse.Namespace, session: Session) -> int:
     return 0
 
 
+# A SPIFFE trust domain as this deployment writes it into TOML strings, URIs and certificates:
+# lower-case DNS labels joined by dots, nothing a config file or a URI could read differently.
+_TRUST_DOMAIN = re.compile(
+    r"(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
+)
+
+
+def _trust_domain(value: str) -> str:
+    if not _TRUST_DOMAIN.fullmatch(value):
+        raise argparse.ArgumentTypeError("must be lower-case DNS labels joined by dots, e.g. bank.example")
+    return value
+
+
 def add_parsers(sub: Any) -> None:
     deploy = sub.add_parser("deploy", help="prepare the files docker-compose.yml mounts", description=__doc__)
     dsub = deploy.add_subparsers(dest="deploy_command", metavar="COMMAND", required=True)
@@ -309,7 +323,9 @@ def add_parsers(sub: Any) -> None:
     init_cmd.add_argument(
         "--trust-domain",
         default="keybroker.dev",
-        help="SPIFFE trust domain of client certificates (default: %(default)s)",
+        type=_trust_domain,
+        help="SPIFFE trust domain of client certificates: lower-case DNS labels joined by dots "
+        "(default: %(default)s)",
     )
     kms = add_command(
         dsub,

@@ -378,3 +378,16 @@ def test_dockerfile_is_multi_stage_pinned_and_non_root() -> None:
     apt = re.findall(r"apt-get install[^&]*", text.replace("\\\n", " "))
     for package in (p for chunk in apt for p in chunk.split()[2:] if not p.startswith("-")):
         assert "=" in package, f"apt package {package} is not pinned"
+
+
+@pytest.mark.parametrize("domain", ['a"b', "x/y", "Bank.example", "", "a..b", "-a.b", "a" * 64])
+def test_deploy_init_refuses_a_trust_domain_that_would_break_its_files(domain: str, tmp_path: Path) -> None:
+    """The trust domain is written into TOML strings, SPIFFE URIs and certificates: anything but
+    lower-case DNS labels is a usage error (exit 2) and nothing is written."""
+    from broker.cli import main
+
+    target = tmp_path / "deploy"
+    with pytest.raises(SystemExit) as stopped:
+        main(["deploy", "init", "--dir", str(target), "--trust-domain", domain])
+    assert stopped.value.code == 2
+    assert not target.exists()

@@ -57,7 +57,8 @@ def https(
         with urllib.request.urlopen(request, context=stack.client_ssl(who), timeout=15) as resp:
             return Reply(resp.status, resp.headers, resp.read())
     except urllib.error.HTTPError as exc:
-        return Reply(exc.code, exc.headers, exc.read())
+        with exc:  # an error body cut short must not leave its socket to the collector
+            return Reply(exc.code, exc.headers, exc.read())
 
 
 def wait_until_healthy(stack: DevStack, timeout: float = 20) -> Reply:

@@ -81,7 +81,8 @@ def raw(stack: DevStack, path: str, data: bytes | None, *, who: str = "admin", r
         with urllib.request.urlopen(request, context=stack.client_ssl(who), timeout=30) as resp:
             return Reply(resp.status, resp.headers, resp.read())
     except urllib.error.HTTPError as exc:
-        return Reply(exc.code, exc.headers, exc.read())
+        with exc:  # an error body cut short must not leave its socket to the collector
+            return Reply(exc.code, exc.headers, exc.read())
 
 
 def timed(fn: Any, *args: Any, **kw: Any) -> tuple[Reply, float]:

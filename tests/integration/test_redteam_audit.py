@@ -46,7 +46,8 @@ def vault_call(
         with urllib.request.urlopen(request, timeout=10) as resp:
             return resp.status, json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+        with exc:  # an error body cut short must not leave its socket to the collector
+            return exc.code, json.loads(exc.read() or b"{}")
 
 
 def stolen_approle_token(stack: DevStack) -> str:

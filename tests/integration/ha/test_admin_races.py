@@ -37,19 +37,7 @@ class Outcomes:
 
 
 def _send(stack: DevStack, url: str, path: str, method: str, body: Any = None) -> Reply:
-    import json
-    import urllib.error
-    import urllib.request
-
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        url + path, data=data, headers={"Content-Type": "application/json"}, method=method
-    )
-    try:
-        with urllib.request.urlopen(req, context=stack.client_ssl("admin"), timeout=60) as resp:
-            return Reply(resp.status, resp.headers, resp.read())
-    except urllib.error.HTTPError as exc:
-        return Reply(exc.code, exc.headers, exc.read())
+    return request(stack, url, path, body, method=method, timeout=60)
 
 
 def test_admin_changes_while_the_leader_moves_lose_nothing_and_resurrect_nothing(ha: DevStack) -> None:

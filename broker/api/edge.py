@@ -327,6 +327,7 @@ class _EdgeAnswer(web.Response):
         # As on every answer: the caller's own id echoed (when it sent a valid one), the broker's beside it.
         self.headers["X-Request-Id"] = request.get(CLIENT_REQUEST_ID) or request_id
         self.headers["X-Broker-Request-Id"] = request_id
+        self._retry_after(error)
         self.force_close()
         self._edge = edge
         self._error = error
@@ -344,7 +345,13 @@ class _EdgeAnswer(web.Response):
                 withheld = type(exc)(f"{exc.detail}; the answer is withheld because it could not be recorded")
                 self.set_status(withheld.status)
                 self.body = problem_body(withheld, self._request_id)
+                self._retry_after(withheld)
         return await super().prepare(request)
+
+    def _retry_after(self, error: BrokerError) -> None:
+        # As problem_response does: a refusal worth retrying says when, from the edge too.
+        if error.retry_after is not None:
+            self.headers["Retry-After"] = str(error.retry_after)
 
 
 class EdgeSite(web.BaseSite):

@@ -17,6 +17,7 @@ from broker.devstack.stack import DevStack
 from tests.integration.cliops import keybroker
 from tests.integration.conftest import Reply, https
 from tests.integration.keyops import b64, create_key, encrypt, registry_record, unique
+from tests.integration.test_redteam_edge import raw_tls
 
 BACKENDS = ["vault", "kms", "hsm"]
 
@@ -108,6 +109,10 @@ def test_an_unwritable_audit_log_refuses_work_and_nothing_happens(stack: DevStac
     try:
         refused = [https(stack, f"/v1/keys/{name}/rotate", body={}) for _ in range(3)]
         refused.append(encrypt(stack, name, b"not now"))
+        # A request the edge answers itself (aiohttp's parser refuses it before any middleware).
+        edge_head = raw_tls(stack, b"GET /v1/keys HTTP/1.1\r\nno colon here\r\n\r\n", who="admin").partition(
+            b"\r\n\r\n"
+        )[0]
         versions_during = len(registry_record(stack, name)["versions"])
         transit_during = stack.vault_client().secrets.transit.read_key(name=name, mount_point="kb-transit")
     finally:
@@ -117,6 +122,9 @@ def test_an_unwritable_audit_log_refuses_work_and_nothing_happens(stack: DevStac
     verified = https(stack, "/v1/audit/verify").json()
 
     assert [r.status for r in refused] == [503] * 4
+    assert [r.headers.get("Retry-After") for r in refused] == ["2"] * 4
+    assert edge_head.split(b"\r\n")[0].split(b" ")[1] == b"503", edge_head
+    assert b"\r\nretry-after: 2" in edge_head.lower(), edge_head
     assert refused[0].json()["detail"].startswith("audit log unavailable: Operation not permitted")
     assert versions_during == 1
     assert transit_during["data"]["latest_version"] == 1

@@ -124,8 +124,10 @@ class SyncTransport:
             body = answer.read(MAX_RESPONSE_BYTES + 1)
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            if reused:
+            if reused and not isinstance(exc, TimeoutError):
                 # The broker closed this idle keep-alive connection meanwhile: once more on a new one.
+                # Not after a timeout: a broker that hangs would cost a second full timeout here
+                # before the next address is tried.
                 return self._attempt(address, call, reuse=False)
             raise no_answer(address, exc, sent=True) from None
         if len(body) > MAX_RESPONSE_BYTES:

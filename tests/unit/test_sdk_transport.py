@@ -9,6 +9,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,9 +24,11 @@ from broker.sdk import AsyncClient, Client
 from broker.sdk.errors import Conflict, RateLimited, TransportError, Unavailable
 
 # What the fake broker does with one request: (status, headers, JSON body), or "cut" to close
-# the connection after reading the request without answering.
+# the connection after reading the request without answering, or "hang" to say nothing for
+# HANG_SECONDS first.
 Step = tuple[int, dict[str, str], Any] | str
 
+HANG_SECONDS = 4.0
 OK: Step = (200, {}, {"ciphertext": "kb1:k:1:AA", "key_version": 1})
 BUSY: Step = (
     503,
@@ -65,7 +68,9 @@ def serve(cert: Path, key: Path) -> tuple[Fake, ThreadingHTTPServer]:
             self.rfile.read(length)
             fake.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
             step = fake.script.pop(0) if fake.script else OK
-            if step == "cut":
+            if step in ("cut", "hang"):
+                if step == "hang":
+                    time.sleep(HANG_SECONDS)  # a broker that stopped answering, connection open
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
@@ -200,6 +205,23 @@ def test_a_cut_connection_on_a_read_moves_to_the_next_replica(
     assert len(a.requests) == 1
     assert len(b.requests) == 1
     assert b.requests[0][1] == "/v1/keys/k/decrypt"
+
+
+def test_a_hung_keep_alive_connection_costs_one_timeout_then_the_next_replica_answers(
+    tls: tuple[Path, Path, Path], fakes: tuple[Fake, Fake]
+) -> None:
+    """A reused connection that times out is not tried again on a fresh one at the same address
+    (a hung broker would cost a second timeout): the read goes to the next replica."""
+    a, b = fakes
+    ca, cert, key = tls
+    b.script = [(200, {}, {"plaintext": "eA=="})]
+    with Client([a.url, b.url], ca_cert=ca, client_cert=cert, client_key=key, timeout=1) as kb:
+        kb.encrypt("k", b"x")  # leaves a keep-alive connection to a in the pool
+        a.script = ["hang"]
+        assert kb.decrypt("k", "kb1:k:1:AA") == b"x"
+
+    assert len(a.requests) == 2  # the encrypt and the hung decrypt, no third try
+    assert len(b.requests) == 1
 
 
 def test_rotate_carries_an_idempotency_key_and_is_retried_with_the_same_one(

@@ -39,6 +39,9 @@ from broker.timeutil import now_utc
 from broker.vocab import ENVIRONMENTS, Backend, KeyType
 
 log = get_logger(__name__)
+
+# A paged listing reads at most this many entries per key it may return (see list_keys).
+SCAN_PER_PAGE = 4
 Clock = Callable[[], datetime]
 DATAKEY_SIZES = (16, 32, 64)
 
@@ -137,18 +140,30 @@ class KeyService:
         """Keys matching every filter (and ``visible``), in name order, from after ``after``.
 
         With ``limit``, at most that many and the cursor to continue from (None when none is
-        left): a page costs one Vault listing and about ``limit`` reads, however many keys exist.
+        left): a page costs one Vault listing and at most ``SCAN_PER_PAGE * limit`` reads,
+        however many keys exist and however few of them match or are visible. A page cut by
+        that bound can hold fewer keys than ``limit``, even none, with a cursor: the caller
+        follows ``next`` until it is None.
         """
         f = dict(filters or {})
         tag = f.pop("tag", None)
         tname, _, tvalue = (tag or "").partition("=")
         out: list[Key] = []
+        scanned = 0
+        budget = None if limit is None else SCAN_PER_PAGE * limit
+        last: str | None = None
         scan = self._registry.scan(after)
         try:
             async for key in scan:
                 if limit is not None and len(out) >= limit:
                     # A key remains beyond a full page: the caller continues after the last one.
                     return out, out[-1].name
+                if budget is not None and scanned >= budget:
+                    # A caller who may see few keys must not make one request read the whole
+                    # registry: the page ends here, the cursor after the last key read.
+                    return out, last
+                scanned += 1
+                last = key.name
                 row = key.to_json()
                 if any(str(row.get(field)) != value for field, value in f.items()):
                     continue

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,12 +11,10 @@ import aiohttp
 from yarl import URL
 
 from broker.sdk._calls import MAX_RESPONSE_BYTES, Call, Response
-from broker.sdk._route import Attempts, NoAnswer, Router, transport_error, wants_retry
+from broker.sdk._route import NoAnswer, Outcome, Router, Try, schedule
 from broker.sdk._settings import RetryPolicy
-from broker.sdk._sync import _MAYBE_DONE, USER_AGENT, describe_closed, describe_os, describe_tls
+from broker.sdk._sync import USER_AGENT, describe_closed, describe_os, describe_tls
 from broker.sdk.errors import UnexpectedResponse
-
-log = logging.getLogger("broker.sdk")
 
 
 def _tls_cause(exc: BaseException) -> ssl.SSLError | None:
@@ -83,41 +80,22 @@ class AsyncTransport:
         return self._fresh
 
     async def send(self, call: Call[Any]) -> Response:
-        keyed = call.idempotency_key is not None and self._idempotent
-        safe = call.safe or keyed
-        attempts = Attempts(self._policy)
-        for round_ in range(self._policy.retries + 1):
-            attempts.start_round()
-            for address in self.router.order():
+        steps = schedule(self.router, self._policy, call, self._idempotent)
+        outcome: Outcome = None
+        while True:
+            try:
+                step = steps.send(outcome)
+            except StopIteration as done:
+                answer: Response = done.value
+                return answer
+            if isinstance(step, Try):
                 try:
-                    resp = await self._attempt(address, call, reuse=safe)
+                    outcome = await self._attempt(step.address, call, reuse=step.reuse)
                 except NoAnswer as exc:
-                    attempts.no_answer(address, exc)
-                    if exc.sent and not safe:
-                        raise transport_error(
-                            [(address, NoAnswer(exc.reason + _MAYBE_DONE, sent=True))], (address,)
-                        ) from None
-                    log.debug(
-                        "no answer from %s for %s %s; trying the next address",
-                        address,
-                        call.method,
-                        call.path,
-                    )
-                    continue
-                if wants_retry(resp, safe, keyed, call.ok):
-                    attempts.refused_answer(resp)
-                    log.debug(
-                        "%s answered %s to %s %s; trying again", address, resp.status, call.method, call.path
-                    )
-                    continue
-                if resp.status not in (429, 503):
-                    self.router.answered(address)
-                return resp
-            wait = attempts.pause(round_)
-            if wait is None:
-                break
-            await self._sleep(wait)
-        return attempts.give_up(self.router.addresses)
+                    outcome = exc
+            else:
+                await self._sleep(step)
+                outcome = None
 
     async def _attempt(self, address: str, call: Call[Any], *, reuse: bool) -> Response:
         session = self._session(reuse)

@@ -13,12 +13,19 @@ shared by the sync and async transports (which only do the I/O).
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Generator
 from dataclasses import dataclass, field
+from typing import Any
 
-from broker.sdk._calls import Response
+from broker.sdk._calls import Call, Response
 from broker.sdk._settings import RetryPolicy, retry_after_seconds
 from broker.sdk.errors import TransportError
+
+log = logging.getLogger("broker.sdk")
+
+MAYBE_DONE = "; the request may have been carried out: check before sending it again"
 
 
 class NoAnswer(Exception):
@@ -116,3 +123,57 @@ def transport_error(failures: list[tuple[str, NoAnswer]], addresses: tuple[str, 
         latest[address] = exc.reason
     listed = "; ".join(latest[a] for a in addresses if a in latest)
     return TransportError(f"no broker answered ({len(addresses)} addresses): {listed}")
+
+
+@dataclass(frozen=True)
+class Try:
+    """Send the call to ``address`` (on a kept-alive connection only if ``reuse``); report back
+    the answer or the NoAnswer it raised."""
+
+    address: str
+    reuse: bool
+
+
+# What the transport does next: send somewhere, or sleep this many seconds and report None.
+Step = Try | float
+Outcome = Response | NoAnswer | None
+
+
+def schedule(
+    router: Router, policy: RetryPolicy, call: Call[Any], idempotent_retries: bool
+) -> Generator[Step, Outcome, Response]:
+    """The one retry/fail-over loop, as steps: each transport only does the I/O a step names and
+    sends back what came of it; the generator's return value is the answer to give the caller."""
+    keyed = call.idempotency_key is not None and idempotent_retries
+    safe = call.safe or keyed
+    attempts = Attempts(policy)
+    for round_ in range(policy.retries + 1):
+        attempts.start_round()
+        for address in router.order():
+            outcome = yield Try(address, reuse=safe)
+            if isinstance(outcome, NoAnswer):
+                attempts.no_answer(address, outcome)
+                if outcome.sent and not safe:
+                    raise transport_error(
+                        [(address, NoAnswer(outcome.reason + MAYBE_DONE, sent=True))], (address,)
+                    )
+                log.debug(
+                    "no answer from %s for %s %s; trying the next address", address, call.method, call.path
+                )
+                continue
+            if outcome is None:
+                raise TypeError("a Try step must be answered with a Response or a NoAnswer")
+            if wants_retry(outcome, safe, keyed, call.ok):
+                attempts.refused_answer(outcome)
+                log.debug(
+                    "%s answered %s to %s %s; trying again", address, outcome.status, call.method, call.path
+                )
+                continue
+            if outcome.status not in (429, 503):
+                router.answered(address)
+            return outcome
+        wait = attempts.pause(round_)
+        if wait is None:
+            break
+        yield wait
+    return attempts.give_up(router.addresses)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from typing import BinaryIO
 
@@ -33,7 +32,7 @@ from broker.envelope.format import (
     verify_header,
 )
 from broker.envelope.keysource import KeySource
-from broker.envelope.stream import Progress, open_body, seal_body
+from broker.envelope.stream import Progress, open_body, seal_body, write_all
 from broker.keys import ciphertext as kb1
 
 
@@ -111,7 +110,7 @@ class Envelope:
             frame_key = verify_header(header, data_key)
         finally:
             wipe(data_key)
-        sink.write(header.encode())
+        write_all(sink, header.encode())
         seal_body(header, frame_key, source, sink, max_bytes=size, progress=progress)
         return header
 
@@ -270,7 +269,7 @@ class Envelope:
             ]
             wrapped = made + kept
         new = header.with_wrapped(wrapped)
-        sink.write(new.encode())
+        write_all(sink, new.encode())
         _copy(source, sink, progress)
         return new
 
@@ -340,12 +339,15 @@ class Envelope:
 
 
 def _copy(source: BinaryIO, sink: BinaryIO, progress: Progress | None) -> None:
-    if progress is None:
-        shutil.copyfileobj(source, sink, 1024 * 1024)
-        return
-    while chunk := source.read(1024 * 1024):
-        sink.write(chunk)
-        progress(len(chunk))
+    while True:
+        chunk = source.read(1024 * 1024)
+        if chunk is None:  # a non-blocking source with nothing yet: not the end of the body
+            raise MalformedMessage("the source is non-blocking; kbe1 streams need a blocking reader")
+        if not chunk:
+            return
+        write_all(sink, chunk)
+        if progress is not None:
+            progress(len(chunk))
 
 
 # -- the raw-key path: no broker (test vectors, other implementations' checks) ---------------
@@ -365,7 +367,7 @@ def seal_with_data_key(
     header = seal_header(
         data_key, wrapped, canonical_context(context), frame_size, message_id or os.urandom(MESSAGE_ID_BYTES)
     )
-    sink.write(header.encode())
+    write_all(sink, header.encode())
     seal_body(header, verify_header(header, data_key), source, sink)
     return header
 

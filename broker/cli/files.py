@@ -282,15 +282,17 @@ def _command(mode: str, action: Action) -> Callable[[argparse.Namespace, Session
 
 
 def _terminate_cleanly() -> None:
-    """SIGTERM (a service manager, ``kill``) unwinds like Ctrl-C, so the temporary file being
-    written is removed and the original left as it was, instead of the process vanishing
-    with a partial ``.partial`` file beside the output."""
+    """SIGTERM (a service manager, ``kill``) and SIGHUP (a closed terminal; left alone under
+    nohup) unwind like Ctrl-C: the temporary file being written is removed and the original
+    left as it was, instead of the process vanishing with a ``.partial`` file beside it."""
 
     def stop(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop)
+        for signum in (signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal went away
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                signal.signal(signum, stop)
 
 
 def _frame_size(value: str) -> int:

@@ -1,6 +1,7 @@
 """kbe1 envelope encryption vs the AWS Encryption SDK for Python vs ``cat``, side by side in one run.
 
     .venv/bin/python -m bench.envelope [--skip-1gib] [--dir DIR] [--small 1000]
+    .venv/bin/python -m bench.envelope --raw [--skip-1gib]    # the library alone vs cat, no stack
 
 Starts the local stack (``broker.devstack``: moto KMS server, OpenBao, SoftHSM, the broker) in
 a temporary directory. kbe1 gets its data key from the broker (a ``kms`` key, over mTLS, audited);
@@ -8,7 +9,9 @@ the Encryption SDK (commitment policy REQUIRE_ENCRYPT_REQUIRE_DECRYPT, its defau
 calls the same moto KMS server directly with a key of its own. Each large-file run is a child
 process, so its peak RSS (``wait4``) is its own; the growth column is peak minus the child's
 RSS right before the operation. Small messages: 1 KiB each, data-key caching on both sides
-(max_messages 100, max age 300 s). Numbers from a shared, loaded 2-core box are noisy.
+(max_messages 100, max age 300 s). ``--raw`` times only the kbe1 library with a fixed data
+key (no broker, no stack) against ``cat``: where the streaming itself stands. Numbers from a
+shared, loaded 2-core box are noisy.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 MIB = 1024 * 1024
+RAW_KEY = bytes(range(32))  # --raw: a fixed data key, the broker out of the picture
 SIZES = {"1 MiB": MIB, "64 MiB": 64 * MIB, "1 GiB": 1024 * MIB}
 
 
@@ -73,7 +77,17 @@ def _keybroker(cfg: dict[str, Any]) -> Any:
 def child(tool: str, op: str, src: str, dst: str, cfg: dict[str, Any]) -> None:
     """One large-file operation; prints {"seconds", "baseline_mib", "peak_mib"} as JSON."""
     context = {"tenant": "bench"}
-    if tool == "kbe1":
+    if tool == "raw":
+        from broker.envelope import open_with_data_key, seal_with_data_key
+
+        base = _status_mib("VmRSS")
+        start = time.perf_counter()
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            if op == "encrypt":
+                seal_with_data_key(RAW_KEY, ["kb1:bench:1:AAAA"], fin, fout, context)
+            else:
+                open_with_data_key(RAW_KEY, fin, fout, context)
+    elif tool == "kbe1":
         from broker.envelope import Envelope
 
         env = Envelope(_keybroker(cfg))
@@ -113,7 +127,9 @@ def _run(argv: list[str], stdout: Any = subprocess.PIPE, stdin: Any = None) -> t
 # -- the run --------------------------------------------------------------------------------------
 
 
-def large(workdir: Path, sizes: dict[str, int], cfg: dict[str, Any]) -> list[list[str]]:
+def large(
+    workdir: Path, sizes: dict[str, int], cfg: dict[str, Any], tools: tuple[str, ...] = ("kbe1", "esdk")
+) -> list[list[str]]:
     rows: list[list[str]] = []
     for label, size in sizes.items():
         plain = workdir / "plain.bin"
@@ -125,7 +141,7 @@ def large(workdir: Path, sizes: dict[str, int], cfg: dict[str, Any]) -> list[lis
             wall, _, _ = _run(["cat"], stdout=fout, stdin=fin)
         cat_speed = size / MIB / wall
         rows.append([label, "cat", "copy", f"{cat_speed:,.0f}", "1.00", "-", "-"])
-        for tool in ("kbe1", "esdk"):
+        for tool in tools:
             sealed, back = workdir / f"{tool}.sealed", workdir / f"{tool}.back"
             for op, src, dst in (("encrypt", plain, sealed), ("decrypt", sealed, back)):
                 argv = [
@@ -225,7 +241,15 @@ def main() -> None:
     parser.add_argument("--skip-1gib", action="store_true", help="leave out the 1 GiB row")
     parser.add_argument("--dir", help="where the test files go (default: a temporary directory)")
     parser.add_argument("--small", type=int, default=1000, help="how many 1 KiB messages")
+    parser.add_argument("--raw", action="store_true", help="only the kbe1 library with a fixed data key")
     args = parser.parse_args()
+    sizes = {k: v for k, v in SIZES.items() if not (args.skip_1gib and v > 64 * MIB)}
+    if args.raw:
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            rows = large(Path(tmp), sizes, {}, tools=("raw",))
+        print("\nkbe1 library, fixed data key (MiB/s of plaintext; x cat; RSS in MiB)\n")
+        print(table(["size", "tool", "op", "MiB/s", "x cat", "peak RSS", "RSS growth"], rows))
+        return
 
     from broker.devstack.common import DEV_AWS_ENV
     from broker.devstack.stack import DevStack, free_port
@@ -248,7 +272,6 @@ def main() -> None:
             os.environ["AWS_ENDPOINT_URL_KMS"] = stack.kms_endpoint
             kms_key = stack.kms.client().create_key(Description="bench: Encryption SDK")["KeyMetadata"]["Arn"]
             cfg = {"url": stack.broker_url, "tls": str(stack.layout.tls), "key": name, "kms_key": kms_key}
-            sizes = {k: v for k, v in SIZES.items() if not (args.skip_1gib and v > 64 * MIB)}
             big = large(workdir, sizes, cfg)
             few = small(args.small, cfg)
         finally:

@@ -36,7 +36,8 @@ examples:
   tar c logs | keybroker encrypt-file --key payments > logs.tar.kbe            # stdin to stdout
   keybroker decrypt-file --context tenant=acme report.pdf.kbe                   # report.pdf
   keybroker rewrap-file --context tenant=acme sealed/                # every .kbe to its keys' latest versions
-  keybroker rewrap-file --to-key archive --context tenant=acme report.pdf.kbe   # to another key (any backend)
+  keybroker rewrap-file --to-key archive --context tenant=acme report.pdf.kbe   # add a key (any backend)
+  keybroker rewrap-file --to-key archive --drop-key payments --context tenant=acme report.pdf.kbe  # move
 """
 
 
@@ -350,9 +351,10 @@ def add_parsers(sub: Any) -> None:
         "--to-key",
         action="append",
         type=key_name_arg,
-        help="wrap the data key under this key too, on any backend (repeatable; default: move each "
-        "wrapping to its key's latest version). The message's wrappings under other keys are KEPT "
-        "(an escrow key you may not use is never lost); remove one with --drop-key",
+        help="wrap the data key under this key too, on any backend (repeatable). The message's "
+        "wrappings under other keys are KEPT (an escrow key you may not use is never lost); remove "
+        "one with --drop-key. Default: move every wrapping to its key's latest version; if one of "
+        "them is not yours to re-wrap, the file is refused and left unchanged",
     )
     p.add_argument(
         "--drop-key",

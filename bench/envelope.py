@@ -75,13 +75,13 @@ def _keybroker(cfg: dict[str, Any]) -> Any:
 
 
 def child(tool: str, op: str, src: str, dst: str, cfg: dict[str, Any]) -> None:
-    """One large-file operation; prints {"seconds", "baseline_mib", "peak_mib"} as JSON."""
+    """One large-file operation; prints {"seconds", "cpu_seconds", "baseline_mib", "peak_mib"}."""
     context = {"tenant": "bench"}
     if tool == "raw":
         from broker.envelope import open_with_data_key, seal_with_data_key
 
         base = _status_mib("VmRSS")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with open(src, "rb") as fin, open(dst, "wb") as fout:
             if op == "encrypt":
                 seal_with_data_key(RAW_KEY, ["kb1:bench:1:AAAA"], fin, fout, context)
@@ -92,7 +92,7 @@ def child(tool: str, op: str, src: str, dst: str, cfg: dict[str, Any]) -> None:
 
         env = Envelope(_keybroker(cfg))
         base = _status_mib("VmRSS")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with open(src, "rb") as fin, open(dst, "wb") as fout:
             if op == "encrypt":
                 env.encrypt(cfg["key"], fin, fout, context)
@@ -101,7 +101,7 @@ def child(tool: str, op: str, src: str, dst: str, cfg: dict[str, Any]) -> None:
     else:
         client, provider, _ = _esdk(cfg["kms_key"])
         base = _status_mib("VmRSS")
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with open(src, "rb") as fin, open(dst, "wb") as fout:
             mode = "e" if op == "encrypt" else "d"
             kw = {"encryption_context": context} if op == "encrypt" else {}
@@ -109,11 +109,18 @@ def child(tool: str, op: str, src: str, dst: str, cfg: dict[str, Any]) -> None:
                 for chunk in stream:
                     fout.write(chunk)
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "baseline_mib": base, "peak_mib": _status_mib("VmHWM")}))
+    cpu = time.process_time() - cpu_start  # user + system, every thread
+    print(
+        json.dumps(
+            {"seconds": seconds, "cpu_seconds": cpu, "baseline_mib": base, "peak_mib": _status_mib("VmHWM")}
+        )
+    )
 
 
-def _run(argv: list[str], stdout: Any = subprocess.PIPE, stdin: Any = None) -> tuple[float, float, str]:
-    """Run a child; return (wall seconds, peak RSS MiB, its stdout)."""
+def _run(
+    argv: list[str], stdout: Any = subprocess.PIPE, stdin: Any = None
+) -> tuple[float, float, str, float]:
+    """Run a child; return (wall seconds, peak RSS MiB, its stdout, its CPU seconds)."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=stdout, stdin=stdin, env=os.environ)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -121,7 +128,7 @@ def _run(argv: list[str], stdout: Any = subprocess.PIPE, stdin: Any = None) -> t
     out = proc.stdout.read().decode() if proc.stdout is not None else ""
     if status != 0:
         raise SystemExit(f"{argv} failed with status {status}")
-    return wall, usage.ru_maxrss / 1024, out
+    return wall, usage.ru_maxrss / 1024, out, usage.ru_utime + usage.ru_stime
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -138,9 +145,11 @@ def large(
             for _ in range(size // MIB):
                 fh.write(block)
         with open(plain, "rb") as fin, open(workdir / "copy.bin", "wb") as fout:
-            wall, _, _ = _run(["cat"], stdout=fout, stdin=fin)
-        cat_speed = size / MIB / wall
-        rows.append([label, "cat", "copy", f"{cat_speed:,.0f}", "1.00", "-", "-"])
+            wall, _, _, cat_cpu = _run(["cat"], stdout=fout, stdin=fin)
+        cat_speed, cat_per_cpu = size / MIB / wall, size / MIB / max(cat_cpu, 1e-3)
+        rows.append(
+            [label, "cat", "copy", f"{cat_speed:,.0f}", "1.00", f"{cat_per_cpu:,.0f}", "1.00", "-", "-"]
+        )
         for tool in tools:
             sealed, back = workdir / f"{tool}.sealed", workdir / f"{tool}.back"
             for op, src, dst in (("encrypt", plain, sealed), ("decrypt", sealed, back)):
@@ -155,10 +164,11 @@ def large(
                     str(dst),
                     json.dumps(cfg),
                 ]
-                _, _, out = _run(argv)
+                _, _, out, _ = _run(argv)
                 doc = json.loads(out)
                 peak = doc["peak_mib"]
                 speed = size / MIB / doc["seconds"]
+                per_cpu = size / MIB / max(doc["cpu_seconds"], 1e-3)
                 growth = peak - doc["baseline_mib"]
                 rows.append(
                     [
@@ -167,6 +177,8 @@ def large(
                         op,
                         f"{speed:,.0f}",
                         f"{speed / cat_speed:.2f}",
+                        f"{per_cpu:,.0f}",
+                        f"{per_cpu / cat_per_cpu:.2f}",
                         f"{peak:,.0f}",
                         f"{growth:,.1f}",
                     ]
@@ -225,6 +237,9 @@ def small(count: int, cfg: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+HEADERS = ["size", "tool", "op", "MiB/s", "x cat", "MiB per CPU-s", "x cat (CPU)", "peak RSS", "RSS growth"]
+
+
 def table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -248,7 +263,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
             rows = large(Path(tmp), sizes, {}, tools=("raw",))
         print("\nkbe1 library, fixed data key (MiB/s of plaintext; x cat; RSS in MiB)\n")
-        print(table(["size", "tool", "op", "MiB/s", "x cat", "peak RSS", "RSS growth"], rows))
+        print(table(HEADERS, rows))
         return
 
     from broker.devstack.common import DEV_AWS_ENV
@@ -276,8 +291,11 @@ def main() -> None:
             few = small(args.small, cfg)
         finally:
             stack.stop()
-    print("\nLarge files (MiB/s of plaintext; x cat = fraction of cat's copy speed; RSS in MiB)\n")
-    print(table(["size", "tool", "op", "MiB/s", "x cat", "peak RSS", "RSS growth"], big))
+    print(
+        "\nLarge files (MiB/s of plaintext; x cat = fraction of cat's copy speed; MiB per CPU-s = "
+        "plaintext per second of CPU, user + system, all threads: steadier on a loaded box; RSS in MiB)\n"
+    )
+    print(table(HEADERS, big))
     print(f"\n{args.small} messages of 1 KiB, caching on (max_messages 100, max_age 300 s)\n")
     print(
         table(

@@ -6,9 +6,10 @@ is handed to the sink only after its tag verified; a stream that ends without it
 frame, or goes on after it, is an error. Output written before such an error is the
 caller's to discard (the CLI writes to a temporary file and removes it).
 
-Speed: ``AESGCM`` holds the GIL, but a file's ``write`` releases it while the kernel copies,
-so a message of more than one frame is written by a helper thread, in order, while this
-thread reads and runs AES on the next frames (at most ``_in_flight`` frames queued). A
+Speed: the costly steps are the kernel's copies (``readinto``, and above all ``write`` into
+new page-cache pages), not AES-GCM. All three release the GIL, so a message of more than one
+frame is written by a helper thread, in order, while this thread reads and seals the next
+frames (at most ``_in_flight`` frames queued): two cores, each about equally busy. A
 one-frame message (small records) is written inline: no thread, no buffer beyond its size.
 """
 

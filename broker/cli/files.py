@@ -12,8 +12,10 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,8 @@ examples:
   tar c logs | keybroker encrypt-file --key payments > logs.tar.kbe            # stdin to stdout
   keybroker decrypt-file --context tenant=acme report.pdf.kbe                   # report.pdf
   keybroker rewrap-file --context tenant=acme sealed/                # every .kbe to its keys' latest versions
-  keybroker rewrap-file --to-key archive --context tenant=acme report.pdf.kbe   # to another key (any backend)
+  keybroker rewrap-file --to-key archive --context tenant=acme report.pdf.kbe   # add a key (any backend)
+  keybroker rewrap-file --to-key archive --drop-key payments --context tenant=acme report.pdf.kbe  # move
 """
 
 
@@ -79,7 +82,14 @@ def _rewrap(
     size: int | None,
     tick: Callable[[int], None],
 ) -> Header:
-    return env.rewrap(src, dst, context_pairs(args.context), to_keys=args.to_key or None, progress=tick)
+    return env.rewrap(
+        src,
+        dst,
+        context_pairs(args.context),
+        to_keys=args.to_key or None,
+        drop_keys=args.drop_key or (),
+        progress=tick,
+    )
 
 
 # -- which files ----------------------------------------------------------------------------
@@ -137,17 +147,38 @@ def plan(mode: str, inputs: list[str], out: str | None) -> list[Job]:
             jobs.append(Job(path, path.with_name(_target_name(mode, path.name))))
     if not jobs:
         raise ConfigError("no files to process in " + ", ".join(inputs))
+    _no_collisions(jobs)
     return jobs
+
+
+def _no_collisions(jobs: list[Job]) -> None:
+    """Refuse a plan in which one file's output would replace another's output, or another
+    job's input before it is read (``encrypt-file x x.kbe --force``: x.kbe lost)."""
+    sources = {os.path.realpath(job.source) for job in jobs if job.source is not None}
+    targets: set[str] = set()
+    for job in jobs:
+        if job.target is None or job.source is None:
+            continue
+        target = os.path.realpath(job.target)
+        if target in targets:
+            raise ConfigError(f"two inputs would both be written to {job.target}")
+        if target in sources and target != os.path.realpath(job.source):
+            raise ConfigError(f"{job.target} is both an input and the output of another input")
+        targets.add(target)
 
 
 # -- writing safely -------------------------------------------------------------------------
 
 
+def _exists_error(target: Path) -> ConfigError:
+    return ConfigError(f"{target} already exists; refusing to overwrite it (--force to replace)")
+
+
 @contextlib.contextmanager
 def _replacing(target: Path, overwrite: bool) -> Iterator[BinaryIO]:
-    """A new 0600 temporary file beside ``target``, renamed over it only if the block succeeds."""
+    """A new 0600 temporary file beside ``target``, put in its place only if the block succeeds."""
     if target.exists() and not overwrite:
-        raise ConfigError(f"{target} already exists; refusing to overwrite it (--force to replace)")
+        raise _exists_error(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
     try:
@@ -155,11 +186,35 @@ def _replacing(target: Path, overwrite: bool) -> Iterator[BinaryIO]:
             yield cast(BinaryIO, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(temp, target)
+        _publish(temp, target, overwrite)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
+
+
+def _publish(temp: str, target: Path, overwrite: bool) -> None:
+    """Put ``temp`` at ``target``. Without ``overwrite`` a file that appeared there while we
+    worked (the check above was minutes ago for a large file) is never replaced: a hard link
+    fails if the name exists, where a rename would silently replace it."""
+    if overwrite:
+        os.replace(temp, target)
+        return
+    try:
+        os.link(temp, target)
+    except FileExistsError:
+        # Only a dangling symbolic link may be replaced (as the check above allowed): it is
+        # no file, and replacing it never writes through it.
+        if target.exists() or not target.is_symlink():
+            raise _exists_error(target) from None
+        os.replace(temp, target)
+        return
+    except OSError:  # a filesystem without hard links: the check above has to do
+        if target.exists():
+            raise _exists_error(target) from None
+        os.replace(temp, target)
+        return
+    os.unlink(temp)
 
 
 def _progress(args: argparse.Namespace, label: str, total: int | None) -> Any:
@@ -200,6 +255,7 @@ def _run_one(env: Envelope, action: Action, job: Job, args: argparse.Namespace) 
 def _command(mode: str, action: Action) -> Callable[[argparse.Namespace, Session], int]:
     def run(args: argparse.Namespace, session: Session) -> int:
         jobs = plan(mode, list(args.inputs), args.out)
+        _terminate_cleanly()
         # The SDK client is the key source as it is (one client code path with every other command).
         env = Envelope(session.client(), frame_size=getattr(args, "frame_size", DEFAULT_FRAME_SIZE))
         if len(jobs) == 1:
@@ -210,8 +266,9 @@ def _command(mode: str, action: Action) -> Callable[[argparse.Namespace, Session
             for job in jobs:
                 try:
                     done.append(_run_one(env, action, job, args))
-                except (BrokerError, KeybrokerError) as exc:
-                    # Many files: report each failure and go on; the exit status says some failed.
+                except (BrokerError, KeybrokerError, OSError) as exc:
+                    # Many files: report each failure (an unreadable file, a full disk, a refusal)
+                    # and go on with the others; the exit status says some failed.
                     failed += 1
                     print(f"keybroker: error: {job.source}: {exc}", file=sys.stderr)
         if args.json:
@@ -223,6 +280,20 @@ def _command(mode: str, action: Action) -> Callable[[argparse.Namespace, Session
         return 1 if failed else 0
 
     return run
+
+
+def _terminate_cleanly() -> None:
+    """SIGTERM (a service manager, ``kill``) and SIGHUP (a closed terminal; left alone under
+    nohup) unwind like Ctrl-C: the temporary file being written is removed and the original
+    left as it was, instead of the process vanishing with a ``.partial`` file beside it."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal went away
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                signal.signal(signum, stop)
 
 
 def _frame_size(value: str) -> int:
@@ -280,5 +351,16 @@ def add_parsers(sub: Any) -> None:
         "--to-key",
         action="append",
         type=key_name_arg,
-        help="wrap under this key instead (repeatable; default: each key's latest version)",
+        help="wrap the data key under this key too, on any backend (repeatable). The message's "
+        "wrappings under other keys are KEPT (an escrow key you may not use is never lost); remove "
+        "one with --drop-key. Default: move every wrapping to its key's latest version; if one of "
+        "them is not yours to re-wrap, the file is refused and left unchanged",
+    )
+    p.add_argument(
+        "--drop-key",
+        action="append",
+        type=key_name_arg,
+        help="remove the message's wrappings under this key (repeatable). Nothing is replaced "
+        "unless a new wrapping was unwrapped and proven to open the message; otherwise the file "
+        "is left untouched and the exit status is 1",
     )

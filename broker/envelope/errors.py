@@ -6,6 +6,7 @@
     └── EnvelopeError              envelope_error      the message cannot be used
         ├── MalformedMessage       envelope_malformed  not a kbe1 message, or a field out of its bounds
         ├── TamperedMessage        envelope_tampered   a tag did not verify (header, frame, commitment)
+        │   └── CommitmentMismatch                     a wrapped data key is not the one the header commits to
         ├── TruncatedMessage       envelope_truncated  the stream ended before the final frame
         ├── ContextMismatch        envelope_context    sealed under another encryption context
         └── NoUsableKey            envelope_no_key     no wrapped data key could be unwrapped by the caller
@@ -35,6 +36,10 @@ class MalformedMessage(EnvelopeError):
 class TamperedMessage(EnvelopeError):
     code = "envelope_tampered"
     title = "The message failed authentication (changed, reordered or from another message)"
+
+
+class CommitmentMismatch(TamperedMessage):
+    """A data key the header does not commit to: a wrapping of another message's key."""
 
 
 class TruncatedMessage(EnvelopeError):

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from broker.envelope.errors import MalformedMessage, TamperedMessage, TruncatedMessage
+from broker.envelope.errors import CommitmentMismatch, MalformedMessage, TamperedMessage, TruncatedMessage
 from broker.errors import DecryptionFailed
 from broker.keys import ciphertext as kb1
 
@@ -175,7 +175,7 @@ def verify_header(header: Header, data_key: bytes | bytearray) -> bytes:
         raise TamperedMessage("the unwrapped data key is not 32 bytes")
     commitment = derive(data_key, header.message_id, _LABEL_COMMIT)
     if not hmac.compare_digest(commitment, header.commitment):
-        raise TamperedMessage("the data key does not match the header's key commitment")
+        raise CommitmentMismatch("the data key does not match the header's key commitment")
     try:
         AESGCM(derive(data_key, header.message_id, _LABEL_HEADER)).decrypt(
             _HEADER_NONCE, header.tag, header.authenticated_bytes()

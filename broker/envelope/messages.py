@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from typing import BinaryIO
 
 from broker.envelope.cache import DataKeyCache, wipe
-from broker.envelope.errors import ContextMismatch, MalformedMessage, NoUsableKey
+from broker.envelope.errors import (
+    CommitmentMismatch,
+    ContextMismatch,
+    MalformedMessage,
+    NoUsableKey,
+    TamperedMessage,
+)
 from broker.envelope.format import (
     DATA_KEY_BYTES,
     DEFAULT_FRAME_SIZE,
@@ -27,7 +32,7 @@ from broker.envelope.format import (
     verify_header,
 )
 from broker.envelope.keysource import KeySource
-from broker.envelope.stream import Progress, open_body, seal_body
+from broker.envelope.stream import Progress, open_body, seal_body, write_all
 from broker.keys import ciphertext as kb1
 
 
@@ -105,7 +110,7 @@ class Envelope:
             frame_key = verify_header(header, data_key)
         finally:
             wipe(data_key)
-        sink.write(header.encode())
+        write_all(sink, header.encode())
         seal_body(header, frame_key, source, sink, max_bytes=size, progress=progress)
         return header
 
@@ -152,39 +157,63 @@ class Envelope:
         header = read_header(source)
         pairs = canonical_context(context)
         check_context(header, pairs)
-        data_key, used = self._unwrap(header, pairs)
-        try:
-            frame_key = verify_header(header, data_key)
-        finally:
-            wipe(data_key)
+        frame_key, used = self._open_header(header, pairs)
         length = open_body(header, frame_key, source, sink, progress=progress)
         if self.cache is not None:
             self.cache.charge_decrypt(used, pairs, length)
         return header
 
-    def _unwrap(self, header: Header, pairs: ContextPairs) -> tuple[bytearray, str]:
+    def _open_header(self, header: Header, pairs: ContextPairs) -> tuple[bytes, str]:
+        """The frame key, from the first wrapping the caller may unwrap whose data key the
+        header commits to, and that wrapping.
+
+        A wrapping that unwraps to another data key (a valid wrapping of another message's
+        key swapped into the list: the wrapped keys are outside the header tag) is skipped
+        like a refused one, so an edited list cannot hide the wrappings that still open the
+        message; if one was found and nothing else opened, that is reported as tampering.
+        """
         reasons: list[tuple[str, str]] = []
-        context = dict(pairs)
+        mismatch: TamperedMessage | None = None
         for wrapped in header.wrapped:
-            if self.cache is not None:
-                cached = self.cache.take_for_decrypt(wrapped, pairs)
-                if cached is not None:
-                    return cached, wrapped
-            name = kb1.decode(wrapped).key
-            try:
-                data_key = self.keys.decrypt(name, wrapped, context)
-            # The broker refusing this key (denied, revoked, wrong context) means "try the next
-            # one"; all failing is reported with each reason below. An unreachable broker or a
-            # bug is not a refusal: it propagates as itself.
-            except Exception as exc:
-                if not refused_for_this_key(exc):
-                    raise
-                reasons.append((name, str(exc) or exc.__class__.__name__))
+            data_key = self._unwrap_one(header, wrapped, pairs, reasons)
+            if data_key is None:
                 continue
-            if self.cache is not None:
-                self.cache.put_for_decrypt(wrapped, pairs, data_key)
-            return bytearray(data_key), wrapped
+            try:
+                return verify_header(header, data_key), wrapped
+            except CommitmentMismatch as exc:
+                mismatch = exc
+                reasons.append((kb1.decode(wrapped).key, str(exc)))
+            finally:
+                wipe(data_key)
+        if mismatch is not None:
+            raise TamperedMessage(
+                "the data key does not match the header's key commitment ("
+                + "; ".join(f"{key}: {why}" for key, why in reasons)
+                + ")"
+            )
         raise NoUsableKey(reasons)
+
+    def _unwrap_one(
+        self, header: Header, wrapped: str, pairs: ContextPairs, reasons: list[tuple[str, str]]
+    ) -> bytearray | None:
+        if self.cache is not None:
+            cached = self.cache.take_for_decrypt(wrapped, pairs)
+            if cached is not None:
+                return cached
+        name = kb1.decode(wrapped).key
+        try:
+            data_key = self.keys.decrypt(name, wrapped, dict(pairs))
+        # The broker refusing this key (denied, revoked, wrong context) means "try the next
+        # one"; all failing is reported with each reason. An unreachable broker or a bug is
+        # not a refusal: it propagates as itself.
+        except Exception as exc:
+            if not refused_for_this_key(exc):
+                raise
+            reasons.append((name, str(exc) or exc.__class__.__name__))
+            return None
+        if self.cache is not None:
+            self.cache.put_for_decrypt(wrapped, pairs, data_key)
+        return bytearray(data_key)
 
     def decrypt_bytes(self, data: bytes, context: Mapping[str, str] | None = None) -> bytes:
         out = io.BytesIO()
@@ -200,54 +229,125 @@ class Envelope:
         context: Mapping[str, str] | None = None,
         *,
         to_keys: Sequence[str] | None = None,
+        drop_keys: Sequence[str] = (),
         progress: Progress | None = None,
     ) -> Header:
         """Copy a message with its data key re-wrapped; the body is copied byte for byte.
 
         Without ``to_keys`` each wrapped key moves to its key's latest version (every one must
-        succeed). With ``to_keys`` the data key is wrapped under exactly those keys (any
-        backend), starting from the first wrapping the caller may rewrap.
+        succeed). With ``to_keys`` the data key is wrapped under each of those keys (any
+        backend), made from the first wrapping that proves to hold the message's data key;
+        the message's wrappings under other keys are kept as they are (an escrow key the
+        caller may not use is never lost) unless their key is in ``drop_keys``.
+
+        Nothing is written until the new header is proven to open the body: a new wrapping is
+        unwrapped through the broker and its data key checked against the header's key
+        commitment and tag. A header that cannot be proven is refused (the caller's file
+        stays as it was) — an in-place rewrap never turns an openable file into an
+        unopenable one.
         """
         header = read_header(source)
         pairs = canonical_context(context)
         check_context(header, pairs)
         ctx = dict(pairs)
+        drop = set(drop_keys)
         if to_keys is None:
-            wrapped = [self.keys.rewrap(kb1.decode(w).key, w, ctx).ciphertext for w in header.wrapped]
+            kept = [w for w in header.wrapped if kb1.decode(w).key not in drop]
+            if not kept:
+                raise MalformedMessage("every wrapping would be dropped; the message could not be opened")
+            wrapped = [self.keys.rewrap(kb1.decode(w).key, w, ctx).ciphertext for w in kept]
+            self._prove(header, wrapped, ctx)
         else:
             targets = _key_list(to_keys)
-            origin, reasons = None, []
-            for candidate in header.wrapped:
-                name = kb1.decode(candidate).key
-                try:
-                    first = self.keys.rewrap(name, candidate, ctx, to_key=targets[0])
-                # As in decrypt: a key the caller may not use sends it to the next wrapping.
-                except Exception as exc:
-                    if not refused_for_this_key(exc):
-                        raise
-                    reasons.append((name, str(exc) or exc.__class__.__name__))
-                    continue
-                origin = first
-                break
-            if origin is None:
-                raise NoUsableKey(reasons)
-            wrapped = [origin.ciphertext]
-            wrapped += [
-                self.keys.rewrap(targets[0], origin.ciphertext, ctx, to_key=t).ciphertext for t in targets[1:]
+            if drop & set(targets):
+                raise MalformedMessage("a key is both a target and dropped")
+            made = self._rewrap_to(header, targets, ctx)
+            kept = [
+                w
+                for w in header.wrapped
+                if kb1.decode(w).key not in drop and kb1.decode(w).key not in targets
             ]
+            wrapped = made + kept
         new = header.with_wrapped(wrapped)
-        sink.write(new.encode())
+        write_all(sink, new.encode())
         _copy(source, sink, progress)
         return new
 
+    def _rewrap_to(self, header: Header, targets: tuple[str, ...], ctx: dict[str, str]) -> list[str]:
+        """Wrappings of the message's data key under each target, from the first existing
+        wrapping whose rewrap under the first target proves to open the header."""
+        reasons: list[tuple[str, str]] = []
+        mismatch = False
+        for candidate in header.wrapped:
+            name = kb1.decode(candidate).key
+            try:
+                first = self.keys.rewrap(name, candidate, ctx, to_key=targets[0]).ciphertext
+            # As in decrypt: a key the caller may not use sends it to the next wrapping.
+            except Exception as exc:
+                if not refused_for_this_key(exc):
+                    raise
+                reasons.append((name, str(exc) or exc.__class__.__name__))
+                continue
+            try:
+                self._prove(header, [first, candidate], ctx)
+            except CommitmentMismatch:
+                # A wrapping of another data key swapped into the list: never build on it.
+                mismatch = True
+                reasons.append((name, "its data key does not match the header's key commitment"))
+                continue
+            return [first] + [
+                self.keys.rewrap(targets[0], first, ctx, to_key=t).ciphertext for t in targets[1:]
+            ]
+        if mismatch:
+            raise TamperedMessage(
+                "no wrapping could be re-wrapped to a header that opens the message; the message is "
+                "unchanged (" + "; ".join(f"{key}: {why}" for key, why in reasons) + ")"
+            )
+        raise NoUsableKey(reasons)
+
+    def _prove(self, header: Header, wrapped: Sequence[str], ctx: dict[str, str]) -> None:
+        """Check that one of ``wrapped`` opens ``header``: unwrap each the caller may unwrap, in
+        order, until one's data key passes the key commitment and the header tag. Raises
+        :class:`CommitmentMismatch` if those unwrapped all hold other data keys, and
+        :class:`NoUsableKey` if none could be unwrapped (nothing proves the message opens)."""
+        reasons: list[tuple[str, str]] = []
+        mismatched = False
+        for text in wrapped:
+            name = kb1.decode(text).key
+            try:
+                data_key = bytearray(self.keys.decrypt(name, text, ctx))
+            except Exception as exc:
+                if not refused_for_this_key(exc):
+                    raise
+                reasons.append((name, str(exc) or exc.__class__.__name__))
+                continue
+            try:
+                verify_header(header, data_key)
+            except CommitmentMismatch as exc:
+                mismatched = True
+                reasons.append((name, str(exc)))
+                continue
+            finally:
+                wipe(data_key)
+            return
+        listed = "; ".join(f"{key}: {why}" for key, why in reasons)
+        if mismatched:
+            raise CommitmentMismatch(f"the re-wrapped data key does not open the message ({listed})")
+        raise NoUsableKey(
+            [*reasons, ("proof", "no new wrapping could be unwrapped to prove the message still opens")]
+        )
+
 
 def _copy(source: BinaryIO, sink: BinaryIO, progress: Progress | None) -> None:
-    if progress is None:
-        shutil.copyfileobj(source, sink, 1024 * 1024)
-        return
-    while chunk := source.read(1024 * 1024):
-        sink.write(chunk)
-        progress(len(chunk))
+    while True:
+        chunk = source.read(1024 * 1024)
+        if chunk is None:  # a non-blocking source with nothing yet: not the end of the body
+            raise MalformedMessage("the source is non-blocking; kbe1 streams need a blocking reader")
+        if not chunk:
+            return
+        write_all(sink, chunk)
+        if progress is not None:
+            progress(len(chunk))
 
 
 # -- the raw-key path: no broker (test vectors, other implementations' checks) ---------------
@@ -267,7 +367,7 @@ def seal_with_data_key(
     header = seal_header(
         data_key, wrapped, canonical_context(context), frame_size, message_id or os.urandom(MESSAGE_ID_BYTES)
     )
-    sink.write(header.encode())
+    write_all(sink, header.encode())
     seal_body(header, verify_header(header, data_key), source, sink)
     return header
 

@@ -298,7 +298,8 @@ def test_cli_directories_and_rewrap_in_place(stack: DevStack, tmp_path: Path) ->
     assert outs == ["a.txt.kbe", "sub/b.txt.kbe"]
 
     body_before = (tmp_path / "out" / "sub" / "b.txt.kbe").read_bytes()
-    moved = keybroker(stack, "rewrap-file", "--to-key", archive, "--context", "t=1", str(tmp_path / "out"))
+    move = ("--to-key", archive, "--drop-key", name)
+    moved = keybroker(stack, "rewrap-file", *move, "--context", "t=1", str(tmp_path / "out"))
     assert moved.returncode == 0, moved.stderr
     body_after = (tmp_path / "out" / "sub" / "b.txt.kbe").read_bytes()
     assert read_header(io.BytesIO(body_after)).keys == (archive,)

@@ -210,3 +210,25 @@ def test_the_broker_identity_may_delete_idempotency_records_and_nothing_else(sta
     assert status_of(broker, "DELETE", f"{KV}/metadata/idempotency/{scratch}") == 204
     assert read_record(stack, scratch) is None
     root.secrets.kv.v2.delete_metadata_and_all_versions(path=f"idempotency/{deeper}", mount_point=KV)
+
+
+def test_openbao_lists_the_page_the_sweep_asks_for(stack: DevStack) -> None:
+    """The sweep walks records with OpenBao's paginated LIST (``after``, ``limit``, as
+    ``KvDocuments.names_page`` sends them): a page is at most ``limit`` names, strictly after
+    ``after``, in order, so successive passes cover every record."""
+    root = stack.vault_client()
+    prefix = f"paging-{uuid.uuid4().hex[:8]}"
+    names = sorted(record_name() for _ in range(5))
+    for n in names:
+        root.secrets.kv.v2.create_or_update_secret(path=f"{prefix}/{n}", secret={"a": 1}, mount_point=KV)
+
+    def page(after: str | None) -> list[str]:
+        params: dict[str, str | int] = {"limit": 2, **({"after": after} if after else {})}
+        out = root.adapter.request("LIST", f"/v1/{KV}/metadata/{prefix}", params=params)
+        return list(out["data"]["keys"])
+
+    assert page(None) == names[:2]
+    assert page(names[1]) == names[2:4]
+    assert page(names[3]) == names[4:]
+    for n in names:
+        root.secrets.kv.v2.delete_metadata_and_all_versions(path=f"{prefix}/{n}", mount_point=KV)

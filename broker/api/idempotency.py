@@ -193,8 +193,12 @@ class IdempotencyStore:
                         f"this {HEADER} was used for a request with another body; use a new key"
                     )
                 if current["state"] == "pending":
+                    # Also a request whose outcome could not be recorded (Vault refused the
+                    # write): its change may be made, so the record holds until the lease ends.
+                    frees = iso(parse_iso(current["lease_until"]))
                     raise IdempotencyInProgress(
-                        f"the first request with this {HEADER} is still running; retry in a few seconds"
+                        f"the first request with this {HEADER} is still running or its outcome was "
+                        f"not recorded; retry in a few seconds (its hold ends by {frees} at the latest)"
                     )
                 answer = current["answer"]
                 replay.append(

@@ -55,8 +55,9 @@ class Replicas:
     fault_file: Path
 
     def logs(self, stack: DevStack) -> list[Path]:
-        # The stack's own broker runs a scheduler too (every 60 s): its work counts as well.
-        return [c.log_path for c in self.children] + [stack.layout.logs / "broker.log"]
+        # Every broker on the stack runs a scheduler (the stack's own and any other test's replica,
+        # such as the session's second_broker, every 60 s): their work counts as well.
+        return sorted({c.log_path for c in self.children} | set(stack.layout.logs.glob("*.log")))
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@
     │   └── RateLimited              429     rate_limited
     ├── BackendError                 5xx     a backend or a dependency cannot serve
     │   ├── BadGateway               502     backend_error (backend answered nonsense)
-    │   ├── Unavailable              503     backend_unavailable (sealed, unreachable)
-    │   └── BackendTimeout           504     backend_timeout
+    │   └── Unavailable              503     backend_unavailable (sealed, unreachable)
+    │       └── BackendTimeout       503     backend_unavailable (past its deadline)
     └── ConfigError                  —       the broker cannot start; never reaches HTTP
 
 ``UnsupportedOperation`` (a ``ClientError``, 400) is raised by a backend asked
@@ -165,10 +165,11 @@ class Unavailable(BackendError):
     retry_after: ClassVar[int | None] = 2
 
 
-class BackendTimeout(BackendError):
-    status = 504
-    code = "backend_timeout"
-    title = "Backend timed out"
+class BackendTimeout(Unavailable):
+    """A backend call past its deadline (Vault, KMS, HSM alike): to the caller the backend is
+    unavailable for now, so the same 503 + Retry-After as an unreachable one, never a held request."""
+
+    title = "Backend did not answer in time"
 
 
 class ConfigError(BrokerError):

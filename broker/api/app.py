@@ -16,7 +16,7 @@ from broker import spans
 from broker.api.audit_routes import add_audit_routes
 from broker.api.edge import EdgeSite, bound_tls_read_buffer, protocol_checks, raise_open_file_limit
 from broker.api.grant_routes import add_grant_routes
-from broker.api.idempotency import IdempotencyStore
+from broker.api.idempotency import IdempotencyStore, sweep_loop
 from broker.api.key_routes import add_key_routes
 from broker.api.metrics import Metrics
 from broker.api.middleware import audit_trail, bounded_body, identity, problem_details, request_context
@@ -176,6 +176,7 @@ async def _scheduler(app: web.Application) -> AsyncIterator[None]:
     async with (
         _background(scheduler_loop(app[KEYS], interval), "key-scheduler"),
         _background(grant_purge_loop(app[GRANTS], interval), "grant-purge"),
+        _background(sweep_loop(app[IDEMPOTENCY], interval), "idempotency-sweep"),
     ):
         yield
 

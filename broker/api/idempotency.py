@@ -13,11 +13,15 @@ with check-and-set before the work starts:
 
 Only successful answers are kept: a request that failed (a 4xx, a backend 5xx) leaves
 nothing behind, so its retry is decided afresh. Records are honoured for
-``keys.idempotency_ttl_seconds`` (24 h by default).
+``keys.idempotency_ttl_seconds`` (24 h by default); every replica's sweep
+(:func:`sweep_loop`) then erases them, a bounded page per pass. KV v2 cannot delete
+check-and-set, so a record is first replaced check-and-set by a short-lived tombstone (a
+claim of the same key meanwhile gets 409 and retries), and only then deleted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -32,7 +36,7 @@ from broker.api.state import AUDIT_FACTS, PRINCIPAL, REQUEST_ID
 from broker.backends.vault import VaultClient
 from broker.errors import BadRequest, BrokerError, ClientError, Conflict
 from broker.log import get_logger
-from broker.state.kv import KvDocuments
+from broker.state.kv import CasConflict, KvDocuments
 from broker.timeutil import iso, now_utc, parse_iso
 
 log = get_logger(__name__)
@@ -47,6 +51,14 @@ _KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
 LEASE_SECONDS = 300.0
 # The headers of an answer that are replayed with it.
 _KEPT_HEADERS = ("Location",)
+# Records a sweep pass reads at most (one paginated LIST, then one read each): bounded work per
+# pass on each replica, still far more than a broker writes between two passes.
+SWEEP_PAGE = 500
+# How long a sweep's tombstone holds a record off (409) before it lapses: the delete must follow
+# well within it, or the pass leaves the record to the next one.
+TOMBSTONE_SECONDS = 60.0
+# A record's name as record_id makes it; anything else under the prefix is not the sweep's to erase.
+_RECORD_NAME = re.compile(r"[0-9a-f]{64}")
 
 
 class InvalidIdempotencyKey(BadRequest):
@@ -171,14 +183,22 @@ class IdempotencyStore:
 
         def claim(current: dict[str, Any] | None) -> dict[str, Any]:
             replay.clear()
+            if current is not None and self._tombstone_live(current, now):
+                raise IdempotencyInProgress(
+                    f"the expired record of this {HEADER} is being erased; retry in a few seconds"
+                )
             if current is not None and not self._void(current, now):
                 if current["fingerprint"] != fp:
                     raise IdempotencyKeyReused(
                         f"this {HEADER} was used for a request with another body; use a new key"
                     )
                 if current["state"] == "pending":
+                    # Also a request whose outcome could not be recorded (Vault refused the
+                    # write): its change may be made, so the record holds until the lease ends.
+                    frees = iso(parse_iso(current["lease_until"]))
                     raise IdempotencyInProgress(
-                        f"the first request with this {HEADER} is still running; retry in a few seconds"
+                        f"the first request with this {HEADER} is still running or its outcome was "
+                        f"not recorded; retry in a few seconds (its hold ends by {frees} at the latest)"
                     )
                 answer = current["answer"]
                 replay.append(
@@ -235,6 +255,84 @@ class IdempotencyStore:
             pass
         except BrokerError as exc:
             log.warning("idempotency_record_not_freed", record=rid[:16], error=exc.detail)
+
+    @staticmethod
+    def _tombstone_live(record: dict[str, Any], now: datetime) -> bool:
+        """A sweep's tombstone still holding the record off (a lapsed one is void like any)."""
+        if record.get("state") != "swept":
+            return False
+        try:
+            return now < parse_iso(record["swept_until"])
+        except (KeyError, TypeError, ValueError):
+            return False
+
+    @staticmethod
+    def _expired(record: dict[str, Any], now: datetime) -> bool:
+        """Whether the sweep may erase a record: past its expiry and, if still running, past its
+        lease too. Unreadable dates keep the record (never erase what cannot be dated)."""
+        try:
+            if now < parse_iso(record["expires_at"]):
+                return False
+            if record.get("state") == "pending":
+                return now >= parse_iso(record["lease_until"])
+            if record.get("state") == "swept":
+                return now >= parse_iso(record["swept_until"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        return True
+
+    async def sweep(self, after: str = "", limit: int = SWEEP_PAGE) -> tuple[dict[str, int], str]:
+        """One bounded pass: erase the expired records among the next ``limit`` names after
+        ``after``; return counts (never the records) and where the next pass starts ("" to wrap)."""
+        names = await self._docs.names_page(after, limit)
+        counts = {"examined": 0, "erased": 0, "kept": 0, "contended": 0}
+        for name in names:
+            if _RECORD_NAME.fullmatch(name) is None:
+                continue
+            counts["examined"] += 1
+            counts[await self._sweep_one(name)] += 1
+        return counts, (names[-1] if len(names) >= limit else "")
+
+    async def _sweep_one(self, name: str) -> str:
+        found = await self._docs.read(name)
+        if found is None:
+            return "kept"
+        record, version = found
+        now = self._clock()
+        if not self._expired(record, now):
+            return "kept"
+        grace = timedelta(seconds=TOMBSTONE_SECONDS)
+        tombstone = {"state": "swept", "swept_until": iso(now + grace), "expires_at": iso(now)}
+        try:
+            # Check-and-set on the version just judged: a request that claimed the record since
+            # makes this fail, and from here until the delete a claim meets the tombstone (409).
+            await self._docs.write(name, tombstone, version)
+        except CasConflict:
+            return "contended"
+        if self._clock() - now >= grace / 2:
+            # Too slow to be sure the tombstone still holds; it lapses and a later pass retries.
+            return "contended"
+        await self._docs.delete(name)
+        return "erased"
+
+
+async def sweep_loop(store: IdempotencyStore, interval: float) -> None:
+    """Erase expired records every ``interval`` seconds, a page per pass, until cancelled.
+
+    Replicas sweep independently (the tombstone's check-and-set makes one of them erase a record);
+    no failure ends the loop, and only counts are logged.
+    """
+    after = ""
+    while True:
+        try:
+            counts, after = await store.sweep(after)
+            if counts["erased"] or counts["contended"]:
+                log.info("idempotency_records_swept", **counts)
+        except BrokerError as exc:
+            log.warning("idempotency_sweep_failed", error=exc.detail)
+        except Exception:
+            log.exception("idempotency_sweep_crashed")
+        await asyncio.sleep(interval)
 
 
 class _NotOurs(Exception):

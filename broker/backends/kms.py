@@ -141,8 +141,9 @@ class KmsClient:
             note_backend_call(BACKEND, what, str(meta.get("RequestId", "")))
             return out
 
-        deadline = self._config.timeout_seconds * (self._config.max_attempts + 1)
-        return await run_blocking(self._executor, run, deadline=deadline, backend=BACKEND, what=what)
+        return await run_blocking(
+            self._executor, run, deadline=self._config.deadline_seconds, backend=BACKEND, what=what
+        )
 
     async def health(self) -> dict[str, Any]:
         client = self._client
@@ -154,8 +155,9 @@ class KmsClient:
                 client.list_keys(Limit=1)
 
         # botocore's own timeouts and retries bound the thread; the deadline bounds the caller.
-        deadline = self._config.timeout_seconds * (self._config.max_attempts + 1)
-        await run_blocking(self._executor, probe, deadline=deadline, backend=BACKEND, what="list keys")
+        await run_blocking(
+            self._executor, probe, deadline=self._config.deadline_seconds, backend=BACKEND, what="list keys"
+        )
         return {
             "ok": True,
             "region": self._config.region,

@@ -213,6 +213,12 @@ def _check_semantics(config: Config) -> None:
             source=src,
             key="vault.deadline_seconds",
         )
+    if config.kms.deadline_seconds < config.kms.timeout_seconds:
+        raise ConfigError(
+            "expected at least kms.timeout_seconds (one attempt must fit in the deadline)",
+            source=src,
+            key="kms.deadline_seconds",
+        )
     if config.kms.endpoint:
         _check_transport_url(config.kms.endpoint, config.kms.allow_insecure_http, src, "kms")
     _check_server_limits(config)

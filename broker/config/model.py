@@ -103,8 +103,12 @@ class KmsConfig:
     region: str = "us-east-1"
     # Empty means the real AWS endpoint for the region; set only for a KMS stand-in.
     endpoint: str = ""
+    # One attempt (connect, then read): botocore's own timeouts.
     timeout_seconds: float = 5.0
     max_attempts: int = 3
+    # One KMS call in all, the SDK's retries included: past this the caller gets 503 with
+    # Retry-After (a frozen KMS holds no request longer), like vault.deadline_seconds.
+    deadline_seconds: float = 8.0
     # An http:// endpoint carries data keys and plaintexts unencrypted: refused at load
     # unless set (the dev stack's KMS stand-in on loopback only).
     allow_insecure_http: bool = False

@@ -123,6 +123,20 @@ class WorkClaim:
     def from_json(cls, raw: dict[str, Any]) -> WorkClaim:
         return cls(str(raw["work"]), str(raw["owner"]), parse_iso(raw["until"]))
 
+    @classmethod
+    def from_stored(cls, raw: Any) -> WorkClaim | None:
+        """The claim in a stored entry; None when there is none or it is not one a broker wrote
+        (wrong types, a field missing): such a claim holds nothing and the next claim replaces it,
+        rather than one bad field stopping the key's scheduled work or every read of the key."""
+        if not raw:
+            return None
+        try:
+            if not all(isinstance(raw[f], str) and raw[f] for f in ("work", "owner", "until")):
+                return None
+            return cls.from_json(raw)
+        except (KeyError, TypeError, ValueError):
+            return None
+
 
 @dataclass(frozen=True)
 class Key:
@@ -176,10 +190,14 @@ class Key:
             and now >= self.destroy_after
         )
 
-    def claimed_by_other(self, now: datetime, owner: str) -> bool:
-        """Whether another replica holds a live claim on scheduled work for this key."""
+    def claimed_by_other(self, now: datetime, owner: str, longest: timedelta | None = None) -> bool:
+        """Whether another replica holds a live claim on scheduled work for this key. A claim
+        lasting longer than ``longest`` from now was not taken by a broker (each takes at most
+        its claim lease): it holds nothing, or a bogus far-future lease would block the key for ever."""
         claim = self.work_claim
-        return claim is not None and claim.owner != owner and claim.live(now)
+        if claim is None or claim.owner == owner or not claim.live(now):
+            return False
+        return longest is None or claim.until <= now + longest
 
     def check_usable(self, op: Op, *, version: int | None = None, admin_rewrap: bool = False) -> None:
         """Refuse (409) an operation the state or the version forbids; 400 one the type cannot do."""
@@ -345,7 +363,7 @@ class Key:
             destroyed_at=parse_iso_or_none(raw.get("destroyed_at")),
             revoked_reason=raw.get("revoked_reason"),
             last_rotated_at=parse_iso_or_none(raw.get("last_rotated_at")),
-            work_claim=None if not raw.get("work_claim") else WorkClaim.from_json(raw["work_claim"]),
+            work_claim=WorkClaim.from_stored(raw.get("work_claim")),
         )
 
     def public(self) -> dict[str, Any]:

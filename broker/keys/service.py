@@ -34,7 +34,7 @@ from broker.keys.model import (
     check_name,
 )
 from broker.log import get_logger
-from broker.state.registry import Registry
+from broker.state.registry import READ_CONCURRENCY, Registry
 from broker.timeutil import now_utc
 from broker.vocab import ENVIRONMENTS, Backend, KeyType
 
@@ -271,11 +271,15 @@ class KeyService:
         """Take the key's work claim (check-and-set), or raise _NotDue when the work is not due
         or another replica's live claim holds it."""
         now = self.now()
-        until = now + timedelta(seconds=self._claim_seconds)
+        lease = timedelta(seconds=self._claim_seconds)
+        until = now + lease
 
         def claim(k: Key) -> Key:
-            if not due(k) or k.claimed_by_other(now, owner):
+            # Replicas' clocks may differ a little; a lease beyond that was never a broker's.
+            if not due(k) or k.claimed_by_other(now, owner, lease + _CLOCK_SKEW):
                 raise _NotDue
+            if k.work_claim is not None and k.work_claim.live(now) and k.work_claim.owner != owner:
+                log.warning("scheduled_claim_replaced", key=name, reason="lease longer than any broker takes")
             return replace(k, work_claim=WorkClaim(work, owner, until))
 
         return await self._update(name, claim)
@@ -377,7 +381,7 @@ class KeyService:
         """One pass of the scheduler: rotations and destructions whose time has come."""
         done: dict[str, list[str]] = {"rotated": [], "destroyed": []}
         now = self.now()
-        for key in await self._registry.all():
+        for key in await self._readable_keys():
             try:
                 if key.rotation_due(now) and await self.rotate_if_due(key.name) is not None:
                     done["rotated"].append(key.name)
@@ -386,6 +390,23 @@ class KeyService:
             except BrokerError as exc:
                 log.warning("scheduled_work_failed", key=key.name, error=exc.detail)
         return done
+
+    async def _readable_keys(self) -> list[Key]:
+        """Every key whose registry entry reads; one that does not (written around the broker,
+        or Vault failing on it) is logged and skipped, so it cannot stop the pass for the rest."""
+        names = await self._registry.names()
+        keys: list[Key] = []
+        for start in range(0, len(names), READ_CONCURRENCY):
+            chunk = names[start : start + READ_CONCURRENCY]
+            found = await asyncio.gather(*(self._registry.read(n) for n in chunk), return_exceptions=True)
+            for name, entry in zip(chunk, found, strict=True):
+                if isinstance(entry, BrokerError | KeyError | TypeError | ValueError | AttributeError):
+                    log.warning("scheduled_work_skipped", key=name, error=_reason(entry))
+                elif isinstance(entry, BaseException):
+                    raise entry
+                elif entry is not None:
+                    keys.append(entry[0])
+        return keys
 
     # -- cryptography -----------------------------------------------------------------
 
@@ -533,6 +554,17 @@ class _NotDue(Exception):
 
 class _ClaimLost(Exception):
     """Our claim lapsed and another replica took the work over."""
+
+
+# How far replicas' clocks may disagree about a claim's lease.
+_CLOCK_SKEW = timedelta(seconds=60)
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong reading an entry, without its content (a KeyError's text is the field)."""
+    if isinstance(exc, BrokerError):
+        return exc.detail
+    return f"unreadable registry entry ({exc.__class__.__name__})"
 
 
 def _claim_owner() -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -100,6 +101,24 @@ class KvDocuments:
         raise Unavailable(
             f"{self._prefix}/{name}: gave up after {MAX_ATTEMPTS} conflicting concurrent updates"
         )
+
+    async def names_page(self, after: str, limit: int) -> list[str]:
+        """At most ``limit`` entry names after ``after`` in name order (OpenBao's paginated LIST),
+        so a caller can walk a large prefix a bounded piece at a time."""
+        params: dict[str, str | int] = {"list": "true", "limit": limit}
+        if after:
+            params["after"] = after
+        query = urllib.parse.urlencode(params)
+        try:
+            out = await self._vault.request(
+                "GET",
+                vault_path(f"{self._mount}/metadata/{self._prefix}") + "?" + query,
+                what=f"{self._prefix} list",
+            )
+        except NotFound:
+            return []
+        keys = (out.get("data") or {}).get("keys", [])
+        return sorted(str(k) for k in keys if not str(k).endswith("/"))[:limit]
 
     async def names(self) -> list[str]:
         try:

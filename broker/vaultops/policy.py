@@ -71,8 +71,12 @@ path "{m.kv}/data/*" {{
 path "{m.kv}/metadata/*" {{
   capabilities = ["read", "list"]
 }}
-# The one erasure the broker makes: a registry entry whose key creation failed.
+# The two erasures the broker makes: a registry entry whose key creation failed, and an
+# Idempotency-Key record past its expiry (its name a SHA-256, one segment: nothing deeper).
 path "{m.kv}/metadata/keys/+" {{
+  capabilities = ["read", "list", "delete"]
+}}
+path "{m.kv}/metadata/idempotency/+" {{
   capabilities = ["read", "list", "delete"]
 }}
 

@@ -9,7 +9,9 @@ import http.client
 import json
 import re
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -294,3 +296,83 @@ def test_a_key_on_a_change_that_keeps_no_record_is_refused_before_it_runs(stack:
     name = create_key(stack, "vault")
     sealed = send(stack, f"/v1/keys/{name}/encrypt", idem(), {"plaintext": "aGk=", "context": {}})
     assert sealed.status == 200, sealed.body
+
+
+@contextmanager
+def outcomes_unrecordable(stack: DevStack) -> Iterator[None]:
+    """The broker's own Vault policy lets it create an idempotency record but not update one:
+    every claim succeeds, every finish or abandon write is refused by Vault (403)."""
+    client = stack.vault_client()
+    original = client.sys.read_policy("keybroker-broker")["data"]["rules"]
+    narrowed = original + '\npath "kb-kv/data/idempotency/*" {\n  capabilities = ["create", "read"]\n}\n'
+    client.sys.create_or_update_policy("keybroker-broker", narrowed)
+    try:
+        yield
+    finally:
+        client.sys.create_or_update_policy("keybroker-broker", original)
+
+
+def hold_ends(reply: Reply) -> datetime:
+    """The time a 409 idempotency_in_progress says the first request's hold ends."""
+    assert reply.status == 409, reply.body
+    assert reply.json()["code"] == "idempotency_in_progress"
+    assert reply.headers["Retry-After"]
+    found = re.search(r"hold ends by (\S+) at the latest", reply.json()["detail"])
+    assert found, reply.json()["detail"]
+    return datetime.fromisoformat(found.group(1))
+
+
+def lapse_hold(stack: DevStack, request_id: str) -> None:
+    """End the hold of the record ``request_id`` claimed (as five minutes passing would)."""
+    kv = stack.vault_client().secrets.kv.v2
+    for n in kv.list_secrets(path="idempotency", mount_point="kb-kv")["data"]["keys"]:
+        if n.endswith("/"):
+            continue
+        out = kv.read_secret_version(
+            path=f"idempotency/{n}", mount_point="kb-kv", raise_on_deleted_version=True
+        )
+        record = out["data"]["data"]
+        if record.get("request_id") == request_id:
+            record["lease_until"] = iso(datetime.now(UTC) - timedelta(seconds=1))
+            kv.create_or_update_secret(path=f"idempotency/{n}", secret=record, mount_point="kb-kv")
+            return
+    raise AssertionError(f"no record claimed by {request_id}")
+
+
+def test_an_unrecorded_outcome_holds_the_key_until_a_stated_time_then_frees_it(stack: DevStack) -> None:
+    """Vault refuses to record a rotation's answer: the answer still goes out; a retry gets 409
+    saying when the hold ends (about the 5-minute lease), never a second rotation; once the hold
+    ends a retry is done afresh."""
+    name, key = create_key(stack, "vault"), idem()
+    sent = datetime.now(UTC)
+    with outcomes_unrecordable(stack):
+        first = send(stack, f"/v1/keys/{name}/rotate", key)
+        assert first.status == 200, first.body
+        retry = send(stack, f"/v1/keys/{name}/rotate", key)
+    ends = hold_ends(retry)
+    assert sent + timedelta(minutes=4) < ends < datetime.now(UTC) + timedelta(minutes=6)
+    assert hold_ends(send(stack, f"/v1/keys/{name}/rotate", key)) == ends
+    assert versions(stack, name) == [1, 2]
+    lapse_hold(stack, first.headers["X-Broker-Request-Id"])
+    again = send(stack, f"/v1/keys/{name}/rotate", key)
+    assert again.status == 200, again.body
+    assert again.json()["latest_version"] == 3
+
+
+def test_a_failed_request_whose_record_cannot_be_freed_says_when_it_frees(stack: DevStack) -> None:
+    """A rotation refused by the key's state cannot free its record (Vault refuses the write): the
+    retry gets 409 with the time the hold ends, not a stuck key; after it the retry is decided
+    afresh (here: the same refusal, as the key is still revoked)."""
+    name, key = create_key(stack, "vault"), idem()
+    assert lifecycle(stack, name, "revoke", {"reason": "retired"}).status == 200
+    with outcomes_unrecordable(stack):
+        first = send(stack, f"/v1/keys/{name}/rotate", key)
+        assert first.status == 409, first.body
+        assert first.json()["code"] == "conflict"
+    retry = send(stack, f"/v1/keys/{name}/rotate", key)
+    hold_ends(retry)
+    lapse_hold(stack, first.headers["X-Broker-Request-Id"])
+    again = send(stack, f"/v1/keys/{name}/rotate", key)
+    assert again.status == 409
+    assert again.json()["code"] == "conflict"
+    assert versions(stack, name) == [1]

@@ -55,8 +55,9 @@ class Replicas:
     fault_file: Path
 
     def logs(self, stack: DevStack) -> list[Path]:
-        # The stack's own broker runs a scheduler too (every 60 s): its work counts as well.
-        return [c.log_path for c in self.children] + [stack.layout.logs / "broker.log"]
+        # Every broker on the stack runs a scheduler (the stack's own and any other test's replica,
+        # such as the session's second_broker, every 60 s): their work counts as well.
+        return sorted({c.log_path for c in self.children} | set(stack.layout.logs.glob("*.log")))
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +286,42 @@ def test_failed_scheduled_destruction_is_retried_and_done_once(
     # The state and the material above are the verdict. As for rotation, the log line can be
     # missing (seen once in CI with the KMS frozen); never two.
     assert log_events(logs, "key_destroyed", name) <= 1
+
+
+# -- entries written around the broker -------------------------------------------------------
+
+
+def test_corrupt_claims_and_entries_do_not_stop_the_scheduler(stack: DevStack, replicas: Replicas) -> None:
+    """One pass meets a key whose work claim is malformed (owner missing, wrong types), one whose
+    claim's lease ends in the year 2999, and one whose entry does not read at all (a bad date):
+    the first two are reclaimed and rotated once, the third is logged and skipped, and a plain due
+    key is rotated as usual, by replicas whose schedulers keep running."""
+    malformed, far, broken, plain = (create_key(stack, "vault", rotation_period="1h") for _ in range(4))
+    rewrite_record(stack, malformed, lambda r: r.update(work_claim={"work": 7, "until": ["x"]}))
+    bogus = {"work": "rotate", "owner": "someone", "until": "2999-01-01T00:00:00Z"}
+    rewrite_record(stack, far, lambda r: r.update(work_claim=bogus))
+    good_created: list[str] = []
+
+    def corrupt(r: dict[str, Any]) -> None:
+        good_created.append(r["created_at"])
+        r["created_at"] = "not a date"
+
+    rewrite_record(stack, broken, corrupt)
+    for name in (malformed, far, broken, plain):
+        make_rotation_due(stack, name)
+    try:
+        for name in (plain, malformed, far):
+            wait_for(f"{name} rotated", lambda n=name: len(versions(stack, n)) >= 2)  # type: ignore[misc]
+        wait_for(
+            "the unreadable entry logged",
+            lambda: log_events(replicas.logs(stack), "scheduled_work_skipped", broken) >= 1,
+        )
+        time.sleep(6 * TICK)
+        for name in (plain, malformed, far):
+            record = registry_record(stack, name)
+            assert [v["version"] for v in record["versions"]] == [1, 2], name
+            assert record.get("work_claim") is None, name
+    finally:
+        rewrite_record(stack, broken, lambda r: r.update(created_at=good_created[0]))
+    wait_for("the repaired key rotated", lambda: len(versions(stack, broken)) >= 2)
+    assert all(child.alive() for child in replicas.children)

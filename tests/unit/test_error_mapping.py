@@ -62,9 +62,11 @@ def test_every_botocore_error_class_is_mapped() -> None:
 
 
 def test_botocore_timeouts_and_connection_errors() -> None:
-    """Timeouts are 504, unreachable endpoints 503."""
-    with pytest.raises(BackendTimeout), map_botocore_errors("op"):
+    """Timeouts and unreachable endpoints alike are 503 backend_unavailable with Retry-After."""
+    with pytest.raises(BackendTimeout) as timed_out, map_botocore_errors("op"):
         raise botocore.exceptions.ReadTimeoutError(endpoint_url="http://127.0.0.1:1")
+    assert (timed_out.value.status, timed_out.value.code) == (503, "backend_unavailable")
+    assert timed_out.value.retry_after
     with pytest.raises(Unavailable), map_botocore_errors("op"):
         raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
 

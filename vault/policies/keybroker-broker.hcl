@@ -44,8 +44,12 @@ path "kb-kv/data/*" {
 path "kb-kv/metadata/*" {
   capabilities = ["read", "list"]
 }
-# The one erasure the broker makes: a registry entry whose key creation failed.
+# The two erasures the broker makes: a registry entry whose key creation failed, and an
+# Idempotency-Key record past its expiry (its name a SHA-256, one segment: nothing deeper).
 path "kb-kv/metadata/keys/+" {
+  capabilities = ["read", "list", "delete"]
+}
+path "kb-kv/metadata/idempotency/+" {
   capabilities = ["read", "list", "delete"]
 }
 

@@ -1,0 +1,90 @@
+"""``kms.deadline_seconds`` on the real stack: with the KMS stand-in frozen (SIGSTOP) a KMS key's
+requests are refused 503 ``backend_unavailable`` with Retry-After within the deadline (never held
+through botocore's timeouts and retries, never 504), and after SIGCONT the same broker serves again.
+
+A replica runs with a 2 s deadline (1 s per attempt, 3 attempts: botocore alone would hold a call
+about 3-4 s), so the bound is tight enough to tell the deadline from the SDK's own give-up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from broker.devstack.processes import Child
+from broker.devstack.stack import DevStack, free_port
+from tests.integration.ha.faults import Load, assert_problem_503, encrypt_call, frozen
+from tests.integration.keyops import create_key
+
+pytestmark = pytest.mark.integration
+
+DEADLINE = 2.0
+# Above the deadline: the request's Vault reads, the audit write and a loaded 2-core machine.
+SLACK = 2.5
+FREEZE_SECONDS = 8.0
+
+
+@pytest.fixture(scope="module")
+def short_deadline(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Child]]:
+    port = free_port()
+    config = tmp_path_factory.mktemp("kms-deadline") / "broker.toml"
+    config.write_text(stack.render_broker_config(port=port))
+    child = stack.spawn_broker(
+        f"kms-deadline-{port}",
+        config,
+        KEYBROKER__KMS__TIMEOUT_SECONDS="1",
+        KEYBROKER__KMS__MAX_ATTEMPTS="3",
+        KEYBROKER__KMS__DEADLINE_SECONDS=str(DEADLINE),
+    )
+    url = f"https://127.0.0.1:{port}"
+    try:
+        stack.wait_healthy(child, url)
+        yield url, child
+    finally:
+        child.stop()
+
+
+def test_frozen_kms_is_refused_503_within_the_deadline_and_recovers(
+    stack: DevStack, short_deadline: tuple[str, Child]
+) -> None:
+    """Every KMS-key request sent while KMS is frozen answers within deadline + slack, each refusal
+    a 503 backend_unavailable problem+json with Retry-After; after SIGCONT the same broker process
+    encrypts again (200) with nothing restarted."""
+    url, child = short_deadline
+    name = create_key(stack, "kms")
+    call = encrypt_call(stack, name)
+    assert call(url, 0).status == 200
+    broker_pid, kms_pid = child.pid, stack.children["kms"].pid
+    load = Load(stack, [url], call, threads=4)
+    with load.running():
+        time.sleep(0.5)
+        with frozen(kms_pid, FREEZE_SECONDS):
+            frozen_at = time.monotonic()
+        thawed_at = time.monotonic()
+        deadline = thawed_at + 30
+        while time.monotonic() < deadline and not any(
+            a.status == 200 and a.started > thawed_at for a in load.answers
+        ):
+            time.sleep(0.2)
+    answers = list(load.answers)
+    during = [a for a in answers if frozen_at <= a.started < thawed_at - DEADLINE - 1]
+    refused = [a for a in answers if a.status != 200]
+    slowest = max(a.seconds for a in answers)
+    print(
+        f"\nKMS frozen {FREEZE_SECONDS:g}s with kms.deadline_seconds={DEADLINE:g}: {len(answers)} requests, "
+        f"{len(refused)} refused, slowest {slowest:.2f}s"
+    )
+    assert all(a.reply is not None for a in answers), [a.error for a in answers if a.reply is None][:3]
+    assert slowest < DEADLINE + SLACK
+    # Requests sent well inside the freeze could not be served: each one refused, none held.
+    assert during
+    for answer in during:
+        assert_problem_503(answer)
+    for answer in refused:
+        assert_problem_503(answer)
+    assert any(a.status == 200 and a.started > thawed_at for a in answers)
+    assert child.pid == broker_pid
+    assert child.alive()
+    assert stack.children["kms"].pid == kms_pid

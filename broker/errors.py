@@ -15,8 +15,9 @@
     │   └── RateLimited              429     rate_limited
     ├── BackendError                 5xx     a backend or a dependency cannot serve
     │   ├── BadGateway               502     backend_error (backend answered nonsense)
-    │   └── Unavailable              503     backend_unavailable (sealed, unreachable)
-    │       └── BackendTimeout       503     backend_unavailable (past its deadline)
+    │   ├── Unavailable              503     backend_unavailable (sealed, unreachable)
+    │   │   └── BackendTimeout       503     backend_unavailable (past its deadline)
+    │   └── OutcomeUnknown           504     outcome_unknown (a change past its deadline)
     └── ConfigError                  —       the broker cannot start; never reaches HTTP
 
 ``UnsupportedOperation`` (a ``ClientError``, 400) is raised by a backend asked
@@ -170,6 +171,17 @@ class BackendTimeout(Unavailable):
     unavailable for now, so the same 503 + Retry-After as an unreachable one, never a held request."""
 
     title = "Backend did not answer in time"
+
+
+class OutcomeUnknown(BackendError):
+    """A change (a key or version created) sent to a backend that did not answer within its
+    deadline: the backend may still carry it out. Not a 503: a client must not simply send the
+    change again (each try could leave one more backend key nobody records); the SDK never
+    retries it by itself. What the broker recorded is unchanged: read the key to see where it is."""
+
+    status = 504
+    code = "outcome_unknown"
+    title = "Backend outcome unknown"
 
 
 class ConfigError(BrokerError):

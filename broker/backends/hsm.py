@@ -64,7 +64,15 @@ from broker.backends._blocking import run_blocking
 from broker.backends.base import Context, KeyRef, PerItemBatches, canonical_context
 from broker.config.model import HsmConfig
 from broker.config.secrets import read_secret_file
-from broker.errors import BackendTimeout, BadGateway, ConfigError, DecryptionFailed, NotFound, Unavailable
+from broker.errors import (
+    BackendTimeout,
+    BadGateway,
+    ConfigError,
+    DecryptionFailed,
+    NotFound,
+    OutcomeUnknown,
+    Unavailable,
+)
 from broker.log import get_logger
 from broker.requestvars import note_backend_call
 from broker.vocab import Backend, KeyType
@@ -314,8 +322,12 @@ class HsmClient:
         with self._open_lock:
             self._login_session = None
 
-    async def run(self, fn: Callable[[Any], T], *, what: str) -> T:
-        """Run ``fn(session)`` on a pooled worker's thread, within the configured deadline."""
+    async def run(self, fn: Callable[[Any], T], *, what: str, repeatable: bool = True) -> T:
+        """Run ``fn(session)`` on a pooled worker's thread, within the configured deadline.
+
+        ``repeatable=False`` (it creates an object): past the deadline it may still run, so the
+        caller hears :class:`OutcomeUnknown` rather than a 503 to retry.
+        """
         if self._lib is None:
             raise Unavailable("hsm client is not started", backend=BACKEND)
         loop = asyncio.get_running_loop()
@@ -332,6 +344,12 @@ class HsmClient:
         except TimeoutError:
             # Not started yet: it never will be (_dispatch skips a done future). Running: its
             # thread finishes and the answer is dropped; the worker then serves the queue again.
+            if not repeatable:
+                raise OutcomeUnknown(
+                    f"{BACKEND}: {what} did not finish within {deadline:g}s and may still be carried "
+                    "out; nothing was recorded: read the key before trying again",
+                    backend=BACKEND,
+                ) from None
             raise BackendTimeout(
                 f"{BACKEND}: {what} took longer than {deadline:g}s", backend=BACKEND
             ) from None
@@ -637,7 +655,7 @@ class HsmKeys(PerItemBatches):
                 return
             generate_p256(session, label, object_id)
 
-        await self._hsm.run(generate, what="generate key")
+        await self._hsm.run(generate, what="generate key", repeatable=False)
         return object_id.hex()
 
     @staticmethod

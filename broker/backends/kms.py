@@ -26,6 +26,7 @@ from broker.errors import (
     BrokerError,
     DecryptionFailed,
     NotFound,
+    OutcomeUnknown,
     Unavailable,
 )
 from broker.requestvars import note_backend_call
@@ -97,6 +98,9 @@ def map_botocore_errors(what: str) -> Iterator[None]:
         raise BadGateway(f"kms: {what}: {exc.__class__.__name__}", backend=BACKEND) from exc
 
 
+_SENT_NO_ANSWER = (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectionClosedError)
+
+
 class KmsClient:
     """The broker's KMS access; blocking boto3 calls go to a bounded thread pool."""
 
@@ -104,19 +108,31 @@ class KmsClient:
         self._config = config
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kms")
         self._client: KMSClient | None = None
+        # For calls that create something: botocore must not send them again after a timeout
+        # (CreateKey has no client token: a resend that the first try also reached makes two keys).
+        self._once: KMSClient | None = None
 
     async def start(self) -> None:
         # Building a client reads endpoint data from disk: keep it off the loop.
         self._client = await run_blocking(
             self._executor, self._build, deadline=30, backend=BACKEND, what="client set-up"
         )
+        self._once = await run_blocking(
+            self._executor,
+            functools.partial(self._build, attempts=1),
+            deadline=30,
+            backend=BACKEND,
+            what="client set-up",
+        )
 
-    def _build(self) -> KMSClient:
+    def _build(self, attempts: int | None = None) -> KMSClient:
         cfg = botocore.config.Config(
             region_name=self._config.region,
             connect_timeout=self._config.timeout_seconds,
             read_timeout=self._config.timeout_seconds,
-            retries={"max_attempts": self._config.max_attempts, "mode": "standard"},
+            # Attempts in all, the first included (botocore's own "max_attempts" counts only the
+            # retries: 1 there would still send a CreateKey twice).
+            retries={"total_max_attempts": attempts or self._config.max_attempts, "mode": "standard"},
             max_pool_connections=16,
         )
         kwargs: dict[str, Any] = {"config": cfg}
@@ -128,21 +144,41 @@ class KmsClient:
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def call(self, what: str, fn: Callable[[KMSClient], T]) -> T:
-        """Run one SDK call off the loop, translated at the seam, its request id noted for audit."""
-        client = self._client
+    async def call(self, what: str, fn: Callable[[KMSClient], T], *, repeatable: bool = True) -> T:
+        """Run one SDK call off the loop, translated at the seam, its request id noted for audit.
+
+        ``repeatable=False`` (the call creates something): sent once, never retried by botocore,
+        and a timeout is :class:`OutcomeUnknown` rather than a 503 to retry.
+        """
+        client = self._client if repeatable else self._once
         if client is None:
             raise Unavailable("kms client is not started", backend=BACKEND)
 
         def run() -> T:
-            with map_botocore_errors(what):
-                out = fn(client)
+            try:
+                with map_botocore_errors(what):
+                    out = fn(client)
+            except BackendError as exc:
+                # Sent, then no answer: KMS may have done it. (No connection, or a connect
+                # timeout: nothing reached KMS, an ordinary 503.)
+                if repeatable or not isinstance(exc.__cause__, _SENT_NO_ANSWER):
+                    raise
+                raise OutcomeUnknown(
+                    f"{exc.detail}; KMS may still carry it out: nothing was recorded, read the key "
+                    "before trying again",
+                    backend=BACKEND,
+                ) from exc
             meta = out.get("ResponseMetadata", {}) if isinstance(out, dict) else {}
             note_backend_call(BACKEND, what, str(meta.get("RequestId", "")))
             return out
 
         return await run_blocking(
-            self._executor, run, deadline=self._config.deadline_seconds, backend=BACKEND, what=what
+            self._executor,
+            run,
+            deadline=self._config.deadline_seconds,
+            backend=BACKEND,
+            what=what,
+            repeatable=repeatable,
         )
 
     async def health(self) -> dict[str, Any]:
@@ -214,7 +250,8 @@ class KmsKeys(PerItemBatches):
         spec, usage = _KMS_SPECS[key.type]
         out = await self._kms.call(
             "create key",
-            lambda c: c.create_key(
+            repeatable=False,
+            fn=lambda c: c.create_key(
                 KeySpec=spec,  # type: ignore[arg-type]
                 KeyUsage=usage,  # type: ignore[arg-type]
                 Description=f"keybroker key {key.name}",

@@ -250,6 +250,10 @@ def _check_semantics(config: Config) -> None:
     if not 60 <= config.keys.idempotency_ttl_seconds <= 30 * 86400:
         # Shorter than a client's retry window would let a late retry do the change twice.
         raise ConfigError("expected 60 seconds to 30 days", source=src, key="keys.idempotency_ttl_seconds")
+    if not 1 <= config.kms.max_attempts <= 10:
+        raise ConfigError(
+            "expected 1 to 10 attempts in all (the first included)", source=src, key="kms.max_attempts"
+        )
     for key in (
         "vault.timeout_seconds",
         "vault.node_retry_seconds",

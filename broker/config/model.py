@@ -105,6 +105,7 @@ class KmsConfig:
     endpoint: str = ""
     # One attempt (connect, then read): botocore's own timeouts.
     timeout_seconds: float = 5.0
+    # Attempts in all, the first included; a call that creates a key is sent once only.
     max_attempts: int = 3
     # One KMS call in all, the SDK's retries included: past this the caller gets 503 with
     # Retry-After (a frozen KMS holds no request longer), like vault.deadline_seconds.

@@ -16,6 +16,7 @@
     ├── Unavailable                503 backend_unavailable, policy_invalid, crl_unavailable, ...
     ├── BackendError               502 backend_error, 500 internal_error and any other 5xx
     ├── Timeout                    504 backend_timeout, 408 request_timeout
+    │   └── OutcomeUnknown         504 outcome_unknown: a change may or may not have been made
     ├── TransportError             no answer: refused, reset, timed out, TLS failed (status 0)
     ├── UnexpectedResponse         an answer that is not what the API promises (status kept)
     └── ConfigurationError         the client's own settings (addresses, certificate files)
@@ -35,6 +36,7 @@ __all__ = [
     "KeyStateError",
     "KeybrokerError",
     "NotFound",
+    "OutcomeUnknown",
     "PayloadTooLarge",
     "RateLimited",
     "Timeout",
@@ -119,6 +121,11 @@ class Timeout(KeybrokerError):
     pass
 
 
+class OutcomeUnknown(Timeout):
+    """A change the backend did not confirm in time: it may still be carried out. Never retried
+    by the SDK; read the key (``get_key``) to see where it stands before sending it again."""
+
+
 class TransportError(KeybrokerError):
     """No answer from any broker address (or none that could be trusted: TLS failed)."""
 
@@ -154,6 +161,7 @@ _BY_CODE: dict[str, type[KeybrokerError]] = {
     "policy_invalid": Unavailable,
     "crl_unavailable": Unavailable,
     "backend_timeout": Timeout,
+    "outcome_unknown": OutcomeUnknown,
     "request_timeout": Timeout,
     "backend_error": BackendError,
     "internal_error": BackendError,

@@ -35,7 +35,7 @@ PROBLEM_CODES = frozenset(PROBLEM_SCHEMA["properties"]["code"]["enum"])
 # make Vault, KMS or the HSM miss the broker's deadline) or that really is unavailable (checked
 # against /v1/sys/health at that moment). 500 is always a bug, and 502 means a backend was handed
 # something it could not make sense of: hostile input reached it.
-TOLERATED_5XX = {503: "backend_unavailable", 504: "backend_timeout"}
+TOLERATED_5XX = {503: "backend_unavailable", 504: "outcome_unknown"}
 
 
 # -- the spec -------------------------------------------------------------------------

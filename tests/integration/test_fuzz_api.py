@@ -45,7 +45,7 @@ pytestmark = pytest.mark.integration
 
 WHO = ("zero", "app", "admin")
 ZERO_STEM = "fuzz-nobody"
-# An answer later than this is a hang (backend calls time out after 5 s and answer 504).
+# An answer later than this is a hang (backend calls end by their 8 s deadline: 503, or 504 outcome_unknown).
 REQUEST_TIMEOUT = float(os.environ.get("KEYBROKER_FUZZ_TIMEOUT", "10"))
 # A replica that keeps freezing is restarted this often, then the rest of the run fails unsent.
 MAX_RESTARTS = int(os.environ.get("KEYBROKER_FUZZ_MAX_RESTARTS", "6"))

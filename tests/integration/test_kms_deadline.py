@@ -88,3 +88,46 @@ def test_frozen_kms_is_refused_503_within_the_deadline_and_recovers(
     assert child.pid == broker_pid
     assert child.alive()
     assert stack.children["kms"].pid == kms_pid
+
+
+def _kms_key_ids(stack: DevStack) -> set[str]:
+    kms = stack.kms_client()
+    return {k["KeyId"] for page in kms.get_paginator("list_keys").paginate() for k in page["Keys"]}
+
+
+def test_a_rotation_past_the_deadline_is_outcome_unknown_sent_once_and_not_retried(
+    stack: DevStack, short_deadline: tuple[str, Child]
+) -> None:
+    """A rotation makes a new KMS key (CreateKey has no client token). With KMS frozen the call
+    sits in KMS's socket past the deadline and is carried out when KMS thaws: the broker says
+    504 outcome_unknown (not a 503 to retry), the SDK raises OutcomeUnknown without sending it
+    again, botocore did not resend it either, so at most one KMS key appears and no version is
+    recorded; the key reads as before and a later rotation works."""
+    from broker.sdk.errors import OutcomeUnknown
+    from tests.integration.test_sdk import connect
+
+    url, _child = short_deadline
+    name = create_key(stack, "kms")
+    before = _kms_key_ids(stack)
+    raised: list[Exception] = []
+    with connect(stack, url, timeout=30.0) as kb:
+        versions = len(kb.get_key(name)["versions"])
+        with frozen(stack.children["kms"].pid, DEADLINE + SLACK + 1):
+            try:
+                kb.rotate_key(name)
+            except Exception as exc:  # which one it is, is the assertion
+                raised.append(exc)
+        time.sleep(2)  # KMS works off what reached it while frozen
+        appeared = _kms_key_ids(stack) - before
+        after = kb.get_key(name)
+        rotated = kb.rotate_key(name)
+        events = kb.audit_events(key=name, source="broker", limit=50)["events"]
+
+    assert [type(e) for e in raised] == [OutcomeUnknown], raised
+    unknown = raised[0]
+    assert isinstance(unknown, OutcomeUnknown)
+    assert (unknown.status, unknown.code) == (504, "outcome_unknown")
+    assert [e["status"] for e in events if e.get("operation") == "key.rotate"] == [504, 200]
+    assert len(appeared) <= 1, appeared
+    assert len(after["versions"]) == versions
+    assert rotated["latest_version"] == versions + 1

@@ -28,3 +28,11 @@ def test_kms_deadline_shorter_than_one_attempt_is_refused(tmp_path: Path, deadli
     with pytest.raises(ConfigError) as refused:
         load_config(write(tmp_path, VALID), environ={"KEYBROKER__KMS__DEADLINE_SECONDS": deadline})
     assert refused.value.key == "kms.deadline_seconds"
+
+
+@pytest.mark.parametrize("attempts", ["0", "-1", "11"])
+def test_kms_attempts_outside_one_to_ten_are_refused(tmp_path: Path, attempts: str) -> None:
+    """0 would make botocore refuse at start-up with its own traceback; a config error names the key."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(write(tmp_path, VALID), environ={"KEYBROKER__KMS__MAX_ATTEMPTS": attempts})
+    assert refused.value.key == "kms.max_attempts"

@@ -16,7 +16,7 @@ from aiohttp import web
 from broker.backends.vault import VaultClient
 from broker.config.load import load_config
 from broker.config.model import VaultConfig
-from broker.errors import ConfigError, Unavailable
+from broker.errors import ConfigError, OutcomeUnknown, Unavailable
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -137,16 +137,18 @@ def test_a_standby_without_a_leader_and_a_sealed_node_are_passed_over(tmp_path: 
 
 
 def test_after_a_timeout_only_a_repeatable_call_is_sent_to_another_node(tmp_path: Path) -> None:
-    """A node that takes the call and never answers may have done it: a rotation fails fast with 503
-    and is not sent on; an encryption (repeatable) is sent to the next node once."""
+    """A node that takes the call and never answers may have done it: a rotation fails fast with 504
+    outcome_unknown (not a 503 a client would retry) and is not sent on; an encryption
+    (repeatable) is sent to the next node once."""
 
     async def run() -> None:
         frozen = FakeNode(hang(3))
         spare = FakeNode(ok({"ciphertext": "c"}))
         async with cluster(tmp_path, frozen, spare, timeout_seconds=0.5, deadline_seconds=3.0) as client:
             started = time.monotonic()
-            with pytest.raises(Unavailable):
+            with pytest.raises(OutcomeUnknown) as unknown:
                 await client.request("POST", "v1/kb-transit/keys/k/rotate", {}, what="transit rotate")
+            assert (unknown.value.status, unknown.value.code) == (504, "outcome_unknown")
             assert time.monotonic() - started < 2.0
             assert spare.calls == 0
             client._resting.clear()

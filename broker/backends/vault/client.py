@@ -39,6 +39,7 @@ from broker.errors import (
     BrokerError,
     ConfigError,
     NotFound,
+    OutcomeUnknown,
     Unavailable,
 )
 from broker.log import get_logger
@@ -417,6 +418,13 @@ class VaultClient:
                 except _NodeFailed as failed:
                     self._resting[index] = loop.time() + self._config.node_retry_seconds
                     failures.append((self.nodes[index], failed.error))
+                    if failed.outcome is _Outcome.MAYBE_DONE and not repeatable:
+                        # Sent, and no answer: the node may have done it. Not a 503 to retry.
+                        raise OutcomeUnknown(
+                            f"vault: {what}: {failed.error.detail}; Vault may still carry it out: "
+                            "nothing was recorded, read the key before trying again",
+                            backend=BACKEND,
+                        ) from failed.error
                     if len(self.nodes) == 1:
                         raise failed.error from failed.error.__cause__
                     log.warning(

@@ -70,12 +70,16 @@ CSV_COLUMNS = (
 )
 
 
+_DIGITS = re.compile(r"[0-9]*")
+
+
 def parse_time(value: str) -> datetime:
     """ISO 8601 with any number of fractional digits (Vault writes nanoseconds) to an aware datetime."""
     text = value.strip().replace("Z", "+00:00")
     head, dot, rest = text.partition(".")
     if dot:
-        digits = "".join(c for c in rest if c.isdigit())
+        found = _DIGITS.match(rest)
+        digits = found.group() if found else ""
         zone = rest[len(digits) :]
         text = f"{head}.{digits[:6].ljust(6, '0')}{zone}"
     moment = datetime.fromisoformat(text)
@@ -326,8 +330,9 @@ class Filters:
     # Hide bypass rows from before this moment (the broker's trail start): see :func:`is_setup`.
     hide_setup_before: datetime | None = None
 
-    def match(self, row: Mapping[str, Any]) -> bool:
-        moment = time_of(row)
+    def match(self, row: Mapping[str, Any], moment: datetime | None = None) -> bool:
+        """Whether ``row`` is shown; ``moment``: its time when the caller has it already."""
+        moment = time_of(row) if moment is None else moment
         if is_setup(row, self.hide_setup_before):
             return False
         if self.since and moment < self.since:

@@ -58,7 +58,7 @@ from broker.audit import merge
 from broker.audit.chain import FILE_PREFIX, FILE_SUFFIX
 
 INDEX_NAME = ".timeline-index.sqlite"
-SCHEMA = "1"
+SCHEMA = "2"
 MAX_CURSOR_CHARS = 512
 # A chain's position: (first record number of its segment file, byte offset of a line start).
 Position = tuple[int, int]
@@ -142,7 +142,8 @@ def start_cursor(chains: int) -> Cursor:
 
 _DDL = """
 CREATE TABLE meta(k TEXT PRIMARY KEY, v TEXT NOT NULL);
-CREATE TABLE seg(chain TEXT NOT NULL, name TEXT NOT NULL, done INTEGER NOT NULL, PRIMARY KEY(chain, name));
+CREATE TABLE seg(chain TEXT NOT NULL, name TEXT NOT NULL, done INTEGER NOT NULL, ino INTEGER NOT NULL,
+                 PRIMARY KEY(chain, name));
 CREATE TABLE vault(vid TEXT PRIMARY KEY, first INTEGER NOT NULL, offs TEXT NOT NULL, time TEXT NOT NULL,
                    t REAL NOT NULL, mine INTEGER NOT NULL, sent TEXT, path TEXT);
 CREATE INDEX vault_first ON vault(first);
@@ -271,16 +272,17 @@ class Index:
                 db.execute("INSERT OR REPLACE INTO meta VALUES('vault', ?)", (ident,))
                 db.execute("INSERT OR REPLACE INTO meta VALUES('vault_done', ?)", (str(snapshot.vault_done),))
             for chain, listed in zip(chains, snapshot.segments, strict=True):
-                done = dict(
-                    db.execute("SELECT name, done FROM seg WHERE chain = ?", (chain.node,)).fetchall()
-                )
-                # A segment gone or shorter: restored from a backup, wiped, replaced.
+                query = "SELECT name, done, ino FROM seg WHERE chain = ?"
+                done = {name: (int(d), int(ino)) for name, d, ino in db.execute(query, (chain.node,))}
+                # A segment gone, shorter or another file: restored from a backup, wiped, replaced.
                 _fresh(not set(done) - {name for _, name, _, _ in listed})
                 for i, (first, name, path, size) in enumerate(listed):
-                    start = int(done.get(name, 0))
-                    _fresh(start <= size)
+                    inode = path.stat().st_ino
+                    start, known = done.get(name, (0, inode))
+                    _fresh(start <= size and known == inode)
                     end = self._index_segment(db, chain.node, name, path, start, size)
-                    db.execute("INSERT OR REPLACE INTO seg VALUES(?, ?, ?)", (chain.node, name, end))
+                    row = (chain.node, name, end, inode)
+                    db.execute("INSERT OR REPLACE INTO seg VALUES(?, ?, ?, ?)", row)
                     listed[i] = (first, name, path, end)
             db.execute("COMMIT")
         except BaseException:
@@ -498,13 +500,13 @@ class Timeline:
         heapq.heapify(heap)
         tag = self.snapshot.vault_tag
         while heap:
-            _, i, entry = heap[0]
+            moment, i, entry = heap[0]
             positions[i], following = next(sources[i])
             if following is None:
                 heapq.heappop(heap)
             else:
                 heapq.heapreplace(heap, (merge.time_of(following.row), i, following))
-            if filters.match(entry.row):
+            if filters.match(entry.row, moment):
                 yield entry, Cursor(tuple(positions[:-1]), positions[-1], tag)
 
 

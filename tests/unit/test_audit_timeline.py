@@ -245,3 +245,23 @@ def test_a_corrupt_index_is_rebuilt(tmp_path: Path) -> None:
     chains = [timeline.Chain("", tmp_path / "audit")]
     with timeline.Timeline(chains, None, tmp_path / "i.sqlite") as view:
         assert len(list(view.walk(None, merge.Filters()))) == 30
+
+
+def test_a_segment_replaced_by_another_file_of_the_same_size_rebuilds_the_index(tmp_path: Path) -> None:
+    """A restored segment (another file, same name and length) must not keep the old file's claims."""
+    calls = [{"backend": "vault", "id": "v1", "operation": "transit encrypt"}]
+    write_log(tmp_path / "audit", [record("r-00000001", 1.0, 5.0, calls)], per_file=10)
+    lines = [entry("v1", "kb-transit/encrypt/pay", sent=None, at=1), entry("v2", "p", sent=None, at=1)]
+    (tmp_path / "vault.log").write_bytes(b"\n".join(lines) + b"\n")
+    chains = [timeline.Chain("", tmp_path / "audit")]
+
+    def vault_rows() -> list[str]:
+        with timeline.Timeline(chains, tmp_path / "vault.log", tmp_path / "i.sqlite") as view:
+            return [ident(e.row) for e, _ in view.walk(None, merge.Filters(source="vault"))]
+
+    assert vault_rows() == ["v2"]
+    segment = tmp_path / "audit" / file_name(1)
+    replacement = tmp_path / "replacement"
+    replacement.write_bytes(segment.read_bytes().replace(b'"v1"', b'"v2"'))
+    replacement.replace(segment)
+    assert vault_rows() == ["v1"]

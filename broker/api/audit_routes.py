@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import web
 
@@ -23,7 +24,7 @@ from broker.audit.events import hmac_value
 from broker.audit.segments import segment_sources
 from broker.audit.signing import load_public_key, signature_checker, to_pem
 from broker.backends.hsm import HsmAuditSigner
-from broker.errors import BadRequest, Forbidden
+from broker.errors import BadRequest, BrokerError, Forbidden
 from broker.state.anchors import VaultAnchors, anchored, epoch_notes, epochs
 from broker.workers import worker_dir_name
 
@@ -199,6 +200,13 @@ def _bad_cursor(reason: str) -> BadRequest:
 CURSOR_START = "start"
 
 
+class TimelineUnavailable(BrokerError):
+    status = 503
+    code = "timeline_unavailable"
+    title = "Audit timeline unavailable"
+    retry_after: ClassVar[int | None] = 5
+
+
 def read_events(
     chains: list[timeline.Chain],
     vault_log: Path | None,
@@ -209,6 +217,23 @@ def read_events(
     cursor: str | None,
 ) -> dict[str, Any]:
     """Blocking: one answer of GET /v1/audit/events (see :mod:`broker.audit.timeline`)."""
+    try:
+        return _read_events(chains, vault_log, index, key, filters, limit, cursor)
+    except (sqlite3.Error, OSError) as exc:
+        # The disk under the audit directory is full or read-only, a file unreadable: say so, 503.
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise TimelineUnavailable(f"the audit timeline cannot be read now: {reason}") from None
+
+
+def _read_events(
+    chains: list[timeline.Chain],
+    vault_log: Path | None,
+    index: Path,
+    key: bytes,
+    filters: merge.Filters,
+    limit: int,
+    cursor: str | None,
+) -> dict[str, Any]:
     with timeline.Timeline(chains, vault_log, index) as view:
         if cursor is None:
             page = timeline.newest(view, filters, limit)

@@ -212,6 +212,9 @@ def vault_entries(
 def merge(broker: Sequence[Mapping[str, Any]], vault: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Broker records with their Vault evidence nested, plus unclaimed Vault rows, in time order.
 
+    In memory, for small inputs: the reference the streamed timeline (:mod:`broker.audit.timeline`,
+    which the broker and the CLI read through) is tested against.
+
     A Vault entry belongs to a broker record only when the broker's own identity made it and
     the record claims it (see the module docstring): by the Vault request id the record noted
     (a micro-batch serving several requests belongs to each of them), or, for a call answered

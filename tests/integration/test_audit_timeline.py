@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -194,3 +195,23 @@ def test_the_index_is_derived_data_rebuilt_when_missing_or_damaged(stack: DevSta
         Path(f"{index}{suffix}").unlink(missing_ok=True)
     after = events(stack, replica, f"key={key}&source=broker")
     assert [ident(r) for r in after["events"]] == [ident(r) for r in before["events"]] == sent
+
+
+def test_an_index_that_cannot_be_written_is_a_503_problem(stack: DevStack, replica: Replica) -> None:
+    """An immutable index file (a read-only or full disk behaves alike) answers 503 timeline_unavailable
+    as problem+json with Retry-After, never a 500 or a traceback; reading works again once it can."""
+    events(stack, replica, "limit=1")  # the index exists
+    index = replica.audit_dir / ".timeline-index.sqlite"
+    subprocess.run(["chattr", "+i", str(index)], check=True)
+    try:
+        refused = https(stack, "/v1/audit/events?limit=1", url=replica.url)
+    finally:
+        subprocess.run(["chattr", "-i", str(index)], check=True)
+    again = https(stack, "/v1/audit/events?limit=1", url=replica.url)
+
+    assert refused.status == 503, refused.body
+    assert refused.headers["Content-Type"].startswith("application/problem+json")
+    assert refused.json()["code"] == "timeline_unavailable"
+    assert refused.headers.get("Retry-After") == "5"
+    assert b"Traceback" not in refused.body
+    assert again.status == 200, again.body

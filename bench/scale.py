@@ -1,4 +1,5 @@
-"""Scale of state, before and after, side by side: policy decisions, keys list, audit verify.
+"""Scale of state, before and after, side by side: policy decisions, keys list, audit verify,
+audit query and events paging.
 
     .venv/bin/python -m bench.scale                 # everything (1M audit records, 10,000 keys)
     .venv/bin/python -m bench.scale --quick         # 100k records, 1,000 keys
@@ -6,7 +7,8 @@
 
 "before" is the algorithm as it was at commit BASE, run on the same data in the same run:
 the old policy binding scan and Vault read loop are reproduced here, the old audit chain
-module is loaded from git (``git show BASE:broker/audit/chain.py``). Audit memory is each
+module is loaded from git (``git show BASE:broker/audit/chain.py``; the old timeline's
+``merge.py`` from TIMELINE_BASE). Audit memory is each
 run's peak RSS (VmHWM) in a fresh child process, so one run cannot inflate another.
 """
 

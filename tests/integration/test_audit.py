@@ -101,11 +101,15 @@ def test_request_count_equals_record_count_under_32_way_concurrency(stack: DevSt
 
 
 def test_an_unwritable_audit_log_refuses_work_and_nothing_happens(stack: DevStack) -> None:
-    """chattr +i on the active file: rotations get 503 and the key keeps one version (in the registry
-    and in transit itself); once writable again service resumes and the chain still verifies."""
+    """chattr +i on the active file and its directory: rotations get 503 and the key keeps one
+    version (in the registry and in transit itself); once writable again service resumes and the
+    chain still verifies."""
     name = create_key(stack, "vault")
     active = sorted(stack.layout.audit_dir.glob("audit-*.jsonl"))[-1]
-    subprocess.run(["chattr", "+i", str(active)], check=True)
+    # The directory too: a segment that fills up mid-test would otherwise roll over to a new,
+    # writable file (seen under load: a rotation answered 200).
+    frozen = [str(active), str(stack.layout.audit_dir)]
+    subprocess.run(["chattr", "+i", *frozen], check=True)
     try:
         refused = [https(stack, f"/v1/keys/{name}/rotate", body={}) for _ in range(3)]
         refused.append(encrypt(stack, name, b"not now"))
@@ -116,7 +120,7 @@ def test_an_unwritable_audit_log_refuses_work_and_nothing_happens(stack: DevStac
         versions_during = len(registry_record(stack, name)["versions"])
         transit_during = stack.vault_client().secrets.transit.read_key(name=name, mount_point="kb-transit")
     finally:
-        subprocess.run(["chattr", "-i", str(active)], check=True)
+        subprocess.run(["chattr", "-i", *frozen], check=True)
     time.sleep(0.6)
     resumed = https(stack, f"/v1/keys/{name}/rotate", body={})
     verified = https(stack, "/v1/audit/verify").json()

@@ -37,20 +37,28 @@ def ensure_unseal_key(endpoint: str, alias: str, region: str) -> str:
     with map_botocore_errors("create the unseal key"):
         made = kms.create_key(Description="OpenBao unseal key (keybroker compose)")
     key_id = str(made["KeyMetadata"]["KeyId"])
+    failure: BackendError | None = None
     try:
         with map_botocore_errors("name the unseal key"):
             kms.create_alias(AliasName=alias, TargetKeyId=key_id)
     except BackendError as exc:
-        _discard(kms, key_id)
-        if exc.upstream_code != "AlreadyExistsException":
-            raise
+        failure = exc
     else:
         return key_id
-    # Another run named its key first: that key is the unseal key.
+    # The alias may exist all the same: another run named its key first, or our own request
+    # reached KMS and only its answer was lost (botocore then resends it and hears
+    # AlreadyExists about our own alias). Only what the alias names decides, never the error.
     with map_botocore_errors("find the unseal key's alias"):
         winner = _target(kms, alias)
+    if winner == key_id:
+        return key_id
     if winner is None:
-        raise BadGateway(f"kms: {alias} exists but names no key", backend="kms")
+        if failure.upstream_code == "AlreadyExistsException":
+            raise BadGateway(f"kms: {alias} exists but names no key", backend="kms") from failure
+        # Nothing names our key: unused, so discarded; the next run makes another.
+        _discard(kms, key_id)
+        raise failure
+    _discard(kms, key_id)
     return winner
 
 

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -148,7 +149,27 @@ def plan(mode: str, inputs: list[str], out: str | None) -> list[Job]:
     if not jobs:
         raise ConfigError("no files to process in " + ", ".join(inputs))
     _no_collisions(jobs)
+    for job in jobs:
+        if job.source is not None and job.target == job.source:
+            _in_place_allowed(job.source)
     return jobs
+
+
+def _in_place_allowed(path: Path) -> None:
+    """An in-place rewrap replaces the directory entry: through a symbolic link or beside other
+    hard links the old header (wrappings under a dropped key included) would live on in the file
+    the other names still reach. Refused before anything is read."""
+    if path.is_symlink():
+        raise ConfigError(
+            f"{path} is a symbolic link: rewrap the file it points to ({os.path.realpath(path)}), "
+            "or write a copy with --out"
+        )
+    links = path.stat().st_nlink
+    if links > 1:
+        raise ConfigError(
+            f"{path} has {links} hard links: an in-place rewrap would leave the old header in the "
+            "others; write a copy with --out"
+        )
 
 
 def _no_collisions(jobs: list[Job]) -> None:
@@ -175,16 +196,20 @@ def _exists_error(target: Path) -> ConfigError:
 
 
 @contextlib.contextmanager
-def _replacing(target: Path, overwrite: bool) -> Iterator[BinaryIO]:
-    """A new 0600 temporary file beside ``target``, put in its place only if the block succeeds."""
+def _replacing(target: Path, overwrite: bool, *, keep_mode: bool = False) -> Iterator[BinaryIO]:
+    """A new 0600 temporary file beside ``target``, put in its place only if the block succeeds.
+    ``keep_mode``: the file replaces itself (an in-place rewrap) and keeps its permission bits."""
     if target.exists() and not overwrite:
         raise _exists_error(target)
+    mode = stat.S_IMODE(target.stat().st_mode) if keep_mode else None
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as fh:
             yield cast(BinaryIO, fh)
             fh.flush()
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
             os.fsync(fh.fileno())
         _publish(temp, target, overwrite)
     except BaseException:
@@ -242,7 +267,9 @@ def _run_one(env: Envelope, action: Action, job: Job, args: argparse.Namespace) 
         if job.target is None:
             dst: BinaryIO = sys.stdout.buffer
         else:
-            dst = stack.enter_context(_replacing(job.target, bool(args.force) or in_place))
+            dst = stack.enter_context(
+                _replacing(job.target, bool(args.force) or in_place, keep_mode=in_place)
+            )
         header = action(env, src, dst, args, size, bar.update)
         dst.flush()
     return {

@@ -210,3 +210,46 @@ def test_sigterm_during_a_write_removes_the_partial_output(stack: DevStack, tmp_
             proc.stderr.close()
     assert code == 128 + signal.SIGTERM
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _seal(stack: DevStack, tmp_path: Path, key: str, name: str) -> Path:
+    plain = tmp_path / f"{name}.txt"
+    plain.write_bytes(b"quarterly numbers\n" * 100)
+    sealed = tmp_path / f"{name}.kbe"
+    out = keybroker(stack, "encrypt-file", "--key", key, str(plain), "--out", str(sealed))
+    assert out.returncode == 0, out.stderr
+    return sealed
+
+
+def test_an_in_place_rewrap_keeps_the_files_permissions(stack: DevStack, tmp_path: Path) -> None:
+    """A 0640 file (read by a service through its group) is still 0640 after an in-place rewrap
+    (it became the temporary file's 0600)."""
+    key = create_key(stack, "vault")
+    sealed = _seal(stack, tmp_path, key, "config")
+    sealed.chmod(0o640)
+    lifecycle(stack, key, "rotate")
+    out = keybroker(stack, "rewrap-file", str(sealed))
+    assert out.returncode == 0, out.stderr
+    assert oct(sealed.stat().st_mode & 0o777) == oct(0o640)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_an_in_place_rewrap_through_another_name_is_refused(
+    stack: DevStack, tmp_path: Path, kind: str
+) -> None:
+    """``rewrap-file --drop-key`` through a symbolic link, or of a file with other hard links,
+    would replace only that name and leave the old header, still wrapped under the dropped key,
+    in the file the other names reach: refused before anything is read, every name unchanged."""
+    old, new = create_key(stack, "vault"), create_key(stack, "vault")
+    sealed = _seal(stack, tmp_path, old, "real")
+    before = sealed.read_bytes()
+    other = tmp_path / "other.kbe"
+    if kind == "symlink":
+        other.symlink_to(sealed)
+    else:
+        os.link(sealed, other)
+    out = keybroker(stack, "rewrap-file", "--to-key", new, "--drop-key", old, str(other))
+    assert out.returncode != 0
+    assert ("symbolic link" if kind == "symlink" else "hard links") in out.stderr.decode()
+    assert sealed.read_bytes() == before
+    assert other.read_bytes() == before

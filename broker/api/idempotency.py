@@ -32,9 +32,10 @@ from typing import Any, ClassVar
 
 from aiohttp import web
 
+from broker.api.problem import problem_body
 from broker.api.state import AUDIT_FACTS, PRINCIPAL, REQUEST_ID
 from broker.backends.vault import VaultClient
-from broker.errors import BadRequest, BrokerError, ClientError, Conflict
+from broker.errors import BadRequest, BrokerError, ClientError, Conflict, OutcomeUnknown
 from broker.log import get_logger
 from broker.state.kv import CasConflict, KvDocuments
 from broker.timeutil import iso, now_utc, parse_iso
@@ -379,6 +380,16 @@ async def idempotent(
         )
     try:
         response = await run()
+    except OutcomeUnknown as exc:
+        # The change was sent and may yet be made: running it again under the same key could
+        # make it twice. The unknown outcome is this key's answer; a caller who has read the key
+        # and still wants the change sends it under a new Idempotency-Key.
+        kept = json.loads(problem_body(exc, request[REQUEST_ID]))
+        try:
+            await store.finish(rid, owner, exc.status, kept, {})
+        except BrokerError as unkept:
+            log.warning("idempotency_answer_not_kept", record=rid[:16], error=unkept.detail)
+        raise
     except BaseException:
         await store.abandon(rid, owner)
         raise

@@ -131,3 +131,32 @@ def test_a_rotation_past_the_deadline_is_outcome_unknown_sent_once_and_not_retri
     assert len(appeared) <= 1, appeared
     assert len(after["versions"]) == versions
     assert rotated["latest_version"] == versions + 1
+
+
+def test_an_unknown_outcome_is_the_idempotency_keys_answer(
+    stack: DevStack, short_deadline: tuple[str, Child]
+) -> None:
+    """A rotation under an Idempotency-Key whose KMS call passed its deadline answers 504
+    outcome_unknown; sent again with the same key after KMS thawed, it is not run a second time:
+    the 504 is replayed (Idempotent-Replayed) and no version is added; a new key rotates."""
+    from tests.integration.conftest import https
+
+    url, _child = short_deadline
+    name = create_key(stack, "kms")
+    versions = len(https(stack, f"/v1/keys/{name}", url=url).json()["versions"])
+    headers = {"Idempotency-Key": f"rotate-{name}"}
+    with frozen(stack.children["kms"].pid, DEADLINE + SLACK + 1):
+        first = https(stack, f"/v1/keys/{name}/rotate", url=url, body={}, headers=headers)
+    time.sleep(2)  # KMS works off what reached it while frozen
+    again = https(stack, f"/v1/keys/{name}/rotate", url=url, body={}, headers=headers)
+    after = len(https(stack, f"/v1/keys/{name}", url=url).json()["versions"])
+    fresh = https(
+        stack, f"/v1/keys/{name}/rotate", url=url, body={}, headers={"Idempotency-Key": f"new-{name}"}
+    )
+
+    assert (first.status, first.json()["code"]) == (504, "outcome_unknown"), first.body
+    assert (again.status, again.json()["code"]) == (504, "outcome_unknown"), again.body
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    assert after == versions
+    assert fresh.status == 200, fresh.body
+    assert fresh.json()["latest_version"] == versions + 1

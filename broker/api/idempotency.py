@@ -55,9 +55,13 @@ _KEPT_HEADERS = ("Location",)
 # Records a sweep pass reads at most (one paginated LIST, then one read each): bounded work per
 # pass on each replica, still far more than a broker writes between two passes.
 SWEEP_PAGE = 500
-# How long a sweep's tombstone holds a record off (409) before it lapses: the delete must follow
-# well within it, or the pass leaves the record to the next one.
-TOMBSTONE_SECONDS = 60.0
+# How long a sweep's tombstone holds a record off (409) before it lapses, judged on each
+# replica's own clock; the sweep deletes only within DELETE_WINDOW_SECONDS of writing it (on its
+# clock), else leaves the record to a later pass. The gap between the two is the clock skew
+# between replicas that can never let a claim land on a tombstone about to be deleted (the
+# scheduler assumes at most 60 s).
+TOMBSTONE_SECONDS = 600.0
+DELETE_WINDOW_SECONDS = 30.0
 # A record's name as record_id makes it; anything else under the prefix is not the sweep's to erase.
 _RECORD_NAME = re.compile(r"[0-9a-f]{64}")
 
@@ -310,7 +314,7 @@ class IdempotencyStore:
             await self._docs.write(name, tombstone, version)
         except CasConflict:
             return "contended"
-        if self._clock() - now >= grace / 2:
+        if self._clock() - now >= timedelta(seconds=DELETE_WINDOW_SECONDS):
             # Too slow to be sure the tombstone still holds; it lapses and a later pass retries.
             return "contended"
         await self._docs.delete(name)

@@ -135,3 +135,33 @@ def test_passes_walk_the_names_a_bounded_page_at_a_time() -> None:
     counts, after = asyncio.run(s.sweep(after, limit=2))
     assert (counts["examined"], after) == (1, "")
     assert kv.pages == [("", 2), (ordered[1], 2), (ordered[3], 2)]
+
+
+def test_a_replica_whose_clock_runs_ahead_cannot_claim_over_a_tombstone_about_to_be_deleted() -> None:
+    """The sweep's delete has no check-and-set: its only guard is the tombstone, which each
+    replica judges on its own clock. A replica 90 s ahead (past the 60 s the scheduler allows)
+    still sees the tombstone live while the sweeper may delete (within its window), so its claim
+    is told to retry (409) instead of landing where the delete then erases it."""
+    rid = name(7)
+    sweeper, kv = store()
+    ticks = iter([NOW, NOW + timedelta(seconds=29)])  # judged and tombstoned, then the window check
+    sweeper._clock = lambda: next(ticks, NOW + timedelta(seconds=29))
+    ahead, _ = store(NOW + timedelta(seconds=29 + 90))
+    ahead._docs = kv
+    kv.entries = {rid: (done(NOW - timedelta(minutes=1)), 3)}
+    refused: list[BaseException] = []
+    erase = MemoryKv.delete
+
+    async def claim_then_delete(self: MemoryKv, victim: str) -> None:
+        try:
+            await ahead.begin(rid, "f" * 64, "new-request")  # lands between tombstone and delete
+        except IdempotencyInProgress as exc:
+            refused.append(exc)
+        await erase(self, victim)
+
+    kv.delete = claim_then_delete.__get__(kv)  # type: ignore[method-assign]
+    counts, _ = asyncio.run(sweeper.sweep())
+
+    assert counts["erased"] == 1
+    assert len(refused) == 1  # the claim was refused, so nothing live was erased
+    assert rid not in kv.entries

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
@@ -101,6 +103,14 @@ def map_botocore_errors(what: str) -> Iterator[None]:
 _SENT_NO_ANSWER = (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectionClosedError)
 
 
+def _answered_not_done(exc: BackendError) -> bool:
+    """KMS answered with a refusal worth retrying: throttled, or a 5xx (KMSInternalException)."""
+    if not isinstance(exc.__cause__, botocore.exceptions.ClientError):
+        return False
+    status = exc.upstream_status
+    return exc.upstream_code == "ThrottlingException" or (status is not None and status >= 500)
+
+
 class KmsClient:
     """The broker's KMS access; blocking boto3 calls go to a bounded thread pool."""
 
@@ -155,19 +165,29 @@ class KmsClient:
             raise Unavailable("kms client is not started", backend=BACKEND)
 
         def run() -> T:
-            try:
-                with map_botocore_errors(what):
-                    out = fn(client)
-            except BackendError as exc:
-                # Sent, then no answer: KMS may have done it. (No connection, or a connect
-                # timeout: nothing reached KMS, an ordinary 503.)
-                if repeatable or not isinstance(exc.__cause__, _SENT_NO_ANSWER):
-                    raise
-                raise OutcomeUnknown(
-                    f"{exc.detail}; KMS may still carry it out: nothing was recorded, read the key "
-                    "before trying again",
-                    backend=BACKEND,
-                ) from exc
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    with map_botocore_errors(what):
+                        out = fn(client)
+                    break
+                except BackendError as exc:
+                    if repeatable:
+                        raise
+                    if isinstance(exc.__cause__, _SENT_NO_ANSWER):
+                        # Sent, then no answer: KMS may have done it. (No connection, or a
+                        # connect timeout: nothing reached KMS, an ordinary 503.)
+                        raise OutcomeUnknown(
+                            f"{exc.detail}; KMS may still carry it out: nothing was recorded, read "
+                            "the key before trying again",
+                            backend=BACKEND,
+                        ) from exc
+                    # KMS answered that it did not do it (throttled, an internal error: AWS says
+                    # to retry those): tried again here, as botocore does for every other call.
+                    if attempt >= self._config.max_attempts or not _answered_not_done(exc):
+                        raise
+                    time.sleep(random.uniform(0, min(0.1 * 2**attempt, 1.0)))  # noqa: S311 - jitter
             meta = out.get("ResponseMetadata", {}) if isinstance(out, dict) else {}
             note_backend_call(BACKEND, what, str(meta.get("RequestId", "")))
             return out

@@ -23,8 +23,12 @@ stepped back):
   lines (no Vault content beyond the id, the X-Request-Id and the path the join needs),
   the ids broker records claim, and which entry each unnumbered note took. It is built
   incrementally (bytes already indexed per file) and rebuilt whenever it is missing,
-  unreadable, or a file shrank or was replaced. It is derived data: rows and evidence are
-  read from the logs themselves; the index only says where and what joins.
+  unreadable, or a file shrank or was replaced. It is derived data and unsigned (anyone
+  who can write the audit directory can edit it), so it is never believed: Vault's rows are
+  streamed from Vault's log, line by line, and an entry is left out as claimed only when
+  the broker record the index names, re-read from its segment, accounts for it (the same
+  check guards every piece of evidence nested in a broker row). An edited index can make
+  rows repeat or lose their evidence, never hide a Vault call.
 * **Filters** are applied while streaming; a source no row of which can match (source=broker
   skips Vault, source=vault|bypass skips the chains) is not read at all.
 
@@ -58,7 +62,7 @@ from broker.audit import merge
 from broker.audit.chain import FILE_PREFIX, FILE_SUFFIX
 
 INDEX_NAME = ".timeline-index.sqlite"
-SCHEMA = "2"
+SCHEMA = "3"
 MAX_CURSOR_CHARS = 512
 # A chain's position: (first record number of its segment file, byte offset of a line start).
 Position = tuple[int, int]
@@ -148,9 +152,8 @@ CREATE TABLE vault(vid TEXT PRIMARY KEY, first INTEGER NOT NULL, offs TEXT NOT N
                    t REAL NOT NULL, mine INTEGER NOT NULL, sent TEXT, path TEXT);
 CREATE INDEX vault_first ON vault(first);
 CREATE INDEX vault_sent ON vault(sent, path);
-CREATE TABLE claim(vid TEXT PRIMARY KEY);
-CREATE TABLE noted(chain TEXT NOT NULL, name TEXT NOT NULL, off INTEGER NOT NULL, vid TEXT NOT NULL);
-CREATE INDEX noted_record ON noted(chain, name, off);
+CREATE TABLE claim(vid TEXT PRIMARY KEY, chain TEXT NOT NULL, name TEXT NOT NULL, off INTEGER NOT NULL);
+CREATE INDEX claim_record ON claim(chain, name, off);
 """
 _UPSERT_VAULT = (
     "INSERT INTO vault(vid, first, offs, time, t, mine, sent, path) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) "
@@ -318,7 +321,7 @@ class Index:
     def _index_segment(
         self, db: sqlite3.Connection, node: str, name: str, path: Path, start: int, size: int
     ) -> int:
-        claims: list[tuple[str]] = []
+        claims: list[tuple[str, str, str, int]] = []
         notes: list[tuple[int, str, str, float, float]] = []
         end = start
         with path.open("rb") as fh:
@@ -330,24 +333,23 @@ class Index:
                 window = merge.window_of(row)
                 for call in merge.vault_calls(row):
                     if call.get("id"):
-                        claims.append((str(call["id"]),))
+                        claims.append((str(call["id"]), node, name, offset))
                     elif window is not None:
                         sent, where = str(call.get("sent_request_id")), str(call.get("path"))
                         notes.append((offset, sent, where, window[0].timestamp(), window[1].timestamp()))
                 if len(claims) >= _BATCH:
-                    db.executemany("INSERT OR IGNORE INTO claim VALUES(?)", claims)
+                    db.executemany("INSERT OR IGNORE INTO claim VALUES(?, ?, ?, ?)", claims)
                     claims.clear()
-        db.executemany("INSERT OR IGNORE INTO claim VALUES(?)", claims)
+        db.executemany("INSERT OR IGNORE INTO claim VALUES(?, ?, ?, ?)", claims)
         # Unnumbered notes after the id claims, so they only take entries no id claimed.
         for offset, sent, where, lo, hi in notes:
             found = db.execute(
                 "SELECT vid FROM vault WHERE sent = ? AND path = ? AND mine = 1 AND t BETWEEN ? AND ? "
-                "AND vid NOT IN claim ORDER BY first LIMIT 1",
+                "AND vid NOT IN (SELECT vid FROM claim) ORDER BY first LIMIT 1",
                 (sent, where, lo, hi),
             ).fetchone()
             if found is not None:
-                db.execute("INSERT INTO claim VALUES(?)", (found[0],))
-                db.execute("INSERT INTO noted VALUES(?, ?, ?, ?)", (node, name, offset, found[0]))
+                db.execute("INSERT INTO claim VALUES(?, ?, ?, ?)", (found[0], node, name, offset))
         return end
 
 
@@ -427,23 +429,65 @@ class Timeline:
         yield position, None
 
     def _vault_source(self, start: int) -> Iterator[_Item]:
-        rows = self._db.execute(
-            "SELECT vid, first, offs, mine FROM vault WHERE first >= ? AND first < ? "
-            "AND NOT (mine = 1 AND vid IN claim) ORDER BY first",
-            (start, self.snapshot.vault_done),
-        )
-        for vid, first, offs, mine in rows:
-            row = self._vault_row(vid, offs)
-            if row is None:
-                continue
-            kind = "unexplained" if mine else "bypass"
-            yield (
-                first,
-                Entry(
-                    {**row, "kind": kind, "bypass": kind == "bypass", "unexplained": kind == "unexplained"}
-                ),
-            )
+        """Vault's entries read from its log, each at its first line; the index only points at the
+        lines to check (an entry's other lines, the record claiming it), it never hides a line."""
+        if self.vault_log is None:
+            yield start, None
+            return
+        with self.vault_log.open("rb") as fh:
+            for offset, line in _complete_lines(fh, start, self.snapshot.vault_done):
+                found = merge.vault_line(line)
+                if found is None:
+                    continue
+                vid = found[0]
+                hit = self._db.execute("SELECT first, offs FROM vault WHERE vid = ?", (vid,)).fetchone()
+                offs = str(offset)
+                if hit is not None and int(hit[0]) == offset:
+                    offs = str(hit[1]) if offs in str(hit[1]).split(",") else offs
+                elif hit is not None and int(hit[0]) < offset and self._vault_line_is(int(hit[0]), vid):
+                    continue  # a later line of an entry shown at its first line
+                row = self._vault_row(vid, offs)
+                if row is None or (row.get("broker_identity") and self._claimed(vid, row)):
+                    continue
+                kind = "unexplained" if row.get("broker_identity") else "bypass"
+                flags = {"kind": kind, "bypass": kind == "bypass", "unexplained": kind == "unexplained"}
+                yield offset, Entry({**row, **flags})
         yield self.snapshot.vault_done, None
+
+    def _vault_line_is(self, offset: int, vid: str) -> bool:
+        fh = self._vault_fh
+        if fh is None or offset < 0:
+            return False
+        fh.seek(offset)
+        found = merge.vault_line(fh.readline())
+        return found is not None and found[0] == vid
+
+    def _claimed(self, vid: str, row: dict[str, Any]) -> bool:
+        """Whether a broker record the index names really accounts for Vault entry ``vid``: the
+        record is re-read from its segment (an edited index cannot hide an entry)."""
+        query = "SELECT chain, name, off FROM claim WHERE vid = ?"
+        for node, name, offset in self._db.execute(query, (vid,)).fetchall():
+            record = self._broker_record(str(node), str(name), int(offset))
+            if record is not None and explains(record, vid, row):
+                return True
+        return False
+
+    def _broker_record(self, node: str, name: str, offset: int) -> dict[str, Any] | None:
+        """The broker record at a line start of a listed, indexed segment; None if there is none."""
+        for chain, listed in zip(self.chains, self.snapshot.segments, strict=True):
+            if chain.node != node:
+                continue
+            for _, listed_name, path, done in listed:
+                if listed_name != name or not 0 <= offset < done:
+                    continue
+                with path.open("rb") as fh:
+                    if offset:
+                        fh.seek(offset - 1)
+                        if fh.read(1) != b"\n":
+                            return None
+                    line = fh.readline(done - offset)
+                return merge.broker_row(line) if line.endswith(b"\n") else None
+        return None
 
     def _vault_row(self, vid: str, offs: str) -> dict[str, Any] | None:
         fh = self._vault_fh
@@ -462,22 +506,21 @@ class Timeline:
         if entry.chain is None:
             return entry.row
         found: dict[str, dict[str, Any]] = {}
-        for call in merge.vault_calls(entry.row):
-            if not call.get("id"):
-                continue
-            hit = self._db.execute(
-                "SELECT vid, offs FROM vault WHERE vid = ? AND mine = 1", (str(call["id"]),)
-            ).fetchone()
-            if hit is not None and (row := self._vault_row(hit[0], hit[1])) is not None:
-                found[hit[0]] = row
+        wanted = [str(c["id"]) for c in merge.vault_calls(entry.row) if c.get("id")]
         if any(not c.get("id") for c in merge.vault_calls(entry.row)):
-            for (vid,) in self._db.execute(
-                "SELECT vid FROM noted WHERE chain = ? AND name = ? AND off = ?",
-                (entry.chain, entry.name, entry.offset),
-            ).fetchall():
-                hit = self._db.execute("SELECT offs FROM vault WHERE vid = ?", (vid,)).fetchone()
-                if hit is not None and (row := self._vault_row(vid, hit[0])) is not None:
-                    found[vid] = row
+            wanted += [
+                str(vid)
+                for (vid,) in self._db.execute(
+                    "SELECT vid FROM claim WHERE chain = ? AND name = ? AND off = ?",
+                    (entry.chain, entry.name, entry.offset),
+                ).fetchall()
+            ]
+        for vid in wanted:
+            hit = self._db.execute("SELECT offs FROM vault WHERE vid = ?", (vid,)).fetchone()
+            row = self._vault_row(vid, str(hit[0])) if hit is not None else None
+            # Evidence only where the record itself accounts for the entry (the index may be edited).
+            if row is not None and vid not in found and explains(entry.row, vid, row):
+                found[vid] = row
         return {**entry.row, "vault": [merge.evidence_of(v) for v in found.values()]}
 
     def walk(self, cursor: Cursor | None, filters: merge.Filters) -> Iterator[tuple[Entry, Cursor]]:
@@ -508,6 +551,29 @@ class Timeline:
                 heapq.heapreplace(heap, (merge.time_of(following.row), i, following))
             if filters.match(entry.row, moment):
                 yield entry, Cursor(tuple(positions[:-1]), positions[-1], tag)
+
+
+def explains(record: dict[str, Any], vid: str, row: dict[str, Any]) -> bool:
+    """Whether broker ``record`` accounts for Vault entry ``row`` (``vid``), by the join rules of
+    :mod:`broker.audit.merge`: a broker-identity call it lists by id, or an unnumbered call it notes
+    with the same X-Request-Id and path within its time window."""
+    if not row.get("broker_identity"):
+        return False
+    window = merge.window_of(record)
+    sent = row.get("request_id")
+    for call in merge.vault_calls(record):
+        if call.get("id"):
+            if str(call["id"]) == vid:
+                return True
+        elif (
+            window is not None
+            and sent is not None
+            and str(call.get("sent_request_id")) == sent
+            and str(call.get("path")) == row.get("path")
+            and window[0] <= merge.time_of(row) <= window[1]
+        ):
+            return True
+    return False
 
 
 @dataclass

@@ -265,3 +265,70 @@ def test_a_segment_replaced_by_another_file_of_the_same_size_rebuilds_the_index(
     replacement.write_bytes(segment.read_bytes().replace(b'"v1"', b'"v2"'))
     replacement.replace(segment)
     assert vault_rows() == ["v1"]
+
+
+def _edit_index(index: Path, *statements: str) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(index)
+    with db:
+        for statement in statements:
+            db.execute(statement)
+    db.close()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        # Claimed by the record that is there (it lists no such call), and marked the broker's own.
+        (
+            "UPDATE vault SET mine = 1 WHERE vid = 'v-mallory'",
+            "INSERT INTO claim SELECT 'v-mallory', chain, name, off FROM claim WHERE vid = 'v1'",
+        ),
+        ("DELETE FROM vault WHERE vid = 'v-mallory'",),  # the entry forgotten
+        ("UPDATE vault SET first = 1000000000 WHERE vid = 'v-mallory'",),  # moved past the log's end
+    ],
+    ids=["claimed", "deleted", "moved"],
+)
+def test_a_vault_bypass_stays_on_the_timeline_whatever_the_index_file_says(
+    tmp_path: Path, edit: tuple[str, ...]
+) -> None:
+    """The index beside the segments is unsigned: whoever can write the audit directory can edit it.
+    Whatever it says, a root-token call made around the broker is still a bypass row, paged or not,
+    and is never shown as a broker record's evidence: the logs are re-read for every join."""
+    calls = [{"backend": "vault", "id": "v1", "operation": "transit encrypt"}]
+    write_log(tmp_path / "audit", [record("r-00000001", 1.0, 5.0, calls)], per_file=10)
+    root = {"display_name": "token-mallory", "policies": ["root"]}
+    lines = [
+        entry("v1", "kb-transit/encrypt/pay", sent=None, at=1),
+        entry("v-mallory", "kb-transit/keys/pay/config", sent="r-00000001", at=1.001, auth=root),
+    ]
+    (tmp_path / "vault.log").write_bytes(b"\n".join(lines) + b"\n")
+    chains = [timeline.Chain("", tmp_path / "audit")]
+    index = tmp_path / "audit" / timeline.INDEX_NAME
+    with timeline.Timeline(chains, tmp_path / "vault.log", index) as view:
+        assert timeline.newest(view, merge.Filters(source="bypass"), 10).matched == 1
+    _edit_index(index, *edit)
+    with timeline.Timeline(chains, tmp_path / "vault.log", index) as view:
+        newest = timeline.newest(view, merge.Filters(), 10).rows
+        paged = walk_pages(view, merge.Filters(), 1)
+    for rows in (newest, paged):
+        assert [ident(r) for r in rows if r.get("bypass")] == ["v-mallory"]
+        evidence = [v for r in rows if r["source"] == "broker" for v in r["vault"]]
+        assert [v["vault_request_id"] for v in evidence] == ["v1"], evidence
+
+
+def test_an_edited_index_attaches_no_foreign_entry_to_a_record(tmp_path: Path) -> None:
+    """An index row naming a broker record as the claimer of an entry it does not account for (an
+    unexplained broker-identity call) neither hides that entry nor shows it as the record's evidence."""
+    write_log(tmp_path / "audit", [record("r-00000001", 1.0, 5.0, [])], per_file=10)
+    (tmp_path / "vault.log").write_bytes(entry("v9", "kb-kv/data/x", sent=None, at=1) + b"\n")
+    chains = [timeline.Chain("", tmp_path / "audit")]
+    index = tmp_path / timeline.INDEX_NAME
+    with timeline.Timeline(chains, tmp_path / "vault.log", index):
+        pass
+    _edit_index(index, f"INSERT INTO claim VALUES('v9', '', '{file_name(1)}', 0)")
+    with timeline.Timeline(chains, tmp_path / "vault.log", index) as view:
+        rows = timeline.newest(view, merge.Filters(), 10).rows
+    assert [ident(r) for r in rows if r.get("unexplained")] == ["v9"]
+    assert [r["vault"] for r in rows if r["source"] == "broker"] == [[]]

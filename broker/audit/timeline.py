@@ -62,12 +62,14 @@ from broker.audit import merge
 from broker.audit.chain import FILE_PREFIX, FILE_SUFFIX
 
 INDEX_NAME = ".timeline-index.sqlite"
-SCHEMA = "3"
+SCHEMA = "4"
 MAX_CURSOR_CHARS = 512
-# A chain's position: (first record number of its segment file, byte offset of a line start).
-Position = tuple[int, int]
-_CURSOR_VERSION = 1
+# A chain's position: (first record number of its segment file, byte offset of a line start,
+# the segment's tag: which file that is, see segment_tag).
+Position = tuple[int, int, int]
+_CURSOR_VERSION = 2
 _MAC_BYTES = 16
+_CHAIN_BYTES = 20
 _CURSOR_TEXT = re.compile(r"[A-Za-z0-9_-]{1,512}")
 
 
@@ -85,6 +87,17 @@ class Chain:
 
     def segments(self) -> list[Path]:
         return sorted(self.directory.glob(f"{FILE_PREFIX}*{FILE_SUFFIX}"))
+
+
+def segment_tag(path: Path) -> int:
+    """Which file a segment is: a hash of its first record (0 while it has none). A segment replaced
+    by another file of the same name (a restore, a chain wiped and begun again) starts with another
+    record: its seq is the same but its hash chains to other history."""
+    with path.open("rb") as fh:
+        line = fh.readline(1 << 20)
+    if not line.endswith(b"\n"):
+        return 0
+    return int.from_bytes(hashlib.sha256(line).digest()[:4], "big")
 
 
 def _first_seq(path: Path) -> int:
@@ -110,7 +123,7 @@ def cursor_key(audit_hmac_key: bytes, node: str) -> bytes:
 
 def encode_cursor(cursor: Cursor, key: bytes) -> str:
     payload = struct.pack(">BB", _CURSOR_VERSION, len(cursor.chains))
-    payload += b"".join(struct.pack(">QQ", seq, off) for seq, off in cursor.chains)
+    payload += b"".join(struct.pack(">QQI", seq, off, tag) for seq, off, tag in cursor.chains)
     payload += struct.pack(">QI", cursor.vault, cursor.vault_tag)
     mac = hmac.new(key, payload, hashlib.sha256).digest()[:_MAC_BYTES]
     return base64.urlsafe_b64encode(payload + mac).rstrip(b"=").decode()
@@ -129,17 +142,17 @@ def decode_cursor(text: str, key: bytes, chains: int) -> Cursor:
     if len(raw) <= _MAC_BYTES + 2 or not hmac.compare_digest(mac, expected):
         raise CursorError("not a cursor this broker gave out")
     version, count = struct.unpack_from(">BB", payload)
-    if version != _CURSOR_VERSION or len(payload) != 2 + 16 * count + 12:
+    if version != _CURSOR_VERSION or len(payload) != 2 + _CHAIN_BYTES * count + 12:
         raise CursorError("not a cursor this broker gave out")
     if count != chains:
         raise CursorError("the cursor was made when the broker had another number of audit chains")
-    positions = tuple(struct.unpack_from(">QQ", payload, 2 + 16 * i) for i in range(count))
-    vault, tag = struct.unpack_from(">QI", payload, 2 + 16 * count)
-    return Cursor(tuple((int(s), int(o)) for s, o in positions), int(vault), int(tag))
+    positions = tuple(struct.unpack_from(">QQI", payload, 2 + _CHAIN_BYTES * i) for i in range(count))
+    vault, tag = struct.unpack_from(">QI", payload, 2 + _CHAIN_BYTES * count)
+    return Cursor(tuple((int(s), int(o), int(t)) for s, o, t in positions), int(vault), int(tag))
 
 
 def start_cursor(chains: int) -> Cursor:
-    return Cursor(tuple((0, 0) for _ in range(chains)), 0)
+    return Cursor(tuple((0, 0, 0) for _ in range(chains)), 0)
 
 
 # -- the index ---------------------------------------------------------------------------
@@ -147,7 +160,7 @@ def start_cursor(chains: int) -> Cursor:
 _DDL = """
 CREATE TABLE meta(k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE seg(chain TEXT NOT NULL, name TEXT NOT NULL, done INTEGER NOT NULL, ino INTEGER NOT NULL,
-                 PRIMARY KEY(chain, name));
+                 head INTEGER NOT NULL, PRIMARY KEY(chain, name));
 CREATE TABLE vault(vid TEXT PRIMARY KEY, first INTEGER NOT NULL, offs TEXT NOT NULL, time TEXT NOT NULL,
                    t REAL NOT NULL, mine INTEGER NOT NULL, sent TEXT, path TEXT);
 CREATE INDEX vault_first ON vault(first);
@@ -275,17 +288,21 @@ class Index:
                 db.execute("INSERT OR REPLACE INTO meta VALUES('vault', ?)", (ident,))
                 db.execute("INSERT OR REPLACE INTO meta VALUES('vault_done', ?)", (str(snapshot.vault_done),))
             for chain, listed in zip(chains, snapshot.segments, strict=True):
-                query = "SELECT name, done, ino FROM seg WHERE chain = ?"
-                done = {name: (int(d), int(ino)) for name, d, ino in db.execute(query, (chain.node,))}
+                query = "SELECT name, done, ino, head FROM seg WHERE chain = ?"
+                done = {
+                    name: (int(d), int(ino), int(head))
+                    for name, d, ino, head in db.execute(query, (chain.node,))
+                }
                 # A segment gone, shorter or another file: restored from a backup, wiped, replaced.
                 _fresh(not set(done) - {name for _, name, _, _ in listed})
                 for i, (first, name, path, size) in enumerate(listed):
-                    inode = path.stat().st_ino
-                    start, known = done.get(name, (0, inode))
-                    _fresh(start <= size and known == inode)
+                    inode, head = path.stat().st_ino, segment_tag(path)
+                    start, known, known_head = done.get(name, (0, inode, head))
+                    # The inode alone misses a file unlinked and written again (inodes are reused).
+                    _fresh(start <= size and known == inode and (known_head == head or not start))
                     end = self._index_segment(db, chain.node, name, path, start, size)
-                    row = (chain.node, name, end, inode)
-                    db.execute("INSERT OR REPLACE INTO seg VALUES(?, ?, ?, ?)", row)
+                    row = (chain.node, name, end, inode, head)
+                    db.execute("INSERT OR REPLACE INTO seg VALUES(?, ?, ?, ?, ?)", row)
                     listed[i] = (first, name, path, end)
             db.execute("COMMIT")
         except BaseException:
@@ -380,6 +397,7 @@ class Timeline:
         self._db = self.index.connect()
         self._vault_fh: IO[bytes] | None = self.vault_log.open("rb") if self.vault_log else None
         self._label = len(self.chains) > 1  # several chains: each broker row names its own
+        self._tags: dict[Path, int] = {}
 
     def close(self) -> None:
         self._db.close()
@@ -398,25 +416,37 @@ class Timeline:
             raise CursorError("Vault's audit log was replaced since the cursor was made; start again")
         if cursor.vault > self.snapshot.vault_done:
             raise CursorError("the cursor points past Vault's audit log")
-        for (first, offset), listed in zip(cursor.chains, self.snapshot.segments, strict=True):
+        for (first, offset, tag), listed in zip(cursor.chains, self.snapshot.segments, strict=True):
             if (first, offset) == (0, 0):
                 continue
             segment = next((s for s in listed if s[0] == first), None)
             if segment is None or offset > segment[3]:
                 raise CursorError("the cursor names no place in this broker's audit log")
+            if offset and tag != self._tag(segment[2]):
+                # Its records before the offset are not the ones already shown: resuming would skip.
+                raise CursorError(
+                    "the audit segment the cursor points into was replaced (a restore or a new chain) "
+                    "since the cursor was made; start the walk again"
+                )
             if offset:
                 with segment[2].open("rb") as fh:
                     fh.seek(offset - 1)
                     if fh.read(1) != b"\n":
                         raise CursorError("the cursor names no place in this broker's audit log")
 
+    def _tag(self, path: Path) -> int:
+        if path not in self._tags:
+            self._tags[path] = segment_tag(path)
+        return self._tags[path]
+
     def _chain_source(self, index: int, start: Position) -> Iterator[_Item]:
         chain, listed = self.chains[index], self.snapshot.segments[index]
         position: Position = start
         for first, name, path, done in listed:
-            if start != (0, 0) and first < start[0]:
+            if start[:2] != (0, 0) and first < start[0]:
                 continue  # before the cursor's segment (check() made sure it is one of these)
             begin = start[1] if first == start[0] else 0
+            tag = self._tag(path)
             with path.open("rb") as fh:
                 for offset, line in _complete_lines(fh, begin, done):
                     row = merge.broker_row(line)
@@ -424,8 +454,8 @@ class Timeline:
                         continue
                     if self._label:
                         row["chain"] = chain.node
-                    yield (first, offset), Entry(row, chain.node, name, offset)
-            position = (first, done)
+                    yield (first, offset, tag), Entry(row, chain.node, name, offset)
+            position = (first, done, tag)
         yield position, None
 
     def _vault_source(self, start: int) -> Iterator[_Item]:

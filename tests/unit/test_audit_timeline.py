@@ -179,8 +179,8 @@ def test_a_cursor_not_made_here_is_refused(text: str) -> None:
 
 def test_a_tampered_or_foreign_cursor_is_refused() -> None:
     """One flipped bit, another node's key, or another number of chains: refused."""
-    good = timeline.encode_cursor(timeline.Cursor(((1, 4096),), 77, 5), KEY)
-    assert timeline.decode_cursor(good, KEY, 1) == timeline.Cursor(((1, 4096),), 77, 5)
+    good = timeline.encode_cursor(timeline.Cursor(((1, 4096, 9),), 77, 5), KEY)
+    assert timeline.decode_cursor(good, KEY, 1) == timeline.Cursor(((1, 4096, 9),), 77, 5)
     raw = bytearray(good.encode())
     raw[5] = ord("A") if raw[5] != ord("A") else ord("B")
     other = timeline.cursor_key(b"k" * 32, "node-b")
@@ -193,12 +193,12 @@ def test_a_signed_cursor_must_still_name_a_line_start_in_a_known_segment(tmp_pat
     """Even a cursor with a valid MAC (the key leaked, the files changed) is checked against the files."""
     write_log(tmp_path / "audit", events(20), per_file=10)
     with timeline.Timeline([timeline.Chain("", tmp_path / "audit")], None, tmp_path / "i.sqlite") as view:
-        view.check(timeline.Cursor(((11, 0),), 0))
-        for bad in (((5, 0),), ((1, 3),), ((1, 10**9),)):
+        view.check(timeline.Cursor(((11, 0, 0),), 0))
+        for bad in (((5, 0, 0),), ((1, 3, 0),), ((1, 10**9, 0),)):
             with pytest.raises(timeline.CursorError):
                 view.check(timeline.Cursor(bad, 0))
         with pytest.raises(timeline.CursorError):
-            view.check(timeline.Cursor(((0, 0),), 10))  # past a Vault log it does not have
+            view.check(timeline.Cursor(((0, 0, 0),), 10))  # past a Vault log it does not have
 
 
 def peak_of_a_walk(tmp_path: Path, count: int) -> int:
@@ -332,3 +332,33 @@ def test_an_edited_index_attaches_no_foreign_entry_to_a_record(tmp_path: Path) -
         rows = timeline.newest(view, merge.Filters(), 10).rows
     assert [ident(r) for r in rows if r.get("unexplained")] == ["v9"]
     assert [r["vault"] for r in rows if r["source"] == "broker"] == [[]]
+
+
+@pytest.mark.parametrize("same_inode", [True, False])
+def test_a_cursor_into_a_replaced_segment_is_refused_not_silently_skipping(
+    tmp_path: Path, same_inode: bool
+) -> None:
+    """A cursor into a segment that was since replaced by another file of the same name (a restore,
+    a chain wiped and begun again), whose lines happen to start at the same offsets, is refused:
+    resuming it would never show the new file's records before that offset. The index is rebuilt
+    too (a file unlinked and written again may get the same inode)."""
+    audit = tmp_path / "audit"
+    write_log(audit, events(4), per_file=10)
+    chains = [timeline.Chain("", audit)]
+    with timeline.Timeline(chains, None, tmp_path / "i.sqlite") as view:
+        page = timeline.page_after(view, timeline.start_cursor(1), merge.Filters(), 2)
+    assert page.next is not None
+    text = timeline.encode_cursor(page.next, KEY)
+    segment = audit / file_name(1)
+    replaced = segment.read_bytes().replace(b"r-0000000", b"n-0000000")
+    if same_inode:
+        with segment.open("r+b") as fh:
+            fh.write(replaced)
+    else:
+        segment.unlink()
+        segment.write_bytes(replaced)
+    with timeline.Timeline(chains, None, tmp_path / "i.sqlite") as view:
+        cursor = timeline.decode_cursor(text, KEY, 1)
+        with pytest.raises(timeline.CursorError, match="replaced"):
+            view.check(cursor)
+        assert [ident(r) for r in walk_pages(view, merge.Filters(), 3)] == [f"n-{n:08d}" for n in range(4)]

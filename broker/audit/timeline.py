@@ -10,14 +10,17 @@ stepped back):
   with a step-back time just comes out early; it is never dropped or repeated.
 * **The cursor is the merge's whole state**: for each source, the byte position of the
   next unread entry (a chain's position is the first record number of its segment, which
-  names the file among the listed ones, never a path, plus the offset of a line start).
-  The rows after a cursor are a function of that vector and the bytes of append-only
+  names the file among the listed ones, never a path, plus the offset of a line start and
+  a hash of the segment's first record, so a file replaced under the same name is refused,
+  not read from the middle), and where the walk ends: each log's end when its first page
+  was read. The rows after a cursor are a function of that and the bytes of append-only
   files, so a walk page by page yields exactly the rows, in exactly the order, of one
-  unpaged walk: none skipped, none repeated. A cursor comes back from a client as
-  hostile input: its size is bounded, it carries an HMAC under a key derived from the
-  broker's audit HMAC key and bound to its node (tampered or foreign: 400), and every
-  position is checked against the files before use (a known segment, a line start, not
-  past what was indexed).
+  unpaged walk: none skipped, none repeated, and it ends however fast the log grows. A
+  cursor comes back from a client as hostile input: its size is bounded, it carries an
+  HMAC under a key derived from the broker's audit HMAC key and bound to its node (under
+  ``serve --workers`` the workers' common node, the chains in worker order, so any worker
+  takes it; tampered or foreign: 400), and every position is checked against the files
+  before use (a known segment, the same file, a line start, not past what was indexed).
 * **The join goes through an on-disk index** (stdlib ``sqlite3``, ``.timeline-index.sqlite``
   beside the segments, 0600): Vault entries by request id with the byte offsets of their
   lines (no Vault content beyond the id, the X-Request-Id and the path the join needs),
@@ -63,14 +66,16 @@ from broker.audit.chain import FILE_PREFIX, FILE_SUFFIX
 
 INDEX_NAME = ".timeline-index.sqlite"
 SCHEMA = "4"
-MAX_CURSOR_CHARS = 512
+# A cursor holds two positions per chain (where it stands, where its walk ends): 64 workers fit.
+MAX_CURSOR_CHARS = 4096
 # A chain's position: (first record number of its segment file, byte offset of a line start,
 # the segment's tag: which file that is, see segment_tag).
 Position = tuple[int, int, int]
 _CURSOR_VERSION = 2
 _MAC_BYTES = 16
-_CHAIN_BYTES = 20
-_CURSOR_TEXT = re.compile(r"[A-Za-z0-9_-]{1,512}")
+_CHAIN_BYTES = 40
+_VAULT_BYTES = 20
+_CURSOR_TEXT = re.compile(r"[A-Za-z0-9_-]{1,4096}")
 
 
 class CursorError(ValueError):
@@ -107,11 +112,17 @@ def _first_seq(path: Path) -> int:
 
 @dataclass(frozen=True)
 class Cursor:
-    """Where a walk stands: per chain the position of its next unread line, and Vault's offset."""
+    """Where a walk stands: per chain the position of its next unread line, and Vault's offset;
+    and where it ends (``until``, ``vault_until``): the ends of the logs when its first page was
+    read. A walk is the timeline as it stood then; rows written since belong to the next walk.
+    Without that end a walk never finished while pages were read no faster than the log grew
+    (every page read writes its own audit record: with one row a page, one more row to read)."""
 
     chains: tuple[Position, ...]
     vault: int
     vault_tag: int = 0  # which Vault log file the offset is in (its device and inode, hashed)
+    until: tuple[Position, ...] | None = None  # None: not started; the walk ends at the logs' ends now
+    vault_until: int = 0
 
 
 def cursor_key(audit_hmac_key: bytes, node: str) -> bytes:
@@ -122,9 +133,11 @@ def cursor_key(audit_hmac_key: bytes, node: str) -> bytes:
 
 
 def encode_cursor(cursor: Cursor, key: bytes) -> str:
+    until = cursor.until if cursor.until is not None else cursor.chains
     payload = struct.pack(">BB", _CURSOR_VERSION, len(cursor.chains))
-    payload += b"".join(struct.pack(">QQI", seq, off, tag) for seq, off, tag in cursor.chains)
-    payload += struct.pack(">QI", cursor.vault, cursor.vault_tag)
+    for here, end in zip(cursor.chains, until, strict=True):
+        payload += struct.pack(">QQIQQI", *here, *end)
+    payload += struct.pack(">QQI", cursor.vault, cursor.vault_until, cursor.vault_tag)
     mac = hmac.new(key, payload, hashlib.sha256).digest()[:_MAC_BYTES]
     return base64.urlsafe_b64encode(payload + mac).rstrip(b"=").decode()
 
@@ -142,13 +155,17 @@ def decode_cursor(text: str, key: bytes, chains: int) -> Cursor:
     if len(raw) <= _MAC_BYTES + 2 or not hmac.compare_digest(mac, expected):
         raise CursorError("not a cursor this broker gave out")
     version, count = struct.unpack_from(">BB", payload)
-    if version != _CURSOR_VERSION or len(payload) != 2 + _CHAIN_BYTES * count + 12:
+    if version != _CURSOR_VERSION or len(payload) != 2 + _CHAIN_BYTES * count + _VAULT_BYTES:
         raise CursorError("not a cursor this broker gave out")
     if count != chains:
         raise CursorError("the cursor was made when the broker had another number of audit chains")
-    positions = tuple(struct.unpack_from(">QQI", payload, 2 + _CHAIN_BYTES * i) for i in range(count))
-    vault, tag = struct.unpack_from(">QI", payload, 2 + _CHAIN_BYTES * count)
-    return Cursor(tuple((int(s), int(o), int(t)) for s, o, t in positions), int(vault), int(tag))
+    fields = [struct.unpack_from(">QQIQQI", payload, 2 + _CHAIN_BYTES * i) for i in range(count)]
+    vault, vault_until, tag = struct.unpack_from(">QQI", payload, 2 + _CHAIN_BYTES * count)
+    here = tuple((int(f[0]), int(f[1]), int(f[2])) for f in fields)
+    until = tuple((int(f[3]), int(f[4]), int(f[5])) for f in fields)
+    if vault > vault_until or any(h[:2] > u[:2] for h, u in zip(here, until, strict=True)):
+        raise CursorError("not a cursor this broker gave out")
+    return Cursor(here, int(vault), int(tag), until, int(vault_until))
 
 
 def start_cursor(chains: int) -> Cursor:
@@ -412,40 +429,60 @@ class Timeline:
 
     def check(self, cursor: Cursor) -> None:
         """CursorError unless every position of ``cursor`` is one these files can have."""
-        if cursor.vault and cursor.vault_tag != self.snapshot.vault_tag:
+        if cursor.vault_until and cursor.vault_tag != self.snapshot.vault_tag:
             raise CursorError("Vault's audit log was replaced since the cursor was made; start again")
-        if cursor.vault > self.snapshot.vault_done:
+        if max(cursor.vault, cursor.vault_until) > self.snapshot.vault_done:
             raise CursorError("the cursor points past Vault's audit log")
-        for (first, offset, tag), listed in zip(cursor.chains, self.snapshot.segments, strict=True):
-            if (first, offset) == (0, 0):
-                continue
-            segment = next((s for s in listed if s[0] == first), None)
-            if segment is None or offset > segment[3]:
-                raise CursorError("the cursor names no place in this broker's audit log")
-            if offset and tag != self._tag(segment[2]):
-                # Its records before the offset are not the ones already shown: resuming would skip.
-                raise CursorError(
-                    "the audit segment the cursor points into was replaced (a restore or a new chain) "
-                    "since the cursor was made; start the walk again"
-                )
-            if offset:
-                with segment[2].open("rb") as fh:
-                    fh.seek(offset - 1)
-                    if fh.read(1) != b"\n":
-                        raise CursorError("the cursor names no place in this broker's audit log")
+        ends = cursor.until if cursor.until is not None else cursor.chains
+        for here, end, listed in zip(cursor.chains, ends, self.snapshot.segments, strict=True):
+            self._check_position(here, listed)
+            self._check_position(end, listed)
+
+    def _check_position(self, position: Position, listed: list[tuple[int, str, Path, int]]) -> None:
+        first, offset, tag = position
+        if (first, offset) == (0, 0):
+            return
+        segment = next((s for s in listed if s[0] == first), None)
+        if segment is None or offset > segment[3]:
+            raise CursorError("the cursor names no place in this broker's audit log")
+        if offset and tag != self._tag(segment[2]):
+            # Its records before the offset are not the ones already shown: resuming would skip.
+            raise CursorError(
+                "the audit segment the cursor points into was replaced (a restore or a new chain) "
+                "since the cursor was made; start the walk again"
+            )
+        if offset:
+            with segment[2].open("rb") as fh:
+                fh.seek(offset - 1)
+                if fh.read(1) != b"\n":
+                    raise CursorError("the cursor names no place in this broker's audit log")
+
+    def ends(self) -> tuple[tuple[Position, ...], int]:
+        """Where every log ends now (what a walk begun now reads up to)."""
+        chains: list[Position] = []
+        for listed in self.snapshot.segments:
+            if not listed:
+                chains.append((0, 0, 0))
+            else:
+                first, _, path, done = listed[-1]
+                chains.append((first, done, self._tag(path)))
+        return tuple(chains), self.snapshot.vault_done
 
     def _tag(self, path: Path) -> int:
         if path not in self._tags:
             self._tags[path] = segment_tag(path)
         return self._tags[path]
 
-    def _chain_source(self, index: int, start: Position) -> Iterator[_Item]:
+    def _chain_source(self, index: int, start: Position, until: Position) -> Iterator[_Item]:
         chain, listed = self.chains[index], self.snapshot.segments[index]
         position: Position = start
         for first, name, path, done in listed:
+            if until[:2] == (0, 0) or first > until[0]:
+                break  # written after the walk began
             if start[:2] != (0, 0) and first < start[0]:
                 continue  # before the cursor's segment (check() made sure it is one of these)
             begin = start[1] if first == start[0] else 0
+            done = min(done, until[1]) if first == until[0] else done
             tag = self._tag(path)
             with path.open("rb") as fh:
                 for offset, line in _complete_lines(fh, begin, done):
@@ -458,14 +495,14 @@ class Timeline:
             position = (first, done, tag)
         yield position, None
 
-    def _vault_source(self, start: int) -> Iterator[_Item]:
+    def _vault_source(self, start: int, until: int) -> Iterator[_Item]:
         """Vault's entries read from its log, each at its first line; the index only points at the
         lines to check (an entry's other lines, the record claiming it), it never hides a line."""
         if self.vault_log is None:
             yield start, None
             return
         with self.vault_log.open("rb") as fh:
-            for offset, line in _complete_lines(fh, start, self.snapshot.vault_done):
+            for offset, line in _complete_lines(fh, start, until):
                 found = merge.vault_line(line)
                 if found is None:
                     continue
@@ -482,7 +519,7 @@ class Timeline:
                 kind = "unexplained" if row.get("broker_identity") else "bypass"
                 flags = {"kind": kind, "bypass": kind == "bypass", "unexplained": kind == "unexplained"}
                 yield offset, Entry({**row, **flags})
-        yield self.snapshot.vault_done, None
+        yield max(start, until), None
 
     def _vault_line_is(self, offset: int, vid: str) -> bool:
         fh = self._vault_fh
@@ -558,12 +595,18 @@ class Timeline:
         with the cursor that resumes right after it."""
         cursor = cursor or start_cursor(len(self.chains))
         self.check(cursor)
+        if cursor.until is None:
+            until, vault_until = self.ends()
+        else:
+            until, vault_until = cursor.until, cursor.vault_until
         broker_rows = filters.source not in ("vault", "bypass")
         vault_rows = filters.source != "broker" and self.vault_log is not None
         sources: list[Iterator[_Item]] = []
         for i, position in enumerate(cursor.chains):
-            sources.append(self._chain_source(i, position) if broker_rows else iter([(position, None)]))
-        sources.append(self._vault_source(cursor.vault) if vault_rows else iter([(cursor.vault, None)]))
+            source = self._chain_source(i, position, until[i]) if broker_rows else iter([(position, None)])
+            sources.append(source)
+        vault = self._vault_source(cursor.vault, vault_until) if vault_rows else iter([(cursor.vault, None)])
+        sources.append(vault)
         positions: list[Any] = [None] * len(sources)
         heap: list[tuple[datetime, int, Entry]] = []
         for i, source in enumerate(sources):
@@ -580,7 +623,7 @@ class Timeline:
             else:
                 heapq.heapreplace(heap, (merge.time_of(following.row), i, following))
             if filters.match(entry.row, moment):
-                yield entry, Cursor(tuple(positions[:-1]), positions[-1], tag)
+                yield entry, Cursor(tuple(positions[:-1]), positions[-1], tag, until, vault_until)
 
 
 def explains(record: dict[str, Any], vid: str, row: dict[str, Any]) -> bool:

@@ -14,8 +14,10 @@ import pytest
 
 from broker.devstack.common import free_port
 from broker.devstack.stack import DevStack
+from tests.integration.cliops import keybroker
 from tests.integration.conftest import https
 from tests.integration.keyops import b64, create_key
+from tests.integration.test_serve_workers import Workers, workers  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[2]
 # Loaded by the replica's interpreter at start (sitecustomize): the audit sink's clock becomes real
@@ -117,9 +119,10 @@ def ident(row: dict[str, Any]) -> str:
 def test_paging_returns_every_record_once_while_times_step_back_and_the_log_grows(
     stack: DevStack, replica: Replica
 ) -> None:
-    """Records written after a page whose clock stepped back an hour still come in the next pages
-    (a time-based cursor skipped them); the finished walk equals the unpaged answer row for row,
-    spans several segment files, and keeps every record's Vault evidence."""
+    """Records whose clock stepped back an hour come in a walk like any other (a time-based cursor
+    skipped them); a walk begun before they were written ends with the records there at its start;
+    a walk equals the unpaged answer row for row, spans several segment files, and keeps every
+    record's Vault evidence."""
     key = create_key(stack, "vault")
     sent = [encrypt_on(stack, replica, key, n) for n in range(12)]
     query = f"key={key}&limit=5"
@@ -138,7 +141,8 @@ def test_paging_returns_every_record_once_while_times_step_back_and_the_log_grow
     # The key's creation and upkeep went through the stack's own broker: in this replica's view its
     # Vault calls are rows of their own (unexplained), and more may come at any time.
     mine = [r for r in paged if r["source"] == "broker"]
-    assert [ident(r) for r in walked if r["source"] == "broker"] == sent  # every record once, in order
+    # The walk begun before records 12-29 holds records 0-11, each once, in order.
+    assert [ident(r) for r in walked if r["source"] == "broker"] == sent[:12]
     assert len({ident(r) for r in walked}) == len(walked)
     assert [ident(r) for r in mine] == [ident(r) for r in unpaged["events"] if r["source"] == "broker"]
     assert [ident(r) for r in mine] == sent
@@ -215,3 +219,63 @@ def test_an_index_that_cannot_be_written_is_a_503_problem(stack: DevStack, repli
     assert refused.headers.get("Retry-After") == "5"
     assert b"Traceback" not in refused.body
     assert again.status == 200, again.body
+
+
+def test_a_cursor_pages_on_on_any_worker_of_serve_workers(stack: DevStack, workers: Workers) -> None:  # noqa: F811
+    """Under ``serve --workers 2`` the kernel spreads a client's connections over both workers: the
+    ``next`` one worker gave out is taken by the other (same chains, same key), and a walk with a
+    page of one row on new connections ends, though every page read writes a record of its own."""
+    for _ in range(6):  # some records in each chain
+        assert https(stack, "/v1/sys/health", url=workers.url).status == 200
+    first = https(stack, "/v1/audit/events?limit=1&cursor=start&source=broker", url=workers.url)
+    assert first.status == 200, first.body
+    cursor = first.json()["next"]
+    assert cursor
+    statuses = [
+        https(stack, f"/v1/audit/events?limit=1&source=broker&cursor={cursor}", url=workers.url).status
+        for _ in range(16)  # a new connection each time: both workers are asked
+    ]
+    assert statuses == [200] * len(statuses), statuses
+    rows: list[dict[str, Any]] = []
+    for _ in range(400):  # bounded: a walk chasing its own records would never end
+        answer = https(stack, f"/v1/audit/events?limit=1&source=broker&cursor={cursor}", url=workers.url)
+        assert answer.status == 200, answer.body
+        rows += answer.json()["events"]
+        cursor = answer.json()["next"]
+        if cursor is None:
+            break
+    assert cursor is None, "the walk did not end"
+    assert {r["chain"].rsplit("-", 1)[1] for r in rows} == {"w0", "w1"}  # both chains, in one walk
+    assert len({(r["chain"], r["seq"]) for r in rows}) == len(rows)  # none twice
+
+
+def walked_records(stack: DevStack, url: str) -> set[tuple[str, int]]:
+    """(chain, seq) of every broker record a walk of big pages lists."""
+    found: set[tuple[str, int]] = set()
+    cursor = "start"
+    for _ in range(100):
+        answer = https(stack, f"/v1/audit/events?limit=10000&source=broker&cursor={cursor}", url=url)
+        assert answer.status == 200, answer.body
+        found |= {(r["chain"], r["seq"]) for r in answer.json()["events"]}
+        if answer.json()["next"] is None:
+            return found
+        cursor = answer.json()["next"]
+    raise AssertionError("the walk did not end")
+
+
+def test_audit_query_walks_the_whole_timeline_under_serve_workers(stack: DevStack, workers: Workers) -> None:  # noqa: F811
+    """``keybroker audit query`` (the SDK's cursor walk) against ``serve --workers 2`` with a page of
+    one row ends, every time, listing every record of both chains that was there when it began."""
+    for _ in range(6):
+        assert https(stack, "/v1/sys/health", url=workers.url).status == 200
+    for _ in range(3):
+        before = walked_records(stack, workers.url)
+        out = keybroker(
+            stack,
+            "audit", "query", "--source", "broker", "--page-size", "1", "--format", "jsonl",
+            env={"KEYBROKER_ADDR": workers.url},
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr.decode()[-300:]
+        listed = [json.loads(line) for line in out.stdout.decode().splitlines() if line]
+        assert before <= {(r["chain"], r["seq"]) for r in listed}
+        assert len({(r["chain"], r["seq"]) for r in listed}) == len(listed)

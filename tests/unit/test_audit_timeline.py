@@ -135,8 +135,10 @@ def test_pages_hold_every_row_once_in_the_unpaged_order_when_times_step_back(
     assert [ident(r) for r in only_denied_keys] == [f"x{n}" for n in range(0, 600, 10)]
 
 
-def test_a_page_after_the_log_grew_continues_where_the_last_one_ended(tmp_path: Path) -> None:
-    """Records appended between pages come after the cursor: the walk still holds every row once."""
+def test_a_walk_is_the_log_as_it_stood_at_its_first_page(tmp_path: Path) -> None:
+    """Records appended between pages are not in a walk begun before them (so a walk always ends,
+    however fast the log grows): it holds every row of the log at its start once, and the next walk
+    holds every row, the appended ones included, once."""
     rows = events(300, step_back_every=11)
     write_log(tmp_path / "audit", rows[:150], per_file=1000)
     chains = [timeline.Chain("", tmp_path / "audit")]
@@ -148,8 +150,33 @@ def test_a_page_after_the_log_grew_continues_where_the_last_one_ended(tmp_path: 
     assert first.next is not None
     with timeline.Timeline(chains, None, tmp_path / "i.sqlite") as view:
         rest = walk_pages_from(view, first.next)
+        again = walk_pages(view, merge.Filters(), 64)
 
-    assert [ident(r) for r in first.rows + rest] == [f"r-{n:08d}" for n in range(300)]
+    assert [ident(r) for r in first.rows + rest] == [f"r-{n:08d}" for n in range(150)]
+    assert [ident(r) for r in again] == [f"r-{n:08d}" for n in range(300)]
+
+
+def test_a_walk_ends_while_every_page_read_adds_a_record(tmp_path: Path) -> None:
+    """A page of one row, and each page read appends one record (the read's own audit record, as a
+    broker writes): the walk still ends, with the rows there when it began."""
+    audit = tmp_path / "audit"
+    write_log(audit, events(5), per_file=1000)
+    chains = [timeline.Chain("", audit)]
+    seen: list[str] = []
+    cursor: timeline.Cursor | None = timeline.start_cursor(1)
+    for n in range(50):
+        assert cursor is not None
+        with timeline.Timeline(chains, None, tmp_path / "i.sqlite") as view:
+            page = timeline.page_after(view, cursor, merge.Filters(), 1)
+        seen += [ident(r) for r in page.rows]
+        with (audit / file_name(1)).open("ab") as fh:
+            body = {**record(f"read-{n:04d}", 10.0 + n, 1.0, []), "seq": 6 + n}
+            fh.write(json.dumps(body).encode() + b"\n")
+        if page.next is None:
+            break
+        cursor = timeline.decode_cursor(timeline.encode_cursor(page.next, KEY), KEY, 1)
+    assert page.next is None, "the walk did not end"
+    assert seen == [f"r-{n:08d}" for n in range(5)]
 
 
 def walk_pages_from(view: timeline.Timeline, cursor: timeline.Cursor) -> list[dict[str, Any]]:
@@ -179,8 +206,8 @@ def test_a_cursor_not_made_here_is_refused(text: str) -> None:
 
 def test_a_tampered_or_foreign_cursor_is_refused() -> None:
     """One flipped bit, another node's key, or another number of chains: refused."""
-    good = timeline.encode_cursor(timeline.Cursor(((1, 4096, 9),), 77, 5), KEY)
-    assert timeline.decode_cursor(good, KEY, 1) == timeline.Cursor(((1, 4096, 9),), 77, 5)
+    good = timeline.encode_cursor(timeline.Cursor(((1, 4096, 9),), 77, 5, ((2, 100, 3),), 80), KEY)
+    assert timeline.decode_cursor(good, KEY, 1) == timeline.Cursor(((1, 4096, 9),), 77, 5, ((2, 100, 3),), 80)
     raw = bytearray(good.encode())
     raw[5] = ord("A") if raw[5] != ord("A") else ord("B")
     other = timeline.cursor_key(b"k" * 32, "node-b")

@@ -221,6 +221,41 @@ def test_an_index_that_cannot_be_written_is_a_503_problem(stack: DevStack, repli
     assert again.status == 200, again.body
 
 
+def test_a_cursor_into_a_segment_replaced_since_is_a_400_problem(stack: DevStack, replica: Replica) -> None:
+    """A cursor into a closed segment file that was then replaced by another file of the same name
+    and length (a restore from another copy) is refused as a 400 saying so, never resumed at its old
+    offset (which would skip the new file's first records); the original file back, it works again."""
+    key = create_key(stack, "vault")
+    for n in range(4):
+        encrypt_on(stack, replica, key, n)
+    cursor = "start"
+    for _ in range(200):  # to a cursor in the middle of a segment that is no longer written to
+        cursor = str(events(stack, replica, f"limit=1&source=broker&cursor={cursor}")["next"])
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        first, offset = int.from_bytes(raw[2:10], "big"), int.from_bytes(raw[10:18], "big")
+        segments = sorted(replica.audit_dir.glob("audit-*.jsonl"))
+        named = [p for p in segments if int(p.name.removeprefix("audit-").removesuffix(".jsonl")) == first]
+        if offset and named and named[0] != segments[-1]:
+            break
+    else:
+        raise AssertionError("no cursor into a closed segment")
+    segment = named[0]
+    original, mode = segment.read_bytes(), segment.stat().st_mode
+    head, rest = original.split(b"\n", 1)
+    segment.unlink()
+    segment.write_bytes(head.replace(b"0", b"1", 1) + b"\n" + rest)  # same length, another first record
+    try:
+        refused = https(stack, f"/v1/audit/events?limit=1&source=broker&cursor={cursor}", url=replica.url)
+    finally:
+        segment.unlink()
+        segment.write_bytes(original)
+        segment.chmod(mode)
+    assert refused.status == 400, refused.body
+    assert refused.headers["Content-Type"].startswith("application/problem+json")
+    assert "replaced" in refused.json()["detail"], refused.json()
+    assert events(stack, replica, f"limit=1&source=broker&cursor={cursor}")["count"] == 1
+
+
 def test_a_cursor_pages_on_on_any_worker_of_serve_workers(stack: DevStack, workers: Workers) -> None:  # noqa: F811
     """Under ``serve --workers 2`` the kernel spreads a client's connections over both workers: the
     ``next`` one worker gave out is taken by the other (same chains, same key), and a walk with a

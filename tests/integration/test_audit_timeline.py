@@ -221,6 +221,38 @@ def test_an_index_that_cannot_be_written_is_a_503_problem(stack: DevStack, repli
     assert again.status == 200, again.body
 
 
+def test_a_root_token_call_stays_a_bypass_whatever_the_index_says(stack: DevStack, replica: Replica) -> None:
+    """The timeline index is an unsigned file in the audit directory. A transit key read with Vault's
+    root token stays a bypass row, paged and unpaged, after the index is edited to forget that
+    entry, and after it is edited to mark it the broker's own and claimed by a real broker record."""
+    import sqlite3
+
+    name = create_key(stack, "vault")
+    encrypt_on(stack, replica, name, 0)
+    vid = stack.vault_client().secrets.transit.read_key(name=name, mount_point="kb-transit")["request_id"]
+
+    def bypasses() -> tuple[list[str], list[str]]:
+        newest = events(stack, replica, "source=bypass&limit=10000")["events"]
+        paged, _ = walk(stack, replica, "source=bypass&limit=1000")
+        return [r["vault_request_id"] for r in newest], [r["vault_request_id"] for r in paged]
+
+    def edit(*statements: str) -> None:
+        db = sqlite3.connect(replica.audit_dir / ".timeline-index.sqlite", timeout=30)
+        with db:
+            for statement in statements:
+                db.execute(statement, {"vid": vid})
+        db.close()
+
+    assert all(vid in rows for rows in bypasses())
+    edit("DELETE FROM vault WHERE vid = :vid")
+    assert all(vid in rows for rows in bypasses()), "forgotten by the index, gone from the timeline"
+    edit(
+        "UPDATE vault SET mine = 1 WHERE vid = :vid",
+        "INSERT OR REPLACE INTO claim SELECT :vid, chain, name, off FROM claim LIMIT 1",
+    )
+    assert all(vid in rows for rows in bypasses()), "claimed in the index, gone from the timeline"
+
+
 def test_a_cursor_into_a_segment_replaced_since_is_a_400_problem(stack: DevStack, replica: Replica) -> None:
     """A cursor into a closed segment file that was then replaced by another file of the same name
     and length (a restore from another copy) is refused as a 400 saying so, never resumed at its old

@@ -191,6 +191,7 @@ _UPSERT_VAULT = (
     "mine = CASE WHEN ?9 THEN excluded.mine ELSE vault.mine END"
 )
 _BATCH = 5000
+_OPEN_SEGMENTS = 16
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
 
@@ -415,8 +416,12 @@ class Timeline:
         self._vault_fh: IO[bytes] | None = self.vault_log.open("rb") if self.vault_log else None
         self._label = len(self.chains) > 1  # several chains: each broker row names its own
         self._tags: dict[Path, int] = {}
+        self._open: dict[Path, IO[bytes]] = {}
 
     def close(self) -> None:
+        for fh in self._open.values():
+            fh.close()
+        self._open.clear()
         self._db.close()
         if self._vault_fh is not None:
             self._vault_fh.close()
@@ -513,7 +518,7 @@ class Timeline:
                     offs = str(hit[1]) if offs in str(hit[1]).split(",") else offs
                 elif hit is not None and int(hit[0]) < offset and self._vault_line_is(int(hit[0]), vid):
                     continue  # a later line of an entry shown at its first line
-                row = self._vault_row(vid, offs)
+                row = self._vault_row(vid, offs, (offset, found[1]))
                 if row is None or (row.get("broker_identity") and self._claimed(vid, row)):
                     continue
                 kind = "unexplained" if row.get("broker_identity") else "bypass"
@@ -547,21 +552,37 @@ class Timeline:
             for _, listed_name, path, done in listed:
                 if listed_name != name or not 0 <= offset < done:
                     continue
-                with path.open("rb") as fh:
-                    if offset:
-                        fh.seek(offset - 1)
-                        if fh.read(1) != b"\n":
-                            return None
-                    line = fh.readline(done - offset)
+                fh = self._segment_file(path)
+                fh.seek(max(offset - 1, 0))
+                if offset and fh.read(1) != b"\n":
+                    return None
+                line = fh.readline(done - offset)
                 return merge.broker_row(line) if line.endswith(b"\n") else None
         return None
 
-    def _vault_row(self, vid: str, offs: str) -> dict[str, Any] | None:
+    def _segment_file(self, path: Path) -> IO[bytes]:
+        """An open segment, kept: claims come in log order, so mostly from the same few files."""
+        fh = self._open.pop(path, None)
+        if fh is None:
+            if len(self._open) >= _OPEN_SEGMENTS:
+                self._open.pop(next(iter(self._open))).close()  # the least recently used
+            fh = path.open("rb")
+        self._open[path] = fh
+        return fh
+
+    def _vault_row(
+        self, vid: str, offs: str, first: tuple[int, dict[str, Any]] | None = None
+    ) -> dict[str, Any] | None:
+        """Entry ``vid`` folded from its lines at ``offs`` (``first``: the line at one of them, read
+        already); a line holding another entry is ignored."""
         fh = self._vault_fh
         if fh is None:
             return None
         row: dict[str, Any] | None = None
         for text in offs.split(","):
+            if first is not None and int(text) == first[0]:
+                row = merge.fold_vault_entry(row, vid, first[1])
+                continue
             fh.seek(int(text))
             found = merge.vault_line(fh.readline())
             if found is not None and found[0] == vid:
@@ -632,21 +653,18 @@ def explains(record: dict[str, Any], vid: str, row: dict[str, Any]) -> bool:
     with the same X-Request-Id and path within its time window."""
     if not row.get("broker_identity"):
         return False
-    window = merge.window_of(record)
+    calls = merge.vault_calls(record)
+    if any(str(c["id"]) == vid for c in calls if c.get("id")):
+        return True
     sent = row.get("request_id")
-    for call in merge.vault_calls(record):
-        if call.get("id"):
-            if str(call["id"]) == vid:
-                return True
-        elif (
-            window is not None
-            and sent is not None
-            and str(call.get("sent_request_id")) == sent
-            and str(call.get("path")) == row.get("path")
-            and window[0] <= merge.time_of(row) <= window[1]
-        ):
-            return True
-    return False
+    notes = [
+        c
+        for c in calls
+        if not c.get("id") and sent is not None and str(c.get("sent_request_id")) == sent
+        and str(c.get("path")) == row.get("path")
+    ]  # fmt: skip
+    window = merge.window_of(record) if notes else None
+    return window is not None and window[0] <= merge.time_of(row) <= window[1]
 
 
 @dataclass

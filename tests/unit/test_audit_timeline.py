@@ -389,3 +389,25 @@ def test_a_cursor_into_a_replaced_segment_is_refused_not_silently_skipping(
         with pytest.raises(timeline.CursorError, match="replaced"):
             view.check(cursor)
         assert [ident(r) for r in walk_pages(view, merge.Filters(), 3)] == [f"n-{n:08d}" for n in range(4)]
+
+
+def test_the_cli_walk_stops_with_a_clear_error_on_a_cursor_that_does_not_move() -> None:
+    """A broker answering the same ``next`` it was sent (a bug, or a hostile broker) ends the
+    ``audit query`` walk (the SDK's) at once with a clear error, never a walk that never ends."""
+    from types import SimpleNamespace
+
+    from broker.cli.audit import every_event
+    from broker.sdk.client import Client
+    from broker.sdk.errors import UnexpectedResponse
+
+    asked: list[Any] = []
+
+    def audit_events(**params: Any) -> dict[str, Any]:
+        asked.append(params["cursor"])
+        return {"events": [{"n": len(asked)}], "next": "stuck"}
+
+    fake = SimpleNamespace(audit_events=audit_events)
+    fake.iter_audit_events = lambda **kw: Client.iter_audit_events(fake, **kw)  # type: ignore[arg-type]
+    with pytest.raises(UnexpectedResponse, match="same audit page twice"):
+        list(every_event(fake, {"source": "broker"}, page_size=1))  # type: ignore[arg-type]
+    assert asked == ["start", "stuck"]

@@ -65,7 +65,7 @@ print(kms_seal.ensure_unseal_key(endpoint, alias, region))
 def test_concurrent_runs_agree_on_one_key_and_discard_the_losers(stack: DevStack) -> None:
     """Four runs released at the same instant (and two CLI runs at once): every run succeeds and
     names the same key, the alias points at it, and each key a losing run made is scheduled for
-    deletion (at least one run lost the race, so the race was exercised)."""
+    deletion (each run's first look sees no alias, so all four make a key and three lose)."""
     env = {**os.environ, **DEV_AWS_ENV}
     kms = stack.kms_client()
     before = {k["KeyId"] for k in kms.list_keys()["Keys"]}

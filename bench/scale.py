@@ -115,25 +115,31 @@ def policy_bench() -> None:
 # -- audit -------------------------------------------------------------------------------
 
 
-def old_chain_module() -> Any | None:
+def module_from_git(rev: str, path: str, name: str) -> Any | None:
+    """The module at ``path`` as of commit ``rev``, loaded under ``name`` (None outside a git
+    checkout): the "before" columns run the old code on the same data in the same run."""
     try:
         source = subprocess.run(
-            ["git", "-C", str(REPO), "show", f"{BASE}:broker/audit/chain.py"],
+            ["git", "-C", str(REPO), "show", f"{rev}:{path}"],
             capture_output=True,
             check=True,
             timeout=30,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    path = Path(tempfile.mkdtemp(prefix="kb-scale-")) / "old_chain.py"
-    path.write_bytes(source)
-    spec = importlib.util.spec_from_file_location("old_chain", path)
+    file = Path(tempfile.mkdtemp(prefix="kb-scale-")) / f"{name}.py"
+    file.write_bytes(source)
+    spec = importlib.util.spec_from_file_location(name, file)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["old_chain"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def old_chain_module() -> Any | None:
+    return module_from_git(BASE, "broker/audit/chain.py", "old_chain")
 
 
 def generate_log(
@@ -289,24 +295,7 @@ PAGE = 5000  # `keybroker audit query`'s default page size
 
 def old_merge_module() -> Any | None:
     """``broker/audit/merge.py`` as of TIMELINE_BASE (it builds the merged timeline in memory)."""
-    try:
-        source = subprocess.run(
-            ["git", "-C", str(REPO), "show", f"{TIMELINE_BASE}:broker/audit/merge.py"],
-            capture_output=True,
-            check=True,
-            timeout=30,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    path = Path(tempfile.mkdtemp(prefix="kb-scale-")) / "old_merge.py"
-    path.write_bytes(source)
-    spec = importlib.util.spec_from_file_location("old_merge", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["old_merge"] = module
-    spec.loader.exec_module(module)
-    return module
+    return module_from_git(TIMELINE_BASE, "broker/audit/merge.py", "old_merge")
 
 
 def generate_timeline(directory: Path, vault_log: Path, records: int, per_file: int = 250_000) -> None:

@@ -124,10 +124,17 @@ def _run_disaster(origin: DevStack, root: Path) -> Disaster:
     admin.sys.create_or_update_policy("kb-backup", backup_policy())
     operator = admin.auth.token.create(policies=["kb-backup"], ttl="15m")["auth"]["client_token"]
     vault_env = {"VAULT_ADDR": origin.vault_addr, "VAULT_TOKEN": operator}
+    before = _anchor(origin, origin.vault_addr, token)
     made = keybroker(None, "backup", "--key-file", str(key_file), "--out", str(backup), env=vault_env)
     assert made.returncode == 0, made.stderr.decode()
-    anchor_in_file = _anchor(origin, origin.vault_addr, token)
-    assert anchor_in_file is not None
+    after = _anchor(origin, origin.vault_addr, token)
+    # The anchor the file holds: the broker checkpoints every second, so the one read after the
+    # backup may already be newer; the file's must lie between the reads around it.
+    with tarfile.open(backup) as tar:
+        anchor_in_file = json.loads(tar.extractfile("manifest.json").read())["anchors"]["broker"]  # type: ignore[union-attr]
+    assert before is not None
+    assert after is not None
+    assert int(before["seq"]) <= int(anchor_in_file["seq"]) <= int(after["seq"])
 
     # Work after the backup: the local audit log (and Vault's anchor) move on past the file's.
     later = create_key(origin, "vault")

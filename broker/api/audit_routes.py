@@ -183,20 +183,12 @@ def _filters(query: Any) -> merge.Filters:
 
 
 def timeline_chains(directory: Path, node: str, worker: tuple[int, int] | None) -> list[timeline.Chain]:
-    """This broker's chain or, under ``serve --workers``, every worker's (each row then names its
-    ``chain``), in worker order: the same list on every worker, so a cursor one worker gave out
-    names the same chains on any other (the kernel spreads a client's connections over them)."""
+    """This broker's chain and, under ``serve --workers``, its sibling workers' (each row then names
+    its ``chain``)."""
     if worker is None:
         return [timeline.Chain("", directory)]
-    chains = [(worker[0], node, directory), *_sibling_chains(directory, node, worker)]
-    return [timeline.Chain(n, d) for _, n, d in sorted(chains)]
-
-
-def timeline_cursor_key(audit_hmac_key: bytes, node: str, worker: tuple[int, int] | None) -> bytes:
-    """The cursor key of this broker: under ``serve --workers`` the workers' common node name
-    (``audit.node``, without ``-w<i>``), so every worker takes the cursors of the others."""
-    base = node if worker is None else node.removesuffix(f"-w{worker[0]}")
-    return timeline.cursor_key(audit_hmac_key, base)
+    siblings = [timeline.Chain(n, d) for _, n, d in _sibling_chains(directory, node, worker)]
+    return [timeline.Chain(node, directory), *siblings]
 
 
 def _bad_cursor(reason: str) -> BadRequest:
@@ -282,9 +274,8 @@ async def events(request: web.Request) -> web.Response:
         raise _bad_cursor("too long")
     sink = request.app[AUDIT]
     vault_log = request.app[SETTINGS].audit.vault_audit_log
-    worker = request.app.get(WORKER)
-    chains = timeline_chains(sink.directory, sink.node, worker)
-    key = timeline_cursor_key(request.app[AUDIT_HMAC_KEY], sink.node, worker)
+    chains = timeline_chains(sink.directory, sink.node, request.app.get(WORKER))
+    key = timeline.cursor_key(request.app[AUDIT_HMAC_KEY], sink.node)
     index = sink.directory / timeline.INDEX_NAME
     body = await asyncio.get_running_loop().run_in_executor(
         None, lambda: read_events(chains, vault_log, index, key, filters, limit, cursor)

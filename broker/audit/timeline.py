@@ -10,28 +10,21 @@ stepped back):
   with a step-back time just comes out early; it is never dropped or repeated.
 * **The cursor is the merge's whole state**: for each source, the byte position of the
   next unread entry (a chain's position is the first record number of its segment, which
-  names the file among the listed ones, never a path, plus the offset of a line start and
-  a hash of the segment's first record, so a file replaced under the same name is refused,
-  not read from the middle), and where the walk ends: each log's end when its first page
-  was read. The rows after a cursor are a function of that and the bytes of append-only
+  names the file among the listed ones, never a path, plus the offset of a line start).
+  The rows after a cursor are a function of that vector and the bytes of append-only
   files, so a walk page by page yields exactly the rows, in exactly the order, of one
-  unpaged walk: none skipped, none repeated, and it ends however fast the log grows. A
-  cursor comes back from a client as hostile input: its size is bounded, it carries an
-  HMAC under a key derived from the broker's audit HMAC key and bound to its node (under
-  ``serve --workers`` the workers' common node, the chains in worker order, so any worker
-  takes it; tampered or foreign: 400), and every position is checked against the files
-  before use (a known segment, the same file, a line start, not past what was indexed).
+  unpaged walk: none skipped, none repeated. A cursor comes back from a client as
+  hostile input: its size is bounded, it carries an HMAC under a key derived from the
+  broker's audit HMAC key and bound to its node (tampered or foreign: 400), and every
+  position is checked against the files before use (a known segment, a line start, not
+  past what was indexed).
 * **The join goes through an on-disk index** (stdlib ``sqlite3``, ``.timeline-index.sqlite``
   beside the segments, 0600): Vault entries by request id with the byte offsets of their
   lines (no Vault content beyond the id, the X-Request-Id and the path the join needs),
   the ids broker records claim, and which entry each unnumbered note took. It is built
   incrementally (bytes already indexed per file) and rebuilt whenever it is missing,
-  unreadable, or a file shrank or was replaced. It is derived data and unsigned (anyone
-  who can write the audit directory can edit it), so it is never believed: Vault's rows are
-  streamed from Vault's log, line by line, and an entry is left out as claimed only when
-  the broker record the index names, re-read from its segment, accounts for it (the same
-  check guards every piece of evidence nested in a broker row). An edited index can make
-  rows repeat or lose their evidence, never hide a Vault call.
+  unreadable, or a file shrank or was replaced. It is derived data: rows and evidence are
+  read from the logs themselves; the index only says where and what joins.
 * **Filters** are applied while streaming; a source no row of which can match (source=broker
   skips Vault, source=vault|bypass skips the chains) is not read at all.
 
@@ -65,17 +58,13 @@ from broker.audit import merge
 from broker.audit.chain import FILE_PREFIX, FILE_SUFFIX
 
 INDEX_NAME = ".timeline-index.sqlite"
-SCHEMA = "4"
-# A cursor holds two positions per chain (where it stands, where its walk ends): 64 workers fit.
-MAX_CURSOR_CHARS = 4096
-# A chain's position: (first record number of its segment file, byte offset of a line start,
-# the segment's tag: which file that is, see segment_tag).
-Position = tuple[int, int, int]
-_CURSOR_VERSION = 2
+SCHEMA = "2"
+MAX_CURSOR_CHARS = 512
+# A chain's position: (first record number of its segment file, byte offset of a line start).
+Position = tuple[int, int]
+_CURSOR_VERSION = 1
 _MAC_BYTES = 16
-_CHAIN_BYTES = 40
-_VAULT_BYTES = 20
-_CURSOR_TEXT = re.compile(r"[A-Za-z0-9_-]{1,4096}")
+_CURSOR_TEXT = re.compile(r"[A-Za-z0-9_-]{1,512}")
 
 
 class CursorError(ValueError):
@@ -94,17 +83,6 @@ class Chain:
         return sorted(self.directory.glob(f"{FILE_PREFIX}*{FILE_SUFFIX}"))
 
 
-def segment_tag(path: Path) -> int:
-    """Which file a segment is: a hash of its first record (0 while it has none). A segment replaced
-    by another file of the same name (a restore, a chain wiped and begun again) starts with another
-    record: its seq is the same but its hash chains to other history."""
-    with path.open("rb") as fh:
-        line = fh.readline(1 << 20)
-    if not line.endswith(b"\n"):
-        return 0
-    return int.from_bytes(hashlib.sha256(line).digest()[:4], "big")
-
-
 def _first_seq(path: Path) -> int:
     digits = path.name.removeprefix(FILE_PREFIX).removesuffix(FILE_SUFFIX)
     return int(digits) if digits.isdigit() else 0
@@ -112,17 +90,11 @@ def _first_seq(path: Path) -> int:
 
 @dataclass(frozen=True)
 class Cursor:
-    """Where a walk stands: per chain the position of its next unread line, and Vault's offset;
-    and where it ends (``until``, ``vault_until``): the ends of the logs when its first page was
-    read. A walk is the timeline as it stood then; rows written since belong to the next walk.
-    Without that end a walk never finished while pages were read no faster than the log grew
-    (every page read writes its own audit record: with one row a page, one more row to read)."""
+    """Where a walk stands: per chain the position of its next unread line, and Vault's offset."""
 
     chains: tuple[Position, ...]
     vault: int
     vault_tag: int = 0  # which Vault log file the offset is in (its device and inode, hashed)
-    until: tuple[Position, ...] | None = None  # None: not started; the walk ends at the logs' ends now
-    vault_until: int = 0
 
 
 def cursor_key(audit_hmac_key: bytes, node: str) -> bytes:
@@ -133,11 +105,9 @@ def cursor_key(audit_hmac_key: bytes, node: str) -> bytes:
 
 
 def encode_cursor(cursor: Cursor, key: bytes) -> str:
-    until = cursor.until if cursor.until is not None else cursor.chains
     payload = struct.pack(">BB", _CURSOR_VERSION, len(cursor.chains))
-    for here, end in zip(cursor.chains, until, strict=True):
-        payload += struct.pack(">QQIQQI", *here, *end)
-    payload += struct.pack(">QQI", cursor.vault, cursor.vault_until, cursor.vault_tag)
+    payload += b"".join(struct.pack(">QQ", seq, off) for seq, off in cursor.chains)
+    payload += struct.pack(">QI", cursor.vault, cursor.vault_tag)
     mac = hmac.new(key, payload, hashlib.sha256).digest()[:_MAC_BYTES]
     return base64.urlsafe_b64encode(payload + mac).rstrip(b"=").decode()
 
@@ -155,21 +125,17 @@ def decode_cursor(text: str, key: bytes, chains: int) -> Cursor:
     if len(raw) <= _MAC_BYTES + 2 or not hmac.compare_digest(mac, expected):
         raise CursorError("not a cursor this broker gave out")
     version, count = struct.unpack_from(">BB", payload)
-    if version != _CURSOR_VERSION or len(payload) != 2 + _CHAIN_BYTES * count + _VAULT_BYTES:
+    if version != _CURSOR_VERSION or len(payload) != 2 + 16 * count + 12:
         raise CursorError("not a cursor this broker gave out")
     if count != chains:
         raise CursorError("the cursor was made when the broker had another number of audit chains")
-    fields = [struct.unpack_from(">QQIQQI", payload, 2 + _CHAIN_BYTES * i) for i in range(count)]
-    vault, vault_until, tag = struct.unpack_from(">QQI", payload, 2 + _CHAIN_BYTES * count)
-    here = tuple((int(f[0]), int(f[1]), int(f[2])) for f in fields)
-    until = tuple((int(f[3]), int(f[4]), int(f[5])) for f in fields)
-    if vault > vault_until or any(h[:2] > u[:2] for h, u in zip(here, until, strict=True)):
-        raise CursorError("not a cursor this broker gave out")
-    return Cursor(here, int(vault), int(tag), until, int(vault_until))
+    positions = tuple(struct.unpack_from(">QQ", payload, 2 + 16 * i) for i in range(count))
+    vault, tag = struct.unpack_from(">QI", payload, 2 + 16 * count)
+    return Cursor(tuple((int(s), int(o)) for s, o in positions), int(vault), int(tag))
 
 
 def start_cursor(chains: int) -> Cursor:
-    return Cursor(tuple((0, 0, 0) for _ in range(chains)), 0)
+    return Cursor(tuple((0, 0) for _ in range(chains)), 0)
 
 
 # -- the index ---------------------------------------------------------------------------
@@ -177,13 +143,14 @@ def start_cursor(chains: int) -> Cursor:
 _DDL = """
 CREATE TABLE meta(k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE seg(chain TEXT NOT NULL, name TEXT NOT NULL, done INTEGER NOT NULL, ino INTEGER NOT NULL,
-                 head INTEGER NOT NULL, PRIMARY KEY(chain, name));
+                 PRIMARY KEY(chain, name));
 CREATE TABLE vault(vid TEXT PRIMARY KEY, first INTEGER NOT NULL, offs TEXT NOT NULL, time TEXT NOT NULL,
                    t REAL NOT NULL, mine INTEGER NOT NULL, sent TEXT, path TEXT);
 CREATE INDEX vault_first ON vault(first);
 CREATE INDEX vault_sent ON vault(sent, path);
-CREATE TABLE claim(vid TEXT PRIMARY KEY, chain TEXT NOT NULL, name TEXT NOT NULL, off INTEGER NOT NULL);
-CREATE INDEX claim_record ON claim(chain, name, off);
+CREATE TABLE claim(vid TEXT PRIMARY KEY);
+CREATE TABLE noted(chain TEXT NOT NULL, name TEXT NOT NULL, off INTEGER NOT NULL, vid TEXT NOT NULL);
+CREATE INDEX noted_record ON noted(chain, name, off);
 """
 _UPSERT_VAULT = (
     "INSERT INTO vault(vid, first, offs, time, t, mine, sent, path) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) "
@@ -191,7 +158,6 @@ _UPSERT_VAULT = (
     "mine = CASE WHEN ?9 THEN excluded.mine ELSE vault.mine END"
 )
 _BATCH = 5000
-_OPEN_SEGMENTS = 16
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
 
@@ -306,21 +272,17 @@ class Index:
                 db.execute("INSERT OR REPLACE INTO meta VALUES('vault', ?)", (ident,))
                 db.execute("INSERT OR REPLACE INTO meta VALUES('vault_done', ?)", (str(snapshot.vault_done),))
             for chain, listed in zip(chains, snapshot.segments, strict=True):
-                query = "SELECT name, done, ino, head FROM seg WHERE chain = ?"
-                done = {
-                    name: (int(d), int(ino), int(head))
-                    for name, d, ino, head in db.execute(query, (chain.node,))
-                }
+                query = "SELECT name, done, ino FROM seg WHERE chain = ?"
+                done = {name: (int(d), int(ino)) for name, d, ino in db.execute(query, (chain.node,))}
                 # A segment gone, shorter or another file: restored from a backup, wiped, replaced.
                 _fresh(not set(done) - {name for _, name, _, _ in listed})
                 for i, (first, name, path, size) in enumerate(listed):
-                    inode, head = path.stat().st_ino, segment_tag(path)
-                    start, known, known_head = done.get(name, (0, inode, head))
-                    # The inode alone misses a file unlinked and written again (inodes are reused).
-                    _fresh(start <= size and known == inode and (known_head == head or not start))
+                    inode = path.stat().st_ino
+                    start, known = done.get(name, (0, inode))
+                    _fresh(start <= size and known == inode)
                     end = self._index_segment(db, chain.node, name, path, start, size)
-                    row = (chain.node, name, end, inode, head)
-                    db.execute("INSERT OR REPLACE INTO seg VALUES(?, ?, ?, ?, ?)", row)
+                    row = (chain.node, name, end, inode)
+                    db.execute("INSERT OR REPLACE INTO seg VALUES(?, ?, ?, ?)", row)
                     listed[i] = (first, name, path, end)
             db.execute("COMMIT")
         except BaseException:
@@ -356,7 +318,7 @@ class Index:
     def _index_segment(
         self, db: sqlite3.Connection, node: str, name: str, path: Path, start: int, size: int
     ) -> int:
-        claims: list[tuple[str, str, str, int]] = []
+        claims: list[tuple[str]] = []
         notes: list[tuple[int, str, str, float, float]] = []
         end = start
         with path.open("rb") as fh:
@@ -368,23 +330,24 @@ class Index:
                 window = merge.window_of(row)
                 for call in merge.vault_calls(row):
                     if call.get("id"):
-                        claims.append((str(call["id"]), node, name, offset))
+                        claims.append((str(call["id"]),))
                     elif window is not None:
                         sent, where = str(call.get("sent_request_id")), str(call.get("path"))
                         notes.append((offset, sent, where, window[0].timestamp(), window[1].timestamp()))
                 if len(claims) >= _BATCH:
-                    db.executemany("INSERT OR IGNORE INTO claim VALUES(?, ?, ?, ?)", claims)
+                    db.executemany("INSERT OR IGNORE INTO claim VALUES(?)", claims)
                     claims.clear()
-        db.executemany("INSERT OR IGNORE INTO claim VALUES(?, ?, ?, ?)", claims)
+        db.executemany("INSERT OR IGNORE INTO claim VALUES(?)", claims)
         # Unnumbered notes after the id claims, so they only take entries no id claimed.
         for offset, sent, where, lo, hi in notes:
             found = db.execute(
                 "SELECT vid FROM vault WHERE sent = ? AND path = ? AND mine = 1 AND t BETWEEN ? AND ? "
-                "AND vid NOT IN (SELECT vid FROM claim) ORDER BY first LIMIT 1",
+                "AND vid NOT IN claim ORDER BY first LIMIT 1",
                 (sent, where, lo, hi),
             ).fetchone()
             if found is not None:
-                db.execute("INSERT INTO claim VALUES(?, ?, ?, ?)", (found[0], node, name, offset))
+                db.execute("INSERT INTO claim VALUES(?)", (found[0],))
+                db.execute("INSERT INTO noted VALUES(?, ?, ?, ?)", (node, name, offset, found[0]))
         return end
 
 
@@ -415,13 +378,8 @@ class Timeline:
         self._db = self.index.connect()
         self._vault_fh: IO[bytes] | None = self.vault_log.open("rb") if self.vault_log else None
         self._label = len(self.chains) > 1  # several chains: each broker row names its own
-        self._tags: dict[Path, int] = {}
-        self._open: dict[Path, IO[bytes]] = {}
 
     def close(self) -> None:
-        for fh in self._open.values():
-            fh.close()
-        self._open.clear()
         self._db.close()
         if self._vault_fh is not None:
             self._vault_fh.close()
@@ -434,61 +392,29 @@ class Timeline:
 
     def check(self, cursor: Cursor) -> None:
         """CursorError unless every position of ``cursor`` is one these files can have."""
-        if cursor.vault_until and cursor.vault_tag != self.snapshot.vault_tag:
+        if cursor.vault and cursor.vault_tag != self.snapshot.vault_tag:
             raise CursorError("Vault's audit log was replaced since the cursor was made; start again")
-        if max(cursor.vault, cursor.vault_until) > self.snapshot.vault_done:
+        if cursor.vault > self.snapshot.vault_done:
             raise CursorError("the cursor points past Vault's audit log")
-        ends = cursor.until if cursor.until is not None else cursor.chains
-        for here, end, listed in zip(cursor.chains, ends, self.snapshot.segments, strict=True):
-            self._check_position(here, listed)
-            self._check_position(end, listed)
+        for (first, offset), listed in zip(cursor.chains, self.snapshot.segments, strict=True):
+            if (first, offset) == (0, 0):
+                continue
+            segment = next((s for s in listed if s[0] == first), None)
+            if segment is None or offset > segment[3]:
+                raise CursorError("the cursor names no place in this broker's audit log")
+            if offset:
+                with segment[2].open("rb") as fh:
+                    fh.seek(offset - 1)
+                    if fh.read(1) != b"\n":
+                        raise CursorError("the cursor names no place in this broker's audit log")
 
-    def _check_position(self, position: Position, listed: list[tuple[int, str, Path, int]]) -> None:
-        first, offset, tag = position
-        if (first, offset) == (0, 0):
-            return
-        segment = next((s for s in listed if s[0] == first), None)
-        if segment is None or offset > segment[3]:
-            raise CursorError("the cursor names no place in this broker's audit log")
-        if offset and tag != self._tag(segment[2]):
-            # Its records before the offset are not the ones already shown: resuming would skip.
-            raise CursorError(
-                "the audit segment the cursor points into was replaced (a restore or a new chain) "
-                "since the cursor was made; start the walk again"
-            )
-        if offset:
-            with segment[2].open("rb") as fh:
-                fh.seek(offset - 1)
-                if fh.read(1) != b"\n":
-                    raise CursorError("the cursor names no place in this broker's audit log")
-
-    def ends(self) -> tuple[tuple[Position, ...], int]:
-        """Where every log ends now (what a walk begun now reads up to)."""
-        chains: list[Position] = []
-        for listed in self.snapshot.segments:
-            if not listed:
-                chains.append((0, 0, 0))
-            else:
-                first, _, path, done = listed[-1]
-                chains.append((first, done, self._tag(path)))
-        return tuple(chains), self.snapshot.vault_done
-
-    def _tag(self, path: Path) -> int:
-        if path not in self._tags:
-            self._tags[path] = segment_tag(path)
-        return self._tags[path]
-
-    def _chain_source(self, index: int, start: Position, until: Position) -> Iterator[_Item]:
+    def _chain_source(self, index: int, start: Position) -> Iterator[_Item]:
         chain, listed = self.chains[index], self.snapshot.segments[index]
         position: Position = start
         for first, name, path, done in listed:
-            if until[:2] == (0, 0) or first > until[0]:
-                break  # written after the walk began
-            if start[:2] != (0, 0) and first < start[0]:
+            if start != (0, 0) and first < start[0]:
                 continue  # before the cursor's segment (check() made sure it is one of these)
             begin = start[1] if first == start[0] else 0
-            done = min(done, until[1]) if first == until[0] else done
-            tag = self._tag(path)
             with path.open("rb") as fh:
                 for offset, line in _complete_lines(fh, begin, done):
                     row = merge.broker_row(line)
@@ -496,93 +422,35 @@ class Timeline:
                         continue
                     if self._label:
                         row["chain"] = chain.node
-                    yield (first, offset, tag), Entry(row, chain.node, name, offset)
-            position = (first, done, tag)
+                    yield (first, offset), Entry(row, chain.node, name, offset)
+            position = (first, done)
         yield position, None
 
-    def _vault_source(self, start: int, until: int) -> Iterator[_Item]:
-        """Vault's entries read from its log, each at its first line; the index only points at the
-        lines to check (an entry's other lines, the record claiming it), it never hides a line."""
-        if self.vault_log is None:
-            yield start, None
-            return
-        with self.vault_log.open("rb") as fh:
-            for offset, line in _complete_lines(fh, start, until):
-                found = merge.vault_line(line)
-                if found is None:
-                    continue
-                vid = found[0]
-                hit = self._db.execute("SELECT first, offs FROM vault WHERE vid = ?", (vid,)).fetchone()
-                offs = str(offset)
-                if hit is not None and int(hit[0]) == offset:
-                    offs = str(hit[1]) if offs in str(hit[1]).split(",") else offs
-                elif hit is not None and int(hit[0]) < offset and self._vault_line_is(int(hit[0]), vid):
-                    continue  # a later line of an entry shown at its first line
-                row = self._vault_row(vid, offs, (offset, found[1]))
-                if row is None or (row.get("broker_identity") and self._claimed(vid, row)):
-                    continue
-                kind = "unexplained" if row.get("broker_identity") else "bypass"
-                flags = {"kind": kind, "bypass": kind == "bypass", "unexplained": kind == "unexplained"}
-                yield offset, Entry({**row, **flags})
-        yield max(start, until), None
-
-    def _vault_line_is(self, offset: int, vid: str) -> bool:
-        fh = self._vault_fh
-        if fh is None or offset < 0:
-            return False
-        fh.seek(offset)
-        found = merge.vault_line(fh.readline())
-        return found is not None and found[0] == vid
-
-    def _claimed(self, vid: str, row: dict[str, Any]) -> bool:
-        """Whether a broker record the index names really accounts for Vault entry ``vid``: the
-        record is re-read from its segment (an edited index cannot hide an entry)."""
-        query = "SELECT chain, name, off FROM claim WHERE vid = ?"
-        for node, name, offset in self._db.execute(query, (vid,)).fetchall():
-            record = self._broker_record(str(node), str(name), int(offset))
-            if record is not None and explains(record, vid, row):
-                return True
-        return False
-
-    def _broker_record(self, node: str, name: str, offset: int) -> dict[str, Any] | None:
-        """The broker record at a line start of a listed, indexed segment; None if there is none."""
-        for chain, listed in zip(self.chains, self.snapshot.segments, strict=True):
-            if chain.node != node:
+    def _vault_source(self, start: int) -> Iterator[_Item]:
+        rows = self._db.execute(
+            "SELECT vid, first, offs, mine FROM vault WHERE first >= ? AND first < ? "
+            "AND NOT (mine = 1 AND vid IN claim) ORDER BY first",
+            (start, self.snapshot.vault_done),
+        )
+        for vid, first, offs, mine in rows:
+            row = self._vault_row(vid, offs)
+            if row is None:
                 continue
-            for _, listed_name, path, done in listed:
-                if listed_name != name or not 0 <= offset < done:
-                    continue
-                fh = self._segment_file(path)
-                fh.seek(max(offset - 1, 0))
-                if offset and fh.read(1) != b"\n":
-                    return None
-                line = fh.readline(done - offset)
-                return merge.broker_row(line) if line.endswith(b"\n") else None
-        return None
+            kind = "unexplained" if mine else "bypass"
+            yield (
+                first,
+                Entry(
+                    {**row, "kind": kind, "bypass": kind == "bypass", "unexplained": kind == "unexplained"}
+                ),
+            )
+        yield self.snapshot.vault_done, None
 
-    def _segment_file(self, path: Path) -> IO[bytes]:
-        """An open segment, kept: claims come in log order, so mostly from the same few files."""
-        fh = self._open.pop(path, None)
-        if fh is None:
-            if len(self._open) >= _OPEN_SEGMENTS:
-                self._open.pop(next(iter(self._open))).close()  # the least recently used
-            fh = path.open("rb")
-        self._open[path] = fh
-        return fh
-
-    def _vault_row(
-        self, vid: str, offs: str, first: tuple[int, dict[str, Any]] | None = None
-    ) -> dict[str, Any] | None:
-        """Entry ``vid`` folded from its lines at ``offs`` (``first``: the line at one of them, read
-        already); a line holding another entry is ignored."""
+    def _vault_row(self, vid: str, offs: str) -> dict[str, Any] | None:
         fh = self._vault_fh
         if fh is None:
             return None
         row: dict[str, Any] | None = None
         for text in offs.split(","):
-            if first is not None and int(text) == first[0]:
-                row = merge.fold_vault_entry(row, vid, first[1])
-                continue
             fh.seek(int(text))
             found = merge.vault_line(fh.readline())
             if found is not None and found[0] == vid:
@@ -594,21 +462,22 @@ class Timeline:
         if entry.chain is None:
             return entry.row
         found: dict[str, dict[str, Any]] = {}
-        wanted = [str(c["id"]) for c in merge.vault_calls(entry.row) if c.get("id")]
+        for call in merge.vault_calls(entry.row):
+            if not call.get("id"):
+                continue
+            hit = self._db.execute(
+                "SELECT vid, offs FROM vault WHERE vid = ? AND mine = 1", (str(call["id"]),)
+            ).fetchone()
+            if hit is not None and (row := self._vault_row(hit[0], hit[1])) is not None:
+                found[hit[0]] = row
         if any(not c.get("id") for c in merge.vault_calls(entry.row)):
-            wanted += [
-                str(vid)
-                for (vid,) in self._db.execute(
-                    "SELECT vid FROM claim WHERE chain = ? AND name = ? AND off = ?",
-                    (entry.chain, entry.name, entry.offset),
-                ).fetchall()
-            ]
-        for vid in wanted:
-            hit = self._db.execute("SELECT offs FROM vault WHERE vid = ?", (vid,)).fetchone()
-            row = self._vault_row(vid, str(hit[0])) if hit is not None else None
-            # Evidence only where the record itself accounts for the entry (the index may be edited).
-            if row is not None and vid not in found and explains(entry.row, vid, row):
-                found[vid] = row
+            for (vid,) in self._db.execute(
+                "SELECT vid FROM noted WHERE chain = ? AND name = ? AND off = ?",
+                (entry.chain, entry.name, entry.offset),
+            ).fetchall():
+                hit = self._db.execute("SELECT offs FROM vault WHERE vid = ?", (vid,)).fetchone()
+                if hit is not None and (row := self._vault_row(vid, hit[0])) is not None:
+                    found[vid] = row
         return {**entry.row, "vault": [merge.evidence_of(v) for v in found.values()]}
 
     def walk(self, cursor: Cursor | None, filters: merge.Filters) -> Iterator[tuple[Entry, Cursor]]:
@@ -616,18 +485,12 @@ class Timeline:
         with the cursor that resumes right after it."""
         cursor = cursor or start_cursor(len(self.chains))
         self.check(cursor)
-        if cursor.until is None:
-            until, vault_until = self.ends()
-        else:
-            until, vault_until = cursor.until, cursor.vault_until
         broker_rows = filters.source not in ("vault", "bypass")
         vault_rows = filters.source != "broker" and self.vault_log is not None
         sources: list[Iterator[_Item]] = []
         for i, position in enumerate(cursor.chains):
-            source = self._chain_source(i, position, until[i]) if broker_rows else iter([(position, None)])
-            sources.append(source)
-        vault = self._vault_source(cursor.vault, vault_until) if vault_rows else iter([(cursor.vault, None)])
-        sources.append(vault)
+            sources.append(self._chain_source(i, position) if broker_rows else iter([(position, None)]))
+        sources.append(self._vault_source(cursor.vault) if vault_rows else iter([(cursor.vault, None)]))
         positions: list[Any] = [None] * len(sources)
         heap: list[tuple[datetime, int, Entry]] = []
         for i, source in enumerate(sources):
@@ -644,27 +507,7 @@ class Timeline:
             else:
                 heapq.heapreplace(heap, (merge.time_of(following.row), i, following))
             if filters.match(entry.row, moment):
-                yield entry, Cursor(tuple(positions[:-1]), positions[-1], tag, until, vault_until)
-
-
-def explains(record: dict[str, Any], vid: str, row: dict[str, Any]) -> bool:
-    """Whether broker ``record`` accounts for Vault entry ``row`` (``vid``), by the join rules of
-    :mod:`broker.audit.merge`: a broker-identity call it lists by id, or an unnumbered call it notes
-    with the same X-Request-Id and path within its time window."""
-    if not row.get("broker_identity"):
-        return False
-    calls = merge.vault_calls(record)
-    if any(str(c["id"]) == vid for c in calls if c.get("id")):
-        return True
-    sent = row.get("request_id")
-    notes = [
-        c
-        for c in calls
-        if not c.get("id") and sent is not None and str(c.get("sent_request_id")) == sent
-        and str(c.get("path")) == row.get("path")
-    ]  # fmt: skip
-    window = merge.window_of(record) if notes else None
-    return window is not None and window[0] <= merge.time_of(row) <= window[1]
+                yield entry, Cursor(tuple(positions[:-1]), positions[-1], tag)
 
 
 @dataclass

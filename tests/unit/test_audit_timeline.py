@@ -135,10 +135,8 @@ def test_pages_hold_every_row_once_in_the_unpaged_order_when_times_step_back(
     assert [ident(r) for r in only_denied_keys] == [f"x{n}" for n in range(0, 600, 10)]
 
 
-def test_a_walk_is_the_log_as_it_stood_at_its_first_page(tmp_path: Path) -> None:
-    """Records appended between pages are not in a walk begun before them (so a walk always ends,
-    however fast the log grows): it holds every row of the log at its start once, and the next walk
-    holds every row, the appended ones included, once."""
+def test_a_page_after_the_log_grew_continues_where_the_last_one_ended(tmp_path: Path) -> None:
+    """Records appended between pages come after the cursor: the walk still holds every row once."""
     rows = events(300, step_back_every=11)
     write_log(tmp_path / "audit", rows[:150], per_file=1000)
     chains = [timeline.Chain("", tmp_path / "audit")]
@@ -150,33 +148,8 @@ def test_a_walk_is_the_log_as_it_stood_at_its_first_page(tmp_path: Path) -> None
     assert first.next is not None
     with timeline.Timeline(chains, None, tmp_path / "i.sqlite") as view:
         rest = walk_pages_from(view, first.next)
-        again = walk_pages(view, merge.Filters(), 64)
 
-    assert [ident(r) for r in first.rows + rest] == [f"r-{n:08d}" for n in range(150)]
-    assert [ident(r) for r in again] == [f"r-{n:08d}" for n in range(300)]
-
-
-def test_a_walk_ends_while_every_page_read_adds_a_record(tmp_path: Path) -> None:
-    """A page of one row, and each page read appends one record (the read's own audit record, as a
-    broker writes): the walk still ends, with the rows there when it began."""
-    audit = tmp_path / "audit"
-    write_log(audit, events(5), per_file=1000)
-    chains = [timeline.Chain("", audit)]
-    seen: list[str] = []
-    cursor: timeline.Cursor | None = timeline.start_cursor(1)
-    for n in range(50):
-        assert cursor is not None
-        with timeline.Timeline(chains, None, tmp_path / "i.sqlite") as view:
-            page = timeline.page_after(view, cursor, merge.Filters(), 1)
-        seen += [ident(r) for r in page.rows]
-        with (audit / file_name(1)).open("ab") as fh:
-            body = {**record(f"read-{n:04d}", 10.0 + n, 1.0, []), "seq": 6 + n}
-            fh.write(json.dumps(body).encode() + b"\n")
-        if page.next is None:
-            break
-        cursor = timeline.decode_cursor(timeline.encode_cursor(page.next, KEY), KEY, 1)
-    assert page.next is None, "the walk did not end"
-    assert seen == [f"r-{n:08d}" for n in range(5)]
+    assert [ident(r) for r in first.rows + rest] == [f"r-{n:08d}" for n in range(300)]
 
 
 def walk_pages_from(view: timeline.Timeline, cursor: timeline.Cursor) -> list[dict[str, Any]]:
@@ -206,8 +179,8 @@ def test_a_cursor_not_made_here_is_refused(text: str) -> None:
 
 def test_a_tampered_or_foreign_cursor_is_refused() -> None:
     """One flipped bit, another node's key, or another number of chains: refused."""
-    good = timeline.encode_cursor(timeline.Cursor(((1, 4096, 9),), 77, 5, ((2, 100, 3),), 80), KEY)
-    assert timeline.decode_cursor(good, KEY, 1) == timeline.Cursor(((1, 4096, 9),), 77, 5, ((2, 100, 3),), 80)
+    good = timeline.encode_cursor(timeline.Cursor(((1, 4096),), 77, 5), KEY)
+    assert timeline.decode_cursor(good, KEY, 1) == timeline.Cursor(((1, 4096),), 77, 5)
     raw = bytearray(good.encode())
     raw[5] = ord("A") if raw[5] != ord("A") else ord("B")
     other = timeline.cursor_key(b"k" * 32, "node-b")
@@ -220,12 +193,12 @@ def test_a_signed_cursor_must_still_name_a_line_start_in_a_known_segment(tmp_pat
     """Even a cursor with a valid MAC (the key leaked, the files changed) is checked against the files."""
     write_log(tmp_path / "audit", events(20), per_file=10)
     with timeline.Timeline([timeline.Chain("", tmp_path / "audit")], None, tmp_path / "i.sqlite") as view:
-        view.check(timeline.Cursor(((11, 0, 0),), 0))
-        for bad in (((5, 0, 0),), ((1, 3, 0),), ((1, 10**9, 0),)):
+        view.check(timeline.Cursor(((11, 0),), 0))
+        for bad in (((5, 0),), ((1, 3),), ((1, 10**9),)):
             with pytest.raises(timeline.CursorError):
                 view.check(timeline.Cursor(bad, 0))
         with pytest.raises(timeline.CursorError):
-            view.check(timeline.Cursor(((0, 0, 0),), 10))  # past a Vault log it does not have
+            view.check(timeline.Cursor(((0, 0),), 10))  # past a Vault log it does not have
 
 
 def peak_of_a_walk(tmp_path: Path, count: int) -> int:
@@ -292,122 +265,3 @@ def test_a_segment_replaced_by_another_file_of_the_same_size_rebuilds_the_index(
     replacement.write_bytes(segment.read_bytes().replace(b'"v1"', b'"v2"'))
     replacement.replace(segment)
     assert vault_rows() == ["v1"]
-
-
-def _edit_index(index: Path, *statements: str) -> None:
-    import sqlite3
-
-    db = sqlite3.connect(index)
-    with db:
-        for statement in statements:
-            db.execute(statement)
-    db.close()
-
-
-@pytest.mark.parametrize(
-    "edit",
-    [
-        # Claimed by the record that is there (it lists no such call), and marked the broker's own.
-        (
-            "UPDATE vault SET mine = 1 WHERE vid = 'v-mallory'",
-            "INSERT INTO claim SELECT 'v-mallory', chain, name, off FROM claim WHERE vid = 'v1'",
-        ),
-        ("DELETE FROM vault WHERE vid = 'v-mallory'",),  # the entry forgotten
-        ("UPDATE vault SET first = 1000000000 WHERE vid = 'v-mallory'",),  # moved past the log's end
-    ],
-    ids=["claimed", "deleted", "moved"],
-)
-def test_a_vault_bypass_stays_on_the_timeline_whatever_the_index_file_says(
-    tmp_path: Path, edit: tuple[str, ...]
-) -> None:
-    """The index beside the segments is unsigned: whoever can write the audit directory can edit it.
-    Whatever it says, a root-token call made around the broker is still a bypass row, paged or not,
-    and is never shown as a broker record's evidence: the logs are re-read for every join."""
-    calls = [{"backend": "vault", "id": "v1", "operation": "transit encrypt"}]
-    write_log(tmp_path / "audit", [record("r-00000001", 1.0, 5.0, calls)], per_file=10)
-    root = {"display_name": "token-mallory", "policies": ["root"]}
-    lines = [
-        entry("v1", "kb-transit/encrypt/pay", sent=None, at=1),
-        entry("v-mallory", "kb-transit/keys/pay/config", sent="r-00000001", at=1.001, auth=root),
-    ]
-    (tmp_path / "vault.log").write_bytes(b"\n".join(lines) + b"\n")
-    chains = [timeline.Chain("", tmp_path / "audit")]
-    index = tmp_path / "audit" / timeline.INDEX_NAME
-    with timeline.Timeline(chains, tmp_path / "vault.log", index) as view:
-        assert timeline.newest(view, merge.Filters(source="bypass"), 10).matched == 1
-    _edit_index(index, *edit)
-    with timeline.Timeline(chains, tmp_path / "vault.log", index) as view:
-        newest = timeline.newest(view, merge.Filters(), 10).rows
-        paged = walk_pages(view, merge.Filters(), 1)
-    for rows in (newest, paged):
-        assert [ident(r) for r in rows if r.get("bypass")] == ["v-mallory"]
-        evidence = [v for r in rows if r["source"] == "broker" for v in r["vault"]]
-        assert [v["vault_request_id"] for v in evidence] == ["v1"], evidence
-
-
-def test_an_edited_index_attaches_no_foreign_entry_to_a_record(tmp_path: Path) -> None:
-    """An index row naming a broker record as the claimer of an entry it does not account for (an
-    unexplained broker-identity call) neither hides that entry nor shows it as the record's evidence."""
-    write_log(tmp_path / "audit", [record("r-00000001", 1.0, 5.0, [])], per_file=10)
-    (tmp_path / "vault.log").write_bytes(entry("v9", "kb-kv/data/x", sent=None, at=1) + b"\n")
-    chains = [timeline.Chain("", tmp_path / "audit")]
-    index = tmp_path / timeline.INDEX_NAME
-    with timeline.Timeline(chains, tmp_path / "vault.log", index):
-        pass
-    _edit_index(index, f"INSERT INTO claim VALUES('v9', '', '{file_name(1)}', 0)")
-    with timeline.Timeline(chains, tmp_path / "vault.log", index) as view:
-        rows = timeline.newest(view, merge.Filters(), 10).rows
-    assert [ident(r) for r in rows if r.get("unexplained")] == ["v9"]
-    assert [r["vault"] for r in rows if r["source"] == "broker"] == [[]]
-
-
-@pytest.mark.parametrize("same_inode", [True, False])
-def test_a_cursor_into_a_replaced_segment_is_refused_not_silently_skipping(
-    tmp_path: Path, same_inode: bool
-) -> None:
-    """A cursor into a segment that was since replaced by another file of the same name (a restore,
-    a chain wiped and begun again), whose lines happen to start at the same offsets, is refused:
-    resuming it would never show the new file's records before that offset. The index is rebuilt
-    too (a file unlinked and written again may get the same inode)."""
-    audit = tmp_path / "audit"
-    write_log(audit, events(4), per_file=10)
-    chains = [timeline.Chain("", audit)]
-    with timeline.Timeline(chains, None, tmp_path / "i.sqlite") as view:
-        page = timeline.page_after(view, timeline.start_cursor(1), merge.Filters(), 2)
-    assert page.next is not None
-    text = timeline.encode_cursor(page.next, KEY)
-    segment = audit / file_name(1)
-    replaced = segment.read_bytes().replace(b"r-0000000", b"n-0000000")
-    if same_inode:
-        with segment.open("r+b") as fh:
-            fh.write(replaced)
-    else:
-        segment.unlink()
-        segment.write_bytes(replaced)
-    with timeline.Timeline(chains, None, tmp_path / "i.sqlite") as view:
-        cursor = timeline.decode_cursor(text, KEY, 1)
-        with pytest.raises(timeline.CursorError, match="replaced"):
-            view.check(cursor)
-        assert [ident(r) for r in walk_pages(view, merge.Filters(), 3)] == [f"n-{n:08d}" for n in range(4)]
-
-
-def test_the_cli_walk_stops_with_a_clear_error_on_a_cursor_that_does_not_move() -> None:
-    """A broker answering the same ``next`` it was sent (a bug, or a hostile broker) ends the
-    ``audit query`` walk (the SDK's) at once with a clear error, never a walk that never ends."""
-    from types import SimpleNamespace
-
-    from broker.cli.audit import every_event
-    from broker.sdk.client import Client
-    from broker.sdk.errors import UnexpectedResponse
-
-    asked: list[Any] = []
-
-    def audit_events(**params: Any) -> dict[str, Any]:
-        asked.append(params["cursor"])
-        return {"events": [{"n": len(asked)}], "next": "stuck"}
-
-    fake = SimpleNamespace(audit_events=audit_events)
-    fake.iter_audit_events = lambda **kw: Client.iter_audit_events(fake, **kw)  # type: ignore[arg-type]
-    with pytest.raises(UnexpectedResponse, match="same audit page twice"):
-        list(every_event(fake, {"source": "broker"}, page_size=1))  # type: ignore[arg-type]
-    assert asked == ["start", "stuck"]

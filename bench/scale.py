@@ -1,5 +1,4 @@
-"""Scale of state, before and after, side by side: policy decisions, keys list, audit verify,
-audit query and events paging.
+"""Scale of state, before and after, side by side: policy decisions, keys list, audit verify.
 
     .venv/bin/python -m bench.scale                 # everything (1M audit records, 10,000 keys)
     .venv/bin/python -m bench.scale --quick         # 100k records, 1,000 keys
@@ -7,8 +6,7 @@ audit query and events paging.
 
 "before" is the algorithm as it was at commit BASE, run on the same data in the same run:
 the old policy binding scan and Vault read loop are reproduced here, the old audit chain
-module is loaded from git (``git show BASE:broker/audit/chain.py``; the old timeline's
-``merge.py`` from TIMELINE_BASE). Audit memory is each
+module is loaded from git (``git show BASE:broker/audit/chain.py``). Audit memory is each
 run's peak RSS (VmHWM) in a fresh child process, so one run cannot inflate another.
 """
 
@@ -115,31 +113,25 @@ def policy_bench() -> None:
 # -- audit -------------------------------------------------------------------------------
 
 
-def module_from_git(rev: str, path: str, name: str) -> Any | None:
-    """The module at ``path`` as of commit ``rev``, loaded under ``name`` (None outside a git
-    checkout): the "before" columns run the old code on the same data in the same run."""
+def old_chain_module() -> Any | None:
     try:
         source = subprocess.run(
-            ["git", "-C", str(REPO), "show", f"{rev}:{path}"],
+            ["git", "-C", str(REPO), "show", f"{BASE}:broker/audit/chain.py"],
             capture_output=True,
             check=True,
             timeout=30,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    file = Path(tempfile.mkdtemp(prefix="kb-scale-")) / f"{name}.py"
-    file.write_bytes(source)
-    spec = importlib.util.spec_from_file_location(name, file)
+    path = Path(tempfile.mkdtemp(prefix="kb-scale-")) / "old_chain.py"
+    path.write_bytes(source)
+    spec = importlib.util.spec_from_file_location("old_chain", path)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+    sys.modules["old_chain"] = module
     spec.loader.exec_module(module)
     return module
-
-
-def old_chain_module() -> Any | None:
-    return module_from_git(BASE, "broker/audit/chain.py", "old_chain")
 
 
 def generate_log(
@@ -283,199 +275,6 @@ def audit_bench(sizes: list[int]) -> None:
     table(
         "audit verify (signed checkpoint every 1,000 records), peak RSS of the verifying process",
         ["records", "before MB", "after MB", "before s", "after s"],
-        rows,
-    )
-
-
-# -- audit query / events paging ---------------------------------------------------------
-
-TIMELINE_BASE = "8b01083"  # the last commit before the streamed timeline: its "before" column
-PAGE = 5000  # `keybroker audit query`'s default page size
-
-
-def old_merge_module() -> Any | None:
-    """``broker/audit/merge.py`` as of TIMELINE_BASE (it builds the merged timeline in memory)."""
-    return module_from_git(TIMELINE_BASE, "broker/audit/merge.py", "old_merge")
-
-
-def generate_timeline(directory: Path, vault_log: Path, records: int, per_file: int = 250_000) -> None:
-    """``records`` broker request records (every other one with a Vault call it claims by id, every
-    50th one's clock an hour back) and Vault's log: a request and a response line per call, and a
-    root call (a bypass row) every 100 records."""
-    from broker.audit.chain import file_name
-
-    t0 = datetime(2026, 11, 29, 10, 0, tzinfo=UTC).timestamp()
-    approle = {
-        "display_name": "approle",
-        "policies": ["keybroker-broker"],
-        "token_policies": ["keybroker-broker"],
-        "entity_id": "e-1",
-    }
-    root = {"display_name": "root", "policies": ["root"]}
-
-    def stamp(seconds: float) -> str:
-        return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
-
-    directory.mkdir(parents=True, exist_ok=True)
-    fh = None
-    with vault_log.open("w") as vault:
-        for n in range(records):
-            if n % per_file == 0:
-                if fh is not None:
-                    fh.close()
-                fh = (directory / file_name(n + 1)).open("w")
-            assert fh is not None
-            moment = t0 + n * 0.01 - (3600 if n % 50 == 49 else 0)
-            calls = []
-            if n % 2 == 0:
-                vid = f"v-{n:012d}"
-                calls = [{"backend": "vault", "id": vid, "operation": "transit encrypt"}]
-                for kind in ("request", "response"):
-                    line = {
-                        "time": stamp(moment - 0.002),
-                        "type": kind,
-                        "auth": approle,
-                        "request": {
-                            "id": vid,
-                            "operation": "update",
-                            "path": "kb-transit/encrypt/payments",
-                            "headers": {"x-request-id": [f"req-{n:012d}"]},
-                        },
-                    }
-                    vault.write(json.dumps(line) + "\n")
-            if n % 100 == 0:
-                line = {
-                    "time": stamp(moment),
-                    "type": "request",
-                    "auth": root,
-                    "request": {"id": f"x-{n:012d}", "operation": "read", "path": "sys/mounts"},
-                }
-                vault.write(json.dumps(line) + "\n")
-            record = {
-                "type": "event",
-                "time": stamp(moment),
-                "seq": n + 1,
-                "prev": "0" * 64,
-                "request_id": f"req-{n:012d}",
-                "principal": f"{TD}/app/payments",
-                "operation": "crypto.encrypt",
-                "key": "payments",
-                "outcome": "success",
-                "status": 200,
-                "latency_ms": 1.25,
-                "backend_calls": calls,
-            }
-            fh.write(json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n")
-    if fh is not None:
-        fh.close()
-
-
-def timeline_child(mode: str, what: str, directory: str, vault_path: str) -> None:
-    """In a fresh process: a full query, or a walk page by page, the old way or the new one."""
-    from broker.audit import merge
-
-    baseline = _peak_rss_mb()
-    start = time.perf_counter()
-    rows = pages = 0
-    vault = Path(vault_path)
-    if mode == "before":
-        old = old_merge_module()
-        assert old is not None
-        from broker.audit.segments import segment_sources
-
-        def build() -> list[dict[str, Any]]:  # what read_timeline + merge.query did for every request
-            with vault.open("rb") as fh:
-                entries = old.vault_entries(fh)
-            records = old.broker_records(segment_sources(sorted(Path(directory).glob("audit-*.jsonl"))))
-            return list(old.query(old.merge(records, entries), old.Filters()))
-
-        if what == "query":
-            rows, pages = len(build()), 1
-        else:  # one page: each page rebuilt and sorted the whole timeline (then cut after the cursor)
-            timeline_rows = build()
-            timeline_rows.sort(key=lambda r: (old.time_of(r), str(r.get("seq") or r.get("vault_request_id"))))
-            rows, pages = len(timeline_rows[:PAGE]), 1
-    else:
-        from broker.api.audit_routes import read_events
-        from broker.audit import timeline
-
-        chains = [timeline.Chain("", Path(directory))]
-        index = Path(directory) / timeline.INDEX_NAME
-        key = timeline.cursor_key(b"k" * 32, "bench")
-        if what == "query":
-            with timeline.Timeline(chains, vault, index) as view:
-                rows = sum(1 for entry, _ in view.walk(None, merge.Filters()) if view.joined(entry))
-            pages = 1
-        else:
-            cursor: str | None = "start"
-            while cursor is not None:
-                answer = read_events(chains, vault, index, key, merge.Filters(), PAGE, cursor)
-                rows += answer["count"]
-                pages += 1
-                cursor = answer["next"]
-    elapsed = time.perf_counter() - start
-    out = {"rows": rows, "pages": pages, "seconds": elapsed, "peak_mb": _peak_rss_mb(), "start_mb": baseline}
-    print(json.dumps(out))
-
-
-def timeline_bench(sizes: list[int]) -> None:
-    have_old = old_merge_module() is not None
-    rows = []
-    for size in sizes:
-        with tempfile.TemporaryDirectory(prefix="kb-scale-timeline-") as tmp:
-            t0 = time.perf_counter()
-            logs, vault = Path(tmp) / "audit", Path(tmp) / "vault.log"
-            generate_timeline(logs, vault, size)
-            print(
-                f"  {size:,} records and their Vault log generated in {time.perf_counter() - t0:.0f}s",
-                flush=True,
-            )
-            got: dict[tuple[str, str], dict[str, Any]] = {}
-            # "after" query first: it builds the index, as the first request to a broker would.
-            runs = [("after", "query"), ("after", "pages")]
-            if have_old:
-                runs += [("before", "query"), ("before", "pages")]
-            for mode, what in runs:
-                out = subprocess.run(
-                    [sys.executable, "-m", "bench.scale", "_timeline", mode, what, str(logs), str(vault)],
-                    capture_output=True,
-                    check=True,
-                    cwd=REPO,
-                    env={**os.environ, "PYTHONPATH": str(REPO)},
-                    timeout=7200,
-                ).stdout
-                got[(mode, what)] = json.loads(out.decode().strip().splitlines()[-1])
-                print(f"    {mode} {what}: {got[(mode, what)]}", flush=True)
-            total = got[("after", "query")]["rows"]
-            assert got[("after", "pages")]["rows"] == total, got
-            for what in ("query", "pages"):
-                before = got.get(("before", what))
-                after = got[("after", what)]
-                if what == "pages":
-                    label = f"walk /v1/audit/events, {after['pages']} pages of {PAGE}"
-                    # Before, every page rebuilt the timeline: the walk is one page's cost times the pages.
-                    before_s = (
-                        f"{before['seconds'] * after['pages']:.0f} (1 page {before['seconds']:.1f})"
-                        if before
-                        else "n/a"
-                    )
-                else:
-                    label = "full audit query (every row, joined)"
-                    before_s = f"{before['seconds']:.1f}" if before else "n/a"
-                rows.append(
-                    [
-                        f"{size:,}",
-                        label,
-                        f"{total:,}",
-                        f"{before['peak_mb']:.0f}" if before else "n/a",
-                        f"{after['peak_mb']:.0f}",
-                        before_s,
-                        f"{after['seconds']:.1f}",
-                    ]
-                )
-    table(
-        "audit query and /v1/audit/events paging: peak RSS and time of the reading process",
-        ["records", "what", "rows", "before MB", "after MB", "before s", "after s"],
         rows,
     )
 
@@ -680,9 +479,6 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_verify":
         verify_child(*sys.argv[2:5])
         return 0
-    if len(sys.argv) > 1 and sys.argv[1] == "_timeline":
-        timeline_child(*sys.argv[2:6])
-        return 0
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="100k audit records and 1,000 keys")
     parser.add_argument(
@@ -700,7 +496,6 @@ def main() -> int:
         keys_bench(1000 if args.quick else 10_000)
     if "audit" in parts:
         audit_bench([100_000] if args.quick else [100_000, 1_000_000])
-        timeline_bench([100_000] if args.quick else [100_000, 1_000_000])
     if "workers" in parts:
         workers_bench(5.0 if args.quick else 15.0, 64)
     return 0

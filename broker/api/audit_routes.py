@@ -7,11 +7,14 @@ Reading and verifying the log happens on the audit thread, off the event loop.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import json
 import re
-import sqlite3
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from aiohttp import web
 
@@ -19,12 +22,12 @@ from broker.api import schemas
 from broker.api.authz import authorize
 from broker.api.idempotency import keeps_no_records
 from broker.api.state import AUDIT, AUDIT_HMAC_KEY, HSM, PRINCIPAL, SETTINGS, VAULT, WORKER
-from broker.audit import chain, merge, timeline
+from broker.audit import chain, merge
 from broker.audit.events import hmac_value
 from broker.audit.segments import segment_sources
 from broker.audit.signing import load_public_key, signature_checker, to_pem
 from broker.backends.hsm import HsmAuditSigner
-from broker.errors import BadRequest, BrokerError, Forbidden
+from broker.errors import BadRequest, Forbidden
 from broker.state.anchors import VaultAnchors, anchored, epoch_notes, epochs
 from broker.workers import worker_dir_name
 
@@ -182,80 +185,65 @@ def _filters(query: Any) -> merge.Filters:
     )
 
 
-def timeline_chains(directory: Path, node: str, worker: tuple[int, int] | None) -> list[timeline.Chain]:
-    """This broker's chain and, under ``serve --workers``, its sibling workers' (each row then names
-    its ``chain``)."""
-    if worker is None:
-        return [timeline.Chain("", directory)]
-    siblings = [timeline.Chain(n, d) for _, n, d in _sibling_chains(directory, node, worker)]
-    return [timeline.Chain(node, directory), *siblings]
+def read_timeline(
+    sink_files: Sequence[tuple[str, chain.Content]],
+    vault_log: Path | None,
+    siblings: Sequence[tuple[str, Path]] = (),
+    own_node: str = "",
+) -> list[dict[str, Any]]:
+    """Blocking: the merged timeline of this broker's log (and its sibling workers' chains, each
+    row then naming its ``chain``) and, if readable here, Vault's."""
+    vault: list[dict[str, Any]] = []
+    if vault_log is not None and vault_log.is_file():
+        with vault_log.open("rb") as fh:
+            vault = merge.vault_entries(fh)
+    records = merge.broker_records(sink_files)
+    if siblings:
+        records = [{**r, "chain": own_node} for r in records]
+        for node, directory in siblings:
+            rows = merge.broker_records(segment_sources(_segment_paths(directory)))
+            records += [{**r, "chain": node} for r in rows]
+    return merge.merge(records, vault)
 
 
-def _bad_cursor(reason: str) -> BadRequest:
-    return BadRequest(
-        f"'cursor' must be '{CURSOR_START}' or the 'next' value of an earlier answer ({reason})"
-    )
-
-
+# Paging: a cursor is the sort key of the last row a page held, so the next page starts right
+# after it however the log grew in between (rows are ordered by time, then by an id unique in
+# the timeline). It is opaque to callers, and parsed as hostile input when it comes back.
 CURSOR_START = "start"
+MAX_CURSOR_CHARS = 512
+RowKey = tuple[datetime, str]
 
 
-class TimelineUnavailable(BrokerError):
-    status = 503
-    code = "timeline_unavailable"
-    title = "Audit timeline unavailable"
-    retry_after: ClassVar[int | None] = 5
+def _row_key(row: dict[str, Any]) -> RowKey:
+    if row.get("source") == "vault":
+        ident = f"v:{row.get('vault_request_id')}"
+    else:
+        # seq is unique in a sound log; the request id keeps a damaged one's rows apart too.
+        seq = row.get("seq")
+        ident = f"b:{seq:015d}" if isinstance(seq, int) and seq >= 0 else f"b:{seq}"
+        ident += f":{row.get('request_id')}"
+        if row.get("chain"):  # serve --workers: each worker's chain numbers its records from 1
+            ident += f":{row['chain']}"
+    return merge.time_of(row), ident
 
 
-def read_events(
-    chains: list[timeline.Chain],
-    vault_log: Path | None,
-    index: Path,
-    key: bytes,
-    filters: merge.Filters,
-    limit: int,
-    cursor: str | None,
-) -> dict[str, Any]:
-    """Blocking: one answer of GET /v1/audit/events (see :mod:`broker.audit.timeline`)."""
+def _encode_cursor(key: RowKey) -> str:
+    raw = json.dumps([key[0].isoformat(), key[1]], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _decode_cursor(text: str) -> RowKey:
+    bad = BadRequest(f"'cursor' must be '{CURSOR_START}' or the 'next' value of an earlier answer")
+    if len(text) > MAX_CURSOR_CHARS:
+        raise bad
     try:
-        return _read_events(chains, vault_log, index, key, filters, limit, cursor)
-    except (sqlite3.Error, OSError) as exc:
-        # The disk under the audit directory is full or read-only, a file unreadable: say so, 503.
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise TimelineUnavailable(f"the audit timeline cannot be read now: {reason}") from None
-
-
-def _read_events(
-    chains: list[timeline.Chain],
-    vault_log: Path | None,
-    index: Path,
-    key: bytes,
-    filters: merge.Filters,
-    limit: int,
-    cursor: str | None,
-) -> dict[str, Any]:
-    with timeline.Timeline(chains, vault_log, index) as view:
-        if cursor is None:
-            page = timeline.newest(view, filters, limit)
-        else:
-            try:
-                after = (
-                    timeline.start_cursor(len(chains))
-                    if cursor == CURSOR_START
-                    else timeline.decode_cursor(cursor, key, len(chains))
-                )
-                view.check(after)
-            except timeline.CursorError as exc:
-                raise _bad_cursor(str(exc)) from None
-            page = timeline.page_after(view, after, filters, limit)
-    return {
-        "events": page.rows,
-        "count": len(page.rows),
-        "matched": page.matched,
-        "truncated": page.more,
-        "next": timeline.encode_cursor(page.next, key) if page.next is not None else None,
-        "vault_log": vault_log is not None,
-    }
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        moment, ident = json.loads(raw)
+        if not isinstance(moment, str) or not isinstance(ident, str):
+            raise bad
+        return merge.parse_time(moment), ident
+    except (ValueError, TypeError, binascii.Error):
+        raise bad from None
 
 
 async def events(request: web.Request) -> web.Response:
@@ -270,17 +258,35 @@ async def events(request: web.Request) -> web.Response:
     if not 1 <= limit <= MAX_EVENTS:
         raise BadRequest(f"'limit' must be between 1 and {MAX_EVENTS}")
     cursor = request.query.get("cursor")
-    if cursor is not None and cursor != CURSOR_START and len(cursor) > timeline.MAX_CURSOR_CHARS:
-        raise _bad_cursor("too long")
+    after = None if cursor in (None, CURSOR_START) else _decode_cursor(str(cursor))
     sink = request.app[AUDIT]
     vault_log = request.app[SETTINGS].audit.vault_audit_log
-    chains = timeline_chains(sink.directory, sink.node, request.app.get(WORKER))
-    key = timeline.cursor_key(request.app[AUDIT_HMAC_KEY], sink.node)
-    index = sink.directory / timeline.INDEX_NAME
-    body = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: read_events(chains, vault_log, index, key, filters, limit, cursor)
+    loop = asyncio.get_running_loop()
+    files = await loop.run_in_executor(sink.executor, sink.sources)
+    worker = request.app.get(WORKER)
+    siblings = [(n, d) for _, n, d in _sibling_chains(sink.directory, sink.node, worker)] if worker else []
+    timeline = await loop.run_in_executor(None, lambda: read_timeline(files, vault_log, siblings, sink.node))
+    rows = merge.query(timeline, filters)
+    next_cursor = None
+    if cursor is None:
+        page = rows[-limit:]  # the newest rows; 'truncated' says when older ones were left out
+    else:
+        rows.sort(key=_row_key)
+        if after is not None:
+            rows = [r for r in rows if _row_key(r) > after]
+        page = rows[:limit]
+        if len(rows) > limit:
+            next_cursor = _encode_cursor(_row_key(page[-1]))
+    return web.json_response(
+        {
+            "events": page,
+            "count": len(page),
+            "matched": len(rows),
+            "truncated": len(rows) > len(page),
+            "next": next_cursor,
+            "vault_log": vault_log is not None,
+        }
     )
-    return web.json_response(body)
 
 
 async def hmac_of(request: web.Request) -> web.Response:

@@ -70,16 +70,12 @@ CSV_COLUMNS = (
 )
 
 
-_DIGITS = re.compile(r"[0-9]*")
-
-
 def parse_time(value: str) -> datetime:
     """ISO 8601 with any number of fractional digits (Vault writes nanoseconds) to an aware datetime."""
     text = value.strip().replace("Z", "+00:00")
     head, dot, rest = text.partition(".")
     if dot:
-        found = _DIGITS.match(rest)
-        digits = found.group() if found else ""
+        digits = "".join(c for c in rest if c.isdigit())
         zone = rest[len(digits) :]
         text = f"{head}.{digits[:6].ljust(6, '0')}{zone}"
     moment = datetime.fromisoformat(text)
@@ -102,24 +98,15 @@ def broker_records(files: Iterable[tuple[str, Content]]) -> list[dict[str, Any]]
     out = []
     for _, content in sorted(files, key=lambda f: f[0]):
         for line in lines_of(content):  # one line at a time: never a whole segment in memory
-            row = broker_row(line)
-            if row is not None:
-                out.append(row)
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # verify reports damage; the timeline shows what can be read
+            if isinstance(record, dict) and record.get("type") == "event":
+                out.append({**record, "source": "broker", "kind": "request"})
+            elif isinstance(record, dict) and record.get("type") == "background":
+                out.append({**record, "source": "broker", "kind": "background"})
     return out
-
-
-def broker_row(line: bytes) -> dict[str, Any] | None:
-    """A timeline row for one line of the broker's log: its request and upkeep records, not its start,
-    resume or checkpoint records; None for those and for damage (verify reports it; the timeline
-    shows what can be read)."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(record, dict):
-        return None
-    kind = {"event": "request", "background": "background"}.get(str(record.get("type")))
-    return {**record, "source": "broker", "kind": kind} if kind else None
 
 
 _KEYED_MOUNTS = ("encrypt", "decrypt", "rewrap", "datakey", "sign", "verify", "hmac", "keys")
@@ -152,68 +139,55 @@ def is_broker_identity(auth: Mapping[str, Any], broker_policy: str = BROKER_VAUL
     )
 
 
-def vault_line(raw: bytes | str) -> tuple[str, dict[str, Any]] | None:
-    """One line of Vault's log as (Vault request id, entry), or None for anything else."""
-    try:
-        entry = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(entry, dict) or entry.get("type") not in ("request", "response"):
-        return None
-    vid = str((entry.get("request") or {}).get("id", ""))
-    return (vid, entry) if vid else None
-
-
-def fold_vault_entry(
-    row: dict[str, Any] | None, vid: str, entry: Mapping[str, Any], broker_policy: str = BROKER_VAULT_POLICY
-) -> dict[str, Any]:
-    """``row`` (None for the first line of ``vid``) with one more of its lines applied: the response's
-    view of the caller wins (a login's request carries no token, its response the new one)."""
-    request = entry.get("request") or {}
-    auth = entry.get("auth") or {}
-    if row is None:
-        header = (request.get("headers") or {}).get("x-request-id") or []
-        sent = str(header[0]) if isinstance(header, list) and header else None
-        path = str(request.get("path", ""))
-        row = {
-            "source": "vault",
-            "time": str(entry.get("time", "")),
-            "vault_request_id": vid,
-            "request_id": sent if sent is not None and REQUEST_ID_RE.fullmatch(sent) else None,
-            "operation": f"vault.{request.get('operation', '?')}",
-            "path": path,
-            "key": _key_of(path),
-            "remote_address": request.get("remote_address"),
-            "outcome": "success",
-        }
-    if auth or "principal" not in row:
-        row["principal"] = f"vault:{auth.get('display_name') or 'unauthenticated'}"
-        row["policies"] = list(auth.get("policies") or [])
-        row["broker_identity"] = is_broker_identity(auth, broker_policy)
-    if entry.get("type") == "response" and entry.get("error"):
-        row["outcome"] = "error"
-        row["error"] = str(entry["error"])
-    return row
-
-
 def vault_entries(
     lines: Iterable[bytes | str], broker_policy: str = BROKER_VAULT_POLICY
 ) -> list[dict[str, Any]]:
     """Vault's request/response pairs as one entry each (the response's view when there is one)."""
     by_id: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
     for raw in lines:
-        found = vault_line(raw)
-        if found is not None:
-            vid, entry = found
-            by_id[vid] = fold_vault_entry(by_id.get(vid), vid, entry, broker_policy)
-    return list(by_id.values())  # dicts keep insertion order: the order of each id's first line
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict) or entry.get("type") not in ("request", "response"):
+            continue
+        request = entry.get("request") or {}
+        vid = str(request.get("id", ""))
+        if not vid:
+            continue
+        auth = entry.get("auth") or {}
+        header = (request.get("headers") or {}).get("x-request-id") or []
+        sent = str(header[0]) if isinstance(header, list) and header else None
+        path = str(request.get("path", ""))
+        row = by_id.get(vid)
+        if row is None:
+            row = {
+                "source": "vault",
+                "time": str(entry.get("time", "")),
+                "vault_request_id": vid,
+                "request_id": sent if sent is not None and REQUEST_ID_RE.fullmatch(sent) else None,
+                "operation": f"vault.{request.get('operation', '?')}",
+                "path": path,
+                "key": _key_of(path),
+                "remote_address": request.get("remote_address"),
+                "outcome": "success",
+            }
+            by_id[vid] = row
+            order.append(vid)
+        if auth or "principal" not in row:
+            # The response's view wins: a login's request carries no token, its response the new one.
+            row["principal"] = f"vault:{auth.get('display_name') or 'unauthenticated'}"
+            row["policies"] = list(auth.get("policies") or [])
+            row["broker_identity"] = is_broker_identity(auth, broker_policy)
+        if entry.get("type") == "response" and entry.get("error"):
+            row["outcome"] = "error"
+            row["error"] = str(entry["error"])
+    return [by_id[v] for v in order]
 
 
 def merge(broker: Sequence[Mapping[str, Any]], vault: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Broker records with their Vault evidence nested, plus unclaimed Vault rows, in time order.
-
-    In memory, for small inputs: the reference the streamed timeline (:mod:`broker.audit.timeline`,
-    which the broker and the CLI read through) is tested against.
 
     A Vault entry belongs to a broker record only when the broker's own identity made it and
     the record claims it (see the module docstring): by the Vault request id the record noted
@@ -232,7 +206,7 @@ def merge(broker: Sequence[Mapping[str, Any]], vault: Sequence[Mapping[str, Any]
     claimed: set[str] = set()
     for record in broker:
         found: dict[str, Mapping[str, Any]] = {}
-        for call in vault_calls(record):
+        for call in _vault_calls(record):
             joined = by_vault_id.get(str(call.get("id")))
             if joined is not None:
                 found[str(joined["vault_request_id"])] = joined
@@ -240,8 +214,8 @@ def merge(broker: Sequence[Mapping[str, Any]], vault: Sequence[Mapping[str, Any]
         evidence.append(found)
     # Unnumbered notes second, so they can only take entries no id claimed.
     for record, found in zip(broker, evidence, strict=True):
-        window = window_of(record)
-        for call in vault_calls(record):
+        window = _window(record)
+        for call in _vault_calls(record):
             if call.get("id") or window is None:
                 continue
             key = (str(call.get("sent_request_id")), str(call.get("path")))
@@ -252,7 +226,7 @@ def merge(broker: Sequence[Mapping[str, Any]], vault: Sequence[Mapping[str, Any]
                     found[vid] = row
                     break
     timeline: list[dict[str, Any]] = [
-        {**record, "vault": [evidence_of(v) for v in found.values()]}
+        {**record, "vault": [_evidence(v) for v in found.values()]}
         for record, found in zip(broker, evidence, strict=True)
     ]
     for row in vault:
@@ -265,14 +239,14 @@ def merge(broker: Sequence[Mapping[str, Any]], vault: Sequence[Mapping[str, Any]
     return timeline
 
 
-def vault_calls(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+def _vault_calls(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     calls = record.get("backend_calls")
     if not isinstance(calls, list):
         return []
     return [c for c in calls if isinstance(c, Mapping) and c.get("backend") == "vault"]
 
 
-def window_of(record: Mapping[str, Any]) -> tuple[datetime, datetime] | None:
+def _window(record: Mapping[str, Any]) -> tuple[datetime, datetime] | None:
     """When a record's unnumbered calls may have been made: from its start (a request's time less
     its latency, a background record's ``since``) to its time, with slack; None if unreadable."""
     end = time_of(record)
@@ -294,7 +268,7 @@ def _unclaimed_kind(row: Mapping[str, Any]) -> str:
     return "unexplained" if row.get("broker_identity") else "bypass"
 
 
-def evidence_of(row: Mapping[str, Any]) -> dict[str, Any]:
+def _evidence(row: Mapping[str, Any]) -> dict[str, Any]:
     return {
         k: row.get(k)
         for k in ("vault_request_id", "time", "operation", "path", "outcome", "error")
@@ -333,9 +307,8 @@ class Filters:
     # Hide bypass rows from before this moment (the broker's trail start): see :func:`is_setup`.
     hide_setup_before: datetime | None = None
 
-    def match(self, row: Mapping[str, Any], moment: datetime | None = None) -> bool:
-        """Whether ``row`` is shown; ``moment``: its time when the caller has it already."""
-        moment = time_of(row) if moment is None else moment
+    def match(self, row: Mapping[str, Any]) -> bool:
+        moment = time_of(row)
         if is_setup(row, self.hide_setup_before):
             return False
         if self.since and moment < self.since:

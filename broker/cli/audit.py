@@ -17,15 +17,14 @@ import json
 import re
 import sys
 import urllib.parse
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from broker.cli.client import BrokerClient
 from broker.cli.common import Command, Session, add_command, add_group
-from broker.errors import ConfigError
+from broker.errors import BrokerError, ConfigError
 
 EPILOG = """\
 examples:
@@ -164,23 +163,27 @@ def _note_cut(shown: int, matched: int) -> None:
         )
 
 
-def every_event(
+def event_pages(
     client: BrokerClient, params: dict[str, str], page_size: int = MAX_PAGE
-) -> Iterator[dict[str, Any]]:
-    """Every timeline row matching ``params``, oldest first: the SDK's cursor walk (one code path)."""
-    return client.iter_audit_events(page_size=page_size, **params)
-
-
-def in_chunks(rows: Iterable[dict[str, Any]], size: int = 1000) -> Iterator[list[dict[str, Any]]]:
-    """Rows in lists of at most ``size``: written as they come, never all held at once."""
-    chunk: list[dict[str, Any]] = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+) -> Iterator[list[dict[str, Any]]]:
+    """Every timeline row matching ``params``, oldest first, one page per request (the cursor protocol)."""
+    cursor = "start"
+    while True:
+        query = urllib.parse.urlencode({**params, "limit": str(page_size), "cursor": cursor})
+        out = client.call("GET", "/v1/audit/events?" + query)
+        if "next" not in out:
+            # An older broker that ignores the cursor answers only its newest rows: refuse, never cut.
+            raise BrokerError(
+                f"the broker at {client.address} does not page audit events (an older version), so the "
+                "export could be incomplete; upgrade it, or use --limit to ask for the newest rows only"
+            )
+        yield out["events"]
+        following = out["next"]
+        if not following:
+            return
+        if following == cursor:
+            raise BrokerError("the broker answered the same audit page twice; stopping rather than loop")
+        cursor = str(following)
 
 
 # Relative times count back from now: 7d, 12h, 30m, 90s, 2w.
@@ -243,8 +246,9 @@ def trail_start(client: BrokerClient) -> datetime | None:
     """When the broker's audit trail begins: its oldest record, a request or its own upkeep."""
     from broker.audit.merge import time_of
 
-    first = next(every_event(client, {"source": "broker"}, page_size=1), None)
-    return time_of(first) if first is not None else None
+    for page in event_pages(client, {"source": "broker"}, page_size=1):
+        return time_of(page[0]) if page else None
+    return None
 
 
 def _note_setup(hidden: int, start: datetime | None) -> None:
@@ -285,28 +289,26 @@ def cmd_query(args: argparse.Namespace, session: Session) -> int:
         return 0
     if not 1 <= args.page_size <= MAX_PAGE:
         raise ConfigError(f"--page-size takes 1..{MAX_PAGE}")
-    for chunk in in_chunks(every_event(client, params, args.page_size)):
-        output.write(shown(chunk))
+    for page in event_pages(client, params, args.page_size):
+        output.write(shown(page))
     output.close()
     _note_setup(hidden, start)
     return 0
 
 
 def cmd_merge(args: argparse.Namespace, session: Session) -> int:
-    """Offline: the same streamed timeline as the broker's (:mod:`broker.audit.timeline`), its join
-    index in a temporary directory, rows written as they come (``--limit`` keeps only the newest N)."""
-    import tempfile
+    from broker.audit import merge
 
-    from broker.audit import merge, timeline
-
-    _local_files(args.dir)  # the same checks and messages as verify --dir
-    vault_log = Path(args.vault_log) if args.vault_log else None
-    if vault_log is not None:
+    vault: list[dict[str, Any]] = []
+    if args.vault_log:
         try:
-            vault_log.open("rb").close()
+            with Path(args.vault_log).open("rb") as fh:
+                vault = merge.vault_entries(fh)
         except OSError as exc:
             raise ConfigError(f"--vault-log: {exc.strerror}: {args.vault_log}") from None
+    timeline = merge.merge(merge.broker_records(_local_files(args.dir)), vault)
     since, until = _window(args, datetime.now(UTC))
+    start = merge.trail_start(timeline)
     filters = merge.Filters(
         since=since,
         until=until,
@@ -318,36 +320,16 @@ def cmd_merge(args: argparse.Namespace, session: Session) -> int:
     )
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit takes a positive number; leave it out for every matching row")
-    chains = [timeline.Chain("", Path(args.dir))]
-    start = timeline.trail_start(chains)
+    rows = merge.query(timeline, filters)
+    hidden = 0
+    if args.hide_setup:
+        kept = [row for row in rows if not merge.is_setup(row, start)]
+        hidden, rows = len(rows) - len(kept), kept
+    shown = rows[-args.limit :] if args.limit else rows
     output = _Output(args.format)
-    hidden = matched = 0
-    newest: deque[timeline.Entry] = deque(maxlen=args.limit or 1)
-    with (
-        tempfile.TemporaryDirectory(prefix="keybroker-merge-") as scratch,
-        timeline.Timeline(chains, vault_log, Path(scratch) / timeline.INDEX_NAME) as view,
-    ):
-
-        def rows() -> Iterator[dict[str, Any]]:
-            nonlocal hidden, matched
-            for entry, _ in view.walk(None, filters):
-                if args.hide_setup and merge.is_setup(entry.row, start):
-                    hidden += 1
-                    continue
-                matched += 1
-                if args.limit:
-                    newest.append(entry)  # joined below: only the ones kept
-                else:
-                    yield view.joined(entry)
-
-        for chunk in in_chunks(rows()):
-            output.write(chunk)
-        if args.limit:
-            output.write([view.joined(entry) for entry in newest])
-    if not matched and not args.limit:
-        output.write([])
+    output.write(shown)
     output.close()
-    _note_cut(min(matched, args.limit or matched), matched)
+    _note_cut(len(shown), len(rows))
     _note_setup(hidden, start)
     return 0
 
@@ -364,7 +346,7 @@ def cmd_report(args: argparse.Namespace, session: Session) -> int:
     verification = client.call("GET", "/v1/audit/verify")
     print("reading the merged timeline and the key inventory ...", file=sys.stderr, flush=True)
     params = {name: moment.isoformat() for name, moment in (("since", since), ("until", until)) if moment}
-    events = list(every_event(client, params))  # the report renders them all
+    events = [row for page in event_pages(client, params) for row in page]
     start = trail_start(client)
     hidden = None
     if args.hide_setup:
@@ -469,7 +451,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--page-size",
         type=int,
-        # Large pages: fewer round trips (a page costs the broker about its own size to read).
+        # Large pages: the broker re-reads its log for each page, so fewer pages cost less.
         default=5000,
         metavar="N",
         help="rows per request while reading every matching row (default: %(default)s)",

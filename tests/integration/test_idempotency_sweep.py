@@ -65,9 +65,12 @@ def read_record(stack: DevStack, name: str) -> dict[str, Any] | None:
         client.secrets.kv.v2.read_secret_metadata(path=f"idempotency/{name}", mount_point=KV)
     except hvac.exceptions.InvalidPath:
         return None
-    out = client.secrets.kv.v2.read_secret_version(
-        path=f"idempotency/{name}", mount_point=KV, raise_on_deleted_version=False
-    )
+    try:
+        out = client.secrets.kv.v2.read_secret_version(
+            path=f"idempotency/{name}", mount_point=KV, raise_on_deleted_version=False
+        )
+    except hvac.exceptions.InvalidPath:
+        return None  # erased between the two reads (the sweep runs every half second)
     data: dict[str, Any] | None = out["data"]["data"]
     return data
 

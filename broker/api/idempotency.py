@@ -21,7 +21,6 @@ claim of the same key meanwhile gets 409 and retries), and only then deleted.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import re
@@ -32,6 +31,7 @@ from typing import Any, ClassVar
 
 from aiohttp import web
 
+from broker import periodic
 from broker.api.problem import problem_body
 from broker.api.state import AUDIT_FACTS, PRINCIPAL, REQUEST_ID
 from broker.backends.vault import VaultClient
@@ -328,16 +328,14 @@ async def sweep_loop(store: IdempotencyStore, interval: float) -> None:
     no failure ends the loop, and only counts are logged.
     """
     after = ""
-    while True:
-        try:
-            counts, after = await store.sweep(after)
-            if counts["erased"] or counts["contended"]:
-                log.info("idempotency_records_swept", **counts)
-        except BrokerError as exc:
-            log.warning("idempotency_sweep_failed", error=exc.detail)
-        except Exception:
-            log.exception("idempotency_sweep_crashed")
-        await asyncio.sleep(interval)
+
+    async def sweep_a_page() -> None:
+        nonlocal after
+        counts, after = await store.sweep(after)
+        if counts["erased"] or counts["contended"]:
+            log.info("idempotency_records_swept", **counts)
+
+    await periodic.every(interval, sweep_a_page, what="idempotency_sweep")
 
 
 class _NotOurs(Exception):

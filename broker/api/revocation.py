@@ -12,7 +12,6 @@ a revoked peer (401 ``certificate_revoked``). Fail closed: with no CRL, or none 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -22,6 +21,7 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
+from broker import periodic
 from broker.backends.vault import VaultClient
 from broker.config.model import ServerConfig
 from broker.errors import BrokerError, Unauthenticated
@@ -132,15 +132,15 @@ class Revocations:
 
     async def refresh_loop(self) -> None:
         """Re-read the CRL every ``crl_refresh_seconds``; a failure keeps the last one (until its max age)."""
-        while True:
-            await asyncio.sleep(self._refresh_seconds)
-            await self.refresh_logged()
+        await periodic.every(
+            self._refresh_seconds, self.refresh, what="crl_refresh", first_wait=True, mount=self._mount
+        )
 
     async def refresh_logged(self) -> None:
         try:
             await self.refresh()
         except BrokerError as exc:
-            log.warning("crl_not_read", mount=self._mount, error=exc.detail)
+            log.warning("crl_refresh_failed", error=exc.detail, mount=self._mount)
 
 
 REVOCATIONS = web.AppKey("keybroker.revocations", Revocations)

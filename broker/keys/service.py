@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from broker import periodic
 from broker.backends.base import Context, KeyBackend, KeyRef
 from broker.errors import BadRequest, BrokerError, Conflict, DecryptionFailed
 from broker.keys import ciphertext
@@ -578,13 +579,10 @@ async def scheduler_loop(service: KeyService, interval: float) -> None:
     No pass may end the loop: a replica whose scheduler died would silently never rotate
     or destroy again, so anything unexpected is logged and the next pass runs as usual.
     """
-    while True:
-        try:
-            done = await service.run_due_work()
-            if done["rotated"] or done["destroyed"]:
-                log.info("scheduled_work", **done)
-        except BrokerError as exc:
-            log.warning("scheduler_pass_failed", error=exc.detail)
-        except Exception:
-            log.exception("scheduler_pass_crashed")
-        await asyncio.sleep(interval)
+
+    async def one_pass() -> None:
+        done = await service.run_due_work()
+        if done["rotated"] or done["destroyed"]:
+            log.info("scheduled_work", **done)
+
+    await periodic.every(interval, one_pass, what="scheduler_pass")

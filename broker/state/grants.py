@@ -9,15 +9,15 @@ the scheduler and by every write.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from broker import periodic
 from broker.backends.vault import VaultClient
-from broker.errors import BadRequest, BrokerError, Forbidden, NotFound
+from broker.errors import BadRequest, Forbidden, NotFound
 from broker.log import get_logger
 from broker.policy import engine
 from broker.policy.model import Grant, KeyFacts, Principal
@@ -167,9 +167,4 @@ def _grants(document: dict[str, Any] | None) -> list[Grant]:
 
 async def grant_purge_loop(grants: GrantStore, interval: float) -> None:
     """Purge expired grants every ``interval`` seconds until cancelled; a failure waits for the next round."""
-    while True:
-        try:
-            await grants.purge_expired()
-        except BrokerError as exc:
-            log.warning("grant_purge_failed", error=exc.detail)
-        await asyncio.sleep(interval)
+    await periodic.every(interval, grants.purge_expired, what="grant_purge")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
+from broker import periodic
 from broker.backends.vault import VaultClient
 from broker.errors import BrokerError, Conflict, NotFound, Unavailable
 from broker.log import get_logger
@@ -213,12 +214,7 @@ class PolicyStore:
 
     async def refresh_loop(self) -> None:
         """Re-read every ``refresh_seconds`` until cancelled; failures are logged and retried."""
-        while True:
-            try:
-                await self.load()
-            except BrokerError as exc:
-                log.warning("policy_refresh_failed", error=exc.detail)
-            await asyncio.sleep(self._refresh)
+        await periodic.every(self._refresh, self.load, what="policy_refresh")
 
     # -- writing ---------------------------------------------------------------------
 

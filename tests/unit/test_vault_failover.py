@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import cast
 
 import pytest
 from aiohttp import web
@@ -247,3 +248,37 @@ def test_config_refuses_unsafe_node_settings(tmp_path: Path, lines: str, key: st
     with pytest.raises(ConfigError) as caught:
         load_config(_write_config(tmp_path, lines), environ={})
     assert caught.value.key == key
+
+
+class LoginAnswers:
+    """AppRole logins answered from a script (short, non-renewable tokens, so the renewer logs in
+    again every few hundred ms); the last answer repeats."""
+
+    def __init__(self, *leases: object) -> None:
+        self.leases = list(leases)
+        self.calls = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/revoke-self"):
+            return web.Response(status=204)
+        lease = self.leases[min(self.calls, len(self.leases) - 1)]
+        self.calls += 1
+        return web.json_response({"auth": {"client_token": f"t{self.calls}", "lease_duration": lease}})
+
+
+def test_the_token_renewer_outlives_a_login_answer_it_cannot_read(tmp_path: Path) -> None:
+    """A login answered with a lease_duration that is not a number made the renewer task end on a
+    ValueError (no token was renewed again; every request then logged in on its own 403). Now that
+    answer is a 502 the renewer logs, and it logs in again after its back-off."""
+
+    async def run() -> None:
+        node = LoginAnswers(1, "soon", 1)
+        async with cluster(tmp_path, cast(FakeNode, node)) as client:
+            for _ in range(100):
+                if node.calls >= 4:
+                    break
+                await asyncio.sleep(0.1)
+            assert node.calls >= 4, f"{node.calls} logins: the renewer stopped"
+            assert client.logins >= 3, "a login after the unreadable answer did not count"
+
+    asyncio.run(run())

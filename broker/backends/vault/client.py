@@ -37,7 +37,6 @@ from broker.errors import (
     BadGateway,
     BadRequest,
     BrokerError,
-    ConfigError,
     NotFound,
     OutcomeUnknown,
     Unavailable,
@@ -278,13 +277,17 @@ class VaultClient:
                 )
 
     def _token_from(self, body: dict[str, Any]) -> _Token:
-        auth = body.get("auth") or {}
-        if not auth.get("client_token"):
+        auth = body.get("auth")
+        token = auth.get("client_token") if isinstance(auth, dict) else None
+        if not isinstance(auth, dict) or not isinstance(token, str) or not token:
             raise BadGateway("vault: login answered without a token", backend=BACKEND)
+        lease = auth.get("lease_duration") or 0
+        if not isinstance(lease, int | float) or isinstance(lease, bool) or not 0 <= lease < 2**31:
+            raise BadGateway("vault: login answered with an unreadable lease_duration", backend=BACKEND)
         return _Token(
-            value=str(auth["client_token"]),
+            value=token,
             accessor=str(auth.get("accessor", "")),
-            ttl=float(auth.get("lease_duration") or 0),
+            ttl=float(lease),
             renewable=bool(auth.get("renewable")),
             obtained_at=self._clock(),
         )
@@ -325,8 +328,13 @@ class VaultClient:
             try:
                 await (self.login() if self._token is None else self.renew())
                 attempt = 0
-            except (Unavailable, BadGateway, BackendTimeout, NotFound, ConfigError) as exc:
-                log.warning("vault_token_refresh_failed", error=str(exc), attempt=attempt)
+            except Exception as exc:
+                # Whatever failed (a refused login, an answer it could not read), the renewer must
+                # keep going: a dead one leaves every later request to log in again on its own 403.
+                if isinstance(exc, BrokerError):
+                    log.warning("vault_token_refresh_failed", error=str(exc), attempt=attempt)
+                else:
+                    log.exception("vault_token_refresh_crashed", attempt=attempt)
                 await asyncio.sleep(_LOGIN_RETRY[min(attempt, len(_LOGIN_RETRY) - 1)])
                 attempt += 1
 

@@ -29,6 +29,18 @@ def parse_iso(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
+def parse_time(value: str) -> datetime:
+    """ISO 8601 with any number of fractional digits (Vault writes nanoseconds) to an aware datetime."""
+    text = value.strip().replace("Z", "+00:00")
+    head, dot, rest = text.partition(".")
+    if dot:
+        digits = "".join(c for c in rest if c.isdigit())
+        zone = rest[len(digits) :]
+        text = f"{head}.{digits[:6].ljust(6, '0')}{zone}"
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 def duration_seconds(text: str) -> int | None:
     """Seconds from exactly ``<digits>[s|m|h|d]`` (``3600``, ``90m``, ``7d``); None otherwise."""
     m = _DURATION.fullmatch(text)

@@ -80,6 +80,7 @@ def create_app(config: Config, *, clock: Clock = now_utc) -> web.Application:
         clock=clock,
         cache_seconds=config.keys.cache_seconds,
         claim_seconds=config.keys.scheduler_claim_seconds,
+        creation_lease_seconds=creation_lease_seconds(config),
     )
     app[POLICIES] = PolicyStore(
         app[VAULT],
@@ -122,6 +123,14 @@ def create_app(config: Config, *, clock: Clock = now_utc) -> web.Application:
     add_policy_routes(app)
     add_audit_routes(app)
     return app
+
+
+def creation_lease_seconds(config: Config) -> float:
+    """How long a key creation may hold its name before another may take it over: twice what
+    the longest creation can take (two registry writes and one backend call, each within its
+    deadline): 48 s with the default deadlines."""
+    backend_call = max(config.vault.deadline_seconds, config.kms.deadline_seconds, config.hsm.timeout_seconds)
+    return 2 * (2 * config.vault.deadline_seconds + backend_call)
 
 
 async def _audit(app: web.Application) -> AsyncIterator[None]:

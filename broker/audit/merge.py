@@ -42,6 +42,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from broker.audit.chain import Content, lines_of
+from broker.timeutil import parse_time as parse_time  # re-exported: readers of the audit log use it from here
 
 BROKER_VAULT_POLICY = "keybroker-broker"
 # The broker's request-id syntax (broker.api.middleware; kept import-free for offline use). Vault
@@ -68,18 +69,6 @@ CSV_COLUMNS = (
     # Last, so readers that go by position keep working: the Vault path of a Vault row.
     "vault_path",
 )
-
-
-def parse_time(value: str) -> datetime:
-    """ISO 8601 with any number of fractional digits (Vault writes nanoseconds) to an aware datetime."""
-    text = value.strip().replace("Z", "+00:00")
-    head, dot, rest = text.partition(".")
-    if dot:
-        digits = "".join(c for c in rest if c.isdigit())
-        zone = rest[len(digits) :]
-        text = f"{head}.{digits[:6].ljust(6, '0')}{zone}"
-    moment = datetime.fromisoformat(text)
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -24,6 +24,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol, TypeVar
 
 from broker.errors import BrokerError
@@ -67,6 +68,9 @@ class KeyBackend(Protocol):
 
     name: Backend
     key_types: frozenset[KeyType]
+    # Whether material holds the key's name in the backend (transit: a key named like it), so
+    # material made late by a creation whose outcome was unknown would take the name.
+    material_takes_name: bool
 
     async def create_key(self, key: KeyRef) -> str:
         """Create a new key's first material and return its reference.
@@ -74,6 +78,14 @@ class KeyBackend(Protocol):
         Refuses (:class:`Conflict`) material that already exists under the key's name: the
         broker never adopts a key it did not make (its type, export or backup settings could
         be anyone's).
+        """
+        ...
+
+    async def finish_create(self, key: KeyRef, since: datetime) -> str:
+        """Finish a creation whose outcome was unknown (the backend took it, no answer came in
+        time; the reservation dates from ``since``): the material the backend made for it late,
+        if the backend can tell it is the broker's, else new material. Refuses (:class:`Conflict`)
+        what :meth:`create_key` refuses.
         """
         ...
 

@@ -46,6 +46,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 import pkcs11
@@ -633,6 +634,7 @@ class HsmKeys(PerItemBatches):
 
     name = Backend.HSM
     key_types = frozenset({KeyType.AES256_GCM, KeyType.ECDSA_P256})
+    material_takes_name = False  # each version is an object with its own random id
 
     def __init__(self, client: HsmClient) -> None:
         self._hsm = client
@@ -641,6 +643,11 @@ class HsmKeys(PerItemBatches):
 
     async def create_key(self, key: KeyRef) -> str:
         # Every version is fresh material under a new id: nothing to adopt by name.
+        return await self.create_version(key)
+
+    async def finish_create(self, key: KeyRef, since: datetime) -> str:
+        # Material made late for a lost creation cannot be told from anyone's: make new (the
+        # late one, if any, stays unused; it holds no version of any key).
         return await self.create_version(key)
 
     async def create_version(self, key: KeyRef) -> str:

@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 import boto3
@@ -240,6 +241,7 @@ class KmsKeys(PerItemBatches):
 
     name = Backend.KMS
     key_types = frozenset(_KMS_SPECS)
+    material_takes_name = False  # each version is a KMS key with its own id
 
     def __init__(self, client: KmsClient) -> None:
         self._kms = client
@@ -264,6 +266,11 @@ class KmsKeys(PerItemBatches):
 
     async def create_key(self, key: KeyRef) -> str:
         # Every version is fresh material under a new id: nothing to adopt by name.
+        return await self.create_version(key)
+
+    async def finish_create(self, key: KeyRef, since: datetime) -> str:
+        # Material made late for a lost creation cannot be told from anyone's: make new (the
+        # late one, if any, stays unused; it holds no version of any key).
         return await self.create_version(key)
 
     async def create_version(self, key: KeyRef) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 from broker import periodic
 from broker.backends.base import Context, KeyBackend, KeyRef
-from broker.errors import BadRequest, BrokerError, Conflict, DecryptionFailed
+from broker.errors import BadRequest, BrokerError, Conflict, DecryptionFailed, NotFound, OutcomeUnknown
 from broker.keys import ciphertext
 from broker.keys.model import (
     MIN_ROTATION_SECONDS,
@@ -36,7 +36,7 @@ from broker.keys.model import (
 )
 from broker.log import get_logger
 from broker.state.registry import READ_CONCURRENCY, Registry
-from broker.timeutil import now_utc
+from broker.timeutil import iso, now_utc
 from broker.vocab import ENVIRONMENTS, Backend, KeyType
 
 log = get_logger(__name__)
@@ -82,6 +82,7 @@ class KeyService:
         cache_seconds: float = 0.0,
         monotonic: Callable[[], float] = time.monotonic,
         claim_seconds: float = 300.0,
+        creation_lease_seconds: float = 60.0,
     ) -> None:
         self._registry = registry
         self._backends = dict(backends)
@@ -94,6 +95,9 @@ class KeyService:
         self._cache: dict[str, tuple[float, Key]] = {}
         # How long a replica's claim on scheduled work holds (keys.scheduler_claim_seconds).
         self._claim_seconds = claim_seconds
+        # How long a creation may hold its name before another creation may take it over
+        # (longer than a creation can take: its registry writes and backend call, deadlines included).
+        self._creation_lease = creation_lease_seconds
 
     def now(self) -> datetime:
         return self._clock()
@@ -204,17 +208,74 @@ class KeyService:
             owner=owner,
         )
         # Claim the name first: a second creator gets 409 before any material exists.
-        await self._registry.create(key)
+        unfinished: datetime | None = None
         try:
-            material = await backend.create_key(self.ref(key))
+            await self._registry.create(key)
+        except Conflict:
+            key, unfinished = await self._take_over_unfinished(key)
+        try:
+            if unfinished is None:
+                material = await backend.create_key(self.ref(key))
+            else:
+                material = await backend.finish_create(self.ref(key), unfinished)
+        except OutcomeUnknown:
+            if not backend.material_takes_name:
+                await self._forget_reservation(key.name)  # late material, if any, names nothing
+                raise
+            # The backend may still make it, under the key's name: the reservation stays (else the
+            # late transit key would squat the name for good), and creating the key again once
+            # the reservation's lease has passed finishes the job (adopting what Vault made).
+            log.warning("key_creation_unconfirmed", key=key.name, backend=str(key.backend))
+            raise
         except BrokerError:
-            await self._registry.delete(key.name)
-            self._cache.pop(key.name, None)
+            await self._forget_reservation(key.name)
             raise
         version = Version(1, material, self.now())
         created = await self._update(key.name, lambda k: k.activated(version, self.now()))
         log.info("key_created", key=key.name, backend=str(key.backend), type=str(key.type))
         return created
+
+    async def _take_over_unfinished(self, key: Key) -> tuple[Key, datetime]:
+        """The name is taken: if by a creation that never finished (pre-active, no version, not
+        touched for longer than any creation takes), this creation takes its reservation over
+        (check-and-set, so one creator does) and returns it with the time it was first made.
+        Otherwise the 409 says what holds the name."""
+        now = self.now()
+
+        def take(stored: Key) -> Key:
+            if stored.state is not State.PRE_ACTIVE or stored.versions:
+                raise Conflict(f"a key named {key.name!r} already exists")
+            if (stored.backend, stored.type) != (key.backend, key.type):
+                raise Conflict(
+                    f"a creation of key {key.name!r} as {stored.type} on {stored.backend} did not "
+                    "finish; create it again with that backend and type to finish it"
+                )
+            age = (now - stored.updated_at).total_seconds()
+            if age < self._creation_lease:
+                raise Conflict(
+                    f"key {key.name!r} is being created (started {age:.0f} s ago); if that creation "
+                    f"failed, create it again in {self._creation_lease - age:.0f} s to finish it"
+                )
+            # The caller's request decides everything but the backend and type (which the
+            # material depends on); the first reservation's time bounds what may be adopted.
+            return replace(key, created_at=stored.created_at, updated_at=now)
+
+        try:
+            taken = await self._registry.update(key.name, take)
+        except NotFound:
+            raise Conflict(f"a key named {key.name!r} was being created; try again") from None
+        self._cache.pop(key.name, None)
+        log.info("key_creation_resumed", key=key.name, since=iso(taken.created_at))
+        return taken, taken.created_at
+
+    async def _forget_reservation(self, name: str) -> None:
+        """Free the name after a creation that made nothing; if Vault cannot be told, the
+        reservation stays and a later creation of the same name takes it over."""
+        self._cache.pop(name, None)
+        try:
+            await self._registry.delete(name)
+        except BrokerError as exc:
+            log.warning("key_reservation_left", key=name, error=exc.detail)
 
     async def rotate(self, name: str) -> Key:
         key = await self.get(name)

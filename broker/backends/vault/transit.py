@@ -6,6 +6,7 @@ import asyncio
 import base64
 import random
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from broker.backends._coalesce import Coalescer
@@ -20,6 +21,7 @@ from broker.errors import (
     Unavailable,
     UnsupportedOperation,
 )
+from broker.timeutil import parse_time
 from broker.vocab import Backend, KeyType
 
 
@@ -45,6 +47,26 @@ _SQUATTED = (
     "find out who made it"
 )
 _TRANSIT_TYPES = {KeyType.AES256_GCM: "aes256-gcm96", KeyType.ECDSA_P256: "ecdsa-p256"}
+# Vault's clock and the broker's may differ this much when a late-made key's time is compared.
+_CLOCK_SLACK = timedelta(seconds=5)
+
+
+def _version_one_time(info: dict[str, Any]) -> datetime | None:
+    """When transit made version 1: ``keys`` maps versions to a Unix time (symmetric keys) or to
+    an object with an RFC 3339 ``creation_time`` (asymmetric ones); None if unreadable."""
+    keys = info.get("keys")
+    first = keys.get("1") if isinstance(keys, dict) else None
+    if isinstance(first, int) and not isinstance(first, bool):
+        return datetime.fromtimestamp(first, UTC)
+    created = first.get("creation_time") if isinstance(first, dict) else None
+    if not isinstance(created, str):
+        return None
+    try:
+        return parse_time(created)
+    except ValueError:
+        return None
+
+
 _DATAKEY_BITS = {16: 128, 32: 256, 64: 512}
 _ROTATE_ATTEMPTS = 100
 
@@ -73,6 +95,7 @@ class VaultTransit:
 
     name = Backend.VAULT
     key_types = frozenset(_TRANSIT_TYPES)
+    material_takes_name = True  # the transit key is named like the broker's key
 
     def __init__(self, client: VaultClient, mount: str, *, coalesce: bool = True) -> None:
         self._client = client
@@ -97,21 +120,49 @@ class VaultTransit:
             pass
         else:
             raise Conflict(_SQUATTED.format(name=key.name))
-        wanted = {"type": _TRANSIT_TYPES[key.type], "exportable": False, "allow_plaintext_backup": False}
+        return await self._create(key, path)
+
+    async def finish_create(self, key: KeyRef, since: datetime) -> str:
+        """A creation whose outcome was unknown (Vault took the create and did not answer in
+        time) is finished: a transit key made since the reservation, with exactly the settings
+        the broker asks for and one version, is the one Vault made late and is kept; no key
+        yet, it is made now; anything else is not the broker's (409, as in :meth:`create_key`).
+        """
+        path = self._path("keys", key.name)
+        try:
+            found = await self._client.request("GET", path, what="transit read key")
+        except NotFound:
+            return await self._create(key, path)
+        info = found.get("data") or {}
+        made_at = _version_one_time(info)
+        if not self._is_as_asked(key, info) or made_at is None or made_at < since - _CLOCK_SLACK:
+            raise Conflict(_SQUATTED.format(name=key.name))
+        return "1"
+
+    async def _create(self, key: KeyRef, path: str) -> str:
+        wanted = self._asked(key)
         created = await self._client.request("POST", path, wanted, what="transit create key")
         # Transit's create is an upsert that only warns when the key existed: someone won a race.
         if any("already exist" in str(w) for w in created.get("warnings") or ()):
             raise Conflict(_SQUATTED.format(name=key.name))
         # The read is the authority on what was made (creation answers 204 on some versions).
         info = (await self._client.request("GET", path, what="transit read key")).get("data") or {}
-        made = {
-            "type": info.get("type"),
-            "exportable": info.get("exportable"),
-            "allow_plaintext_backup": info.get("allow_plaintext_backup"),
-        }
-        if made != wanted or info.get("latest_version") != 1:
+        if not self._is_as_asked(key, info):
             raise Conflict(_SQUATTED.format(name=key.name))
         return "1"
+
+    @staticmethod
+    def _asked(key: KeyRef) -> dict[str, Any]:
+        return {"type": _TRANSIT_TYPES[key.type], "exportable": False, "allow_plaintext_backup": False}
+
+    @classmethod
+    def _is_as_asked(cls, key: KeyRef, info: dict[str, Any]) -> bool:
+        made = {k: info.get(k) for k in ("type", "exportable", "allow_plaintext_backup")}
+        return (
+            made == cls._asked(key)
+            and info.get("latest_version") == 1
+            and info.get("min_decryption_version") in (1, None)
+        )
 
     async def create_version(self, key: KeyRef) -> str:
         # One rotation of a key at a time from this replica; other replicas are handled below.

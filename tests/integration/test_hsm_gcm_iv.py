@@ -9,8 +9,6 @@ passes everything else to SoftHSM. No real CloudHSM is involved.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,23 +20,15 @@ from broker.devstack.stack import DevStack, find_softhsm_library, free_port
 from broker.keys.ciphertext import decode
 from tests.integration.conftest import https
 from tests.integration.keyops import b64, create_key, unb64
+from tests.integration.shims import build_shim
 
-SHIM_SOURCE = Path(__file__).parent / "p11shim" / "gcm_token_iv.c"
 IV_BYTES = 12
 
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The IV-writing PKCS#11 module, compiled for this run (a C compiler is a test prerequisite)."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    assert compiler, "a C compiler (cc) is needed to build the PKCS#11 test module; apt-get install gcc"
-    out = tmp_path_factory.mktemp("p11shim") / "gcm_token_iv.so"
-    subprocess.run(
-        [compiler, "-shared", "-fPIC", "-O2", "-Wall", "-o", str(out), str(SHIM_SOURCE), "-ldl"],
-        check=True,
-        timeout=120,
-    )
-    return out
+    return build_shim("gcm_token_iv", tmp_path_factory.mktemp("p11shim"))
 
 
 @contextmanager

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +24,8 @@ from broker.config.load import load_config
 from broker.devstack.stack import DevStack, find_softhsm_library, free_port
 from tests.integration.conftest import https
 from tests.integration.keyops import b64, create_key, unb64, unique
+from tests.integration.shims import build_shim
 
-SHIM_SOURCE = Path(__file__).parent / "p11shim" / "count_calls.c"
 CTX = {"tenant": "acme"}
 CKF_OS_LOCKING_OK = 0x00000002  # pkcs11t.h
 
@@ -35,15 +33,7 @@ CKF_OS_LOCKING_OK = 0x00000002  # pkcs11t.h
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The call-noting PKCS#11 module, compiled for this run (a C compiler is a test prerequisite)."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    assert compiler, "a C compiler (cc) is needed to build the PKCS#11 test module; apt-get install gcc"
-    out = tmp_path_factory.mktemp("p11shim") / "count_calls.so"
-    subprocess.run(
-        [compiler, "-shared", "-fPIC", "-O2", "-Wall", "-o", str(out), str(SHIM_SOURCE), "-ldl"],
-        check=True,
-        timeout=120,
-    )
-    return out
+    return build_shim("count_calls", tmp_path_factory.mktemp("p11shim"))
 
 
 @contextmanager

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,8 +39,8 @@ from tests.integration.keyops import (
     registry_record,
     transit_key_status,
 )
+from tests.integration.shims import build_shim
 
-SHIM_SOURCE = Path(__file__).parent / "p11shim" / "fault_switch.c"
 TICK = 0.5  # keys.scheduler_interval_seconds of the two replicas
 WAIT = 45.0  # bound on any wait for the scheduler (generous: a loaded 2-core machine)
 BACKENDS = ["vault", "kms", "hsm"]
@@ -55,8 +53,8 @@ class Replicas:
     fault_file: Path
 
     def logs(self, stack: DevStack) -> list[Path]:
-        # Every broker on the stack runs a scheduler (the stack's own and any other test's replica,
-        # such as the session's second_broker, every 60 s): their work counts as well.
+        # Every broker on the stack runs a scheduler (the stack's own and any other test's replica
+        # still running, every 60 s): their work counts as well.
         return sorted({c.log_path for c in self.children} | set(stack.layout.logs.glob("*.log")))
 
 
@@ -64,14 +62,7 @@ class Replicas:
 def replicas(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     """Two replicas with a half-second scheduler, 1 s KMS timeouts and the fault-switch PKCS#11 module."""
     tmp = tmp_path_factory.mktemp("scheduler")
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    assert compiler, "a C compiler (cc) is needed to build the PKCS#11 test module; apt-get install gcc"
-    shim = tmp / "fault_switch.so"
-    subprocess.run(
-        [compiler, "-shared", "-fPIC", "-O2", "-Wall", "-o", str(shim), str(SHIM_SOURCE), "-ldl"],
-        check=True,
-        timeout=120,
-    )
+    shim = build_shim("fault_switch", tmp)
     fault_file = tmp / "hsm-fault"
     env = {
         "KEYBROKER__KEYS__SCHEDULER_INTERVAL_SECONDS": str(TICK),

@@ -133,5 +133,7 @@ def test_a_creation_still_within_its_lease_is_not_taken_over(stack: DevStack) ->
 
     assert refused.status == 409, refused.body
     assert "is being created" in refused.json()["detail"], refused.body
+    shown = https(stack, f"/v1/keys/{name}").json()
+    assert (shown["state"], shown["latest_version"]) == ("pre-active", None), shown
     with pytest.raises(hvac.exceptions.InvalidPath):
         transit_key(stack, name)

@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import json
 import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
 
-from broker.devstack.stack import DevStack
+from broker.devstack.stack import DevStack, free_port
 from tests.integration.conftest import Reply, https
-from tests.integration.keyops import unique
+from tests.integration.ha.faults import frozen
+from tests.integration.keyops import create_key, unique
 from tests.integration.policyops import bind, identity, put_role
 
 
@@ -57,3 +62,69 @@ def test_a_listing_cursor_never_names_a_key_the_caller_may_not_read(stack: DevSt
     assert not hidden & {k["name"] for k in page["keys"]}
     assert page["next"] not in hidden, f"the cursor names a key the caller may not read: {page['next']}"
     assert not [n for n in hidden if n in json.dumps(page)]
+
+
+# -- a replayed 504 outcome_unknown is an error like the first ------------------------------
+
+KMS_DEADLINE = 2.0
+
+
+@pytest.fixture(scope="module")
+def short_kms_deadline(
+    stack: DevStack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Path]]:
+    """A replica whose KMS calls give up after 2 s (a frozen KMS makes a rotation 504): its
+    address and its audit directory."""
+    port = free_port()
+    config = tmp_path_factory.mktemp("rt4-deadline") / "broker.toml"
+    config.write_text(stack.render_broker_config(port=port))
+    child = stack.spawn_broker(
+        f"rt4-deadline-{port}",
+        config,
+        KEYBROKER__KMS__TIMEOUT_SECONDS="1",
+        KEYBROKER__KMS__MAX_ATTEMPTS="3",
+        KEYBROKER__KMS__DEADLINE_SECONDS=str(KMS_DEADLINE),
+    )
+    url = f"https://127.0.0.1:{port}"
+    try:
+        stack.wait_healthy(child, url)
+        yield url, Path(tomllib.loads(config.read_text())["audit"]["directory"])
+    finally:
+        child.stop()
+
+
+def _records(audit_dir: Path, reply: Reply) -> list[dict[str, Any]]:
+    """The audit records of the request that got ``reply``."""
+    request_id = reply.headers["X-Broker-Request-Id"]
+    return [
+        row
+        for path in sorted(audit_dir.glob("audit-*.jsonl"))
+        for line in path.read_bytes().splitlines()
+        if (row := json.loads(line)).get("request_id") == request_id
+    ]
+
+
+def test_a_replayed_unknown_outcome_is_problem_json_and_recorded_as_that_error(
+    stack: DevStack, short_kms_deadline: tuple[str, Path]
+) -> None:
+    """A KMS rotation under an Idempotency-Key answers 504 outcome_unknown; its replay is the same
+    error as the first answer: application/problem+json (like every error the broker gives) and
+    an audit record naming the error's code, not a plain JSON 504 whose record holds no error."""
+    url, audit_dir = short_kms_deadline
+    name = create_key(stack, "kms")
+    headers = {"Idempotency-Key": unique("rt4-504")}
+    with frozen(stack.children["kms"].pid, KMS_DEADLINE + 4):
+        first = https(stack, f"/v1/keys/{name}/rotate", url=url, body={}, headers=headers)
+    again = https(stack, f"/v1/keys/{name}/rotate", url=url, body={}, headers=headers)
+    time.sleep(1)  # the records reach the file
+
+    assert (first.status, first.json()["code"]) == (504, "outcome_unknown"), first.body
+    assert first.headers["Content-Type"].startswith("application/problem+json")
+    assert (again.status, again.json()["code"]) == (504, "outcome_unknown"), again.body
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    assert again.headers["Content-Type"].startswith("application/problem+json"), again.headers["Content-Type"]
+    [original] = _records(audit_dir, first)
+    [replayed] = _records(audit_dir, again)
+    assert original["error"]["code"] == "outcome_unknown", original
+    assert replayed["idempotency"]["replayed"] is True, replayed
+    assert (replayed["error"] or {}).get("code") == "outcome_unknown", replayed

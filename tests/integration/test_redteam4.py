@@ -9,6 +9,7 @@ import json
 import time
 import tomllib
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -16,6 +17,7 @@ from urllib.parse import urlencode
 import pytest
 
 from broker.devstack.stack import DevStack, free_port
+from broker.timeutil import iso
 from tests.integration.conftest import Reply, https
 from tests.integration.ha.faults import frozen
 from tests.integration.keyops import create_key, unique
@@ -128,3 +130,62 @@ def test_a_replayed_unknown_outcome_is_problem_json_and_recorded_as_that_error(
     assert original["error"]["code"] == "outcome_unknown", original
     assert replayed["idempotency"]["replayed"] is True, replayed
     assert (replayed["error"] or {}).get("code") == "outcome_unknown", replayed
+
+
+# -- one key's rotation period must not stop the scheduler for every other key ----------------
+
+SCHEDULER_TICK = 0.5
+
+
+@pytest.fixture(scope="module")
+def fast_scheduler(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A replica whose scheduler runs every half second: its log file."""
+    port = free_port()
+    config = tmp_path_factory.mktemp("rt4-scheduler") / "broker.toml"
+    config.write_text(stack.render_broker_config(port=port))
+    child = stack.spawn_broker(
+        f"rt4-scheduler-{port}", config, KEYBROKER__KEYS__SCHEDULER_INTERVAL_SECONDS=str(SCHEDULER_TICK)
+    )
+    try:
+        stack.wait_healthy(child, f"https://127.0.0.1:{port}")
+        yield child.log_path
+    finally:
+        child.stop()
+
+
+def _versions(stack: DevStack, name: str) -> int:
+    return len(https(stack, f"/v1/keys/{name}").json()["versions"])
+
+
+def test_a_rotation_period_beyond_the_calendar_does_not_stop_scheduled_rotation(
+    stack: DevStack, fast_scheduler: Path
+) -> None:
+    """Anyone who may create one key sets its rotation_period to 2^53-1 seconds (accepted: the
+    limit is 2^53). Its due date is past the year 9999: the scheduler's pass must treat it as
+    never due, not crash on it and so never reach the keys after it (every pass, every replica):
+    a plain key whose rotation is due is still rotated."""
+    poison = https(
+        stack,
+        "/v1/keys",
+        body={
+            "name": unique("0rt4-forever"),  # '0' sorts before every other test key
+            "backend": "vault",
+            "environment": "dev",
+            "rotation_period": 2**53 - 1,
+        },
+    )
+    assert poison.status == 201, poison.body
+    plain = create_key(stack, "vault", rotation_period="1h")
+    past = datetime.now(UTC) - timedelta(hours=1, minutes=1)
+    kv = stack.vault_client().secrets.kv.v2
+    out = kv.read_secret_version(path=f"keys/{plain}", mount_point="kb-kv", raise_on_deleted_version=True)
+    record, version = out["data"]["data"], out["data"]["metadata"]["version"]
+    record["last_rotated_at"] = iso(past)
+    kv.create_or_update_secret(path=f"keys/{plain}", secret=record, cas=version, mount_point="kb-kv")
+
+    deadline = time.monotonic() + 30
+    while _versions(stack, plain) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    crashed = [line for line in fast_scheduler.read_text(errors="replace").splitlines() if "crashed" in line]
+    assert _versions(stack, plain) == 2, crashed[-1:]
+    assert not crashed, crashed[-1]

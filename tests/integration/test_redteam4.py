@@ -189,3 +189,49 @@ def test_a_rotation_period_beyond_the_calendar_does_not_stop_scheduled_rotation(
     crashed = [line for line in fast_scheduler.read_text(errors="replace").splitlines() if "crashed" in line]
     assert _versions(stack, plain) == 2, crashed[-1:]
     assert not crashed, crashed[-1]
+
+
+def _grant_limit(stack: DevStack, value: object) -> None:
+    """Set the policy's grant_max_expires_in (the document as stored, check-and-set)."""
+    for _ in range(20):
+        current = https(stack, "/v1/policies").json()
+        document = {**current["document"], "settings": {"grant_max_expires_in": value}}
+        reply = https(
+            stack, "/v1/policies", method="PUT", body={"document": document, "version": current["version"]}
+        )
+        if reply.status == 200:
+            return
+        assert reply.status == 409, reply.body
+    raise AssertionError("could not set grant_max_expires_in: the policy document kept changing")
+
+
+def test_a_grant_whose_expiry_is_past_the_calendar_is_a_400_not_a_500(stack: DevStack) -> None:
+    """The policy's grant_max_expires_in has no upper bound; with it set very high, a grant asking
+    for 10^14 seconds (expiring past year 9999) is refused 400 naming the limit, not a 500
+    internal error from the datetime overflow."""
+    name = create_key(stack, "vault")
+    before = https(stack, "/v1/policies").json()["document"].get("settings", {}).get("grant_max_expires_in")
+    _grant_limit(stack, 10**15)
+    try:
+        reply = https(
+            stack,
+            f"/v1/keys/{name}/grants",
+            body={
+                "grantee": "spiffe://keybroker.dev/user/rt4-nobody",
+                "operations": ["crypto.decrypt"],
+                "expires_in": 10**14,
+            },
+        )
+        fine = https(
+            stack,
+            f"/v1/keys/{name}/grants",
+            body={
+                "grantee": "spiffe://keybroker.dev/user/rt4-nobody",
+                "operations": ["crypto.decrypt"],
+                "expires_in": "1h",
+            },
+        )
+    finally:
+        _grant_limit(stack, before if before is not None else 86400)
+    assert (reply.status, reply.json()["code"]) == (400, "bad_request"), reply.body
+    assert fine.status == 201, fine.body

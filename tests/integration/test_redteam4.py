@@ -6,6 +6,7 @@ Each test is one finding (or a sibling of one); see the module's tests for the a
 from __future__ import annotations
 
 import json
+import socket
 import time
 import tomllib
 from collections.abc import Iterator
@@ -235,3 +236,47 @@ def test_a_grant_whose_expiry_is_past_the_calendar_is_a_400_not_a_500(stack: Dev
         _grant_limit(stack, before if before is not None else 86400)
     assert (reply.status, reply.json()["code"]) == (400, "bad_request"), reply.body
     assert fine.status == 201, fine.body
+
+
+# -- a client that hangs up mid-body is not an internal error -------------------------------
+
+
+def test_a_client_that_hangs_up_mid_body_is_recorded_as_such_not_as_an_internal_error(
+    stack: DevStack,
+) -> None:
+    """A caller sends a rotate's header and half its body, then closes the connection. The broker's
+    record says the client went away (a 4xx, code client_disconnected), not a 500 internal_error,
+    and its log holds no traceback for it: anyone could otherwise fill the error log with
+    tracebacks and the audit log with false internal errors."""
+    name = create_key(stack, "vault")
+    marker = unique("rt4-hangup")
+    host, port = "127.0.0.1", int(stack.broker_url.rsplit(":", 1)[1])
+    with (
+        socket.create_connection((host, port), timeout=10) as sock,
+        stack.client_ssl("admin").wrap_socket(sock, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(
+            f"POST /v1/keys/{name}/rotate HTTP/1.1\r\nHost: localhost\r\nX-Request-Id: {marker}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode()
+        )
+        time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    found: list[dict[str, Any]] = []
+    while not found and time.monotonic() < deadline:
+        time.sleep(0.3)
+        found = [
+            row
+            for path in sorted(stack.layout.audit_dir.glob("audit-*.jsonl"))
+            for line in path.read_bytes().splitlines()
+            if marker.encode() in line and (row := json.loads(line)).get("client_request_id") == marker
+        ]
+    tracebacks = [
+        line
+        for log in stack.layout.logs.glob("broker*.log")
+        for line in log.read_text(errors="replace").splitlines()
+        if marker in line and "Traceback" in line
+    ]
+    assert len(found) == 1, found
+    assert found[0]["status"] < 500, found[0]
+    assert found[0]["error"]["code"] == "client_disconnected", found[0]
+    assert not tracebacks, tracebacks[0][:2000]

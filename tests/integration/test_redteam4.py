@@ -1,6 +1,7 @@
-"""Red team, wave 4, on the real stack: listing cursors, idempotency replays and audit records.
+"""Red team, wave 4, on the real stack: a listing cursor naming hidden keys, a replayed 504, a
+rotation period or grant expiry past the calendar, and a client hanging up mid-body.
 
-Each test is one finding (or a sibling of one); see the module's tests for the attack each makes.
+Each test is one finding; its docstring gives the attack and the behaviour it checks.
 """
 
 from __future__ import annotations

@@ -32,8 +32,9 @@ from typing import Any, ClassVar
 from aiohttp import web
 
 from broker import periodic
-from broker.api.problem import problem_body
+from broker.api.problem import PROBLEM_CONTENT_TYPE, problem_body
 from broker.api.state import AUDIT_FACTS, PRINCIPAL, REQUEST_ID
+from broker.audit.events import RequestFacts
 from broker.backends.vault import VaultClient
 from broker.errors import BadRequest, BrokerError, ClientError, Conflict, OutcomeUnknown
 from broker.log import get_logger
@@ -350,6 +351,24 @@ def _json_body(response: web.Response) -> Any:
     return json.loads(body)
 
 
+def _replayed(replay: Replay, facts: RequestFacts | None) -> web.Response:
+    """The kept answer again. A kept error (504 outcome_unknown) goes out as the first one did:
+    problem+json, and its record names the error (it never passed the error middleware)."""
+    headers = {**replay.headers, REPLAYED_HEADER: "true"}
+    if replay.status < 400:
+        return web.json_response(replay.body, status=replay.status, headers=headers)
+    problem = replay.body if isinstance(replay.body, dict) else {}
+    code, detail = problem.get("code"), problem.get("detail")
+    if facts is not None and isinstance(code, str) and isinstance(detail, str):
+        facts.error = (code, detail)
+    return web.Response(
+        body=json.dumps(replay.body).encode(),
+        status=replay.status,
+        headers=headers,
+        content_type=PROBLEM_CONTENT_TYPE,
+    )
+
+
 async def idempotent(
     request: web.Request,
     store: IdempotencyStore,
@@ -377,9 +396,7 @@ async def idempotent(
                 "replayed": True,
                 "original_request_id": replay.request_id,
             }
-        return web.json_response(
-            replay.body, status=replay.status, headers={**replay.headers, REPLAYED_HEADER: "true"}
-        )
+        return _replayed(replay, facts)
     try:
         response = await run()
     except OutcomeUnknown as exc:

@@ -124,10 +124,22 @@ def parse_json(raw: bytes) -> Any:
     return document
 
 
+class ClientDisconnected(BadRequest):
+    """The client closed the connection before its body was complete: its request failed, not the
+    broker (never an internal error with a traceback; nobody is left to read the answer)."""
+
+    code = "client_disconnected"
+    title = "Client closed the connection"
+
+
 async def json_object(request: web.Request) -> dict[str, Any]:
     if not request.can_read_body:
         return {}
-    body = parse_json(await request.read())
+    try:
+        raw = await request.read()
+    except ConnectionResetError:
+        raise ClientDisconnected("the connection closed before the request body was complete") from None
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     return body

@@ -181,7 +181,9 @@ class Key:
         if self.state is not State.ACTIVE or not self.rotation_period_seconds or not self.versions:
             return False
         since = self.last_rotated_at or self.latest.created_at
-        return now >= since + timedelta(seconds=self.rotation_period_seconds)
+        # Compared as seconds: a period accepted up to 2^53 s can end past year 9999, where a
+        # datetime (and a timedelta) overflows; such a rotation is simply never due.
+        return (now - since).total_seconds() >= self.rotation_period_seconds
 
     def destruction_due(self, now: datetime) -> bool:
         return (

@@ -451,6 +451,10 @@ class KeyService:
                     done["destroyed"].append(key.name)
             except BrokerError as exc:
                 log.warning("scheduled_work_failed", key=key.name, error=exc.detail)
+            except Exception:
+                # One key's unforeseen failure must not end the pass for the keys after it
+                # (every pass, on every replica, would stop at that key).
+                log.exception("scheduled_work_crashed", key=key.name)
         return done
 
     async def _readable_keys(self) -> list[Key]:

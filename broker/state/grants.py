@@ -27,6 +27,10 @@ from broker.state.policies import Snapshot
 log = get_logger(__name__)
 
 
+# The longest any grant may last (100 years), whatever the policy's grant_max_expires_in.
+MAX_GRANT_SECONDS = 100 * 366 * 24 * 3600
+
+
 def new_grant_id() -> str:
     return "g-" + secrets.token_hex(10)
 
@@ -56,7 +60,9 @@ def build_grant(
     constraint, now.
     """
     equals, subset = ask.context_equals, ask.context_subset
-    limit = policy.policy.settings.grant_max_seconds
+    # The policy's limit has no upper bound of its own; past about a century an expiry would soon
+    # not fit a datetime (year 9999), so no grant outlives this, whatever the document says.
+    limit = min(policy.policy.settings.grant_max_seconds, MAX_GRANT_SECONDS)
     seconds = ask.expires_in
     if seconds is None or not 1 <= seconds <= limit:
         raise BadRequest(f"'expires_in' is required: a duration from 1s to {limit}s (e.g. 3600, 90m, 12h)")

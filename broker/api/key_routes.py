@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from broker.api import schemas
+from broker.api import list_cursor, schemas
 from broker.api.authz import (
     audit_facts,
     authorize,
@@ -32,7 +32,7 @@ from broker.api.authz import (
     tag_change_guard,
 )
 from broker.api.idempotency import idempotent
-from broker.api.state import IDEMPOTENCY, KEYS, SETTINGS
+from broker.api.state import AUDIT_HMAC_KEY, IDEMPOTENCY, KEYS, PRINCIPAL, SETTINGS
 from broker.errors import BadRequest, BrokerError, Forbidden
 from broker.keys.model import Key, check_name
 from broker.keys.service import KeyService, NewKey, digest_of
@@ -115,21 +115,27 @@ def _list_limit(query: Any) -> int | None:
 async def list_keys(request: web.Request) -> web.Response:
     """Only the keys the caller may read are listed (by its rules; grants do not widen a listing).
 
-    ``limit`` pages the listing in name order; ``after`` (the ``next`` of the previous page, a
-    key name, checked against the name rule like any name) continues it.
+    ``limit`` pages the listing in name order; ``after`` continues it: the ``next`` of the
+    previous page (a sealed cursor, :mod:`broker.api.list_cursor`: a page can end on a key the
+    caller may not read, whose name it must not learn) or a key name.
     """
     await authorize(request, "key.list")
     filters = {f: request.query[f] for f in ("backend", "state", "environment", "tag") if f in request.query}
     limit = _list_limit(request.query)
+    secret, caller = request.app[AUDIT_HMAC_KEY], str(request[PRINCIPAL].id)
     after = request.query.get("after")
     if after is not None:
-        check_name(after, "'after'")
+        if list_cursor.is_cursor(after):
+            after = list_cursor.open_cursor(secret, caller, filters, after)
+        else:
+            check_name(after, "'after'")
 
     async def readable(key: Key) -> bool:
         return (await decide(request, "key.read", key, with_grants=False)).allowed
 
     keys, after_last = await _service(request).list_keys(filters, after=after, limit=limit, visible=readable)
-    return web.json_response({"keys": [k.public() for k in keys], "next": after_last})
+    following = None if after_last is None else list_cursor.seal(secret, caller, filters, after_last)
+    return web.json_response({"keys": [k.public() for k in keys], "next": following})
 
 
 async def show_key(request: web.Request) -> web.Response:

@@ -338,8 +338,35 @@ def create_key(
 KeyPage = tuple[list[dict[str, Any]], str | None]
 
 
+class KeyListing:
+    """The pages of one listing, checked as they come (the cursor is opaque, so its order cannot
+    be): names only grow from key to key and a cursor never comes back, else a broker that
+    answered so would have the client page for ever."""
+
+    def __init__(self) -> None:
+        self.keys: list[dict[str, Any]] = []
+        self._cursors: set[str] = set()
+
+    def add(self, page: list[dict[str, Any]], following: str | None) -> bool:
+        """Take one page; whether another follows."""
+        names = [key.get("name") if isinstance(key, dict) else None for key in page]
+        last = self.keys[-1]["name"] if self.keys else ""
+        for name in names:
+            if not isinstance(name, str) or name <= last:
+                raise UnexpectedResponse(0, "bad_answer", "the broker's key listing is out of order")
+            last = name
+        if following is not None and following in self._cursors:
+            raise UnexpectedResponse(0, "bad_answer", "the broker's key listing did not move forward")
+        self.keys += page
+        if following is None:
+            return False
+        self._cursors.add(following)
+        return True
+
+
 def list_keys(filters: Mapping[str, str | None], limit: int, after: str | None) -> Call[KeyPage]:
-    """One page of at most ``limit`` keys after the name ``after``, names in order."""
+    """One page of at most ``limit`` keys, names in order, after ``after`` (the ``next`` of the
+    page before, an opaque cursor, or a key name)."""
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
         raise InvalidInput(0, "bad_request", "page_size must be an integer from 1 to 1000")
     params = {k: v for k, v in filters.items() if v is not None}
@@ -353,8 +380,9 @@ def list_keys(filters: Mapping[str, str | None], limit: int, after: str | None) 
         following = doc.get("next") if isinstance(doc, dict) else None
         if following is None:
             return keys, None
-        # Names come in order: a cursor that does not move forward would page forever.
-        if not isinstance(following, str) or (after is not None and following <= after):
+        # The cursor is opaque (it never names a key the caller may not read), and one position
+        # always gives the same cursor: one that comes back unchanged would page forever.
+        if not isinstance(following, str) or not following or following == after:
             raise UnexpectedResponse(0, "bad_answer", "the broker's key listing did not move forward")
         return keys, following
 

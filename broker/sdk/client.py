@@ -215,13 +215,12 @@ class Client:
         """Every key the caller may see (filtered), asked for ``page_size`` at a time so neither
         the broker nor Vault reads a large registry in one request."""
         filters = {"backend": backend, "state": state, "environment": environment, "tag": tag}
-        keys: list[dict[str, Any]] = []
+        listing = ops.KeyListing()
         after: str | None = None
         while True:
             page, after = self._run(ops.list_keys(filters, page_size, after))
-            keys += page
-            if after is None:
-                return keys
+            if not listing.add(page, after):
+                return listing.keys
 
     def get_key(self, name: str) -> dict[str, Any]:
         return self._run(ops.get_key(name))

@@ -238,8 +238,9 @@ def test_the_cli_client_names_still_work() -> None:
 
 
 def test_key_listing_pages_move_forward_or_are_refused() -> None:
-    """Each page names the next; a broker that sends the same (or an earlier) cursor again is an
-    UnexpectedResponse, never an endless loop; the page size is checked before sending."""
+    """Each page names the next (an opaque cursor); a broker that sends the cursor it was given,
+    a cursor it sent before, or keys out of order is an UnexpectedResponse, never an endless
+    loop; the page size is checked before sending."""
     import json as _json
 
     def answer(doc: object) -> Response:
@@ -252,9 +253,18 @@ def test_key_listing_pages_move_forward_or_are_refused() -> None:
         "d",
     )
     assert call.parse(answer({"keys": [], "next": None})) == ([], None)
-    for stuck in ("b", "a", 5):
+    for stuck in ("b", "", 5):
         with pytest.raises(UnexpectedResponse):
             call.parse(answer({"keys": [{"name": "c"}], "next": stuck}))
+    listing = ops.KeyListing()
+    assert listing.add([{"name": "c"}, {"name": "d"}], "~c1.one")
+    assert listing.add([], "~c1.two")
+    with pytest.raises(UnexpectedResponse, match="did not move forward"):
+        listing.add([], "~c1.one")  # a cycle of empty pages
+    with pytest.raises(UnexpectedResponse, match="out of order"):
+        listing.add([{"name": "d"}], None)  # a key again
+    assert not listing.add([{"name": "e"}], None)
+    assert [k["name"] for k in listing.keys] == ["c", "d", "e"]
     for size in (0, 1001, True):
         with pytest.raises(InvalidInput):
             ops.list_keys({}, size, None)

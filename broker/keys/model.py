@@ -34,6 +34,8 @@ NAME_RULE = "1-63 characters of a-z, 0-9, '-', '_', '.', starting with a letter 
 MIN_PENDING_DAYS, MAX_PENDING_DAYS = 7, 30
 # The shortest scheduled-rotation period accepted: rotating faster only grows version lists.
 MIN_ROTATION_SECONDS = 3600
+# And the longest (100 years): a period beyond any key's life is a typo, not a schedule.
+MAX_ROTATION_SECONDS = 100 * 366 * 24 * 3600
 
 
 class InvalidKeyName(BadRequest):

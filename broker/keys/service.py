@@ -26,6 +26,7 @@ from broker.backends.base import Context, KeyBackend, KeyRef
 from broker.errors import BadRequest, BrokerError, Conflict, DecryptionFailed, NotFound, OutcomeUnknown
 from broker.keys import ciphertext
 from broker.keys.model import (
+    MAX_ROTATION_SECONDS,
     MIN_ROTATION_SECONDS,
     Key,
     Op,
@@ -62,6 +63,8 @@ class NewKey:
 def check_rotation_period(seconds: int | None) -> None:
     if seconds is not None and seconds < MIN_ROTATION_SECONDS:
         raise BadRequest(f"rotation_period must be at least {MIN_ROTATION_SECONDS} seconds (1h)")
+    if seconds is not None and seconds > MAX_ROTATION_SECONDS:
+        raise BadRequest(f"rotation_period must be at most {MAX_ROTATION_SECONDS} seconds (100 years)")
 
 
 @dataclass(frozen=True)

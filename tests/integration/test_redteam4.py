@@ -182,24 +182,25 @@ def _versions(stack: DevStack, name: str) -> int:
 def test_a_rotation_period_beyond_the_calendar_does_not_stop_scheduled_rotation(
     stack: DevStack, fast_scheduler: Path
 ) -> None:
-    """Anyone who may create one key sets its rotation_period to 2^53-1 seconds (accepted: the
-    limit is 2^53). Its due date is past the year 9999: the scheduler's pass must treat it as
-    never due, not crash on it and so never reach the keys after it (every pass, every replica):
-    a plain key whose rotation is due is still rotated."""
-    poison = https(
-        stack,
-        "/v1/keys",
-        body={
-            "name": unique("0rt4-forever"),  # '0' sorts before every other test key
-            "backend": "vault",
-            "environment": "dev",
-            "rotation_period": 2**53 - 1,
-        },
-    )
-    assert poison.status == 201, poison.body
+    """Anyone who may create one key set its rotation_period to 2^53-1 seconds (accepted then: the
+    limit was 2^53; now 100 years, and a larger one is a 400). Such an entry (an older broker's)
+    has its due date past the year 9999: the scheduler's pass must treat it as never due, not
+    crash on it and so never reach the keys after it (every pass, every replica): a plain key
+    whose rotation is due is still rotated."""
+    body = {"backend": "vault", "environment": "dev", "rotation_period": 2**53 - 1}
+    refused = https(stack, "/v1/keys", body={"name": unique("rt4-forever"), **body})
+    assert (refused.status, refused.json()["code"]) == (400, "bad_request"), refused.body
+    assert "at most" in refused.json()["detail"]
+    poison = unique("0rt4-forever")  # '0' sorts before every other test key
+    made = https(stack, "/v1/keys", body={"name": poison, "backend": "vault", "environment": "dev"})
+    assert made.status == 201, made.body
+    kv = stack.vault_client().secrets.kv.v2
+    out = kv.read_secret_version(path=f"keys/{poison}", mount_point="kb-kv", raise_on_deleted_version=True)
+    record, version = out["data"]["data"], out["data"]["metadata"]["version"]
+    record["rotation_period_seconds"] = 2**53 - 1
+    kv.create_or_update_secret(path=f"keys/{poison}", secret=record, cas=version, mount_point="kb-kv")
     plain = create_key(stack, "vault", rotation_period="1h")
     past = datetime.now(UTC) - timedelta(hours=1, minutes=1)
-    kv = stack.vault_client().secrets.kv.v2
     out = kv.read_secret_version(path=f"keys/{plain}", mount_point="kb-kv", raise_on_deleted_version=True)
     record, version = out["data"]["data"], out["data"]["metadata"]["version"]
     record["last_rotated_at"] = iso(past)

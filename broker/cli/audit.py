@@ -201,7 +201,10 @@ def parse_moment(value: str, flag: str, now: datetime, *, end_of_day: bool = Fal
     """
     text = value.strip()
     if found := _AGO.fullmatch(text):
-        return now - timedelta(seconds=int(found.group(1)) * _SECONDS[found.group(2)])
+        try:
+            return now - timedelta(seconds=int(found.group(1)) * _SECONDS[found.group(2)])
+        except OverflowError:  # before year 1: no record is that old
+            raise ConfigError(f"{flag}: {value!r} reaches back before the year 1; give {TIME_HELP}") from None
     try:
         if _DAY.fullmatch(text):
             day = date.fromisoformat(text)

@@ -226,7 +226,8 @@ def test_full_reason_keeps_the_decision_and_the_error() -> None:
 
 
 def test_since_and_until_take_relative_times_dates_and_iso() -> None:
-    """7d counts back from now; a date is its first instant for --since and its last for --until."""
+    """7d counts back from now; a date is its first instant for --since and its last for --until;
+    anything else (a duration reaching before the year 1 included) is a clear error."""
     import pytest
 
     from broker.cli.audit import parse_moment, parse_period
@@ -239,7 +240,8 @@ def test_since_and_until_take_relative_times_dates_and_iso() -> None:
     )
     assert parse_moment("2026-11-01T09:00:00Z", "--since", T0) == datetime(2026, 11, 1, 9, tzinfo=UTC)
     assert parse_period("365d", "--max-cryptoperiod") == 365 * 86400
-    for bad in ("7x", "2026-02-30", "", "\u0667d"):  # the last: an Arabic-Indic seven
+    # The last two: an Arabic-Indic seven, and a time before the year 1 (was an OverflowError).
+    for bad in ("7x", "2026-02-30", "", "\u0667d", "999999999d"):
         with pytest.raises(ConfigError):
             parse_moment(bad, "--since", T0)
     with pytest.raises(ConfigError):

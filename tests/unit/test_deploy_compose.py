@@ -342,7 +342,7 @@ def test_each_broker_config_passes_check_config(
 def test_dockerfile_is_multi_stage_pinned_and_non_root() -> None:
     """Every FROM is an exact version (or an earlier stage), the runtime stages end as a non-root
     user, the PKCS#11 path is a build ARG feeding the broker's config, every COPY source exists
-    (and is let through .dockerignore), and the lock files pin every package."""
+    (and is let through .dockerignore); the lock files are checked in test_deploy_locks.py."""
     stages = dockerfile_stages()
     names = {stage for _, stage, _ in stages}
     assert len(stages) >= 2
@@ -371,10 +371,6 @@ def test_dockerfile_is_multi_stage_pinned_and_non_root() -> None:
             for source in ln.split()[1:-1]:
                 assert (REPO / source).exists(), source
                 assert source.rstrip("/") in allowed, f"{source} is excluded by .dockerignore"
-    for lock in (REPO / "deploy").glob("*.lock"):
-        for line in lock.read_text().splitlines():
-            if line and not line.startswith("#"):
-                assert re.fullmatch(r"[A-Za-z0-9._-]+==[\w.+-]+", line), (lock.name, line)
     apt = re.findall(r"apt-get install[^&]*", text.replace("\\\n", " "))
     for package in (p for chunk in apt for p in chunk.split()[2:] if not p.startswith("-")):
         assert "=" in package, f"apt package {package} is not pinned"

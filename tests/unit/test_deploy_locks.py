@@ -7,13 +7,18 @@ locks are closed under their dependencies is a ``pip download --require-hashes``
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
+import json
 import re
 import subprocess
 import sys
+import threading
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import ClassVar
 
 import pytest
 from packaging.requirements import Requirement
@@ -157,3 +162,74 @@ def test_standin_lock_agrees_with_the_runtime_lock() -> None:
     standin = pins(DEPLOY / "requirements-kms-standin.lock")
     shared = runtime.keys() & standin.keys()
     assert {n: (runtime[n], standin[n]) for n in shared if runtime[n] != standin[n]} == {}
+
+
+class _FakePypi(http.server.BaseHTTPRequestHandler):
+    """PyPI's JSON API for two projects: ``one`` answers per version, ``two`` only per project
+    (as some mirrors do), ``bad`` lists a file without a usable sha256."""
+
+    files: ClassVar[dict[str, list[dict[str, object]]]] = {
+        "one": [
+            {"filename": "one-1.0-py3-none-any.whl", "digests": {"sha256": "b" * 64}},
+            {"filename": "one-1.0.tar.gz", "digests": {"sha256": "a" * 64}},
+        ],
+        "two": [{"filename": "two-2.0.tar.gz", "digests": {"sha256": "c" * 64}}],
+        "bad": [{"filename": "bad-3.0.tar.gz", "digests": {"md5": "d" * 32}}],
+    }
+
+    def do_GET(self) -> None:
+        parts = self.path.strip("/").split("/")
+        body: dict[str, object] | None = None
+        if len(parts) == 4 and parts[1] in ("one", "bad"):
+            body = {"urls": self.files[parts[1]]}
+        elif len(parts) == 3 and parts[1] == "two":
+            body = {"releases": {"2.0": self.files["two"], "1.0": []}}
+        data = json.dumps(body).encode()
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        return None
+
+
+@pytest.fixture
+def fake_pypi() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakePypi)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/pypi"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()
+
+
+def test_hashes_come_from_every_file_of_the_version(fake_pypi: str) -> None:
+    """Every file's sha256 of that exact version, sorted; the per-project listing is used when the
+    per-version endpoint is missing; an unknown version or a file without sha256 is an error."""
+    assert lock_hashes.hashes_for("one", "1.0", fake_pypi) == ["a" * 64, "b" * 64]
+    assert lock_hashes.hashes_for("two", "2.0", fake_pypi) == ["c" * 64]
+    with pytest.raises(lock_hashes.LockError, match="no such version"):
+        lock_hashes.hashes_for("two", "9.9", fake_pypi)
+    with pytest.raises(lock_hashes.LockError, match="lists no files"):
+        lock_hashes.hashes_for("two", "1.0", fake_pypi)
+    with pytest.raises(lock_hashes.LockError, match="no sha256 digest"):
+        lock_hashes.hashes_for("bad", "3.0", fake_pypi)
+
+
+def test_regeneration_refuses_a_plain_http_index(tmp_path: Path) -> None:
+    """Hashes fetched over plain HTTP would be only as good as the network: usage error, lock unchanged."""
+    lock = tmp_path / "x.lock"
+    lock.write_text("six==1.17.0\n")
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--pypi", "http://127.0.0.1:9/pypi", str(lock)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "https" in done.stderr
+    assert lock.read_text() == "six==1.17.0\n"

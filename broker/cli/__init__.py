@@ -39,6 +39,7 @@ common tasks:
   keybroker vault bootstrap ...       prepare a Vault (init, mounts, PKI, policy, AppRole)
   keybroker backup|restore ...        Vault's raft snapshot and the audit anchors, to a file and back
   keybroker deploy init [--dir DIR]   the certificates, secrets and configs docker-compose.yml mounts
+  keybroker deploy hsm-token ...      initialise the HSM token from PIN files (compose hsm-init)
 
 exit status: 0 done, 1 the operation failed (or a signature is invalid), 2 bad usage or settings.
 Errors are one line on stderr; with --json, one JSON object on stderr instead:

@@ -291,6 +291,37 @@ def cmd_kms_key(args: argparse.Namespace, session: Session) -> int:
     return 0
 
 
+def _read_pin(path: str, flag: str) -> str:
+    """The PIN a file holds (surrounding blanks dropped); ConfigError names the flag, never the value."""
+    from broker.config.secrets import read_secret_file
+    from broker.errors import ConfigError
+
+    try:
+        pin = read_secret_file(Path(path), flag)
+    except (OSError, UnicodeError) as exc:
+        # A directory, a FIFO gone away, bytes that are not UTF-8: the reason, not the content.
+        raise ConfigError(f"cannot read {path}: {exc.__class__.__name__}", key=flag) from None
+    if "\n" in pin:
+        raise ConfigError(f"{path} holds more than one line; a PIN file holds the PIN alone", key=flag)
+    return pin
+
+
+def cmd_hsm_token(args: argparse.Namespace, session: Session) -> int:
+    from broker.backends.hsm_token import TokenError, ensure_token
+
+    user_pin = _read_pin(args.pin_file, "--pin-file")
+    so_pin = _read_pin(args.so_pin_file, "--so-pin-file")
+    try:
+        state = ensure_token(args.library, args.label, user_pin=user_pin, so_pin=so_pin)
+    except TokenError as exc:
+        return fail(f"hsm token: {exc}", EXIT_FAILED)
+    if state.initialised:
+        print(f"token {state.label!r} initialised (slot {state.slot}); user PIN set from {args.pin_file}")
+    else:
+        print(f"token {state.label!r} exists (slot {state.slot}) and the PIN in {args.pin_file} opens it")
+    return 0
+
+
 # A SPIFFE trust domain as this deployment writes it into TOML strings, URIs and certificates:
 # lower-case DNS labels joined by dots, nothing a config file or a URI could read differently.
 _TRUST_DOMAIN = re.compile(
@@ -338,6 +369,26 @@ def add_parsers(sub: Any) -> None:
         "exists. For the compose file's KMS stand-in; with real AWS KMS the key is made by your "
         "infrastructure code.",
     )
+    token = add_command(
+        dsub,
+        "hsm-token",
+        "initialise the HSM token from PIN files (idempotent; no PIN on a command line)",
+        cmd_hsm_token,
+        online=False,
+        json_output=False,
+        description="Initialise the first free token of a PKCS#11 module (SoftHSM2) with --label, "
+        "its SO PIN and user PIN read from files, unless a token with that label exists; then only "
+        "check that the user PIN opens it. Unlike softhsm2-util --init-token, no PIN is passed on a "
+        "command line, where every user of the host could read it.",
+    )
+    token.add_argument(
+        "--library",
+        default=os.environ.get("KEYBROKER__HSM__LIBRARY") or PKCS11_LIBRARY,
+        help="the PKCS#11 module (default: $KEYBROKER__HSM__LIBRARY or %(default)s)",
+    )
+    token.add_argument("--label", default=HSM_TOKEN_LABEL, help="token label (default: %(default)s)")
+    token.add_argument("--pin-file", required=True, help="file holding the user PIN")
+    token.add_argument("--so-pin-file", required=True, help="file holding the security officer PIN")
     kms.add_argument("--endpoint", required=True, help="KMS endpoint URL")
     kms.add_argument("--alias", default=UNSEAL_ALIAS, help="(default: %(default)s)")
     kms.add_argument("--region", default=KMS_REGION, help="(default: %(default)s)")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,32 +31,28 @@ def init_token(layout: Layout, progress: Callable[[str], None]) -> None:
         "slots.removable = false\n",
     )
     env = child_env(SOFTHSM2_CONF=str(layout.softhsm_conf))
-    if not shutil.which("softhsm2-util"):
-        raise StackError("softhsm2-util not found; run `make setup` or `apt-get install softhsm2`")
-    slots = subprocess.run(
-        ["softhsm2-util", "--show-slots"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=30,
-    )
-    if f"Label:            {HSM_TOKEN_LABEL}" in slots.stdout and layout.hsm_pin.is_file():
-        return
-    pin, so_pin = os.urandom(12).hex(), os.urandom(12).hex()
-    write_private(layout.hsm_pin, pin + "\n")
-    write_private(layout.hsm_so_pin, so_pin + "\n")
+    library = find_softhsm_library()
+    if not (layout.hsm_pin.is_file() and layout.hsm_so_pin.is_file()):
+        write_private(layout.hsm_pin, os.urandom(12).hex() + "\n")
+        write_private(layout.hsm_so_pin, os.urandom(12).hex() + "\n")
+    # The PINs go by file to `keybroker deploy hsm-token` (the compose file's hsm-init too):
+    # softhsm2-util would need them on its command line, readable in `ps` by every user.
+    # In a child process: SoftHSM2 reads SOFTHSM2_CONF when the module is initialised.
     done = subprocess.run(
         [
-            "softhsm2-util",
-            "--init-token",
-            "--free",
+            sys.executable,
+            "-m",
+            "broker",
+            "deploy",
+            "hsm-token",
+            "--library",
+            str(library),
             "--label",
             HSM_TOKEN_LABEL,
-            "--so-pin",
-            so_pin,
-            "--pin",
-            pin,
+            "--pin-file",
+            str(layout.hsm_pin),
+            "--so-pin-file",
+            str(layout.hsm_so_pin),
         ],
         env=env,
         capture_output=True,
@@ -65,5 +61,6 @@ def init_token(layout: Layout, progress: Callable[[str], None]) -> None:
         timeout=60,
     )
     if done.returncode != 0:
-        raise StackError(f"softhsm2-util could not initialise the token: {done.stderr.strip()}")
-    progress(f"  hsm: token '{HSM_TOKEN_LABEL}' initialised; PINs in {layout.hsm_dir} (0600)")
+        raise StackError(f"the HSM token could not be initialised: {done.stderr.strip()}")
+    if "initialised" in done.stdout:
+        progress(f"  hsm: token '{HSM_TOKEN_LABEL}' initialised; PINs in {layout.hsm_dir} (0600)")

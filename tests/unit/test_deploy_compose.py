@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import stat
 import subprocess
 import sys
@@ -204,13 +203,12 @@ def test_openbao_configs_join_each_other_and_unseal_through_the_kms_service(
 
 def test_commands_are_ones_the_images_run(compose: dict[str, Any]) -> None:
     """keybroker commands parse with the CLI's own parser; the KMS stand-in knows every flag it
-    is given; the HSM init uses softhsm2-util (installed by the Dockerfile) and mounted secrets."""
+    is given; the HSM init is `deploy hsm-token` reading the mounted PIN secrets, for the token
+    label the brokers log in to."""
     parser = build_parser()
     for name, service in services_of(compose, "keybroker:").items():
-        if "entrypoint" in service:
-            continue
+        assert "entrypoint" not in service, f"{name}: the image's entrypoint is keybroker"
         parser.parse_args(service["command"])  # SystemExit(2) on anything the CLI does not take
-        assert name
     kms = compose["services"]["kms"]
     assert kms["build"]["target"] in {stage for _, stage, _ in dockerfile_stages()}
     helped = subprocess.run(
@@ -223,13 +221,72 @@ def test_commands_are_ones_the_images_run(compose: dict[str, Any]) -> None:
     for flag in (a for a in kms["command"] if a.startswith("--")):
         assert flag in helped, flag
     hsm_init = compose["services"]["hsm-init"]
-    script = hsm_init["command"][0]
-    assert hsm_init["entrypoint"] == ["sh", "-ec"]
-    assert "softhsm2-util" in script
-    assert shutil.which("softhsm2-util"), "softhsm2-util (Debian softhsm2) is what the image provides"
-    assert "softhsm2=" in DOCKERFILE.read_text()
-    for secret in re.findall(r"/run/secrets/(\w+)", script):
-        assert secret in hsm_init["secrets"]
+    args = parser.parse_args(hsm_init["command"])
+    assert hsm_init["command"][:2] == ["deploy", "hsm-token"]
+    assert args.pin_file == "/run/secrets/hsm_pin"
+    assert args.so_pin_file == "/run/secrets/hsm_so_pin"
+    assert {"hsm_pin", "hsm_so_pin"} <= set(hsm_init["secrets"])
+    for name, service in brokers(compose).items():
+        binds, _ = mounts(service)
+        config = tomllib.loads(binds["/etc/keybroker/broker.toml"].read_text())
+        assert config["hsm"]["token_label"] == args.label, name
+        assert config["hsm"]["pin_file"] == args.pin_file, name
+    # The library hsm-token defaults to is the image's (Dockerfile ENV KEYBROKER__HSM__LIBRARY).
+    assert "KEYBROKER__HSM__LIBRARY=${PKCS11_LIBRARY}" in DOCKERFILE.read_text()
+
+
+# Option names that take a secret's value; their *-file forms name a file instead.
+SECRET_OPTION = re.compile(r"^-{1,2}[\w-]*(pin|password|passwd|token|secret|key)(=|$)", re.IGNORECASE)
+SECRET_WORD = re.compile(r"pin|password|passwd|token|secret|hmac|key", re.IGNORECASE)
+
+
+def _argv(service: dict[str, Any]) -> list[str]:
+    """The entrypoint and command words of a service, split at blanks (a shell script's words too)."""
+    words: list[str] = []
+    for part in ("entrypoint", "command"):
+        value = service.get(part) or []
+        for item in [value] if isinstance(value, str) else value:
+            words += str(item).split()
+    return words
+
+
+def test_no_secret_on_any_command_line(compose: dict[str, Any], deploy_dir: Path) -> None:
+    """No command or entrypoint carries a secret (argv is readable by every user of the host in
+    ps and /proc/*/cmdline): no secret file's content, no value given to a PIN/password/token/
+    key option (only their *-file forms), no shell substitution, no ${...} that could expand to one."""
+    raw = yaml.safe_load(COMPOSE.read_text())
+    secret_values = {
+        Path(spec["file"]).read_text().strip() for spec in (compose.get("secrets") or {}).values()
+    }
+    assert secret_values, "deploy init wrote no secrets to look for"
+    for name, service in compose["services"].items():
+        words = _argv(service)
+        raw_words = _argv(raw["services"][name])
+        for word in words:
+            assert not any(value in word for value in secret_values), f"{name}: a secret on its argv"
+            assert "$(" not in word, f"{name}: shell substitution in its argv: {word}"
+            assert "`" not in word, f"{name}: shell substitution in its argv: {word}"
+            option = SECRET_OPTION.match(word)
+            assert option is None or "-file" in word, f"{name}: {word} takes a secret's value"
+        for word in raw_words:
+            for variable in re.findall(r"\$\{([^}:]*)", word):
+                assert not SECRET_WORD.search(variable), f"{name}: ${{{variable}}} in its argv"
+        assert words[:1] != ["sh"], f"{name}: a shell script as the command"
+
+
+def test_every_path_a_command_names_is_mounted(compose: dict[str, Any]) -> None:
+    """Each absolute path in a command (also as -flag=/path) lies on a bind mount (a file deploy init
+    wrote), a named volume or a declared secret of that service: nothing the container lacks."""
+    for name, service in compose["services"].items():
+        binds, named = mounts(service)
+        roots = set(binds) | set(named) | {f"/run/secrets/{s}" for s in service.get("secrets", [])}
+        for word in _argv(service):
+            path = word.split("=", 1)[1] if word.startswith("-") and "=" in word else word
+            if not path.startswith("/"):
+                continue
+            assert any(path == r or path.startswith(r + "/") for r in roots), f"{name}: {path} is not mounted"
+            if path in binds:
+                assert binds[path].is_file(), f"{name}: {path} is not written by deploy init"
 
 
 def test_vault_init_writes_where_the_brokers_read(compose: dict[str, Any]) -> None:
@@ -342,7 +399,7 @@ def test_each_broker_config_passes_check_config(
 def test_dockerfile_is_multi_stage_pinned_and_non_root() -> None:
     """Every FROM is an exact version (or an earlier stage), the runtime stages end as a non-root
     user, the PKCS#11 path is a build ARG feeding the broker's config, every COPY source exists
-    (and is let through .dockerignore), and the lock files pin every package."""
+    (and is let through .dockerignore); the lock files are checked in test_deploy_locks.py."""
     stages = dockerfile_stages()
     names = {stage for _, stage, _ in stages}
     assert len(stages) >= 2
@@ -371,10 +428,6 @@ def test_dockerfile_is_multi_stage_pinned_and_non_root() -> None:
             for source in ln.split()[1:-1]:
                 assert (REPO / source).exists(), source
                 assert source.rstrip("/") in allowed, f"{source} is excluded by .dockerignore"
-    for lock in (REPO / "deploy").glob("*.lock"):
-        for line in lock.read_text().splitlines():
-            if line and not line.startswith("#"):
-                assert re.fullmatch(r"[A-Za-z0-9._-]+==[\w.+-]+", line), (lock.name, line)
     apt = re.findall(r"apt-get install[^&]*", text.replace("\\\n", " "))
     for package in (p for chunk in apt for p in chunk.split()[2:] if not p.startswith("-")):
         assert "=" in package, f"apt package {package} is not pinned"

@@ -18,8 +18,8 @@ dev: setup
 	$(BIN)/keybroker dev --state-dir $(STATE_DIR)
 
 lint: setup
-	$(BIN)/ruff check broker tests bench
-	$(BIN)/ruff format --check broker tests bench
+	$(BIN)/ruff check broker tests bench deploy
+	$(BIN)/ruff format --check broker tests bench deploy
 	$(BIN)/mypy
 
 test: setup-test lint

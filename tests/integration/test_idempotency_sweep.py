@@ -34,12 +34,9 @@ WAIT = 45.0  # bound on any wait for the sweep (generous: a loaded 2-core machin
 @pytest.fixture(scope="module")
 def sweeper(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A broker replica whose scheduler (and so the sweep) runs every half second."""
-    with extra_broker(
-        stack,
-        tmp_path_factory.mktemp("sweep"),
-        "sweep-replica",
-        env={"KEYBROKER__KEYS__SCHEDULER_INTERVAL_SECONDS": str(TICK)},
-    ) as broker:
+    every_tick = {"KEYBROKER__KEYS__SCHEDULER_INTERVAL_SECONDS": str(TICK)}
+    directory = tmp_path_factory.mktemp("sweep")
+    with extra_broker(stack, directory, "sweep-replica", env=every_tick) as broker:
         yield broker.url
 
 

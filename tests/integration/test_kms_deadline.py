@@ -16,7 +16,7 @@ import pytest
 from broker.devstack.processes import Child
 from broker.devstack.stack import DevStack
 from tests.integration.conftest import extra_broker
-from tests.integration.ha.faults import Load, assert_problem_503, encrypt_call, frozen
+from tests.integration.ha.faults import Load, assert_problem_503, encrypt_call, frozen, kms_deadline_env
 from tests.integration.keyops import create_key
 
 pytestmark = pytest.mark.integration
@@ -29,16 +29,8 @@ FREEZE_SECONDS = 8.0
 
 @pytest.fixture(scope="module")
 def short_deadline(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Child]]:
-    with extra_broker(
-        stack,
-        tmp_path_factory.mktemp("kms-deadline"),
-        "kms-deadline",
-        env={
-            "KEYBROKER__KMS__TIMEOUT_SECONDS": "1",
-            "KEYBROKER__KMS__MAX_ATTEMPTS": "3",
-            "KEYBROKER__KMS__DEADLINE_SECONDS": str(DEADLINE),
-        },
-    ) as broker:
+    directory = tmp_path_factory.mktemp("kms-deadline")
+    with extra_broker(stack, directory, "kms-deadline", env=kms_deadline_env(DEADLINE)) as broker:
         yield broker.url, broker.child
 
 

@@ -10,9 +10,11 @@ import json
 import socket
 import ssl
 import time
+import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from broker.devstack.processes import Child
 from broker.devstack.stack import DevStack, free_port
 
 pytestmark = pytest.mark.integration
@@ -97,6 +100,59 @@ def ca_file(stack: DevStack) -> Path:
     return stack.layout.tls / "ca.pem"
 
 
+@dataclass(frozen=True)
+class ExtraBroker:
+    """One more broker process on the stack, as ``extra_broker`` started it."""
+
+    url: str
+    port: int
+    config: Path
+    child: Child
+    audit_dir: Path  # its own audit log (one chain per node), as its config names it
+    node: str
+
+
+@contextmanager
+def extra_broker(
+    stack: DevStack,
+    directory: Path,
+    name: str,
+    *,
+    approle_dir: Path | None = None,
+    extra_config: str = "",
+    wait: bool = True,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[ExtraBroker]:
+    """Another broker process sharing the stack's Vault, KMS and HSM, stopped on leaving.
+
+    It listens on a free port and is named ``<name>-<port>`` (its log in the stack's log folder,
+    its config ``<directory>/<name>-<port>.toml``: the stack's rendered config, then
+    ``extra_config``); ``env`` is added to its environment. With ``wait`` it is yielded once
+    health answers 200; without, as soon as it is spawned (for a broker expected to refuse).
+    A test that restarts it on the same config stops the new process itself.
+    """
+    port = free_port()
+    config = directory / f"{name}-{port}.toml"
+    text = stack.render_broker_config(port=port, approle_dir=approle_dir) + extra_config
+    config.write_text(text)
+    audit = tomllib.loads(text)["audit"]
+    child = stack.spawn_broker(f"{name}-{port}", config, **(env or {}))
+    broker = ExtraBroker(
+        url=f"https://127.0.0.1:{port}",
+        port=port,
+        config=config,
+        child=child,
+        audit_dir=Path(audit["directory"]),
+        node=audit["node"],
+    )
+    try:
+        if wait:
+            stack.wait_healthy(child, broker.url)
+        yield broker
+    finally:
+        child.stop()
+
+
 @pytest.fixture(scope="module")
 def second_broker(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Another broker process (its own port and audit log) sharing the stack's Vault, KMS and HSM.
@@ -105,13 +161,5 @@ def second_broker(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> 
     identity, and the stack's own timeline, which holds only its own records, shows those calls as
     unexplained; a module that checks for unexplained rows must not run while it lives (seen in CI).
     """
-    port = free_port()
-    config = tmp_path_factory.mktemp("replica") / "broker.toml"
-    config.write_text(stack.render_broker_config(port=port))
-    child = stack.spawn_broker("broker-replica", config)
-    url = f"https://127.0.0.1:{port}"
-    try:
-        stack.wait_healthy(child, url)
-        yield url
-    finally:
-        child.stop()
+    with extra_broker(stack, tmp_path_factory.mktemp("replica"), "broker-replica") as broker:
+        yield broker.url

@@ -28,9 +28,9 @@ from typing import Any
 import hvac.exceptions
 
 from broker.devstack.processes import Child
-from broker.devstack.stack import DevStack, free_port
+from broker.devstack.stack import DevStack
 from broker.vaultops.policy import POLICY_NAME
-from tests.integration.conftest import Reply, https
+from tests.integration.conftest import Reply, extra_broker, https
 from tests.integration.keyops import b64, create_key, encrypt, unique
 
 ADMIN = "spiffe://keybroker.dev/user/admin"
@@ -61,21 +61,14 @@ def _answering(stack: DevStack, url: str, timeout: float = 60) -> Reply:
 def own_broker(stack: DevStack, tmp: Path, audit: str = "", approle: Path | None = None) -> Iterator[Broker]:
     """A broker process of our own: its own port, node name and audit directory; ``audit`` adds
     lines to its [audit] section (the last one in the rendered config)."""
-    port = free_port()
-    config = tmp / f"broker-{port}.toml"
-    config.write_text(stack.render_broker_config(port=port, approle_dir=approle) + audit)
-    broker = Broker(
-        url=f"https://127.0.0.1:{port}",
-        node=f"broker-{port}",
-        audit_dir=stack.layout.audit_dir.with_name(f"audit-{port}"),
-        config=config,
-        child=stack.spawn_broker(f"broker-{port}", config),
-    )
-    try:
-        _answering(stack, broker.url)
-        yield broker
-    finally:
-        broker.child.stop()
+    # Waited for until it answers at all, not 200: a test may make it refuse.
+    with extra_broker(stack, tmp, "broker", approle_dir=approle, extra_config=audit, wait=False) as first:
+        broker = Broker(first.url, first.node, first.audit_dir, first.config, first.child)
+        try:
+            _answering(stack, broker.url)
+            yield broker
+        finally:
+            broker.child.stop()  # a restart's process; extra_broker stops the first
 
 
 def restart(stack: DevStack, broker: Broker) -> None:

@@ -36,9 +36,9 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
 from broker.devstack.processes import Child
-from broker.devstack.stack import TRUST_DOMAIN, DevStack, free_port
+from broker.devstack.stack import TRUST_DOMAIN, DevStack
 from tests.integration import fuzzkit
-from tests.integration.conftest import https
+from tests.integration.conftest import ExtraBroker, extra_broker, https
 from tests.integration.fuzzkit import Operation, Pools, RawReply, Request, Violation
 
 pytestmark = pytest.mark.integration
@@ -75,11 +75,12 @@ def budget(op: Operation) -> int:
 class FuzzBroker:
     """A broker replica the fuzzer may freeze: restartable, with its own audit log and pid."""
 
-    def __init__(self, stack: DevStack, config: Path, port: int) -> None:
-        self.stack, self.config, self.port = stack, config, port
-        self.audit_dir = stack.layout.audit_dir.with_name(f"audit-{port}")
+    def __init__(self, stack: DevStack, first: ExtraBroker) -> None:
+        self.stack, self.config, self.port = stack, first.config, first.port
+        self.name = first.child.name  # a restart runs under the same name, so into the same log
+        self.audit_dir = first.audit_dir
         self.contexts: dict[str, ssl.SSLContext] = {w: stack.client_ssl(self.stem(w)) for w in WHO}
-        self.child: Child = self._spawn()
+        self.child: Child = first.child
         self.tail = fuzzkit.AuditTail(self.audit_dir)
         self.log = fuzzkit.LogTail(self.child.log_path)
         self.restarts = 0
@@ -95,14 +96,10 @@ class FuzzBroker:
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
-    def _spawn(self) -> Child:
-        child = self.stack.spawn_broker(f"broker-fuzz-{self.port}", self.config)
-        self.stack.wait_healthy(child, self.url)
-        return child
-
     def restart(self) -> None:
         self.child.stop(timeout=5)
-        self.child = self._spawn()
+        self.child = self.stack.spawn_broker(self.name, self.config)
+        self.stack.wait_healthy(self.child, self.url)
         self.restarts += 1
         self.warm_up()  # a new process: its growth is measured from here
         self.tail.read_new()
@@ -143,14 +140,12 @@ class FuzzBroker:
 @pytest.fixture(scope="module")
 def target(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzBroker]:
     stack.issue_client_certificate(ZERO_STEM, ZERO_STEM, "user")
-    port = free_port()
-    config = tmp_path_factory.mktemp("fuzz") / "broker.toml"
-    config.write_text(stack.render_broker_config(port=port))
-    broker = FuzzBroker(stack, config, port)
-    try:
-        yield broker
-    finally:
-        broker.child.stop()
+    with extra_broker(stack, tmp_path_factory.mktemp("fuzz"), "broker-fuzz") as first:
+        broker = FuzzBroker(stack, first)
+        try:
+            yield broker
+        finally:
+            broker.child.stop()  # a restart's process; extra_broker stops the first
 
 
 def _admin(stack: DevStack, path: str, body: Any = None, method: str | None = None) -> Any:

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from broker.devstack.stack import DevStack, find_softhsm_library, free_port
+from broker.devstack.stack import DevStack, find_softhsm_library
 from broker.keys.ciphertext import decode
-from tests.integration.conftest import https
+from tests.integration.conftest import extra_broker, https
 from tests.integration.keyops import b64, create_key, unb64
 from tests.integration.shims import build_shim
 
@@ -34,16 +34,8 @@ def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @contextmanager
 def replica(stack: DevStack, tmp: Path, name: str, **env: str) -> Iterator[str]:
     """A broker on the stack's Vault, KMS and token with extra environment; yields its URL."""
-    port = free_port()
-    config = tmp / f"{name}.toml"
-    config.write_text(stack.render_broker_config(port=port))
-    child = stack.spawn_broker(name, config, **env)
-    url = f"https://127.0.0.1:{port}"
-    try:
-        stack.wait_healthy(child, url)
-        yield url
-    finally:
-        child.stop()
+    with extra_broker(stack, tmp, name, env=env) as broker:
+        yield broker.url
 
 
 def via_shim(shim: Path, mode: str, iv_mode: str) -> dict[str, str]:

@@ -21,8 +21,8 @@ from pkcs11 import Attribute
 
 from broker.backends.hsm import object_label
 from broker.config.load import load_config
-from broker.devstack.stack import DevStack, find_softhsm_library, free_port
-from tests.integration.conftest import https
+from broker.devstack.stack import DevStack, find_softhsm_library
+from tests.integration.conftest import extra_broker, https
 from tests.integration.keyops import b64, create_key, unb64, unique
 from tests.integration.shims import build_shim
 
@@ -39,23 +39,18 @@ def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @contextmanager
 def noted_broker(stack: DevStack, shim: Path, tmp: Path) -> Iterator[tuple[str, Path]]:
     """A broker on the stack whose HSM library is the shim; yields its URL and the shim's notes."""
-    port = free_port()
-    config = tmp / "broker-p11-noted.toml"
-    config.write_text(stack.render_broker_config(port=port))
     notes = tmp / "p11-notes.txt"
-    child = stack.spawn_broker(
+    with extra_broker(
+        stack,
+        tmp,
         "broker-p11-noted",
-        config,
-        KEYBROKER__HSM__LIBRARY=str(shim),
-        KEYBROKER_SHIM_TARGET=str(find_softhsm_library()),
-        KEYBROKER_SHIM_LOG=str(notes),
-    )
-    url = f"https://127.0.0.1:{port}"
-    try:
-        stack.wait_healthy(child, url)
-        yield url, notes
-    finally:
-        child.stop()
+        env={
+            "KEYBROKER__HSM__LIBRARY": str(shim),
+            "KEYBROKER_SHIM_TARGET": str(find_softhsm_library()),
+            "KEYBROKER_SHIM_LOG": str(notes),
+        },
+    ) as broker:
+        yield broker.url, notes
 
 
 def finds(notes: Path) -> int:

@@ -19,9 +19,9 @@ import hvac
 import hvac.exceptions
 import pytest
 
-from broker.devstack.stack import DevStack, free_port
+from broker.devstack.stack import DevStack
 from broker.timeutil import iso
-from tests.integration.conftest import https
+from tests.integration.conftest import extra_broker, https
 from tests.integration.keyops import create_key
 
 pytestmark = pytest.mark.integration
@@ -34,18 +34,10 @@ WAIT = 45.0  # bound on any wait for the sweep (generous: a loaded 2-core machin
 @pytest.fixture(scope="module")
 def sweeper(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A broker replica whose scheduler (and so the sweep) runs every half second."""
-    port = free_port()
-    config = tmp_path_factory.mktemp("sweep") / "broker.toml"
-    config.write_text(stack.render_broker_config(port=port))
-    child = stack.spawn_broker(
-        f"sweep-replica-{port}", config, KEYBROKER__KEYS__SCHEDULER_INTERVAL_SECONDS=str(TICK)
-    )
-    url = f"https://127.0.0.1:{port}"
-    try:
-        stack.wait_healthy(child, url)
-        yield url
-    finally:
-        child.stop()
+    every_tick = {"KEYBROKER__KEYS__SCHEDULER_INTERVAL_SECONDS": str(TICK)}
+    directory = tmp_path_factory.mktemp("sweep")
+    with extra_broker(stack, directory, "sweep-replica", env=every_tick) as broker:
+        yield broker.url
 
 
 def record_name() -> str:

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 import pytest
 
 from broker.devstack.processes import Child
-from broker.devstack.stack import DevStack, free_port
-from tests.integration.ha.faults import Load, assert_problem_503, encrypt_call, frozen
+from broker.devstack.stack import DevStack
+from tests.integration.conftest import extra_broker
+from tests.integration.ha.faults import Load, assert_problem_503, encrypt_call, frozen, kms_deadline_env
 from tests.integration.keyops import create_key
 
 pytestmark = pytest.mark.integration
@@ -28,22 +29,9 @@ FREEZE_SECONDS = 8.0
 
 @pytest.fixture(scope="module")
 def short_deadline(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Child]]:
-    port = free_port()
-    config = tmp_path_factory.mktemp("kms-deadline") / "broker.toml"
-    config.write_text(stack.render_broker_config(port=port))
-    child = stack.spawn_broker(
-        f"kms-deadline-{port}",
-        config,
-        KEYBROKER__KMS__TIMEOUT_SECONDS="1",
-        KEYBROKER__KMS__MAX_ATTEMPTS="3",
-        KEYBROKER__KMS__DEADLINE_SECONDS=str(DEADLINE),
-    )
-    url = f"https://127.0.0.1:{port}"
-    try:
-        stack.wait_healthy(child, url)
-        yield url, child
-    finally:
-        child.stop()
+    directory = tmp_path_factory.mktemp("kms-deadline")
+    with extra_broker(stack, directory, "kms-deadline", env=kms_deadline_env(DEADLINE)) as broker:
+        yield broker.url, broker.child
 
 
 def test_frozen_kms_is_refused_503_within_the_deadline_and_recovers(

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from broker.devstack.stack import DevStack, free_port
+from broker.devstack.stack import DevStack
 from broker.vaultops.policy import Mounts
-from tests.integration.conftest import https
+from tests.integration.conftest import extra_broker, https
 from tests.integration.keyops import b64, create_key
 from tests.integration.policyops import bind, fresh, identity, put_role
 
@@ -41,26 +42,18 @@ def unbind(stack: DevStack, principal: str) -> None:
 def stale_replica(stack: DevStack, tmp_path: Path) -> Iterator[Callable[[], str]]:
     """Starts a second broker that re-reads the policy only once a minute: its cache is what the
     document was when it started, for the rest of the test."""
-    children = []
+    with ExitStack() as brokers:
 
-    def start() -> str:
-        port = free_port()
-        config = tmp_path / f"broker-{port}.toml"
-        config.write_text(
-            stack.render_broker_config(port=port)
-            + "\n[policy]\nrefresh_seconds = 60\nmax_stale_seconds = 600\n"
-        )
-        child = stack.spawn_broker(f"broker-stale-{port}", config)
-        children.append(child)
-        url = f"https://127.0.0.1:{port}"
-        stack.wait_healthy(child, url)
-        return url
+        def start() -> str:
+            stale = extra_broker(
+                stack,
+                tmp_path,
+                "broker-stale",
+                extra_config="\n[policy]\nrefresh_seconds = 60\nmax_stale_seconds = 600\n",
+            )
+            return brokers.enter_context(stale).url
 
-    try:
         yield start
-    finally:
-        for child in children:
-            child.stop()
 
 
 def test_a_binding_removed_through_one_replica_stays_removed_when_a_stale_replica_writes(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-import tomllib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,10 +17,10 @@ from urllib.parse import urlencode
 
 import pytest
 
-from broker.devstack.stack import DevStack, free_port
+from broker.devstack.stack import DevStack
 from broker.timeutil import iso
-from tests.integration.conftest import Reply, https
-from tests.integration.ha.faults import frozen
+from tests.integration.conftest import Reply, extra_broker, https
+from tests.integration.ha.faults import frozen, kms_deadline_env
 from tests.integration.keyops import create_key, unique
 from tests.integration.policyops import bind, identity, put_role
 
@@ -99,22 +98,9 @@ def short_kms_deadline(
 ) -> Iterator[tuple[str, Path]]:
     """A replica whose KMS calls give up after 2 s (a frozen KMS makes a rotation 504): its
     address and its audit directory."""
-    port = free_port()
-    config = tmp_path_factory.mktemp("rt4-deadline") / "broker.toml"
-    config.write_text(stack.render_broker_config(port=port))
-    child = stack.spawn_broker(
-        f"rt4-deadline-{port}",
-        config,
-        KEYBROKER__KMS__TIMEOUT_SECONDS="1",
-        KEYBROKER__KMS__MAX_ATTEMPTS="3",
-        KEYBROKER__KMS__DEADLINE_SECONDS=str(KMS_DEADLINE),
-    )
-    url = f"https://127.0.0.1:{port}"
-    try:
-        stack.wait_healthy(child, url)
-        yield url, Path(tomllib.loads(config.read_text())["audit"]["directory"])
-    finally:
-        child.stop()
+    directory = tmp_path_factory.mktemp("rt4-deadline")
+    with extra_broker(stack, directory, "rt4-deadline", env=kms_deadline_env(KMS_DEADLINE)) as broker:
+        yield broker.url, broker.audit_dir
 
 
 def _records(audit_dir: Path, reply: Reply) -> list[dict[str, Any]]:
@@ -162,17 +148,10 @@ SCHEDULER_TICK = 0.5
 @pytest.fixture(scope="module")
 def fast_scheduler(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A replica whose scheduler runs every half second: its log file."""
-    port = free_port()
-    config = tmp_path_factory.mktemp("rt4-scheduler") / "broker.toml"
-    config.write_text(stack.render_broker_config(port=port))
-    child = stack.spawn_broker(
-        f"rt4-scheduler-{port}", config, KEYBROKER__KEYS__SCHEDULER_INTERVAL_SECONDS=str(SCHEDULER_TICK)
-    )
-    try:
-        stack.wait_healthy(child, f"https://127.0.0.1:{port}")
-        yield child.log_path
-    finally:
-        child.stop()
+    every_tick = {"KEYBROKER__KEYS__SCHEDULER_INTERVAL_SECONDS": str(SCHEDULER_TICK)}
+    directory = tmp_path_factory.mktemp("rt4-scheduler")
+    with extra_broker(stack, directory, "rt4-scheduler", env=every_tick) as broker:
+        yield broker.child.log_path
 
 
 def _versions(stack: DevStack, name: str) -> int:

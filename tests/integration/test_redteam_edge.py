@@ -17,10 +17,9 @@ from typing import Any
 
 from cryptography import x509
 
-from broker.devstack.common import free_port
 from broker.devstack.stack import DevStack
 from broker.vaultops.policy import Mounts
-from tests.integration.conftest import Reply, https
+from tests.integration.conftest import Reply, extra_broker, https
 from tests.integration.keyops import b64, create_key, unique
 from tests.integration.policyops import identity
 
@@ -165,12 +164,15 @@ def test_a_broker_that_cannot_read_the_crl_fails_closed(stack: DevStack, tmp_pat
     """A broker that never obtained its PKI's CRL (here: a mount with no CA) refuses every
     request 503 ``crl_unavailable`` with a detail that says so, rather than trusting every
     certificate."""
-    port = free_port()
-    config = tmp_path / "broker.toml"
-    config.write_text(stack.render_broker_config(port=port))
-    child = stack.spawn_broker("broker-no-crl", config, KEYBROKER__SERVER__CRL_PKI_MOUNT="kb-no-such-pki")
-    url = f"https://127.0.0.1:{port}"
-    try:
+    # Not waited for: this broker never answers health 200.
+    with extra_broker(
+        stack,
+        tmp_path,
+        "broker-no-crl",
+        wait=False,
+        env={"KEYBROKER__SERVER__CRL_PKI_MOUNT": "kb-no-such-pki"},
+    ) as broker:
+        url = broker.url
         reply: Reply | None = None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -183,8 +185,6 @@ def test_a_broker_that_cannot_read_the_crl_fails_closed(stack: DevStack, tmp_pat
         assert reply.status == 503, reply.body
         assert reply.json()["code"] == "crl_unavailable", reply.body
         assert "revocation list" in reply.json()["detail"], reply.body
-    finally:
-        child.stop()
 
 
 def test_stalled_tls_handshakes_without_a_certificate_do_not_lock_out_everyone(
@@ -195,30 +195,28 @@ def test_stalled_tls_handshakes_without_a_certificate_do_not_lock_out_everyone(
     connecting from another address: handshakes in progress are capped per peer and in all."""
     prlimit = shutil.which("prlimit")
     assert prlimit is not None, "this test needs util-linux prlimit"
-    port = free_port()
-    config = tmp_path / "broker.toml"
-    config.write_text(stack.render_broker_config(port=port))
-    child = stack.spawn_broker("broker-redteam-fds", config)
     held: list[socket.socket] = []
-    try:
-        stack.wait_healthy(child, f"https://127.0.0.1:{port}")
-        subprocess.run([prlimit, f"--pid={child.pid}", "--nofile=512:512"], check=True)
-        for _ in range(600):
-            # The attacker is another host (127.0.0.2, still loopback): on one shared address the
-            # per-peer cap would rightly treat the administrator as the same peer.
-            sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0))
-            sock.sendall(b"\x16\x03\x01\x00\xc8")  # a TLS handshake record header; the record never comes
-            held.append(sock)
-        time.sleep(1)
-        started = time.monotonic()
+    with extra_broker(stack, tmp_path, "broker-redteam-fds") as broker:
+        port, child = broker.port, broker.child
         try:
-            status: int | str = https(stack, "/v1/sys/health", url=f"https://127.0.0.1:{port}").status
-        except OSError as exc:
-            status = repr(exc)
-        took = time.monotonic() - started
-        assert status == 200, f"the administrator's health check failed: {status} after {took:.1f} s"
-        assert took < 3, f"the administrator's health check took {took:.1f} s behind stalled handshakes"
-    finally:
-        for sock in held:
-            sock.close()
-        child.stop()
+            subprocess.run([prlimit, f"--pid={child.pid}", "--nofile=512:512"], check=True)
+            for _ in range(600):
+                # The attacker is another host (127.0.0.2, still loopback): on one shared address the
+                # per-peer cap would rightly treat the administrator as the same peer.
+                sock = socket.create_connection(
+                    ("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)
+                )
+                sock.sendall(b"\x16\x03\x01\x00\xc8")  # a TLS handshake record header; the record never comes
+                held.append(sock)
+            time.sleep(1)
+            started = time.monotonic()
+            try:
+                status: int | str = https(stack, "/v1/sys/health", url=f"https://127.0.0.1:{port}").status
+            except OSError as exc:
+                status = repr(exc)
+            took = time.monotonic() - started
+            assert status == 200, f"the administrator's health check failed: {status} after {took:.1f} s"
+            assert took < 3, f"the administrator's health check took {took:.1f} s behind stalled handshakes"
+        finally:
+            for sock in held:
+                sock.close()

@@ -12,8 +12,8 @@ import time
 import uuid
 from pathlib import Path
 
-from broker.devstack.stack import DevStack, free_port
-from tests.integration.conftest import Reply, https
+from broker.devstack.stack import DevStack
+from tests.integration.conftest import Reply, extra_broker, https
 from tests.integration.keyops import b64, create_key, unique
 from tests.integration.policyops import bind, identity, put_role
 
@@ -238,12 +238,8 @@ def test_a_zero_role_caller_cannot_pin_hundreds_of_megabytes(stack: DevStack, tm
     must not cost the broker more than a small bounded amount per connection.
     """
     stem, _ = identity(stack, unique("nobody"), "app")
-    port = free_port()
-    config = tmp_path / "broker.toml"
-    config.write_text(stack.render_broker_config(port=port))
-    child = stack.spawn_broker("broker-redteam-rss", config)
-    try:
-        stack.wait_healthy(child, f"https://127.0.0.1:{port}")
+    with extra_broker(stack, tmp_path, "broker-redteam-rss") as broker:
+        port, child = broker.port, broker.child
         before = _rss_kib(child.pid)
         body = json.dumps({"name": "x", "backend": "A" * 1_000_000, "environment": "dev"}).encode()
         head = (
@@ -266,8 +262,6 @@ def test_a_zero_role_caller_cannot_pin_hundreds_of_megabytes(stack: DevStack, tm
         time.sleep(3)
         grown_mib = (_rss_kib(child.pid) - before) / 1024
         assert grown_mib < 120, f"80 zero-role requests left the broker {grown_mib:.0f} MiB larger"
-    finally:
-        child.stop()
 
 
 # -- 11. what a caller with no rights learns ----------------------------------------------------

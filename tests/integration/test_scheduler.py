@@ -20,7 +20,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,8 +30,9 @@ import hvac.exceptions
 import pytest
 
 from broker.devstack.processes import Child
-from broker.devstack.stack import DevStack, find_softhsm_library, free_port
+from broker.devstack.stack import DevStack, find_softhsm_library
 from broker.timeutil import iso
+from tests.integration.conftest import extra_broker
 from tests.integration.keyops import (
     create_key,
     hsm_objects_with_label,
@@ -72,21 +73,12 @@ def replicas(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "KEYBROKER_SHIM_TARGET": str(find_softhsm_library()),
         "KEYBROKER_SHIM_FAULT_FILE": str(fault_file),
     }
-    children: list[Child] = []
-    urls: list[str] = []
-    try:
-        for i in range(2):
-            port = free_port()
-            config = tmp / f"replica-{i}.toml"
-            config.write_text(stack.render_broker_config(port=port))
-            child = stack.spawn_broker(f"scheduler-replica-{i}-{port}", config, **env)
-            children.append(child)
-            urls.append(f"https://127.0.0.1:{port}")
-            stack.wait_healthy(child, urls[-1])
-        yield Replicas(urls, children, fault_file)
-    finally:
-        for child in children:
-            child.stop()
+    with ExitStack() as brokers:
+        started = [
+            brokers.enter_context(extra_broker(stack, tmp, f"scheduler-replica-{i}", env=env))
+            for i in range(2)
+        ]
+        yield Replicas([b.url for b in started], [b.child for b in started], fault_file)
 
 
 # -- helpers -------------------------------------------------------------------------------

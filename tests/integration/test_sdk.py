@@ -31,6 +31,7 @@ from broker.sdk.errors import (
     NotFound,
     TransportError,
 )
+from tests.integration.conftest import extra_broker
 
 REPO = Path(__file__).parents[2]
 APP = "spiffe://keybroker.dev/app/app"
@@ -249,16 +250,6 @@ def test_a_dead_first_address_is_skipped_and_the_live_one_sticks(stack: DevStack
         assert kb.decrypt(name, sealed.ciphertext) == b"payload"
 
 
-def _replica(stack: DevStack, tmp: Path) -> tuple[str, Any]:
-    port = free_port()
-    config = tmp / "broker.toml"
-    config.write_text(stack.render_broker_config(port=port))
-    child = stack.spawn_broker(f"sdk-replica-{port}", config)
-    url = f"https://127.0.0.1:{port}"
-    stack.wait_healthy(child, url)
-    return url, child
-
-
 def _load(
     work: Callable[[], None], stop: threading.Event, errors: list[BaseException], done: list[int]
 ) -> None:
@@ -275,9 +266,9 @@ def test_a_replica_stopped_mid_run_is_failed_over_without_a_failed_call(
 ) -> None:
     """Two live replicas, the first stopped while four threads encrypt and decrypt through one
     Client: no operation fails, and calls keep succeeding on the other replica."""
-    replica, child = _replica(stack, tmp_path_factory.mktemp("sdk-replica"))
-    name = unique("sdk-ha")
-    try:
+    with extra_broker(stack, tmp_path_factory.mktemp("sdk-replica"), "sdk-replica") as broker:
+        replica, child = broker.url, broker.child
+        name = unique("sdk-ha")
         with connect(stack, [replica, stack.broker_url]) as kb:
             kb.create_key(name, backend="vault", environment="dev")
             assert kb.address == replica
@@ -305,8 +296,6 @@ def test_a_replica_stopped_mid_run_is_failed_over_without_a_failed_call(
                 t.join(30)
             after = len(done)
             address = kb.address
-    finally:
-        child.stop()
 
     assert errors == []
     assert before >= 20

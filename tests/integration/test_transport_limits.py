@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from broker.devstack.stack import DevStack, free_port
+from tests.integration.conftest import extra_broker
 
 APP = "spiffe://keybroker.dev/app/app"
 ADMIN = "spiffe://keybroker.dev/user/admin"
@@ -128,16 +129,9 @@ def capped(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 def _broker(
     stack: DevStack, tmp_path_factory: pytest.TempPathFactory, name: str, **server: str
 ) -> Iterator[tuple[int, Path, int]]:
-    port = free_port()
-    config = tmp_path_factory.mktemp(name) / "broker.toml"
-    config.write_text(stack.render_broker_config(port=port))
     env = {f"KEYBROKER__SERVER__{key}": value for key, value in server.items()}
-    child = stack.spawn_broker(name, config, **env)
-    try:
-        stack.wait_healthy(child, f"https://127.0.0.1:{port}")
-        yield port, stack.layout.audit_dir.with_name(f"audit-{port}"), child.pid
-    finally:
-        child.stop()
+    with extra_broker(stack, tmp_path_factory.mktemp(name), name, env=env) as broker:
+        yield broker.port, broker.audit_dir, broker.child.pid
 
 
 MALFORMED = {

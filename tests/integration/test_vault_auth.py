@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from broker.cli import main
-from broker.devstack.stack import DevStack, free_port
+from broker.devstack.stack import DevStack
 from broker.vaultops.bootstrap import BootstrapOptions, bootstrap
-from tests.integration.conftest import https
+from tests.integration.conftest import extra_broker, https
 
 
 def test_broker_keeps_working_past_token_ttl(stack: DevStack, tmp_path: Path) -> None:
@@ -28,20 +28,13 @@ def test_broker_keeps_working_past_token_ttl(stack: DevStack, tmp_path: Path) ->
             token_max_ttl="7s",
         )
     )
-    port = free_port()
-    url = f"https://127.0.0.1:{port}"
-    config = tmp_path / "broker.toml"
-    config.write_text(stack.render_broker_config(port=port, approle_dir=approle))
-    child = stack.spawn_broker("broker-short-ttl", config)
-    try:
-        stack.wait_healthy(child, url)
+    with extra_broker(stack, tmp_path, "broker-short-ttl", approle_dir=approle) as broker:
+        url, child = broker.url, broker.child
         statuses = []
         started = time.monotonic()
         while time.monotonic() - started < 16:
             statuses.append(https(stack, "/v1/sys/health", url=url).status)
             time.sleep(0.5)
-    finally:
-        child.stop()
 
     events = [json.loads(line).get("event") for line in child.log_path.read_text().splitlines()]
     assert set(statuses) == {200}

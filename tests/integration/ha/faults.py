@@ -198,6 +198,15 @@ def frozen(pid: int, seconds: float) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
+def kms_deadline_env(deadline: float) -> dict[str, str]:
+    """A broker's environment for KMS calls that give up after ``deadline`` s (1 s an attempt, 3 attempts)."""
+    return {
+        "KEYBROKER__KMS__TIMEOUT_SECONDS": "1",
+        "KEYBROKER__KMS__MAX_ATTEMPTS": "3",
+        "KEYBROKER__KMS__DEADLINE_SECONDS": str(deadline),
+    }
+
+
 def wait_cluster_whole(stack: DevStack, timeout: float = 60) -> None:
     """Until the three nodes are voters again and one is active (bounded)."""
     assert stack.cluster is not None

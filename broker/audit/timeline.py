@@ -33,7 +33,7 @@ import json
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -59,6 +59,16 @@ SEEK_BACK = DISORDER + 3 * CLAIM_HORIZON + 4 * _SLACK
 _SEEK_GRAIN = 64 * 1024
 
 RowKey = tuple[datetime, str]
+_FIRST, _LAST = datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)
+
+
+def _plus(moment: datetime, delta: timedelta) -> datetime:
+    """``moment + delta``, held at the calendar's ends (a cursor, a filter or a damaged record may
+    name year 1 or 9999: an answer, never an OverflowError)."""
+    try:
+        return moment + delta
+    except OverflowError:
+        return _LAST if delta > timedelta(0) else _FIRST
 
 
 def row_key(row: Mapping[str, Any]) -> RowKey:
@@ -325,9 +335,9 @@ class _Joiner:
             self._numbered(pending)
             return
         n = next(self.order)
-        heapq.heappush(self.agenda, (moment + _NUMBERED_AFTER, _NUMBERED, n, pending))
+        heapq.heappush(self.agenda, (_plus(moment, _NUMBERED_AFTER), _NUMBERED, n, pending))
         if pending.unnumbered:
-            heapq.heappush(self.agenda, (moment + _UNNUMBERED_AFTER, _UNNUMBERED, n, pending))
+            heapq.heappush(self.agenda, (_plus(moment, _UNNUMBERED_AFTER), _UNNUMBERED, n, pending))
 
     def vault(self, moment: datetime, row: dict[str, Any]) -> None:
         if not row.get("broker_identity"):
@@ -337,7 +347,7 @@ class _Joiner:
         self.by_id[str(row["vault_request_id"])] = entry
         if row.get("request_id"):
             self.by_sent.setdefault((str(row["request_id"]), str(row.get("path"))), []).append(entry)
-        heapq.heappush(self.agenda, (moment + _SETTLED_AFTER, _SETTLE, next(self.order), entry))
+        heapq.heappush(self.agenda, (_plus(moment, _SETTLED_AFTER), _SETTLE, next(self.order), entry))
 
     def run(self, before: datetime | None) -> None:
         """Everything due before ``before`` (all of it when None), in time order."""
@@ -417,7 +427,7 @@ def stream(
     ``start``: read each source from about :data:`SEEK_BACK` before this moment; rows from
     ``start`` on are exactly those of a full read (earlier ones may lack claims).
     """
-    origin = None if start is None else start - SEEK_BACK
+    origin = None if start is None else _plus(start, -SEEK_BACK)
     sources: list[Iterator[_Item]] = [_broker_rows(c, i, origin) for i, c in enumerate(chains)]
     if vault_log is not None and vault_log.is_file():
         sources.append(_vault_rows(vault_log, len(chains), origin, broker_policy))

@@ -59,6 +59,7 @@ SEEK_BACK = DISORDER + 3 * CLAIM_HORIZON + 4 * _SLACK
 _SEEK_GRAIN = 64 * 1024
 
 RowKey = tuple[datetime, str]
+_decode = json.JSONDecoder().decode
 _FIRST, _LAST = datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)
 
 
@@ -98,6 +99,14 @@ class Chain:
 
 
 # -- reading a source from a moment on ---------------------------------------------------------
+
+
+def _json(line: bytes) -> Any:
+    """``json.loads(line)``, without its per-call encoding sniffing for the lines every log holds:
+    one starting ``{"`` is what json.loads reads as UTF-8 (surrogates passed through) too."""
+    if line[:2] == b'{"':
+        return _decode(line.decode("utf-8", "surrogatepass"))
+    return json.loads(line)
 
 
 def _line_time(line: bytes) -> datetime | None:
@@ -186,7 +195,7 @@ def _broker_rows(chain: Chain, source: int, start: datetime | None) -> Iterator[
     n = 0
     for line in _lines(chain.paths, start):
         try:
-            record = json.loads(line)
+            record = _json(line)
         except ValueError:
             continue  # verify reports damage; the timeline shows what can be read
         if not isinstance(record, dict):
@@ -228,7 +237,7 @@ def _vault_rows(path: Path, source: int, start: datetime | None, broker_policy: 
             _seek(fh, start)
         for raw in fh:
             try:
-                entry = json.loads(raw)
+                entry = _json(raw)
             except ValueError:
                 continue
             if not isinstance(entry, dict) or entry.get("type") not in ("request", "response"):

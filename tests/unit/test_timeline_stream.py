@@ -277,3 +277,18 @@ def test_memory_does_not_grow_with_the_log(tmp_path: Path) -> None:
 
     assert (small_rows, large_rows) == (25_250, 101_000)  # the records and the root bypasses
     assert large < small * 1.25, (small, large)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-03-10T05:17:58.64+01:00", datetime(2026, 3, 10, 4, 17, 58, 640000, tzinfo=UTC)),
+        ("2026-03-10T05:17:58.123456789-05:30", datetime(2026, 3, 10, 10, 47, 58, 123456, tzinfo=UTC)),
+        (" 2026-03-10T05:17:58.5Z\n", datetime(2026, 3, 10, 5, 17, 58, 500000, tzinfo=UTC)),
+        ("2026-03-10 05:17:58.1234567", datetime(2026, 3, 10, 5, 17, 58, 123456, tzinfo=UTC)),
+    ],
+)
+def test_times_keep_their_offset_after_a_fraction(text: str, expected: datetime) -> None:
+    """A fraction of any length is cut to microseconds and the offset after it stays the offset (its
+    digits were once read as more fraction, putting +01:00 times an hour off)."""
+    assert merge.parse_time(text) == expected  # the same instant

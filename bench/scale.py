@@ -1,4 +1,4 @@
-"""Scale of state, before and after, side by side: policy decisions, keys list, audit verify.
+"""Scale of state, before and after, side by side: policy decisions, keys list, audit verify, timeline.
 
     .venv/bin/python -m bench.scale                 # everything (1M audit records, 10,000 keys)
     .venv/bin/python -m bench.scale --quick         # 100k records, 1,000 keys
@@ -6,7 +6,8 @@
 
 "before" is the algorithm as it was at commit BASE, run on the same data in the same run:
 the old policy binding scan and Vault read loop are reproduced here, the old audit chain
-module is loaded from git (``git show BASE:broker/audit/chain.py``). Audit memory is each
+module is loaded from git (``git show BASE:broker/audit/chain.py``); the timeline's "before" is
+the in-memory merge the events route used (``read_timeline``, still in the tree). Audit memory is each
 run's peak RSS (VmHWM) in a fresh child process, so one run cannot inflate another.
 """
 
@@ -279,6 +280,181 @@ def audit_bench(sizes: list[int]) -> None:
     )
 
 
+def generate_timeline_log(directory: Path, records: int, *, spacing_ms: int = 20) -> Path:
+    """``records`` broker records ``spacing_ms`` apart (half of them claiming one Vault call by its
+    id, one in twenty an unnumbered one) and Vault's log for them: a request and a response line
+    each (about 1 KiB, as Vault writes them), one root bypass per hundred records. Returns the
+    Vault log's path; the segments are ``directory/chain``."""
+    from broker.audit.chain import file_name
+
+    chain = directory / "chain"
+    chain.mkdir()
+    vault_path = directory / "vault-audit.log"
+    start = datetime(2026, 11, 29, 10, 0, tzinfo=UTC).timestamp()
+    auth = {
+        "display_name": "approle",
+        "entity_id": "5d1c3f0e-0000-4000-8000-000000000001",
+        "policies": ["default", "keybroker-broker"],
+        "token_policies": ["default", "keybroker-broker"],
+        "accessor": "hmac-sha256:" + "a" * 64,
+        "client_token": "hmac-sha256:" + "b" * 64,
+        "metadata": {"role_name": "keybroker"},
+    }
+
+    def at(ms: float, nanos: int = 0) -> str:
+        moment = datetime.fromtimestamp(start + ms / 1000, UTC)
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.%f") + (f"{nanos:03d}Z" if nanos else "Z")
+
+    def vault_pair(vid: str, ms: float, sent: str, who: dict[str, Any], path: str) -> bytes:
+        request = {
+            "id": vid,
+            "operation": "update",
+            "path": path,
+            "headers": {"x-request-id": [sent]},
+            "remote_address": "127.0.0.1",
+            "mount_type": "transit",
+            "namespace": {"id": "root"},
+            "data": {"plaintext": "hmac-sha256:" + "c" * 64, "context": "hmac-sha256:" + "d" * 64},
+        }
+        first = {"time": at(ms, 101), "type": "request", "auth": who, "request": request}
+        second = {
+            "time": at(ms + 1, 202),
+            "type": "response",
+            "auth": who,
+            "request": request,
+            "response": {"data": {"ciphertext": "hmac-sha256:" + "e" * 64, "key_version": 1}},
+        }
+        return json.dumps(first).encode() + b"\n" + json.dumps(second).encode() + b"\n"
+
+    fh = None
+    with vault_path.open("wb") as vault:
+        for seq in range(1, records + 1):
+            if (seq - 1) % 250_000 == 0:
+                if fh is not None:
+                    fh.close()
+                fh = (chain / file_name(seq)).open("wb")
+            assert fh is not None
+            ms = seq * spacing_ms
+            rid = f"req-{seq:012d}"
+            calls: list[dict[str, Any]] = []
+            if seq % 2 == 0:
+                vid = f"{seq:08x}-0000-4000-8000-{seq:012x}"
+                vault.write(vault_pair(vid, ms - 3, rid, auth, "kb-transit/encrypt/payments"))
+                calls.append({"backend": "vault", "operation": "transit encrypt", "id": vid})
+            elif seq % 20 == 1:
+                vid = f"{seq:08x}-0000-4000-9000-{seq:012x}"
+                vault.write(vault_pair(vid, ms - 3, rid, auth, "kb-kv/data/keys/payments"))
+                calls.append(
+                    {
+                        "backend": "vault",
+                        "operation": "kv read",
+                        "id": None,
+                        "status": 404,
+                        "sent_request_id": rid,
+                        "path": "kb-kv/data/keys/payments",
+                    }
+                )
+            if seq % 100 == 0:
+                vid = f"{seq:08x}-0000-4000-a000-{seq:012x}"
+                vault.write(vault_pair(vid, ms - 7, "root-call-0001", {"display_name": "root"}, "sys/mounts"))
+            record = {
+                "type": "event",
+                "time": at(ms),
+                "seq": seq,
+                "prev": "0" * 64,
+                "request_id": rid,
+                "principal": f"{TD}/app/payments",
+                "operation": "key.encrypt",
+                "key": "payments",
+                "outcome": "allowed",
+                "status": 200,
+                "latency_ms": 4.5,
+                "backend_calls": calls,
+                "context": {"tenant": hashlib.sha256(str(seq % 97).encode()).hexdigest()[:32]},
+            }
+            fh.write(json.dumps(record, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+    if fh is not None:
+        fh.close()
+    return vault_path
+
+
+def timeline_child(mode: str, directory: str) -> None:
+    """In a fresh process: what GET /v1/audit/events (no cursor: the newest 1,000 rows) computes,
+    the old way (the whole timeline in memory) or streamed; print seconds, peak RSS and a digest."""
+    from broker.api.audit_routes import read_timeline
+    from broker.audit import merge, timeline
+    from broker.audit.segments import segment_sources
+
+    paths = sorted((Path(directory) / "chain").glob("audit-*.jsonl"))
+    vault_log = Path(directory) / "vault-audit.log"
+    baseline = _peak_rss_mb()
+    start = time.perf_counter()
+    if mode == "before":
+        rows = merge.query(read_timeline(segment_sources(paths), vault_log), merge.Filters())
+        page, matched = rows[-1000:], len(rows)
+    else:
+        page, matched = timeline.newest([timeline.Chain(paths)], vault_log, merge.Filters(), 1000)
+    elapsed = time.perf_counter() - start
+    digest = hashlib.sha256(json.dumps(page, sort_keys=True).encode()).hexdigest()
+    flagged = sum(1 for r in page if r.get("bypass") or r.get("unexplained"))
+    print(
+        json.dumps(
+            {
+                "matched": matched,
+                "digest": digest,
+                "flagged": flagged,
+                "seconds": elapsed,
+                "peak_mb": _peak_rss_mb(),
+                "start_mb": baseline,
+            }
+        )
+    )
+
+
+def timeline_bench(sizes: list[int]) -> None:
+    rows = []
+    for size in sizes:
+        with tempfile.TemporaryDirectory(prefix="kb-scale-timeline-") as tmp:
+            t0 = time.perf_counter()
+            vault_log = generate_timeline_log(Path(tmp), size)
+            made = time.perf_counter() - t0
+            vault_mib = vault_log.stat().st_size / 2**20
+            print(
+                f"  {size:,} records + Vault log generated in {made:.0f}s "
+                f"({_mib(Path(tmp) / 'chain'):.0f} MiB + {vault_mib:.0f} MiB)",
+                flush=True,
+            )
+            got: dict[str, dict[str, Any]] = {}
+            for mode in ("before", "after"):
+                out = subprocess.run(
+                    [sys.executable, "-m", "bench.scale", "_timeline", mode, tmp],
+                    capture_output=True,
+                    check=True,
+                    cwd=REPO,
+                    env={**os.environ, "PYTHONPATH": str(REPO)},
+                    timeout=3600,
+                ).stdout
+                got[mode] = json.loads(out.decode().strip().splitlines()[-1])
+            # Same answer both ways: the same newest rows (same claims, same flags), same count.
+            assert got["before"]["digest"] == got["after"]["digest"], got
+            assert got["before"]["matched"] == got["after"]["matched"], got
+            before, after = got["before"], got["after"]
+            rows.append(
+                [
+                    f"{size:,} ({vault_mib:.0f} MiB Vault log)",
+                    f"{before['peak_mb']:.0f}",
+                    f"{after['peak_mb']:.0f}",
+                    f"{before['seconds']:.1f}",
+                    f"{after['seconds']:.1f}",
+                ]
+            )
+    table(
+        "GET /v1/audit/events (newest 1,000 of the whole merged timeline), peak RSS of the reading process",
+        ["broker records", "before MB", "after MB", "before s", "after s"],
+        rows,
+    )
+
+
 # -- keys list ---------------------------------------------------------------------------
 
 
@@ -479,6 +655,9 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_verify":
         verify_child(*sys.argv[2:5])
         return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "_timeline":
+        timeline_child(*sys.argv[2:4])
+        return 0
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="100k audit records and 1,000 keys")
     parser.add_argument(
@@ -496,6 +675,7 @@ def main() -> int:
         keys_bench(1000 if args.quick else 10_000)
     if "audit" in parts:
         audit_bench([100_000] if args.quick else [100_000, 1_000_000])
+        timeline_bench([100_000] if args.quick else [100_000, 1_000_000])
     if "workers" in parts:
         workers_bench(5.0 if args.quick else 15.0, 64)
     return 0

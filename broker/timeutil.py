@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -29,14 +30,26 @@ def parse_iso(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
+# What the broker and Vault write, which datetime.fromisoformat reads as it is (a longer fraction
+# is cut to microseconds); anything else goes the long way.
+_PLAIN_ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:\d\d)")
+_FRACTION = re.compile(r"\d*")
+
+
+# Records written in one batch share their time: the same text is parsed once.
+@functools.lru_cache(maxsize=1024)
 def parse_time(value: str) -> datetime:
     """ISO 8601 with any number of fractional digits (Vault writes nanoseconds) to an aware datetime."""
-    text = value.strip().replace("Z", "+00:00")
+    text = value.strip()
+    if _PLAIN_ISO.fullmatch(text):
+        return datetime.fromisoformat(text)
+    text = text.replace("Z", "+00:00")
     head, dot, rest = text.partition(".")
     if dot:
-        digits = "".join(c for c in rest if c.isdigit())
-        zone = rest[len(digits) :]
-        text = f"{head}.{digits[:6].ljust(6, '0')}{zone}"
+        digits = _FRACTION.match(rest)
+        fraction = digits.group() if digits else ""
+        # Only the fraction's own digits: an offset after it (+01:00) stays the offset.
+        text = f"{head}.{fraction[:6].ljust(6, '0')}{rest[len(fraction) :]}"
     moment = datetime.fromisoformat(text)
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 

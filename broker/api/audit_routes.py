@@ -12,7 +12,6 @@ import binascii
 import json
 import re
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from broker.api import schemas
 from broker.api.authz import authorize
 from broker.api.idempotency import keeps_no_records
 from broker.api.state import AUDIT, AUDIT_HMAC_KEY, HSM, PRINCIPAL, SETTINGS, VAULT, WORKER
-from broker.audit import chain, merge
+from broker.audit import chain, merge, timeline
 from broker.audit.events import hmac_value
 from broker.audit.segments import segment_sources
 from broker.audit.signing import load_public_key, signature_checker, to_pem
@@ -211,20 +210,10 @@ def read_timeline(
 # the timeline). It is opaque to callers, and parsed as hostile input when it comes back.
 CURSOR_START = "start"
 MAX_CURSOR_CHARS = 512
-RowKey = tuple[datetime, str]
+RowKey = timeline.RowKey
 
 
-def _row_key(row: dict[str, Any]) -> RowKey:
-    if row.get("source") == "vault":
-        ident = f"v:{row.get('vault_request_id')}"
-    else:
-        # seq is unique in a sound log; the request id keeps a damaged one's rows apart too.
-        seq = row.get("seq")
-        ident = f"b:{seq:015d}" if isinstance(seq, int) and seq >= 0 else f"b:{seq}"
-        ident += f":{row.get('request_id')}"
-        if row.get("chain"):  # serve --workers: each worker's chain numbers its records from 1
-            ident += f":{row['chain']}"
-    return merge.time_of(row), ident
+_row_key = timeline.row_key
 
 
 def _encode_cursor(key: RowKey) -> str:
@@ -262,27 +251,29 @@ async def events(request: web.Request) -> web.Response:
     sink = request.app[AUDIT]
     vault_log = request.app[SETTINGS].audit.vault_audit_log
     loop = asyncio.get_running_loop()
-    files = await loop.run_in_executor(sink.executor, sink.sources)
+    own = await loop.run_in_executor(sink.executor, _segment_paths, sink.directory)
     worker = request.app.get(WORKER)
     siblings = [(n, d) for _, n, d in _sibling_chains(sink.directory, sink.node, worker)] if worker else []
-    timeline = await loop.run_in_executor(None, lambda: read_timeline(files, vault_log, siblings, sink.node))
-    rows = merge.query(timeline, filters)
-    next_cursor = None
-    if cursor is None:
-        page = rows[-limit:]  # the newest rows; 'truncated' says when older ones were left out
-    else:
-        rows.sort(key=_row_key)
-        if after is not None:
-            rows = [r for r in rows if _row_key(r) > after]
-        page = rows[:limit]
-        if len(rows) > limit:
-            next_cursor = _encode_cursor(_row_key(page[-1]))
+
+    def read() -> tuple[list[dict[str, Any]], int, bool]:
+        chains = [timeline.Chain(own, sink.node if siblings else None)]
+        chains += [timeline.Chain(_segment_paths(d), n) for n, d in siblings]
+        if cursor is None:
+            rows, matched = timeline.newest(chains, vault_log, filters, limit)
+            return rows, matched, matched > len(rows)
+        rows, more = timeline.page(chains, vault_log, filters, after, limit)
+        # With a cursor the rest is not counted (that would read the whole log for every page):
+        # 'matched' is this page's rows plus one when more follow.
+        return rows, len(rows) + int(more), more
+
+    page, matched, truncated = await loop.run_in_executor(None, read)
+    next_cursor = _encode_cursor(_row_key(page[-1])) if cursor is not None and truncated else None
     return web.json_response(
         {
             "events": page,
             "count": len(page),
-            "matched": len(rows),
-            "truncated": len(rows) > len(page),
+            "matched": matched,
+            "truncated": truncated,
             "next": next_cursor,
             "vault_log": vault_log is not None,
         }

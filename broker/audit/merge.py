@@ -247,9 +247,12 @@ def _window(record: Mapping[str, Any]) -> tuple[datetime, datetime] | None:
             start = parse_time(str(record.get("since") or ""))
         except ValueError:
             return None
-    elif isinstance(record.get("latency_ms"), int | float):
-        start = end - timedelta(milliseconds=float(record["latency_ms"]))
-    return start - JOIN_SLACK, end + JOIN_SLACK
+    try:
+        if isinstance(record.get("latency_ms"), int | float) and record.get("kind") != "background":
+            start = end - timedelta(milliseconds=float(record["latency_ms"]))
+        return start - JOIN_SLACK, end + JOIN_SLACK
+    except (OverflowError, ValueError):
+        return None  # a time at the calendar's ends or a latency no request had (NaN, 1e300)
 
 
 def _unclaimed_kind(row: Mapping[str, Any]) -> str:

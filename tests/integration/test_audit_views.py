@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -157,3 +158,35 @@ def test_a_reader_that_stops_early_ends_the_query_quietly(stack: DevStack) -> No
     )
 
     assert ran.stderr == "exit 141\n"
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def test_hostile_cursors_and_times_at_the_ends_of_the_calendar_are_answered(stack: DevStack) -> None:
+    """Garbage, oversized and non-ASCII cursors are a 400 problem+json; a well-formed cursor or a since
+    at year 1 or 9999 (the streamed timeline seeks back from them) is an answer, never a 500."""
+    name = create_key(stack, "vault")
+    for text in (b"one", b"two", b"three"):
+        assert encrypt(stack, name, text).status == 200
+    hostile = ["!!!", "A" * 600, "%C3%A9t%C3%A9", "%D9%A1%D9%A2", _b64("☃".encode()), _b64(b'["x", 1]')]
+    refused = [https(stack, f"/v1/audit/events?cursor={c}&limit=2") for c in hostile]
+    edges = [
+        f"cursor={_b64(json.dumps(['0001-01-01T00:00:00+00:00', 'b:0']).encode())}",
+        f"cursor={_b64(json.dumps(['9999-12-31T23:59:59.999999+00:00', 'v:z']).encode())}",
+        "since=0001-01-01T00:00:00Z&cursor=start",
+        "since=0001-01-01T00:00:00Z",
+        "until=9999-12-31T23:59:59Z",
+    ]
+    answered = [https(stack, f"/v1/audit/events?{q}&limit=2") for q in edges]
+
+    for reply in refused:
+        assert (reply.status, reply.json()["code"]) == (400, "bad_request"), reply.body[:200]
+        assert reply.headers["Content-Type"].startswith("application/problem+json")
+    assert [r.status for r in answered] == [200] * len(edges), [r.body[:200] for r in answered]
+    first, last, paged, since, until = (r.json() for r in answered)
+    assert (first["count"], first["next"] is not None) == (2, True)  # year 1: from the beginning
+    assert (last["count"], last["next"]) == (0, None)  # year 9999: nothing after it
+    assert paged["events"] == first["events"]
+    assert since["count"] == until["count"] == 2

@@ -111,6 +111,9 @@ class PolicyStore:
         self._defaults = default_policy()
         self._snapshot: Snapshot | None = None
         self._loaded_at = 0.0
+        # Counts the snapshots a write or fresh read set: a refresh that read Vault before one of
+        # them and finished after it holds an older document and must not replace the newer one.
+        self._remembered = 0
         self._problem = "the policy document has not been read from Vault yet"
 
     # -- reading ---------------------------------------------------------------------
@@ -170,6 +173,7 @@ class PolicyStore:
 
     async def load(self) -> Snapshot:
         """Read the document from Vault now; keep the last good one on failure."""
+        remembered = self._remembered
         try:
             stored = await self.stored()
         except BrokerError as exc:
@@ -184,7 +188,13 @@ class PolicyStore:
             log.error("policy_invalid", version=stored.version, problems=list(stored.problems))
             snap = self._invalid_snap(stored)
             self._problem = snap.invalid or ""
-        if self._snapshot is None or snap.version != self._snapshot.version:
+        current = self._snapshot
+        if current is not None and remembered != self._remembered and snap.version < current.version:
+            # A write through this replica landed while this read was on its way: what it read is
+            # older (it would bring a removed binding back until the next refresh). A lower version
+            # with no write in between is kept: the document was deleted and written anew in Vault.
+            return current
+        if current is None or snap.version != current.version:
             log.info("policy_loaded", version=snap.version, roles=sorted(snap.policy.roles))
         self._snapshot, self._loaded_at = snap, self._monotonic()
         if not snap.invalid:
@@ -265,6 +275,7 @@ class PolicyStore:
         # A concurrent refresh may already hold a newer version; never step back to an older one.
         if current is None or current.invalid or snap.version >= current.version:
             self._snapshot, self._loaded_at = snap, self._monotonic()
+            self._remembered += 1
             if not snap.invalid:
                 self._problem = "no refresh has succeeded since"
         return snap

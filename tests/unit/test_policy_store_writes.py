@@ -132,3 +132,62 @@ def test_bindings_are_read_from_an_invalid_stored_document() -> None:
     assert stored.problems
     assert stored.bindings() == {APP: ["application"]}
     assert unreadable.bindings() is None
+
+
+class SlowFirstRead(CasVault):
+    """The first read answers only when told: a refresh that read Vault before a write and
+    comes back after it."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        super().__init__(document)
+        self.release = asyncio.Event()
+        self.reading = asyncio.Event()
+        self.slow = True
+
+    async def request(self, method: str, path: str, body: Any = None, *, what: str) -> dict[str, Any]:
+        if method == "GET" and self.slow:
+            self.slow = False
+            answer = await super().request(method, path, body, what=what)  # read now, answer later
+            self.reading.set()
+            await self.release.wait()
+            return answer
+        return await super().request(method, path, body, what=what)
+
+
+def test_a_refresh_that_read_before_a_write_does_not_bring_the_old_document_back() -> None:
+    """A binding removed through this replica stays removed: the refresh under way read the
+    document before the removal and finished after it (it replaced the newer snapshot, and the
+    removed principal was allowed again until the next refresh)."""
+    vault = SlowFirstRead(_document(**{GONE: ["application"]}))
+
+    async def run() -> tuple[int, bool]:
+        store = _store(vault)
+        vault.slow = False
+        await store.load()  # version 1, with the binding
+        vault.slow = True
+        refresh = asyncio.create_task(store.load())
+        await vault.reading.wait()
+        written = await store.write(lambda stored: {**_document(), "roles": stored.raw["roles"]})  # type: ignore[index]
+        vault.release.set()
+        await refresh
+        return written.version, GONE in store.current().policy.bindings
+
+    version, still_bound = asyncio.run(run())
+    assert version == 2
+    assert not still_bound
+
+
+def test_a_document_written_anew_at_a_lower_version_is_still_read() -> None:
+    """Deleted in Vault and written again (KV versions start over): with no write through this
+    replica in between, the refresh takes the lower version."""
+    vault = CasVault(_document(**{GONE: ["application"]}))
+
+    async def run() -> bool:
+        store = _store(vault)
+        vault.version = 7
+        await store.load()
+        vault.document, vault.version = _document(), 1
+        await store.load()
+        return GONE in store.current().policy.bindings
+
+    assert not asyncio.run(run())

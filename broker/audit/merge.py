@@ -128,51 +128,66 @@ def is_broker_identity(auth: Mapping[str, Any], broker_policy: str = BROKER_VAUL
     )
 
 
+def vault_line(entry: Any) -> tuple[str, dict[str, Any]] | None:
+    """A decoded line of Vault's file audit log as (Vault's request id, the line), if it is a
+    request or response line with an id; else None."""
+    if not isinstance(entry, dict) or entry.get("type") not in ("request", "response"):
+        return None
+    request = entry.get("request")
+    vid = str(request.get("id", "")) if isinstance(request, dict) else ""
+    return (vid, entry) if vid else None
+
+
+def vault_row(vid: str, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A Vault call's row, from the first of its lines (:func:`vault_line`)."""
+    request = entry.get("request") or {}
+    header = (request.get("headers") or {}).get("x-request-id") or []
+    sent = str(header[0]) if isinstance(header, list) and header else None
+    path = str(request.get("path", ""))
+    return {
+        "source": "vault",
+        "time": str(entry.get("time", "")),
+        "vault_request_id": vid,
+        "request_id": sent if sent is not None and REQUEST_ID_RE.fullmatch(sent) else None,
+        "operation": f"vault.{request.get('operation', '?')}",
+        "path": path,
+        "key": _key_of(path),
+        "remote_address": request.get("remote_address"),
+        "outcome": "success",
+    }
+
+
+def add_vault_line(row: dict[str, Any], entry: Mapping[str, Any], broker_policy: str) -> None:
+    """What each of a call's lines adds to its row: the response's view of who called wins (a
+    login's request carries no token, its response the new one), and the response's error."""
+    auth = entry.get("auth") or {}
+    if auth or "principal" not in row:
+        row["principal"] = f"vault:{auth.get('display_name') or 'unauthenticated'}"
+        row["policies"] = list(auth.get("policies") or [])
+        row["broker_identity"] = is_broker_identity(auth, broker_policy)
+    if entry.get("type") == "response" and entry.get("error"):
+        row["outcome"] = "error"
+        row["error"] = str(entry["error"])
+
+
 def vault_entries(
     lines: Iterable[bytes | str], broker_policy: str = BROKER_VAULT_POLICY
 ) -> list[dict[str, Any]]:
     """Vault's request/response pairs as one entry each (the response's view when there is one)."""
     by_id: dict[str, dict[str, Any]] = {}
-    order: list[str] = []
     for raw in lines:
         try:
-            entry = json.loads(raw)
+            found = vault_line(json.loads(raw))
         except ValueError:
             continue
-        if not isinstance(entry, dict) or entry.get("type") not in ("request", "response"):
+        if found is None:
             continue
-        request = entry.get("request") or {}
-        vid = str(request.get("id", ""))
-        if not vid:
-            continue
-        auth = entry.get("auth") or {}
-        header = (request.get("headers") or {}).get("x-request-id") or []
-        sent = str(header[0]) if isinstance(header, list) and header else None
-        path = str(request.get("path", ""))
+        vid, entry = found
         row = by_id.get(vid)
         if row is None:
-            row = {
-                "source": "vault",
-                "time": str(entry.get("time", "")),
-                "vault_request_id": vid,
-                "request_id": sent if sent is not None and REQUEST_ID_RE.fullmatch(sent) else None,
-                "operation": f"vault.{request.get('operation', '?')}",
-                "path": path,
-                "key": _key_of(path),
-                "remote_address": request.get("remote_address"),
-                "outcome": "success",
-            }
-            by_id[vid] = row
-            order.append(vid)
-        if auth or "principal" not in row:
-            # The response's view wins: a login's request carries no token, its response the new one.
-            row["principal"] = f"vault:{auth.get('display_name') or 'unauthenticated'}"
-            row["policies"] = list(auth.get("policies") or [])
-            row["broker_identity"] = is_broker_identity(auth, broker_policy)
-        if entry.get("type") == "response" and entry.get("error"):
-            row["outcome"] = "error"
-            row["error"] = str(entry["error"])
-    return [by_id[v] for v in order]
+            row = by_id[vid] = vault_row(vid, entry)
+        add_vault_line(row, entry, broker_policy)
+    return list(by_id.values())
 
 
 def merge(broker: Sequence[Mapping[str, Any]], vault: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -237,33 +237,15 @@ def _vault_rows(path: Path, source: int, start: datetime | None, broker_policy: 
             _seek(fh, start)
         for raw in fh:
             try:
-                entry = _json(raw)
+                found = merge.vault_line(_json(raw))
             except ValueError:
                 continue
-            if not isinstance(entry, dict) or entry.get("type") not in ("request", "response"):
+            if found is None or found[0] in given:
                 continue
-            request = entry.get("request") or {}
-            vid = str(request.get("id", ""))
-            if not vid or vid in given:
-                continue
-            auth = entry.get("auth") or {}
+            vid, entry = found
             row = open_rows.get(vid)
             if row is None:
-                header = (request.get("headers") or {}).get("x-request-id") or []
-                sent = str(header[0]) if isinstance(header, list) and header else None
-                path_text = str(request.get("path", ""))
-                row = {
-                    "source": "vault",
-                    "time": str(entry.get("time", "")),
-                    "vault_request_id": vid,
-                    "request_id": sent if sent is not None and merge.REQUEST_ID_RE.fullmatch(sent) else None,
-                    "operation": f"vault.{request.get('operation', '?')}",
-                    "path": path_text,
-                    "key": merge._key_of(path_text),
-                    "remote_address": request.get("remote_address"),
-                    "outcome": "success",
-                }
-                open_rows[vid] = row
+                row = open_rows[vid] = merge.vault_row(vid, entry)
                 moment = merge.time_of(row)
                 waiting.append((vid, row, moment))
                 if moment > front:
@@ -271,15 +253,8 @@ def _vault_rows(path: Path, source: int, start: datetime | None, broker_policy: 
                     late, forget = front - CLAIM_HORIZON, front - 3 * CLAIM_HORIZON
                     while given_order and given_order[0][0] < forget:
                         given.pop(given_order.popleft()[1], None)
-            if auth or "principal" not in row:
-                # The response's view wins: a login's request carries no token, its response the new one.
-                row["principal"] = f"vault:{auth.get('display_name') or 'unauthenticated'}"
-                row["policies"] = list(auth.get("policies") or [])
-                row["broker_identity"] = merge.is_broker_identity(auth, broker_policy)
+            merge.add_vault_line(row, entry, broker_policy)
             if entry.get("type") == "response":
-                if entry.get("error"):
-                    row["outcome"] = "error"
-                    row["error"] = str(entry["error"])
                 done.add(vid)
             while waiting and (waiting[0][0] in done or waiting[0][2] < late):
                 vid_out, row_out, moment_out = waiting.popleft()

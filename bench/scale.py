@@ -114,6 +114,21 @@ def policy_bench() -> None:
 # -- audit -------------------------------------------------------------------------------
 
 
+def _in_child(*args: str) -> dict[str, Any]:
+    """Run ``python -m bench.scale ARGS`` in a fresh process (its peak RSS is its own) and return
+    the JSON object its last output line holds."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.scale", *args],
+        capture_output=True,
+        check=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=3600,
+    ).stdout
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
+
+
 def old_chain_module() -> Any | None:
     try:
         source = subprocess.run(
@@ -252,15 +267,7 @@ def audit_bench(sizes: list[int]) -> None:
             )
             got: dict[str, dict[str, Any]] = {}
             for mode in ("before", "after") if have_old else ("after",):
-                out = subprocess.run(
-                    [sys.executable, "-m", "bench.scale", "_verify", mode, tmp, pem],
-                    capture_output=True,
-                    check=True,
-                    cwd=REPO,
-                    env={**os.environ, "PYTHONPATH": str(REPO)},
-                    timeout=3600,
-                ).stdout
-                got[mode] = json.loads(out.decode().strip().splitlines()[-1])
+                got[mode] = _in_child("_verify", mode, tmp, pem)
                 assert got[mode]["ok"], got[mode]
                 assert got[mode]["records"] == size, got[mode]
             before = got.get("before")
@@ -426,15 +433,7 @@ def timeline_bench(sizes: list[int]) -> None:
             )
             got: dict[str, dict[str, Any]] = {}
             for mode in ("before", "after"):
-                out = subprocess.run(
-                    [sys.executable, "-m", "bench.scale", "_timeline", mode, tmp],
-                    capture_output=True,
-                    check=True,
-                    cwd=REPO,
-                    env={**os.environ, "PYTHONPATH": str(REPO)},
-                    timeout=3600,
-                ).stdout
-                got[mode] = json.loads(out.decode().strip().splitlines()[-1])
+                got[mode] = _in_child("_timeline", mode, tmp)
             # Same answer both ways: the same newest rows (same claims, same flags), same count.
             assert got["before"]["digest"] == got["after"]["digest"], got
             assert got["before"]["matched"] == got["after"]["matched"], got

@@ -70,11 +70,11 @@ class Backend_:
         return "late"
 
 
-def setup(backend: Backend_) -> tuple[KeyService, Registry, list[datetime]]:
+def setup(*backends: Backend_) -> tuple[KeyService, Registry, list[datetime]]:
     registry, clock = Registry(), [T0]
     service = KeyService(
         registry,  # type: ignore[arg-type]
-        {backend.name: backend},  # type: ignore[dict-item]
+        {b.name: b for b in backends},  # type: ignore[misc]
         clock=lambda: clock[0],
         creation_lease_seconds=LEASE,
     )
@@ -154,13 +154,7 @@ def test_only_an_unfinished_creation_of_the_same_backend_and_type_is_taken_over(
     backend is named, so the caller knows what to send to finish it."""
     transit = Backend_(Backend.VAULT, takes_name=True)
     kms = Backend_(Backend.KMS, takes_name=False)
-    registry, clock = Registry(), [T0]
-    service = KeyService(
-        registry,  # type: ignore[arg-type]
-        {Backend.VAULT: transit, Backend.KMS: kms},  # type: ignore[dict-item]
-        clock=lambda: clock[0],
-        creation_lease_seconds=LEASE,
-    )
+    service, _, clock = setup(transit, kms)
     transit.failures.append(OutcomeUnknown("vault: no answer", backend="vault"))
 
     async def run() -> None:

@@ -456,7 +456,7 @@ def to_table(rows: Iterable[Mapping[str, Any]]) -> str:
         if row.get("source") == "broker" and row.get("vault"):
             outcome += f" (+{len(row['vault'])} vault)"
         if row.get("source") == "vault" and row.get("path"):
-            outcome += f"  {row['path']}"
+            outcome += f"  {printable(row['path'])}"
         lines.append(
             f"{printable(row.get('time', ''))[:26]:<27} {printable(source):<17} {principal:<38} "
             f"{printable(row.get('operation') or '-')[:24]:<24} {printable(row.get('key') or '-')[:24]:<24} "

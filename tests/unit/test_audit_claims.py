@@ -245,10 +245,12 @@ def test_the_table_escapes_terminal_control_sequences_from_vault() -> None:
         "principal": "vault:\x1b]0;owned\x07",
         "operation": "vault.update",
         "key": "k\x1b[2J",
+        "path": "kb-transit/encrypt/k\x1b[2J\x9b",
         "time": T0.isoformat(),
     }
     table = merge.to_table([row])
 
     assert "\x1b" not in table
     assert "\x07" not in table
+    assert "\x9b" not in table  # the one-byte CSI as well (the path was printed as it came)
     assert "k\\x1b[2J" in table
